@@ -1,0 +1,562 @@
+// CPU implementation of smoothce::forward and smoothce::scale_grad_.
+//
+// One fused pass per position: the logits are streamed once from memory (blocks of a row are
+// re-read from L1 for the exp-sum after their max is known), giving max, Σexp, the smoothing sum
+// and the target logit; when a gradient is wanted it is written right after, while the row is
+// still in cache. Two loop shapes share the math of smoothce/row_math.h:
+//   * rows:   classes contiguous ((N, C), channels_last): vectorized along a row;
+//   * across: classes strided, positions contiguous ((N, C, H, W), x.t()): vectorized across
+//             positions, one SIMD lane per position, so no transpose or copy is needed.
+#include <ATen/ATen.h>
+#include <ATen/Dispatch.h>
+#include <ATen/Parallel.h>
+#include <ATen/cpu/vec/functional.h>
+#include <ATen/cpu/vec/vec.h>
+#include <c10/util/irange.h>
+#include <torch/library.h>
+
+#include <cstring>
+#include <type_traits>
+#include <vector>
+
+#include "smoothce/problem.h"
+#include "smoothce/row_math.h"
+
+namespace smoothce {
+namespace cpu {
+namespace {
+
+using at::vec::Vectorized;
+
+template <typename scalar_t>
+using acc_type = std::conditional_t<std::is_same_v<scalar_t, double>, double, float>;
+
+// ---------------------------------------------------------------- vector load / store / exp
+template <typename scalar_t>
+inline Vectorized<acc_type<scalar_t>> load_acc(const scalar_t* ptr) {
+  if constexpr (std::is_same_v<scalar_t, acc_type<scalar_t>>) {
+    return Vectorized<scalar_t>::loadu(ptr);
+  } else {
+    Vectorized<float> out;
+    at::vec::load_to_float(ptr, out);
+    return out;
+  }
+}
+
+// Loads `count` < vector-size elements; the other lanes are 0.
+template <typename scalar_t>
+inline Vectorized<acc_type<scalar_t>> load_acc(const scalar_t* ptr, int64_t count) {
+  using acc_t = acc_type<scalar_t>;
+  if constexpr (std::is_same_v<scalar_t, acc_t>) {
+    return Vectorized<scalar_t>::loadu(ptr, count);
+  } else {
+    alignas(64) acc_t buf[Vectorized<acc_t>::size()] = {};
+    for (int64_t i = 0; i < count; ++i) buf[i] = static_cast<acc_t>(ptr[i]);
+    return Vectorized<acc_t>::loadu(buf);
+  }
+}
+
+template <typename scalar_t>
+inline void store_acc(scalar_t* ptr, const Vectorized<acc_type<scalar_t>>& v,
+                      int64_t count = Vectorized<acc_type<scalar_t>>::size()) {
+  if constexpr (std::is_same_v<scalar_t, acc_type<scalar_t>>) {
+    v.store(ptr, count);
+  } else {
+    at::vec::convert_from_float<scalar_t>(v, v).store(ptr, count);
+  }
+}
+
+// exp_u20 (inline polynomial) for float: ~1e-6 relative error, far below fp32 loss tolerances and
+// several times faster than the Sleef call. It does not propagate NaN, so rows whose lse is not
+// finite take the scalar std::exp path below.
+template <typename acc_t>
+inline Vectorized<acc_t> vexp(const Vectorized<acc_t>& v) {
+  if constexpr (std::is_same_v<acc_t, float>) {
+    return v.exp_u20();
+  } else {
+    return v.exp();
+  }
+}
+
+// ---------------------------------------------------------------- per-launch constants
+// How the per-class "mass" v_c of RowState is formed (see row_math.h).
+enum class Mass { kNone, kUnit, kWeighted, kSoft };
+
+template <typename scalar_t>
+struct Params {
+  using acc_t = acc_type<scalar_t>;
+  const scalar_t* input;
+  const scalar_t* soft_target;  // probability targets, input's strides
+  const int64_t* target64;      // index targets (one of target64 / target8)
+  const uint8_t* target8;
+  const acc_t* weight;  // nullptr when unweighted
+  scalar_t* grad;       // nullptr when no gradient is wanted
+  acc_t* position_loss;
+  acc_t* lse;
+  int64_t classes, outer, inner;
+  int64_t stride_outer, stride_class, stride_inner;
+  int64_t target_stride_outer, target_stride_inner;
+  int64_t ignore_index;
+  acc_t eps, eps_over_c;
+  TargetValues<acc_t> tv;
+  acc_t weight_sum;  // Σ_c w_c (C when unweighted)
+  acc_t grad_scale;  // 1/D for mean, 1 otherwise
+
+  int64_t target_at(int64_t n, int64_t s) const {
+    const int64_t off = n * target_stride_outer + s * target_stride_inner;
+    return target64 ? target64[off] : static_cast<int64_t>(target8[off]);
+  }
+  acc_t weight_at(int64_t c) const { return weight ? weight[c] : acc_t(1); }
+  Mass mass_kind() const {
+    if (soft_target) return Mass::kSoft;
+    if (tv.off == acc_t(0)) return Mass::kNone;
+    return weight ? Mass::kWeighted : Mass::kUnit;
+  }
+};
+
+// ---------------------------------------------------------------- rows: classes contiguous
+constexpr int64_t kRowBlock = 2048;  // elements re-read from L1 between the max and the exp-sum
+
+// Online state of one contiguous row x[0..C) (soft targets: P with the same layout).
+template <typename scalar_t, Mass kMass>
+RowState<acc_type<scalar_t>> row_state(const Params<scalar_t>& p, const scalar_t* x, const scalar_t* prob) {
+  using acc_t = acc_type<scalar_t>;
+  using Vec = Vectorized<acc_t>;
+  constexpr int64_t V = Vec::size();
+  const int64_t C = p.classes;
+  RowState<acc_t> state = RowState<acc_t>::empty();
+  for (int64_t begin = 0; begin < C; begin += kRowBlock) {
+    const int64_t end = std::min(C, begin + kRowBlock);
+    const int64_t vec_end = begin + (end - begin) / V * V;
+    // max of the block (NaN-propagating)
+    acc_t block_max = -std::numeric_limits<acc_t>::infinity();
+    if (vec_end > begin) {
+      Vec vmax = load_acc(x + begin);
+      for (int64_t c = begin + V; c < vec_end; c += V) vmax = at::vec::maximum(vmax, load_acc(x + c));
+      block_max = at::vec::vec_reduce_all<acc_t>([](Vec& a, Vec& b) { return at::vec::maximum(a, b); }, vmax);
+    }
+    for (int64_t c = vec_end; c < end; ++c) {
+      const acc_t v = static_cast<acc_t>(x[c]);
+      block_max = (v != v || block_max != block_max) ? v + block_max : std::max(block_max, v);
+    }
+    const acc_t origin = shift_origin(block_max);
+    // Σ exp(x − origin) and the mass sums
+    const Vec vorigin(origin);
+    Vec vsum(0), vmass_dx(0), vmass(0);
+    for (int64_t c = begin; c < vec_end; c += V) {
+      const Vec d = load_acc(x + c) - vorigin;
+      vsum += vexp(d);
+      if constexpr (kMass == Mass::kUnit) {
+        vmass_dx += d;
+      } else if constexpr (kMass == Mass::kWeighted) {
+        const Vec w = Vec::loadu(p.weight + c);
+        vmass_dx = at::vec::fmadd(w, d, vmass_dx);
+        vmass += w;
+      } else if constexpr (kMass == Mass::kSoft) {
+        Vec v = at::vec::fmadd(load_acc(prob + c), Vec(acc_t(1) - p.eps), Vec(p.eps_over_c));
+        if (p.weight) v = v * Vec::loadu(p.weight + c);
+        vmass_dx = at::vec::fmadd(v, d, vmass_dx);
+        vmass += v;
+      }
+    }
+    auto hsum = [](const Vec& v) {
+      return at::vec::vec_reduce_all<acc_t>([](Vec& a, Vec& b) { return a + b; }, v);
+    };
+    RowState<acc_t> block{origin, hsum(vsum), acc_t(0), acc_t(0)};
+    if constexpr (kMass != Mass::kNone) block.mass_dx = hsum(vmass_dx);
+    if constexpr (kMass == Mass::kUnit) block.mass = static_cast<acc_t>(vec_end - begin);
+    if constexpr (kMass == Mass::kWeighted || kMass == Mass::kSoft) block.mass = hsum(vmass);
+    for (int64_t c = vec_end; c < end; ++c) {
+      const acc_t d = static_cast<acc_t>(x[c]) - origin;
+      block.sum_exp += std::exp(d);
+      if constexpr (kMass != Mass::kNone) {
+        acc_t v = kMass == Mass::kSoft ? soft_target_q(static_cast<acc_t>(prob[c]), p.eps, p.eps_over_c) : acc_t(1);
+        if (kMass != Mass::kUnit) v *= p.weight_at(c);
+        block.mass_dx += v * d;
+        block.mass += v;
+      }
+    }
+    state = begin == 0 ? block : merge(state, block);
+  }
+  return state;
+}
+
+// Writes the gradient of one contiguous row (target element of an index target fixed after):
+//   index: g = softmax_coef·exp(x − lse) − off_coef·w
+//   soft:  g = softmax_coef·exp(x − lse) − scale·w·q       (softmax_coef = scale·Σ w·q)
+template <typename scalar_t, bool kSoft>
+void row_grad(const Params<scalar_t>& p, const scalar_t* x, const scalar_t* prob, scalar_t* g,
+              acc_type<scalar_t> lse, acc_type<scalar_t> softmax_coef, acc_type<scalar_t> off_coef) {
+  using acc_t = acc_type<scalar_t>;
+  using Vec = Vectorized<acc_t>;
+  constexpr int64_t V = Vec::size();
+  const int64_t C = p.classes;
+  auto scalar_grad = [&](int64_t c) {
+    const acc_t e = std::exp(static_cast<acc_t>(x[c]) - lse);
+    acc_t sub = kSoft ? off_coef * soft_target_q(static_cast<acc_t>(prob[c]), p.eps, p.eps_over_c) : off_coef;
+    if (p.weight) sub *= p.weight[c];
+    return softmax_coef * e - (off_coef == acc_t(0) ? acc_t(0) : sub);
+  };
+  int64_t c = 0;
+  if (std::isfinite(lse)) {  // vexp does not propagate NaN: non-finite rows take std::exp
+    const Vec vlse(lse), vcoef(softmax_coef), voff(off_coef);
+    for (; c + V <= C; c += V) {
+      Vec out = vcoef * vexp(load_acc(x + c) - vlse);
+      if (off_coef != acc_t(0)) {
+        Vec sub = voff;
+        if constexpr (kSoft) sub = sub * at::vec::fmadd(load_acc(prob + c), Vec(acc_t(1) - p.eps), Vec(p.eps_over_c));
+        if (p.weight) sub = sub * Vec::loadu(p.weight + c);
+        out = out - sub;
+      }
+      store_acc(g + c, out);
+    }
+  }
+  for (; c < C; ++c) g[c] = static_cast<scalar_t>(scalar_grad(c));
+}
+
+template <typename scalar_t>
+void zero_row(scalar_t* g, int64_t count, int64_t stride) {
+  for (int64_t c = 0; c < count; ++c) g[c * stride] = scalar_t(0);
+}
+
+template <typename scalar_t, Mass kMass>
+void rows_kernel(const Params<scalar_t>& p, int64_t pos_begin, int64_t pos_end) {
+  using acc_t = acc_type<scalar_t>;
+  constexpr bool kSoft = kMass == Mass::kSoft;
+  for (int64_t pos = pos_begin; pos < pos_end; ++pos) {
+    const int64_t n = pos / p.inner, s = pos % p.inner;
+    const int64_t offset = n * p.stride_outer + s * p.stride_inner;
+    const scalar_t* x = p.input + offset;
+    const scalar_t* prob = kSoft ? p.soft_target + offset : nullptr;
+    scalar_t* g = p.grad ? p.grad + offset : nullptr;
+    int64_t t = 0;
+    if constexpr (!kSoft) {
+      t = p.target_at(n, s);
+      if (t == p.ignore_index) {
+        p.position_loss[pos] = acc_t(0);
+        p.lse[pos] = acc_t(0);
+        if (g) zero_row(g, p.classes, 1);
+        continue;
+      }
+    }
+    const RowState<acc_t> state = row_state<scalar_t, kMass>(p, x, prob);
+    const acc_t lse = row_lse(state);
+    p.lse[pos] = lse;
+    if constexpr (kSoft) {
+      p.position_loss[pos] = mass_nll(state);
+      if (g) row_grad<scalar_t, true>(p, x, prob, g, lse, p.grad_scale * state.mass, p.grad_scale);
+    } else {
+      const acc_t w_t = p.weight_at(t), x_t = static_cast<acc_t>(x[t]);
+      p.position_loss[pos] = index_target_loss(state, lse, x_t, w_t, p.tv);
+      if (g) {
+        const auto k = index_grad_coefs(p.grad_scale, p.weight_sum, w_t, p.tv);
+        row_grad<scalar_t, false>(p, x, nullptr, g, lse, k.softmax_coef, k.off_coef);
+        g[t] = static_cast<scalar_t>(k.softmax_coef * std::exp(x_t - lse) - k.off_coef * w_t - k.peak_coef);
+      }
+    }
+  }
+}
+
+// ---------------------------------------------------------------- across: positions contiguous
+// One tile = up to V consecutive positions of one outer index, one SIMD lane each. The tile's
+// C×V logits are read from memory once (pass 1: max) and re-read from cache (pass 2: sums,
+// pass 3: gradient).
+template <typename scalar_t, Mass kMass>
+void across_kernel(const Params<scalar_t>& p, int64_t tile_begin, int64_t tile_end) {
+  using acc_t = acc_type<scalar_t>;
+  using Vec = Vectorized<acc_t>;
+  constexpr int64_t V = Vec::size();
+  constexpr bool kSoft = kMass == Mass::kSoft;
+  const int64_t C = p.classes, sc = p.stride_class;
+  const int64_t tiles_per_outer = (p.inner + V - 1) / V;
+  alignas(64) acc_t lane_max[V], lane_sum[V], lane_mass_dx[V], lane_mass[V];
+  alignas(64) acc_t lane_coef[V], lane_off[V];
+  for (int64_t tile = tile_begin; tile < tile_end; ++tile) {
+    const int64_t n = tile / tiles_per_outer, s0 = (tile % tiles_per_outer) * V;
+    const int64_t count = std::min(V, p.inner - s0);
+    const int64_t offset = n * p.stride_outer + s0 * p.stride_inner;
+    const scalar_t* x = p.input + offset;
+    const scalar_t* prob = kSoft ? p.soft_target + offset : nullptr;
+    auto load = [&](const scalar_t* ptr) { return count == V ? load_acc(ptr) : load_acc(ptr, count); };
+
+    // lanes: validity and target
+    int64_t targets[V] = {};
+    bool any_valid = kSoft;
+    bool valid[V];
+    for (int64_t l = 0; l < V; ++l) {
+      valid[l] = l < count;
+      if (!kSoft && l < count) {
+        targets[l] = p.target_at(n, s0 + l);
+        valid[l] = targets[l] != p.ignore_index;
+      }
+      any_valid |= valid[l];
+    }
+    if (!any_valid) {
+      for (int64_t l = 0; l < count; ++l) {
+        p.position_loss[n * p.inner + s0 + l] = acc_t(0);
+        p.lse[n * p.inner + s0 + l] = acc_t(0);
+      }
+      if (p.grad)
+        for (int64_t c = 0; c < C; ++c) store_acc(p.grad + offset + c * sc, Vec(0), count);
+      continue;
+    }
+
+    Vec vmax = load(x);
+    for (int64_t c = 1; c < C; ++c) vmax = at::vec::maximum(vmax, load(x + c * sc));
+    const Vec vorigin = Vec::blendv(vmax, Vec(0), vmax == Vec(-std::numeric_limits<acc_t>::infinity()));
+    Vec vsum(0), vmass_dx(0), vmass(0);
+    for (int64_t c = 0; c < C; ++c) {
+      const Vec d = load(x + c * sc) - vorigin;
+      vsum += vexp(d);
+      if constexpr (kMass == Mass::kUnit) {
+        vmass_dx += d;
+      } else if constexpr (kMass == Mass::kWeighted) {
+        vmass_dx = at::vec::fmadd(Vec(p.weight[c]), d, vmass_dx);
+      } else if constexpr (kSoft) {
+        Vec v = at::vec::fmadd(load(prob + c * sc), Vec(acc_t(1) - p.eps), Vec(p.eps_over_c));
+        if (p.weight) v = v * Vec(p.weight[c]);
+        vmass_dx = at::vec::fmadd(v, d, vmass_dx);
+        vmass += v;
+      }
+    }
+    vorigin.store(lane_max);
+    vsum.store(lane_sum);
+    vmass_dx.store(lane_mass_dx);
+    vmass.store(lane_mass);
+
+    bool lanes_finite = true;
+    acc_t lane_lse[V], lane_peak[V];
+    for (int64_t l = 0; l < V; ++l) {
+      lane_coef[l] = lane_off[l] = lane_peak[l] = acc_t(0);
+      lane_lse[l] = acc_t(0);
+      if (!valid[l]) {
+        if (l < count) p.position_loss[n * p.inner + s0 + l] = p.lse[n * p.inner + s0 + l] = acc_t(0);
+        continue;
+      }
+      RowState<acc_t> state{lane_max[l], lane_sum[l], acc_t(0), acc_t(0)};
+      if constexpr (kMass != Mass::kNone) state.mass_dx = lane_mass_dx[l];
+      if constexpr (kMass == Mass::kUnit || kMass == Mass::kWeighted) state.mass = p.weight_sum;
+      if constexpr (kSoft) state.mass = lane_mass[l];
+      const acc_t lse = row_lse(state);
+      lanes_finite &= std::isfinite(lse);
+      lane_lse[l] = lse;
+      const int64_t pos = n * p.inner + s0 + l;
+      p.lse[pos] = lse;
+      if constexpr (kSoft) {
+        p.position_loss[pos] = mass_nll(state);
+        lane_coef[l] = p.grad_scale * state.mass;
+        lane_off[l] = p.grad_scale;
+      } else {
+        const int64_t t = targets[l];
+        const acc_t w_t = p.weight_at(t);
+        const acc_t x_t = static_cast<acc_t>(x[t * sc + l]);
+        p.position_loss[pos] = index_target_loss(state, lse, x_t, w_t, p.tv);
+        const auto k = index_grad_coefs(p.grad_scale, p.weight_sum, w_t, p.tv);
+        lane_coef[l] = k.softmax_coef;
+        lane_off[l] = k.off_coef;
+        lane_peak[l] = k.peak_coef;
+      }
+    }
+    if (!p.grad) continue;
+
+    scalar_t* g = p.grad + offset;
+    const Vec vlse = Vec::loadu(lane_lse), vcoef = Vec::loadu(lane_coef), voff = Vec::loadu(lane_off);
+    alignas(64) acc_t invalid_bits[V];  // blendv mask: all bits set in ignored / padding lanes
+    for (int64_t l = 0; l < V; ++l) std::memset(&invalid_bits[l], valid[l] ? 0 : 0xFF, sizeof(acc_t));
+    const Vec vinvalid = Vec::loadu(invalid_bits);
+    for (int64_t c = 0; c < C; ++c) {
+      Vec out = vcoef * vexp(load(x + c * sc) - vlse);
+      Vec sub = voff;
+      if constexpr (kSoft) sub = sub * at::vec::fmadd(load(prob + c * sc), Vec(acc_t(1) - p.eps), Vec(p.eps_over_c));
+      if (p.weight) sub = sub * Vec(p.weight[c]);
+      out = Vec::blendv(out - sub, Vec(0), vinvalid);
+      store_acc(g + c * sc, out, count);
+    }
+    for (int64_t l = 0; l < count; ++l) {
+      if (!valid[l]) continue;
+      auto exact = [&](int64_t c) {  // std::exp: exact for the target element and non-finite rows
+        const acc_t xc = static_cast<acc_t>(x[c * sc + l]);
+        acc_t sub = lane_off[l];
+        if constexpr (kSoft) sub *= soft_target_q(static_cast<acc_t>(prob[c * sc + l]), p.eps, p.eps_over_c);
+        if (p.weight) sub *= p.weight[c];
+        return lane_coef[l] * std::exp(xc - lane_lse[l]) - (lane_off[l] == acc_t(0) ? acc_t(0) : sub);
+      };
+      if (!lanes_finite && !std::isfinite(lane_lse[l]))
+        for (int64_t c = 0; c < C; ++c) g[c * sc + l] = static_cast<scalar_t>(exact(c));
+      if constexpr (!kSoft) g[targets[l] * sc + l] = static_cast<scalar_t>(exact(targets[l]) - lane_peak[l]);
+    }
+  }
+}
+
+// ---------------------------------------------------------------- driver
+constexpr int64_t kReduceChunk = 16384;  // fixed chunks: sums do not depend on the thread count
+
+// D = Σ_valid w[t] for index targets; also the range check (reports the first bad value).
+template <typename scalar_t>
+double index_target_total_weight(const Params<scalar_t>& p) {
+  const int64_t positions = p.outer * p.inner;
+  const int64_t chunks = (positions + kReduceChunk - 1) / kReduceChunk;
+  std::vector<double> partial(chunks, 0.0);
+  std::vector<int64_t> first_bad(chunks, -1);
+  at::parallel_for(0, chunks, 1, [&](int64_t chunk_begin, int64_t chunk_end) {
+    for (int64_t chunk = chunk_begin; chunk < chunk_end; ++chunk) {
+      double total = 0.0;
+      const int64_t end = std::min(positions, (chunk + 1) * kReduceChunk);
+      for (int64_t pos = chunk * kReduceChunk; pos < end; ++pos) {
+        const int64_t t = p.target_at(pos / p.inner, pos % p.inner);
+        if (t == p.ignore_index) continue;
+        if (t < 0 || t >= p.classes) {
+          first_bad[chunk] = pos;
+          break;
+        }
+        total += p.weight ? static_cast<double>(p.weight[t]) : 1.0;
+      }
+      partial[chunk] = total;
+    }
+  });
+  double total = 0.0;
+  for (int64_t chunk = 0; chunk < chunks; ++chunk) {
+    if (first_bad[chunk] >= 0) {
+      const int64_t pos = first_bad[chunk];
+      TORCH_CHECK_INDEX(false, "smoothce.cross_entropy: target value ", p.target_at(pos / p.inner, pos % p.inner),
+                        " is out of bounds: expected class indices in [0, ", p.classes, ") or ignore_index (",
+                        p.ignore_index, ")");
+    }
+    total += partial[chunk];
+  }
+  return total;
+}
+
+double sum_positions(const at::Tensor& position_loss) {
+  const int64_t positions = position_loss.numel();
+  const int64_t chunks = (positions + kReduceChunk - 1) / kReduceChunk;
+  std::vector<double> partial(chunks, 0.0);
+  AT_DISPATCH_FLOATING_TYPES(position_loss.scalar_type(), "smoothce_sum", [&] {
+    const scalar_t* data = position_loss.const_data_ptr<scalar_t>();
+    at::parallel_for(0, chunks, 1, [&](int64_t chunk_begin, int64_t chunk_end) {
+      for (int64_t chunk = chunk_begin; chunk < chunk_end; ++chunk) {
+        double total = 0.0;
+        const int64_t end = std::min(positions, (chunk + 1) * kReduceChunk);
+        for (int64_t i = chunk * kReduceChunk; i < end; ++i) total += static_cast<double>(data[i]);
+        partial[chunk] = total;
+      }
+    });
+  });
+  double total = 0.0;
+  for (double v : partial) total += v;
+  return total;
+}
+
+template <typename scalar_t, Mass kMass>
+void run_kernel(const Params<scalar_t>& p) {
+  const int64_t C = std::max<int64_t>(p.classes, 1);
+  if (p.stride_class == 1 || p.classes == 1) {
+    const int64_t grain = std::max<int64_t>(1, 32768 / C);
+    at::parallel_for(0, p.outer * p.inner, grain,
+                     [&](int64_t begin, int64_t end) { rows_kernel<scalar_t, kMass>(p, begin, end); });
+  } else {
+    constexpr int64_t V = Vectorized<acc_type<scalar_t>>::size();
+    const int64_t tiles = p.outer * ((p.inner + V - 1) / V);
+    const int64_t grain = std::max<int64_t>(1, 32768 / (C * V));
+    at::parallel_for(0, tiles, grain,
+                     [&](int64_t begin, int64_t end) { across_kernel<scalar_t, kMass>(p, begin, end); });
+  }
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> forward_cpu(const at::Tensor& input, const at::Tensor& target,
+                                                           const c10::optional<at::Tensor>& weight,
+                                                           int64_t ignore_index, int64_t reduction,
+                                                           double label_smoothing, bool compute_grad,
+                                                           bool float32_loss) {
+  const Problem prob = make_problem(input, target, weight, ignore_index, reduction, label_smoothing, compute_grad);
+  const auto dtype = prob.input.scalar_type();
+  const auto acc_dtype = dtype == at::kDouble ? at::kDouble : at::kFloat;
+  const auto loss_dtype = (float32_loss && (dtype == at::kHalf || dtype == at::kBFloat16)) ? at::kFloat : dtype;
+  const auto acc_options = prob.input.options().dtype(acc_dtype);
+
+  at::Tensor lse = at::empty(prob.position_shape, acc_options);
+  at::Tensor position_loss = at::empty(prob.position_shape, acc_options);
+  // The gradient has the layout of the caller's input (empty_like), which the fake kernel mirrors;
+  // when the checks had to make the input contiguous, the kernel writes a contiguous twin first.
+  at::Tensor grad = compute_grad ? at::empty_like(input) : at::empty({0}, input.options());
+  at::Tensor kernel_grad = grad;
+  if (compute_grad && !grad.strides().equals(prob.input.strides())) kernel_grad = at::empty_like(prob.input);
+  at::Tensor weight_acc;
+  if (prob.weight.has_value()) weight_acc = prob.weight->to(acc_dtype).contiguous();
+
+  double denominator = 1.0;
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, dtype, "smoothce_forward_cpu", [&] {
+    using acc_t = acc_type<scalar_t>;
+    Params<scalar_t> p{};
+    p.input = prob.input.const_data_ptr<scalar_t>();
+    if (prob.soft_target) {
+      p.soft_target = prob.target.const_data_ptr<scalar_t>();
+    } else if (prob.target.scalar_type() == at::kLong) {
+      p.target64 = prob.target.const_data_ptr<int64_t>();
+    } else {
+      p.target8 = prob.target.const_data_ptr<uint8_t>();
+    }
+    p.weight = weight_acc.defined() ? weight_acc.const_data_ptr<acc_t>() : nullptr;
+    p.grad = compute_grad ? kernel_grad.mutable_data_ptr<scalar_t>() : nullptr;
+    p.position_loss = position_loss.mutable_data_ptr<acc_t>();
+    p.lse = lse.mutable_data_ptr<acc_t>();
+    p.classes = prob.classes;
+    p.outer = prob.outer;
+    p.inner = prob.inner;
+    p.stride_outer = prob.stride_outer;
+    p.stride_class = prob.stride_class;
+    p.stride_inner = prob.stride_inner;
+    p.target_stride_outer = prob.target_stride_outer;
+    p.target_stride_inner = prob.target_stride_inner;
+    p.ignore_index = prob.ignore_index;
+    p.eps = static_cast<acc_t>(label_smoothing);
+    p.eps_over_c = static_cast<acc_t>(label_smoothing / static_cast<double>(std::max<int64_t>(prob.classes, 1)));
+    p.tv = uniform_smoothing<acc_t>(p.eps, std::max<int64_t>(prob.classes, 1));
+    p.weight_sum = weight_acc.defined() ? static_cast<acc_t>(weight_acc.sum().item<double>())
+                                        : static_cast<acc_t>(prob.classes);
+
+    denominator = prob.soft_target ? static_cast<double>(prob.positions()) : index_target_total_weight(p);
+    p.grad_scale = reduction == kMean ? static_cast<acc_t>(1.0 / denominator) : acc_t(1);
+
+    switch (p.mass_kind()) {
+      case Mass::kNone: run_kernel<scalar_t, Mass::kNone>(p); break;
+      case Mass::kUnit: run_kernel<scalar_t, Mass::kUnit>(p); break;
+      case Mass::kWeighted: run_kernel<scalar_t, Mass::kWeighted>(p); break;
+      case Mass::kSoft: run_kernel<scalar_t, Mass::kSoft>(p); break;
+    }
+  });
+
+  if (!kernel_grad.is_same(grad)) grad.copy_(kernel_grad);
+
+  at::Tensor loss;
+  if (reduction == kNone) {
+    loss = position_loss.to(loss_dtype);
+  } else {
+    const double total = sum_positions(position_loss);
+    const double value = reduction == kMean ? total / denominator : total;
+    loss = at::scalar_tensor(value, prob.input.options().dtype(loss_dtype));
+  }
+  return {loss, lse, grad};
+}
+
+void scale_grad_cpu(at::Tensor& grad, const at::Tensor& grad_output) {
+  check_scale_grad_args(grad, grad_output);
+  if (grad.numel() == 0) return;
+  if (grad_output.dim() == 0) {
+    // Plain loss.backward() on mean/sum: the gradient written in forward is already final.
+    if (grad_output.item<double>() == 1.0) return;
+    grad.mul_(grad_output);
+  } else {
+    grad.mul_(grad.dim() == 1 ? grad_output : grad_output.unsqueeze(1));
+  }
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(smoothce, CPU, m) {
+  m.impl("forward", &forward_cpu);
+  m.impl("scale_grad_", &scale_grad_cpu);
+}
+
+}  // namespace cpu
+}  // namespace smoothce

@@ -1,0 +1,62 @@
+// The op schemas (declared once; each backend registers its kernels with TORCH_LIBRARY_IMPL)
+// and the Python module that carries the build information.
+#include <Python.h>
+#include <torch/library.h>
+
+#ifndef SMOOTHCE_VERSION
+#define SMOOTHCE_VERSION "unknown"
+#endif
+#ifndef SMOOTHCE_CPU_CAPABILITY
+#define SMOOTHCE_CPU_CAPABILITY "default"
+#endif
+
+TORCH_LIBRARY(smoothce, m) {
+  // Loss, per-position log-sum-exp (fp32; fp64 for fp64 input) and, when compute_grad, the gradient
+  // for an upstream gradient of 1 (all ones for reduction 'none'); an empty tensor otherwise.
+  m.def(
+      "forward(Tensor input, Tensor target, Tensor? weight, int ignore_index, int reduction, "
+      "float label_smoothing, bool compute_grad, bool float32_loss) -> (Tensor loss, Tensor lse, Tensor grad)",
+      {at::Tag::pt2_compliant_tag});
+  // grad *= grad_output (a scalar, or one value per position broadcast over the classes); a no-op
+  // when a scalar grad_output is 1, decided by the kernel without a host round trip.
+  m.def("scale_grad_(Tensor(a!) grad, Tensor grad_output) -> ()", {at::Tag::pt2_compliant_tag});
+}
+
+namespace {
+
+PyObject* build_info_dict() {
+  PyObject* info = PyDict_New();
+  auto set_str = [&](const char* key, const char* value) {
+    PyObject* v = PyUnicode_FromString(value);
+    PyDict_SetItemString(info, key, v);
+    Py_DECREF(v);
+  };
+  set_str("version", SMOOTHCE_VERSION);
+  set_str("cpu_capability", SMOOTHCE_CPU_CAPABILITY);
+#ifdef SMOOTHCE_WITH_CUDA
+  set_str("cuda", "yes");
+#else
+  set_str("cuda", "no");
+#endif
+  return info;
+}
+
+PyModuleDef module_def = {PyModuleDef_HEAD_INIT, "_C", "smoothce kernels (ops live in torch.ops.smoothce)", -1,
+                          nullptr};
+
+}  // namespace
+
+extern "C" PyMODINIT_FUNC PyInit__C(void) {
+#if defined(__x86_64__) && defined(CPU_CAPABILITY_AVX2)
+  if (!__builtin_cpu_supports("avx2") || !__builtin_cpu_supports("fma")) {
+    PyErr_SetString(PyExc_ImportError,
+                    "smoothce was built with AVX2/FMA kernels but this CPU lacks them; rebuild with "
+                    "SMOOTHCE_CPU_CAPABILITY=default pip install --no-build-isolation .");
+    return nullptr;
+  }
+#endif
+  PyObject* module = PyModule_Create(&module_def);
+  if (module == nullptr) return nullptr;
+  PyModule_AddObject(module, "build_info", build_info_dict());
+  return module;
+}

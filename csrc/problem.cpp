@@ -1,0 +1,203 @@
+// Argument checks and layout view shared by the CPU and CUDA implementations.
+#include "smoothce/problem.h"
+#include "smoothce/row_math.h"
+
+#include <ATen/ATen.h>
+#include <c10/util/Exception.h>
+
+#include <cmath>
+#include <sstream>
+
+namespace smoothce {
+namespace {
+
+std::string shape_str(at::IntArrayRef sizes) {
+  std::ostringstream os;
+  os << sizes;
+  return os.str();
+}
+
+// Collapses dims [2, ndim) into one (size, stride) pair when the strides allow it.
+bool collapse_inner(at::IntArrayRef sizes, at::IntArrayRef strides, int64_t first, int64_t& size, int64_t& stride) {
+  size = 1;
+  stride = 1;
+  bool have = false;
+  for (int64_t d = static_cast<int64_t>(sizes.size()) - 1; d >= first; --d) {
+    if (sizes[d] == 1) continue;
+    if (!have) {
+      stride = strides[d];
+      have = true;
+    } else if (strides[d] != stride * size) {
+      return false;
+    }
+    size *= sizes[d];
+  }
+  if (size == 0) stride = 1;
+  return true;
+}
+
+void check_floating_input(const at::Tensor& input) {
+  const auto dt = input.scalar_type();
+  TORCH_CHECK_TYPE(dt == at::kDouble || dt == at::kFloat || dt == at::kHalf || dt == at::kBFloat16,
+                   "smoothce.cross_entropy: input must be a floating-point tensor (float64, float32, float16 "
+                   "or bfloat16), got dtype ",
+                   dt);
+  TORCH_CHECK_VALUE(input.dim() >= 1,
+                    "smoothce.cross_entropy: input must have at least 1 dimension (C,), (N, C) or "
+                    "(N, C, d1, ...), got a 0-d tensor");
+}
+
+}  // namespace
+
+Problem make_problem(const at::Tensor& input_arg, const at::Tensor& target_arg,
+                     const c10::optional<at::Tensor>& weight_arg, int64_t ignore_index, int64_t reduction,
+                     double label_smoothing, bool compute_grad) {
+  check_floating_input(input_arg);
+  TORCH_CHECK_VALUE(reduction == kNone || reduction == kMean || reduction == kSum,
+                    "smoothce.cross_entropy: reduction must be 0 (none), 1 (mean) or 2 (sum), got ", reduction);
+  TORCH_CHECK_VALUE(!std::isnan(label_smoothing) && label_smoothing >= 0.0 && label_smoothing <= 1.0,
+                    "smoothce.cross_entropy: label_smoothing must be a float in [0, 1], got ", label_smoothing);
+  TORCH_CHECK(target_arg.device() == input_arg.device(),
+              "smoothce.cross_entropy: target must be on the input's device (", input_arg.device(), "), got ",
+              target_arg.device());
+
+  Problem p;
+  p.ignore_index = ignore_index;
+  p.reduction = reduction;
+  p.label_smoothing = label_smoothing;
+  p.compute_grad = compute_grad;
+  p.soft_target = at::isFloatingType(target_arg.scalar_type());
+
+  const int64_t ndim = input_arg.dim();
+  const int64_t class_dim = ndim == 1 ? 0 : 1;
+  p.classes = input_arg.size(class_dim);
+  std::vector<int64_t> position_shape(input_arg.sizes().begin(), input_arg.sizes().end());
+  position_shape.erase(position_shape.begin() + class_dim);
+  p.position_shape = position_shape;
+
+  if (p.soft_target) {
+    TORCH_CHECK_VALUE(target_arg.sizes() == input_arg.sizes(),
+                      "smoothce.cross_entropy: a probability (floating) target must have the input's shape ",
+                      shape_str(input_arg.sizes()), ", got ", shape_str(target_arg.sizes()));
+    TORCH_CHECK_TYPE(target_arg.scalar_type() == input_arg.scalar_type(),
+                     "smoothce.cross_entropy: a probability target must have the input's dtype (",
+                     input_arg.scalar_type(), "), got ", target_arg.scalar_type());
+    TORCH_CHECK_VALUE(ignore_index < 0,
+                      "smoothce.cross_entropy: ignore_index is not supported with probability (floating) targets; "
+                      "expected a negative ignore_index (default -100), got ",
+                      ignore_index);
+  } else {
+    const auto tdt = target_arg.scalar_type();
+    TORCH_CHECK_TYPE(tdt == at::kLong || tdt == at::kByte,
+                     "smoothce.cross_entropy: target must hold class indices as int64 (or uint8), or class "
+                     "probabilities in the input's dtype; got dtype ",
+                     tdt, tdt == at::kInt ? " (convert it with target.long())" : "");
+    TORCH_CHECK_VALUE(target_arg.sizes() == at::IntArrayRef(position_shape),
+                      "smoothce.cross_entropy: target of class indices must have shape ", shape_str(position_shape),
+                      " (the input's shape ", shape_str(input_arg.sizes()), " without the class dimension ",
+                      class_dim, "), got ", shape_str(target_arg.sizes()));
+  }
+
+  if (weight_arg.has_value() && weight_arg->defined()) {
+    const auto& w = *weight_arg;
+    TORCH_CHECK_VALUE(w.dim() == 1 && w.size(0) == p.classes,
+                      "smoothce.cross_entropy: weight must be a 1-D tensor of length C = ", p.classes,
+                      " (one weight per class), got shape ", shape_str(w.sizes()));
+    TORCH_CHECK_TYPE(w.scalar_type() == input_arg.scalar_type(), "smoothce.cross_entropy: weight must have the input's dtype (",
+                     input_arg.scalar_type(), "), got ", w.scalar_type());
+    TORCH_CHECK(w.device() == input_arg.device(), "smoothce.cross_entropy: weight must be on the input's device (",
+                input_arg.device(), "), got ", w.device());
+    p.weight = w.contiguous();
+  }
+
+  // ---- the (outer, classes, inner) view ----
+  at::Tensor input = input_arg;
+  at::Tensor target = target_arg;
+  auto view_of = [&](const at::Tensor& t, int64_t& inner, int64_t& s_outer, int64_t& s_class, int64_t& s_inner) {
+    if (t.dim() == 1) {
+      inner = 1;
+      s_outer = 0;
+      s_class = t.stride(0);
+      s_inner = 1;
+      return true;
+    }
+    s_outer = t.stride(0);
+    s_class = t.stride(1);
+    return collapse_inner(t.sizes(), t.strides(), 2, inner, s_inner);
+  };
+  int64_t inner = 1, s_outer = 0, s_class = 1, s_inner = 1;
+  bool ok = view_of(input, inner, s_outer, s_class, s_inner);
+  // The gradient is allocated with empty_like(input), which keeps the strides of a dense input only;
+  // a layout the kernels cannot walk (classes and positions both strided) is made contiguous.
+  // Walkable: classes contiguous (per-row kernel) or positions contiguous (across-rows kernel; for
+  // (N, C) the positions are the rows, see the turn-around below).
+  auto walkable_view = [&]() {
+    const int64_t n_outer = ndim == 1 ? 1 : input.size(0);
+    if (s_class == 1 || p.classes == 1) return true;
+    return inner > 1 ? s_inner == 1 : (s_outer == 1 || n_outer == 1);
+  };
+  const bool walkable = ok && walkable_view();
+  const bool dense = input.is_non_overlapping_and_dense();
+  if (!walkable || (compute_grad && !dense)) {
+    input = input.contiguous();
+    ok = view_of(input, inner, s_outer, s_class, s_inner);
+    TORCH_INTERNAL_ASSERT(ok);
+  }
+  if (p.soft_target && target.strides() != input.strides()) {
+    // The kernels read P with the input's strides: match them (a copy only when layouts differ).
+    if (input.is_non_overlapping_and_dense()) {
+      target = at::empty_like(input).copy_(target);
+    } else {
+      input = input.contiguous();
+      target = target.contiguous();
+      ok = view_of(input, inner, s_outer, s_class, s_inner);
+      TORCH_INTERNAL_ASSERT(ok);
+    }
+  }
+  p.outer = ndim == 1 ? 1 : input.size(0);
+  p.inner = inner;
+  p.stride_outer = s_outer;
+  p.stride_class = s_class;
+  p.stride_inner = s_inner;
+
+  if (!p.soft_target) {
+    if (target.dim() == 0) {
+      p.target_stride_outer = 0;
+      p.target_stride_inner = 0;
+    } else {
+      int64_t t_inner = 1, t_stride_inner = 1;
+      if (!collapse_inner(target.sizes(), target.strides(), 1, t_inner, t_stride_inner)) {
+        target = target.contiguous();
+        collapse_inner(target.sizes(), target.strides(), 1, t_inner, t_stride_inner);
+      }
+      p.target_stride_outer = target.stride(0);
+      p.target_stride_inner = t_stride_inner;
+    }
+  }
+
+  // (N, C) with strided classes: walk the N positions as the inner dimension instead.
+  if (p.inner == 1 && p.stride_class != 1 && p.classes > 1) {
+    p.inner = p.outer;
+    p.stride_inner = p.stride_outer;
+    p.outer = 1;
+    p.stride_outer = 0;
+    p.target_stride_inner = p.target_stride_outer;
+    p.target_stride_outer = 0;
+  }
+  p.input = input;
+  p.target = target;
+  return p;
+}
+
+void check_scale_grad_args(const at::Tensor& grad, const at::Tensor& grad_output) {
+  TORCH_CHECK(grad_output.device() == grad.device(), "smoothce.scale_grad_: grad_output must be on the gradient's device (",
+              grad.device(), "), got ", grad_output.device());
+  if (grad_output.dim() == 0) return;
+  std::vector<int64_t> position_shape(grad.sizes().begin(), grad.sizes().end());
+  if (!position_shape.empty()) position_shape.erase(position_shape.begin() + (grad.dim() == 1 ? 0 : 1));
+  TORCH_CHECK_VALUE(grad_output.sizes() == at::IntArrayRef(position_shape),
+                    "smoothce.scale_grad_: grad_output must be a scalar or have shape ", shape_str(position_shape),
+                    " (one value per position), got ", shape_str(grad_output.sizes()));
+}
+
+}  // namespace smoothce

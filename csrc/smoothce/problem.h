@@ -1,0 +1,45 @@
+// Argument checks and the (outer, classes, inner) view every backend works on. Host only.
+#pragma once
+
+#include <ATen/core/Tensor.h>
+#include <c10/util/Optional.h>
+
+#include <vector>
+
+namespace smoothce {
+
+// The input seen as x[n, c, s] = data[n*stride_outer + c*stride_class + s*stride_inner] with
+// n < outer, c < classes, s < inner. (N, C, d1..dk) collapses d1..dk into `inner` without a copy
+// whenever their strides allow it; (N, C) has inner = 1 and is then turned around (outer = 1,
+// inner = N) when its classes are strided, so that one kernel family covers class-contiguous rows
+// and another vectorizes across positions. The gradient and a probability target share the
+// input's strides (the checks make sure of it).
+struct Problem {
+  at::Tensor input;
+  at::Tensor target;                 // index: int64/uint8 positions; soft: same strides as input
+  c10::optional<at::Tensor> weight;  // 1-D, contiguous, length classes
+  bool soft_target = false;
+  int64_t outer = 0, classes = 0, inner = 0;
+  int64_t stride_outer = 0, stride_class = 0, stride_inner = 0;
+  int64_t target_stride_outer = 0, target_stride_inner = 0;  // index targets only
+  std::vector<int64_t> position_shape;  // shape of a per-position tensor (loss for 'none', lse)
+  int64_t ignore_index = -100;
+  int64_t reduction = 1;
+  double label_smoothing = 0.0;
+  bool compute_grad = false;
+
+  int64_t positions() const { return outer * inner; }
+  // Classes contiguous in memory: the per-row kernel; otherwise positions are (the across-rows kernel).
+  bool class_contiguous() const { return stride_class == 1 || classes == 1; }
+};
+
+// Validates every argument (errors name the argument, the value seen and what is expected) and
+// builds the view. May make `input` (and a soft `target`) contiguous when their strides cannot be
+// described by the view; never copies a dense input or an expanded forward-only input.
+Problem make_problem(const at::Tensor& input, const at::Tensor& target, const c10::optional<at::Tensor>& weight,
+                     int64_t ignore_index, int64_t reduction, double label_smoothing, bool compute_grad);
+
+// Checks grad_output for scale_grad_ against the gradient it scales.
+void check_scale_grad_args(const at::Tensor& grad, const at::Tensor& grad_output);
+
+}  // namespace smoothce

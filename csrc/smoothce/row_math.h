@@ -1,0 +1,129 @@
+// Per-position math shared by every backend (CPU lanes, CUDA threads/warps/blocks).
+// Formulas: ../../shared/SEMANTICS.md §2, §3 and §7 (cited, not copied). Written once, here.
+#pragma once
+
+#include <cmath>
+#include <cstdint>
+#include <limits>
+
+#if defined(__CUDACC__) || defined(__HIPCC__)
+#define SMOOTHCE_HOST_DEVICE __host__ __device__ __forceinline__
+#else
+#define SMOOTHCE_HOST_DEVICE inline
+#endif
+
+namespace smoothce {
+
+enum Reduction : int64_t { kNone = 0, kMean = 1, kSum = 2 };  // = at::Reduction values
+
+// Target distribution of an index target: q = on at the target class, off elsewhere (§7).
+template <typename acc_t>
+struct TargetValues {
+  acc_t on;
+  acc_t off;
+};
+
+template <typename acc_t>
+SMOOTHCE_HOST_DEVICE TargetValues<acc_t> uniform_smoothing(acc_t eps, int64_t num_classes) {
+  const acc_t off = eps / static_cast<acc_t>(num_classes);
+  return {acc_t(1) - eps + off, off};
+}
+
+// Online-softmax state of a set of logits x_c with per-class "mass" v_c (v = w for index targets'
+// smoothing term, v = w·q for probability targets):
+//   max       = max_c x_c
+//   sum_exp   = Σ exp(x_c − max)
+//   mass_dx   = Σ v_c·(x_c − max)        (kept relative to max: no cancellation for large logits)
+//   mass      = Σ v_c
+// Merging two states is associative, so the same merge serves vector lanes, blocks of a row,
+// warps and thread blocks.
+template <typename acc_t>
+struct RowState {
+  acc_t max;
+  acc_t sum_exp;
+  acc_t mass_dx;
+  acc_t mass;
+
+  SMOOTHCE_HOST_DEVICE static RowState empty() {
+    return {-std::numeric_limits<acc_t>::infinity(), acc_t(0), acc_t(0), acc_t(0)};
+  }
+};
+
+// Rescales a state to a new (larger or equal) max. A state whose max is −inf (all logits −inf)
+// keeps sum_exp = 0; its mass_dx is −inf already when it holds mass, so nothing is lost.
+template <typename acc_t>
+SMOOTHCE_HOST_DEVICE void shift_to(RowState<acc_t>& s, acc_t new_max) {
+  if (s.max == new_max) return;
+  const acc_t delta = s.max - new_max;  // ≤ 0, or NaN when a NaN logit was seen
+  s.sum_exp *= std::exp(delta);
+  if (s.mass != acc_t(0)) s.mass_dx += s.mass * delta;
+  s.max = new_max;
+}
+
+template <typename acc_t>
+SMOOTHCE_HOST_DEVICE RowState<acc_t> merge(RowState<acc_t> a, RowState<acc_t> b) {
+  // NaN-propagating max: a NaN logit anywhere must make the row NaN.
+  const acc_t m = (a.max != a.max || b.max != b.max) ? a.max + b.max : (a.max > b.max ? a.max : b.max);
+  shift_to(a, m);
+  shift_to(b, m);
+  return {m, a.sum_exp + b.sum_exp, a.mass_dx + b.mass_dx, a.mass + b.mass};
+}
+
+// The origin a block's relative sums are taken from: its max, or 0 when every logit is −inf
+// (so x − origin is −inf, not −inf − (−inf) = NaN, and exp() of it is 0).
+template <typename acc_t>
+SMOOTHCE_HOST_DEVICE acc_t shift_origin(acc_t block_max) {
+  return block_max == -std::numeric_limits<acc_t>::infinity() ? acc_t(0) : block_max;
+}
+
+// log-sum-exp of the row.
+template <typename acc_t>
+SMOOTHCE_HOST_DEVICE acc_t row_lse(const RowState<acc_t>& s) {
+  return s.max + std::log(s.sum_exp);
+}
+
+// −Σ v_c·lp_c = Σ v_c·(lse − x_c) = mass·log(sum_exp) − mass_dx. Zero mass contributes exactly 0
+// (so ε = 0 never turns a −inf logit into 0·inf = NaN).
+template <typename acc_t>
+SMOOTHCE_HOST_DEVICE acc_t mass_nll(const RowState<acc_t>& s) {
+  if (s.mass == acc_t(0)) return acc_t(0);
+  return s.mass * std::log(s.sum_exp) - s.mass_dx;
+}
+
+// Loss of one valid position with an index target t (§2, §7):
+//   ℓ = off·Σ_c w_c·(lse − x_c) + (on − off)·w_t·(lse − x_t),
+// where `state.mass` = Σ w_c (the smoothing mass) when off ≠ 0 and the row state carries it.
+template <typename acc_t>
+SMOOTHCE_HOST_DEVICE acc_t index_target_loss(const RowState<acc_t>& state, acc_t lse, acc_t x_target,
+                                             acc_t w_target, TargetValues<acc_t> tv) {
+  acc_t loss = acc_t(0);
+  if (tv.off != acc_t(0)) loss += tv.off * mass_nll(state);
+  const acc_t peak = (tv.on - tv.off) * w_target;
+  if (peak != acc_t(0)) loss += peak * (lse - x_target);
+  return loss;
+}
+
+// Gradient of one position, index target: ∂ℓ/∂x_j = scale·[Σq_w·p_j − w_j·q_j], where
+// Σq_w = off·Σ_c w_c + (on − off)·w_t. The kernels evaluate it as
+//   softmax_coef·exp(x_j − lse) − off_coef·w_j      for j ≠ t, and subtract peak_coef at j = t.
+template <typename acc_t>
+struct IndexGradCoefs {
+  acc_t softmax_coef;  // scale·Σq_w
+  acc_t off_coef;      // scale·off
+  acc_t peak_coef;     // scale·(on − off)·w_t
+};
+
+template <typename acc_t>
+SMOOTHCE_HOST_DEVICE IndexGradCoefs<acc_t> index_grad_coefs(acc_t scale, acc_t weight_sum, acc_t w_target,
+                                                            TargetValues<acc_t> tv) {
+  const acc_t peak = (tv.on - tv.off) * w_target;
+  return {scale * (tv.off * weight_sum + peak), scale * tv.off, scale * peak};
+}
+
+// Probability target mass of class c: w_c·q_c with q = (1 − ε)·P + ε/C (§3).
+template <typename acc_t>
+SMOOTHCE_HOST_DEVICE acc_t soft_target_q(acc_t prob, acc_t eps, acc_t eps_over_c) {
+  return (acc_t(1) - eps) * prob + eps_over_c;
+}
+
+}  // namespace smoothce

@@ -1,0 +1,126 @@
+"""Build smoothce: the CPU extension always, the CUDA extension when a toolkit is usable.
+
+CUDA is built when a CUDA toolkit is found and either a GPU is visible or FORCE_CUDA=1.
+Environment knobs (all optional):
+  FORCE_CUDA=1                 build the CUDA extension without a visible GPU (compile check).
+  SMOOTHCE_CPU_CAPABILITY      'avx2' or 'default'; by default avx2 when the build machine has it.
+  MAX_JOBS, TORCH_CUDA_ARCH_LIST, CUDA_HOME  as for any torch extension.
+"""
+import glob
+import os
+
+from setuptools import find_packages, setup
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+
+def _read_version() -> str:
+    scope = {}
+    with open(os.path.join(HERE, "smoothce", "_version.py")) as f:
+        exec(f.read(), scope)  # a one-line file; importing smoothce would need the built extension
+    return scope["__version__"]
+
+
+__version__ = _read_version()
+
+
+def _cpu_has_avx2() -> bool:
+    try:
+        with open("/proc/cpuinfo") as f:
+            flags = f.read()
+    except OSError:
+        return False
+    return " avx2" in flags and " fma" in flags
+
+
+def _cpu_capability() -> str:
+    wanted = os.environ.get("SMOOTHCE_CPU_CAPABILITY", "").lower()
+    if wanted in ("avx2", "default"):
+        return wanted
+    if wanted:
+        raise SystemExit(f"SMOOTHCE_CPU_CAPABILITY={wanted!r}: expected 'avx2' or 'default'")
+    import platform
+
+    return "avx2" if platform.machine() in ("x86_64", "AMD64") and _cpu_has_avx2() else "default"
+
+
+def _cuda_wanted():
+    """Returns (build_cuda, cuda_home) without importing torch.cuda state we don't need."""
+    if os.environ.get("FORCE_CUDA", "0") != "1":
+        import torch
+
+        if not torch.cuda.is_available():
+            return False
+    from torch.utils import cpp_extension
+
+    return cpp_extension.CUDA_HOME is not None
+
+
+def _fix_cuda_home():
+    # An nvcc on PATH that is a wrapper script in /usr/local/bin makes torch guess CUDA_HOME=/usr/local;
+    # point it at the real toolkit when the user has not chosen one (torch reads it on import).
+    if not os.environ.get("CUDA_HOME") and not os.environ.get("CUDA_PATH"):
+        if os.path.isfile("/usr/local/cuda/bin/nvcc"):
+            os.environ["CUDA_HOME"] = "/usr/local/cuda"
+
+
+def extensions():
+    _fix_cuda_home()
+    import torch
+    from torch.utils.cpp_extension import BuildExtension, CppExtension, CUDAExtension
+
+    capability = _cpu_capability()
+    cxx = ["-O3", "-fno-math-errno", "-fvisibility=hidden"]
+    define_macros = [("SMOOTHCE_VERSION", f'"{__version__}"')]
+    if capability == "avx2":
+        # at::vec picks its AVX2 implementation from CPU_CAPABILITY(_AVX2); the runtime check in
+        # csrc/cpu/cross_entropy.cpp refuses to run on a CPU without AVX2.
+        cxx += ["-mavx2", "-mfma", "-mf16c"]
+        define_macros += [("CPU_CAPABILITY", "AVX2"), ("CPU_CAPABILITY_AVX2", None)]
+    else:
+        define_macros += [("CPU_CAPABILITY", "DEFAULT")]
+    define_macros += [("SMOOTHCE_CPU_CAPABILITY", f'"{capability}"')]
+
+    include_dirs = [os.path.join(HERE, "csrc")]
+    sources = sorted(glob.glob(os.path.join("csrc", "*.cpp")) + glob.glob(os.path.join("csrc", "cpu", "*.cpp")))
+    cuda_sources = sorted(glob.glob(os.path.join("csrc", "cuda", "*.cu")))
+
+    if cuda_sources and _cuda_wanted():
+        nvcc = ["-O3", "--use_fast_math", "-lineinfo", "-Xptxas=-v"]
+        # torch's CUDA headers include cusparse.h & co; pip's CUDA runtime packages ship them.
+        pip_cuda_include = os.path.join(os.path.dirname(torch.__file__), "..", "nvidia", "cu13", "include")
+        if os.path.isdir(pip_cuda_include):
+            include_dirs.append(os.path.abspath(pip_cuda_include))
+        define_macros.append(("SMOOTHCE_WITH_CUDA", None))
+        ext = CUDAExtension(
+            "smoothce._C",
+            sources + cuda_sources,
+            include_dirs=include_dirs,
+            define_macros=define_macros,
+            extra_compile_args={"cxx": cxx, "nvcc": nvcc},
+            py_limited_api=False,
+        )
+    else:
+        ext = CppExtension(
+            "smoothce._C",
+            sources,
+            include_dirs=include_dirs,
+            define_macros=define_macros,
+            extra_compile_args={"cxx": cxx},
+        )
+    return [ext], {"build_ext": BuildExtension.with_options(use_ninja=True)}
+
+
+ext_modules, cmdclass = extensions()
+
+setup(
+    name="smoothce",
+    version=__version__,
+    description="Fused label-smoothed softmax cross-entropy for PyTorch (CPU and CUDA kernels)",
+    packages=find_packages(include=["smoothce", "smoothce.*"]),
+    ext_modules=ext_modules,
+    cmdclass=cmdclass,
+    python_requires=">=3.10",
+    install_requires=["torch>=2.4"],
+    extras_require={"test": ["pytest", "hypothesis", "numpy"], "bench": ["matplotlib", "numpy"]},
+    zip_safe=False,
+)
