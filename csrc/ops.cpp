@@ -22,7 +22,20 @@ TORCH_LIBRARY(smoothce, m) {
   m.def("scale_grad_(Tensor(a!) grad, Tensor grad_output) -> ()", {at::Tag::pt2_compliant_tag});
 }
 
+namespace smoothce::cpu {
+void empty_grad_cache();
+}
+
 namespace {
+
+PyObject* empty_cache(PyObject*, PyObject*) {
+  smoothce::cpu::empty_grad_cache();
+  Py_RETURN_NONE;
+}
+
+PyMethodDef module_methods[] = {
+    {"empty_cache", empty_cache, METH_NOARGS, "Release the cached CPU gradient buffer."},
+    {nullptr, nullptr, 0, nullptr}};
 
 PyObject* build_info_dict() {
   PyObject* info = PyDict_New();
@@ -42,7 +55,7 @@ PyObject* build_info_dict() {
 }
 
 PyModuleDef module_def = {PyModuleDef_HEAD_INIT, "_C", "smoothce kernels (ops live in torch.ops.smoothce)", -1,
-                          nullptr};
+                          module_methods};
 
 }  // namespace
 

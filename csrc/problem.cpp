@@ -51,7 +51,7 @@ void check_floating_input(const at::Tensor& input) {
 
 Problem make_problem(const at::Tensor& input_arg, const at::Tensor& target_arg,
                      const c10::optional<at::Tensor>& weight_arg, int64_t ignore_index, int64_t reduction,
-                     double label_smoothing, bool compute_grad) {
+                     double label_smoothing, bool compute_grad, bool autocast) {
   check_floating_input(input_arg);
   TORCH_CHECK_VALUE(reduction == kNone || reduction == kMean || reduction == kSum,
                     "smoothce.cross_entropy: reduction must be 0 (none), 1 (mean) or 2 (sum), got ", reduction);
@@ -103,8 +103,10 @@ Problem make_problem(const at::Tensor& input_arg, const at::Tensor& target_arg,
     TORCH_CHECK_VALUE(w.dim() == 1 && w.size(0) == p.classes,
                       "smoothce.cross_entropy: weight must be a 1-D tensor of length C = ", p.classes,
                       " (one weight per class), got shape ", shape_str(w.sizes()));
-    TORCH_CHECK_TYPE(w.scalar_type() == input_arg.scalar_type(), "smoothce.cross_entropy: weight must have the input's dtype (",
-                     input_arg.scalar_type(), "), got ", w.scalar_type());
+    const bool fp32_weight_under_autocast = autocast && w.scalar_type() == at::kFloat;
+    TORCH_CHECK_TYPE(w.scalar_type() == input_arg.scalar_type() || fp32_weight_under_autocast,
+                     "smoothce.cross_entropy: weight must have the input's dtype (", input_arg.scalar_type(),
+                     "), got ", w.scalar_type());
     TORCH_CHECK(w.device() == input_arg.device(), "smoothce.cross_entropy: weight must be on the input's device (",
                 input_arg.device(), "), got ", w.device());
     p.weight = w.contiguous();

@@ -12,7 +12,7 @@ import torch
 from ._function import cross_entropy_impl
 from ._version import __version__
 
-__all__ = ["cross_entropy", "CrossEntropyLoss", "build_info", "__version__"]
+__all__ = ["cross_entropy", "CrossEntropyLoss", "build_info", "empty_cache", "__version__"]
 
 
 def cross_entropy(
@@ -61,3 +61,15 @@ def build_info() -> dict:
     from . import _C
 
     return dict(_C.build_info)
+
+
+def empty_cache() -> None:
+    """Release the gradient buffer the CPU kernel keeps for reuse across training steps.
+
+    Large CPU allocations come back from the OS as fresh pages whose first touch costs more than the
+    kernel itself, so the last gradient buffer is kept and reused once nothing else holds it.
+    Set SMOOTHCE_CPU_GRAD_CACHE=0 before the first call to disable the cache altogether.
+    """
+    from . import _C
+
+    _C.empty_cache()

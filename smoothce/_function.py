@@ -9,6 +9,7 @@ import torch
 from . import _C  # noqa: F401  (loading it registers torch.ops.smoothce)
 
 REDUCTIONS = {"none": 0, "mean": 1, "sum": 2}
+_REDUCTION_NAMES = {code: name for name, code in REDUCTIONS.items()}
 _HALF_DTYPES = (torch.float16, torch.bfloat16)
 
 
@@ -35,7 +36,9 @@ def _scale_grad_fake(grad, grad_output):
 
 class CrossEntropyFunction(torch.autograd.Function):
     """Forward runs the fused kernel; when the input needs a gradient the kernel writes it too, for an
-    upstream gradient of 1, and backward only rescales it in place (a no-op for plain loss.backward())."""
+    upstream gradient of 1, and the first backward only rescales it in place (a no-op for plain
+    loss.backward()). A later backward through a retained graph (retain_graph=True, gradcheck,
+    jacobians) recomputes the gradient from the saved logits instead of reusing the consumed buffer."""
 
     @staticmethod
     def forward(input, target, weight, ignore_index, reduction, label_smoothing, compute_grad, float32_loss):
@@ -46,43 +49,52 @@ class CrossEntropyFunction(torch.autograd.Function):
 
     @staticmethod
     def setup_context(ctx, inputs, output):
-        input, target, weight, ignore_index, reduction, label_smoothing, compute_grad, _ = inputs
+        input, target, weight, ignore_index, reduction, label_smoothing, compute_grad, float32_loss = inputs
         _, lse, grad = output
         ctx.mark_non_differentiable(lse, grad)
-        ctx.reduction = reduction
-        ctx.label_smoothing = label_smoothing
-        ctx.grad_consumed = False
-        soft_target_grad = target.is_floating_point() and target.requires_grad
-        ctx.save_for_backward(
-            grad if compute_grad else None,
-            input if soft_target_grad else None,
-            lse if soft_target_grad else None,
-            weight if soft_target_grad else None,
-        )
+        ctx.set_materialize_grads(False)  # no zero-filled N×C gradient for the `grad` output
+        ctx.args = (ignore_index, reduction, label_smoothing, float32_loss)
+        # The forward's gradient is handed out once (not a saved tensor: it is consumed in place and
+        # may become input.grad); the logits are saved for a second backward and soft-target gradients.
+        ctx.fused_grad = grad if compute_grad else None
+        ctx.save_for_backward(input, target, weight, lse)
 
     @staticmethod
-    @torch.autograd.function.once_differentiable
     def backward(ctx, grad_loss, _grad_lse, _grad_grad):
-        grad, input, lse, weight = ctx.saved_tensors
+        ignore_index, reduction, label_smoothing, float32_loss = ctx.args
         grad_input = grad_target = None
+        if grad_loss is None:  # the loss did not reach the graph's outputs: its gradient is zero
+            return None, None, None, None, None, None, None, None
+        if torch.is_grad_enabled():  # create_graph=True: differentiable gradients for higher orders
+            return _differentiable_backward(ctx, grad_loss)
         if ctx.needs_input_grad[0]:
-            if grad is None:
-                raise RuntimeError(
-                    "smoothce.cross_entropy: the input needs a gradient but the forward ran without computing "
-                    "it (grad mode was off or input.requires_grad was False when the loss was computed)"
+            grad_input, ctx.fused_grad = ctx.fused_grad, None
+            if grad_input is None or torch.compiler.is_compiling():
+                input, target, weight, _ = ctx.saved_tensors
+                _, _, grad_input = torch.ops.smoothce.forward(
+                    input, target, weight, ignore_index, reduction, label_smoothing, True, float32_loss
                 )
-            if ctx.grad_consumed:
-                raise RuntimeError(
-                    "smoothce.cross_entropy: backward through the same loss a second time (retain_graph=True) "
-                    "is not supported: the fused kernel computes the gradient in forward and backward scales "
-                    "it in place. Compute the loss again for a second backward."
-                )
-            ctx.grad_consumed = True
-            torch.ops.smoothce.scale_grad_(grad, grad_loss)
-            grad_input = grad
+            torch.ops.smoothce.scale_grad_(grad_input, grad_loss)
         if ctx.needs_input_grad[1]:
-            grad_target = _soft_target_grad(grad_loss, input, lse, weight, ctx.reduction, ctx.label_smoothing)
+            input, _, weight, lse = ctx.saved_tensors
+            grad_target = _soft_target_grad(grad_loss, input, lse, weight, reduction, label_smoothing)
         return grad_input, grad_target, None, None, None, None, None, None
+
+
+def _differentiable_backward(ctx, grad_loss):
+    """Gradients that autograd can differentiate again (second order: Hessian-vector products,
+    meta-learning), from the reference implementation's graph; only used under create_graph=True."""
+    from . import reference
+
+    ignore_index, reduction, label_smoothing, _ = ctx.args
+    input, target, weight, _ = ctx.saved_tensors
+    wanted = [t for t, needed in zip((input, target), ctx.needs_input_grad[:2]) if needed]
+    with torch.enable_grad():
+        loss = reference.cross_entropy(input, target, weight, ignore_index, _REDUCTION_NAMES[reduction], label_smoothing)
+        grads = iter(torch.autograd.grad(loss, wanted, grad_loss, create_graph=True))
+    grad_input = next(grads) if ctx.needs_input_grad[0] else None
+    grad_target = next(grads) if ctx.needs_input_grad[1] else None
+    return grad_input, grad_target, None, None, None, None, None, None
 
 
 def _soft_target_grad(grad_loss, input, lse, weight, reduction, label_smoothing):
@@ -132,13 +144,17 @@ def cross_entropy_impl(
             f"smoothce.cross_entropy: label_smoothing must be a float in [0, 1], got {label_smoothing}"
         )
 
-    # Under autocast the loss is fp32 (as torch's cross_entropy), read straight from the half logits.
+    for name, tensor in (("target", target), ("weight", weight)):
+        if tensor is not None and tensor.device != input.device:
+            raise ValueError(
+                f"smoothce.cross_entropy: {name} must be on the input's device ({input.device}), got {tensor.device}"
+            )
+    # Under autocast the loss is fp32 (as torch's cross_entropy), read straight from the half logits;
+    # fp32 class weights are used as they are. Only probability targets in another dtype than the
+    # logits need both in fp32 (torch's autocast copies the logits to fp32 in every case).
     float32_loss = torch.is_autocast_enabled(input.device.type)
-    if float32_loss:
-        if weight is not None and weight.dtype != input.dtype and input.is_floating_point():
-            weight = weight.to(input.dtype)
-        if target.is_floating_point() and target.dtype != input.dtype and input.is_floating_point():
-            target = target.to(input.dtype)
+    if float32_loss and target.is_floating_point() and input.is_floating_point() and target.dtype != input.dtype:
+        input, target = input.float(), target.float()
     compute_grad = torch.is_grad_enabled() and input.requires_grad
     loss, _, _ = CrossEntropyFunction.apply(
         input, target, weight, int(ignore_index), REDUCTIONS[reduction], label_smoothing, compute_grad, float32_loss

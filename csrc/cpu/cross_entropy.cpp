@@ -9,13 +9,16 @@
 //             positions, one SIMD lane per position, so no transpose or copy is needed.
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
+#include <ATen/EmptyTensor.h>
 #include <ATen/Parallel.h>
 #include <ATen/cpu/vec/functional.h>
 #include <ATen/cpu/vec/vec.h>
 #include <c10/util/irange.h>
 #include <torch/library.h>
 
+#include <cstdlib>
 #include <cstring>
+#include <mutex>
 #include <type_traits>
 #include <vector>
 
@@ -59,20 +62,32 @@ inline Vectorized<acc_type<scalar_t>> load_acc(const scalar_t* ptr, int64_t coun
 template <typename scalar_t>
 inline void store_acc(scalar_t* ptr, const Vectorized<acc_type<scalar_t>>& v,
                       int64_t count = Vectorized<acc_type<scalar_t>>::size()) {
-  if constexpr (std::is_same_v<scalar_t, acc_type<scalar_t>>) {
+  using acc_t = acc_type<scalar_t>;
+  constexpr int64_t V = Vectorized<acc_t>::size();
+  if constexpr (std::is_same_v<scalar_t, acc_t>) {
     v.store(ptr, count);
   } else {
-    at::vec::convert_from_float<scalar_t>(v, v).store(ptr, count);
+#if defined(CPU_CAPABILITY_AVX2) && !defined(CPU_CAPABILITY_AVX512)
+    if (count == V) {  // 8 floats -> 8 halves in one 16-byte store
+      const __m128i packed = std::is_same_v<scalar_t, at::BFloat16> ? at::vec::cvtfp32_bf16(__m256(v))
+                                                                   : at::vec::cvtfp32_fp16(__m256(v));
+      _mm_storeu_si128(reinterpret_cast<__m128i*>(ptr), packed);
+      return;
+    }
+#endif
+    alignas(64) acc_t buf[V];
+    v.store(buf);
+    for (int64_t i = 0; i < count; ++i) ptr[i] = static_cast<scalar_t>(buf[i]);
   }
 }
 
 // exp_u20 (inline polynomial) for float: ~1e-6 relative error, far below fp32 loss tolerances and
-// several times faster than the Sleef call. It does not propagate NaN, so rows whose lse is not
-// finite take the scalar std::exp path below.
+// several times faster than the Sleef call. It clamps its argument (NaN included), so NaN is put
+// back explicitly; the arguments here are x − max ≤ 0, where the clamp never bites otherwise.
 template <typename acc_t>
 inline Vectorized<acc_t> vexp(const Vectorized<acc_t>& v) {
   if constexpr (std::is_same_v<acc_t, float>) {
-    return v.exp_u20();
+    return Vectorized<float>::blendv(v.exp_u20(), v, v != v);  // NaN in, NaN out
   } else {
     return v.exp();
   }
@@ -257,134 +272,157 @@ void rows_kernel(const Params<scalar_t>& p, int64_t pos_begin, int64_t pos_end) 
   }
 }
 
-// ---------------------------------------------------------------- across: positions contiguous
-// One tile = up to V consecutive positions of one outer index, one SIMD lane each. The tile's
-// C×V logits are read from memory once (pass 1: max) and re-read from cache (pass 2: sums,
-// pass 3: gradient).
+// ---------------------------------------------------------------- tiles: one SIMD lane per position
+// A tile is up to V positions pos0 .. pos0+count, lane l of class c at x[c*sc + l] (and P, g alike).
+// Strided layouts ((N, C, H, W), x.t()) are walked in place; small-C rows are gathered into a
+// class-major buffer first. The tile's C×V logits are read from memory once (pass 1: max) and
+// re-read from cache (pass 2: sums, pass 3: gradient).
 template <typename scalar_t, Mass kMass>
-void across_kernel(const Params<scalar_t>& p, int64_t tile_begin, int64_t tile_end) {
+void tile_kernel(const Params<scalar_t>& p, const scalar_t* x, const scalar_t* prob, scalar_t* g, int64_t sc,
+                 int64_t pos0, int64_t count) {
   using acc_t = acc_type<scalar_t>;
   using Vec = Vectorized<acc_t>;
   constexpr int64_t V = Vec::size();
   constexpr bool kSoft = kMass == Mass::kSoft;
-  const int64_t C = p.classes, sc = p.stride_class;
-  const int64_t tiles_per_outer = (p.inner + V - 1) / V;
+  const int64_t C = p.classes;
+  auto load = [&](const scalar_t* ptr) { return count == V ? load_acc(ptr) : load_acc(ptr, count); };
+
+  int64_t targets[V] = {};
+  bool valid[V];
+  bool any_valid = false;
+  for (int64_t l = 0; l < V; ++l) {
+    valid[l] = l < count;
+    if (!kSoft && valid[l]) {
+      const int64_t pos = pos0 + l;
+      targets[l] = p.target_at(pos / p.inner, pos % p.inner);
+      valid[l] = targets[l] != p.ignore_index;
+    }
+    any_valid |= valid[l];
+  }
+  for (int64_t l = 0; l < count; ++l) p.position_loss[pos0 + l] = p.lse[pos0 + l] = acc_t(0);
+  if (!any_valid) {
+    if (g)
+      for (int64_t c = 0; c < C; ++c) store_acc(g + c * sc, Vec(0), count);
+    return;
+  }
+
+  Vec vmax = load(x);
+  for (int64_t c = 1; c < C; ++c) vmax = at::vec::maximum(vmax, load(x + c * sc));
+  const Vec vorigin = Vec::blendv(vmax, Vec(0), vmax == Vec(-std::numeric_limits<acc_t>::infinity()));
+  Vec vsum(0), vmass_dx(0), vmass(0);
+  for (int64_t c = 0; c < C; ++c) {
+    const Vec d = load(x + c * sc) - vorigin;
+    vsum += vexp(d);
+    if constexpr (kMass == Mass::kUnit) {
+      vmass_dx += d;
+    } else if constexpr (kMass == Mass::kWeighted) {
+      vmass_dx = at::vec::fmadd(Vec(p.weight[c]), d, vmass_dx);
+    } else if constexpr (kSoft) {
+      Vec v = at::vec::fmadd(load(prob + c * sc), Vec(acc_t(1) - p.eps), Vec(p.eps_over_c));
+      if (p.weight) v = v * Vec(p.weight[c]);
+      vmass_dx = at::vec::fmadd(v, d, vmass_dx);
+      vmass += v;
+    }
+  }
   alignas(64) acc_t lane_max[V], lane_sum[V], lane_mass_dx[V], lane_mass[V];
-  alignas(64) acc_t lane_coef[V], lane_off[V];
+  alignas(64) acc_t lane_lse[V], lane_coef[V], lane_off[V], lane_peak[V];
+  vorigin.store(lane_max);
+  vsum.store(lane_sum);
+  vmass_dx.store(lane_mass_dx);
+  vmass.store(lane_mass);
+
+  bool lanes_finite = true;
+  for (int64_t l = 0; l < V; ++l) {
+    lane_lse[l] = lane_coef[l] = lane_off[l] = lane_peak[l] = acc_t(0);
+    if (!valid[l]) continue;
+    RowState<acc_t> state{lane_max[l], lane_sum[l], acc_t(0), acc_t(0)};
+    if constexpr (kMass != Mass::kNone) state.mass_dx = lane_mass_dx[l];
+    if constexpr (kMass == Mass::kUnit || kMass == Mass::kWeighted) state.mass = p.weight_sum;
+    if constexpr (kSoft) state.mass = lane_mass[l];
+    const acc_t lse = row_lse(state);
+    lanes_finite &= std::isfinite(lse);
+    lane_lse[l] = p.lse[pos0 + l] = lse;
+    if constexpr (kSoft) {
+      p.position_loss[pos0 + l] = mass_nll(state);
+      lane_coef[l] = p.grad_scale * state.mass;
+      lane_off[l] = p.grad_scale;
+    } else {
+      const int64_t t = targets[l];
+      const acc_t w_t = p.weight_at(t);
+      const acc_t x_t = static_cast<acc_t>(x[t * sc + l]);
+      p.position_loss[pos0 + l] = index_target_loss(state, lse, x_t, w_t, p.tv);
+      const auto k = index_grad_coefs(p.grad_scale, p.weight_sum, w_t, p.tv);
+      lane_coef[l] = k.softmax_coef;
+      lane_off[l] = k.off_coef;
+      lane_peak[l] = k.peak_coef;
+    }
+  }
+  if (!g) return;
+
+  alignas(64) acc_t invalid_bits[V];  // blendv mask: all bits set in ignored / padding lanes
+  for (int64_t l = 0; l < V; ++l) std::memset(&invalid_bits[l], valid[l] ? 0 : 0xFF, sizeof(acc_t));
+  const Vec vinvalid = Vec::loadu(invalid_bits);
+  const Vec vlse = Vec::loadu(lane_lse), vcoef = Vec::loadu(lane_coef), voff = Vec::loadu(lane_off);
+  for (int64_t c = 0; c < C; ++c) {
+    Vec sub = voff;
+    if constexpr (kSoft) sub = sub * at::vec::fmadd(load(prob + c * sc), Vec(acc_t(1) - p.eps), Vec(p.eps_over_c));
+    if (p.weight) sub = sub * Vec(p.weight[c]);
+    const Vec out = vcoef * vexp(load(x + c * sc) - vlse) - sub;
+    store_acc(g + c * sc, Vec::blendv(out, Vec(0), vinvalid), count);
+  }
+  for (int64_t l = 0; l < count; ++l) {
+    if (!valid[l]) continue;
+    auto exact = [&](int64_t c) {  // std::exp: for the target element and non-finite rows
+      const acc_t xc = static_cast<acc_t>(x[c * sc + l]);
+      acc_t sub = lane_off[l];
+      if constexpr (kSoft) sub *= soft_target_q(static_cast<acc_t>(prob[c * sc + l]), p.eps, p.eps_over_c);
+      if (p.weight) sub *= p.weight[c];
+      return lane_coef[l] * std::exp(xc - lane_lse[l]) - (lane_off[l] == acc_t(0) ? acc_t(0) : sub);
+    };
+    if (!lanes_finite && !std::isfinite(lane_lse[l]))
+      for (int64_t c = 0; c < C; ++c) g[c * sc + l] = static_cast<scalar_t>(exact(c));
+    if constexpr (!kSoft) g[targets[l] * sc + l] = static_cast<scalar_t>(exact(targets[l]) - lane_peak[l]);
+  }
+}
+
+// Strided classes, contiguous positions: tiles walk the tensor in place.
+template <typename scalar_t, Mass kMass>
+void across_kernel(const Params<scalar_t>& p, int64_t tile_begin, int64_t tile_end) {
+  constexpr int64_t V = Vectorized<acc_type<scalar_t>>::size();
+  const int64_t tiles_per_outer = (p.inner + V - 1) / V;
   for (int64_t tile = tile_begin; tile < tile_end; ++tile) {
     const int64_t n = tile / tiles_per_outer, s0 = (tile % tiles_per_outer) * V;
-    const int64_t count = std::min(V, p.inner - s0);
     const int64_t offset = n * p.stride_outer + s0 * p.stride_inner;
-    const scalar_t* x = p.input + offset;
-    const scalar_t* prob = kSoft ? p.soft_target + offset : nullptr;
-    auto load = [&](const scalar_t* ptr) { return count == V ? load_acc(ptr) : load_acc(ptr, count); };
+    tile_kernel<scalar_t, kMass>(p, p.input + offset, kMass == Mass::kSoft ? p.soft_target + offset : nullptr,
+                                 p.grad ? p.grad + offset : nullptr, p.stride_class, n * p.inner + s0,
+                                 std::min(V, p.inner - s0));
+  }
+}
 
-    // lanes: validity and target
-    int64_t targets[V] = {};
-    bool any_valid = kSoft;
-    bool valid[V];
-    for (int64_t l = 0; l < V; ++l) {
-      valid[l] = l < count;
-      if (!kSoft && l < count) {
-        targets[l] = p.target_at(n, s0 + l);
-        valid[l] = targets[l] != p.ignore_index;
-      }
-      any_valid |= valid[l];
-    }
-    if (!any_valid) {
-      for (int64_t l = 0; l < count; ++l) {
-        p.position_loss[n * p.inner + s0 + l] = acc_t(0);
-        p.lse[n * p.inner + s0 + l] = acc_t(0);
-      }
-      if (p.grad)
-        for (int64_t c = 0; c < C; ++c) store_acc(p.grad + offset + c * sc, Vec(0), count);
-      continue;
-    }
+// Contiguous rows of few classes: too short to vectorize along, so V rows are transposed into a
+// class-major buffer (one lane per row), computed as a tile and the gradient scattered back.
+constexpr int64_t kSmallClasses = 32;
 
-    Vec vmax = load(x);
-    for (int64_t c = 1; c < C; ++c) vmax = at::vec::maximum(vmax, load(x + c * sc));
-    const Vec vorigin = Vec::blendv(vmax, Vec(0), vmax == Vec(-std::numeric_limits<acc_t>::infinity()));
-    Vec vsum(0), vmass_dx(0), vmass(0);
-    for (int64_t c = 0; c < C; ++c) {
-      const Vec d = load(x + c * sc) - vorigin;
-      vsum += vexp(d);
-      if constexpr (kMass == Mass::kUnit) {
-        vmass_dx += d;
-      } else if constexpr (kMass == Mass::kWeighted) {
-        vmass_dx = at::vec::fmadd(Vec(p.weight[c]), d, vmass_dx);
-      } else if constexpr (kSoft) {
-        Vec v = at::vec::fmadd(load(prob + c * sc), Vec(acc_t(1) - p.eps), Vec(p.eps_over_c));
-        if (p.weight) v = v * Vec(p.weight[c]);
-        vmass_dx = at::vec::fmadd(v, d, vmass_dx);
-        vmass += v;
-      }
-    }
-    vorigin.store(lane_max);
-    vsum.store(lane_sum);
-    vmass_dx.store(lane_mass_dx);
-    vmass.store(lane_mass);
-
-    bool lanes_finite = true;
-    acc_t lane_lse[V], lane_peak[V];
-    for (int64_t l = 0; l < V; ++l) {
-      lane_coef[l] = lane_off[l] = lane_peak[l] = acc_t(0);
-      lane_lse[l] = acc_t(0);
-      if (!valid[l]) {
-        if (l < count) p.position_loss[n * p.inner + s0 + l] = p.lse[n * p.inner + s0 + l] = acc_t(0);
-        continue;
-      }
-      RowState<acc_t> state{lane_max[l], lane_sum[l], acc_t(0), acc_t(0)};
-      if constexpr (kMass != Mass::kNone) state.mass_dx = lane_mass_dx[l];
-      if constexpr (kMass == Mass::kUnit || kMass == Mass::kWeighted) state.mass = p.weight_sum;
-      if constexpr (kSoft) state.mass = lane_mass[l];
-      const acc_t lse = row_lse(state);
-      lanes_finite &= std::isfinite(lse);
-      lane_lse[l] = lse;
-      const int64_t pos = n * p.inner + s0 + l;
-      p.lse[pos] = lse;
-      if constexpr (kSoft) {
-        p.position_loss[pos] = mass_nll(state);
-        lane_coef[l] = p.grad_scale * state.mass;
-        lane_off[l] = p.grad_scale;
-      } else {
-        const int64_t t = targets[l];
-        const acc_t w_t = p.weight_at(t);
-        const acc_t x_t = static_cast<acc_t>(x[t * sc + l]);
-        p.position_loss[pos] = index_target_loss(state, lse, x_t, w_t, p.tv);
-        const auto k = index_grad_coefs(p.grad_scale, p.weight_sum, w_t, p.tv);
-        lane_coef[l] = k.softmax_coef;
-        lane_off[l] = k.off_coef;
-        lane_peak[l] = k.peak_coef;
-      }
-    }
-    if (!p.grad) continue;
-
-    scalar_t* g = p.grad + offset;
-    const Vec vlse = Vec::loadu(lane_lse), vcoef = Vec::loadu(lane_coef), voff = Vec::loadu(lane_off);
-    alignas(64) acc_t invalid_bits[V];  // blendv mask: all bits set in ignored / padding lanes
-    for (int64_t l = 0; l < V; ++l) std::memset(&invalid_bits[l], valid[l] ? 0 : 0xFF, sizeof(acc_t));
-    const Vec vinvalid = Vec::loadu(invalid_bits);
-    for (int64_t c = 0; c < C; ++c) {
-      Vec out = vcoef * vexp(load(x + c * sc) - vlse);
-      Vec sub = voff;
-      if constexpr (kSoft) sub = sub * at::vec::fmadd(load(prob + c * sc), Vec(acc_t(1) - p.eps), Vec(p.eps_over_c));
-      if (p.weight) sub = sub * Vec(p.weight[c]);
-      out = Vec::blendv(out - sub, Vec(0), vinvalid);
-      store_acc(g + c * sc, out, count);
-    }
+template <typename scalar_t, Mass kMass>
+void small_rows_kernel(const Params<scalar_t>& p, int64_t tile_begin, int64_t tile_end) {
+  constexpr int64_t V = Vectorized<acc_type<scalar_t>>::size();
+  const int64_t C = p.classes, positions = p.outer * p.inner;
+  scalar_t x_buf[kSmallClasses * V], prob_buf[kSmallClasses * V], g_buf[kSmallClasses * V];
+  int64_t offsets[V];
+  for (int64_t tile = tile_begin; tile < tile_end; ++tile) {
+    const int64_t pos0 = tile * V, count = std::min(V, positions - pos0);
     for (int64_t l = 0; l < count; ++l) {
-      if (!valid[l]) continue;
-      auto exact = [&](int64_t c) {  // std::exp: exact for the target element and non-finite rows
-        const acc_t xc = static_cast<acc_t>(x[c * sc + l]);
-        acc_t sub = lane_off[l];
-        if constexpr (kSoft) sub *= soft_target_q(static_cast<acc_t>(prob[c * sc + l]), p.eps, p.eps_over_c);
-        if (p.weight) sub *= p.weight[c];
-        return lane_coef[l] * std::exp(xc - lane_lse[l]) - (lane_off[l] == acc_t(0) ? acc_t(0) : sub);
-      };
-      if (!lanes_finite && !std::isfinite(lane_lse[l]))
-        for (int64_t c = 0; c < C; ++c) g[c * sc + l] = static_cast<scalar_t>(exact(c));
-      if constexpr (!kSoft) g[targets[l] * sc + l] = static_cast<scalar_t>(exact(targets[l]) - lane_peak[l]);
+      const int64_t pos = pos0 + l;
+      offsets[l] = (pos / p.inner) * p.stride_outer + (pos % p.inner) * p.stride_inner;
+      for (int64_t c = 0; c < C; ++c) {
+        x_buf[c * V + l] = p.input[offsets[l] + c];
+        if constexpr (kMass == Mass::kSoft) prob_buf[c * V + l] = p.soft_target[offsets[l] + c];
+      }
     }
+    tile_kernel<scalar_t, kMass>(p, x_buf, prob_buf, p.grad ? g_buf : nullptr, V, pos0, count);
+    if (p.grad)
+      for (int64_t l = 0; l < count; ++l)
+        for (int64_t c = 0; c < C; ++c) p.grad[offsets[l] + c] = g_buf[c * V + l];
   }
 }
 
@@ -449,18 +487,65 @@ double sum_positions(const at::Tensor& position_loss) {
 
 template <typename scalar_t, Mass kMass>
 void run_kernel(const Params<scalar_t>& p) {
-  const int64_t C = std::max<int64_t>(p.classes, 1);
+  constexpr int64_t V = Vectorized<acc_type<scalar_t>>::size();
+  constexpr int64_t kGrainElements = 32768;  // elements per parallel task
+  const int64_t C = std::max<int64_t>(p.classes, 1), positions = p.outer * p.inner;
   if (p.stride_class == 1 || p.classes == 1) {
-    const int64_t grain = std::max<int64_t>(1, 32768 / C);
-    at::parallel_for(0, p.outer * p.inner, grain,
-                     [&](int64_t begin, int64_t end) { rows_kernel<scalar_t, kMass>(p, begin, end); });
+    if (C <= kSmallClasses) {
+      const int64_t tiles = (positions + V - 1) / V;
+      at::parallel_for(0, tiles, std::max<int64_t>(1, kGrainElements / (C * V)),
+                       [&](int64_t begin, int64_t end) { small_rows_kernel<scalar_t, kMass>(p, begin, end); });
+    } else {
+      at::parallel_for(0, positions, std::max<int64_t>(1, kGrainElements / C),
+                       [&](int64_t begin, int64_t end) { rows_kernel<scalar_t, kMass>(p, begin, end); });
+    }
   } else {
-    constexpr int64_t V = Vectorized<acc_type<scalar_t>>::size();
     const int64_t tiles = p.outer * ((p.inner + V - 1) / V);
-    const int64_t grain = std::max<int64_t>(1, 32768 / (C * V));
-    at::parallel_for(0, tiles, grain,
+    at::parallel_for(0, tiles, std::max<int64_t>(1, kGrainElements / (C * V)),
                      [&](int64_t begin, int64_t end) { across_kernel<scalar_t, kMass>(p, begin, end); });
   }
+}
+
+// ---------------------------------------------------------------- gradient buffer
+// glibc serves allocations above 32 MiB with fresh mmap pages, and faulting them in costs more than
+// the whole kernel (measured: ~190 ms for 128 MiB on the 2-core dev VM, against ~25 ms of compute).
+// A training step frees last step's gradient before the next forward, so one cached buffer is
+// reused when nothing but this cache holds it. SMOOTHCE_CPU_GRAD_CACHE=0 turns it off;
+// smoothce.empty_cache() releases it.
+struct GradCache {
+  std::mutex mutex;
+  c10::Storage storage;  // the storage only: the gradient tensor itself stays stealable by AccumulateGrad
+};
+
+GradCache& grad_cache() {
+  static GradCache cache;
+  return cache;
+}
+
+bool grad_cache_enabled() {
+  static const bool enabled = [] {
+    const char* env = std::getenv("SMOOTHCE_CPU_GRAD_CACHE");
+    return env == nullptr || std::string(env) != "0";
+  }();
+  return enabled;
+}
+
+// A tensor laid out as at::empty_like(like) would lay it out.
+at::Tensor allocate_grad(const at::Tensor& like) {
+  if (!grad_cache_enabled()) return at::empty_like(like);
+  const at::Tensor layout =
+      at::empty_like(at::empty_strided(like.sizes(), like.strides(), like.options().device(at::kMeta)));
+  const size_t needed = at::detail::computeStorageNbytes(layout.sizes(), layout.strides(), like.element_size());
+  GradCache& cache = grad_cache();
+  std::lock_guard<std::mutex> guard(cache.mutex);
+  const c10::Storage& cached = cache.storage;
+  const bool reusable = cached && cached.use_count() == 1 && cached.nbytes() >= needed &&
+                        cached.nbytes() <= 2 * needed + 4096;
+  if (!reusable) {
+    cache.storage = {};  // release the old buffer before allocating the new one
+    cache.storage = at::empty_strided(layout.sizes(), layout.strides(), like.options()).storage();
+  }
+  return at::empty({0}, like.options()).set_(cache.storage, 0, layout.sizes(), layout.strides());
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> forward_cpu(const at::Tensor& input, const at::Tensor& target,
@@ -468,7 +553,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> forward_cpu(const at::Tensor& inp
                                                            int64_t ignore_index, int64_t reduction,
                                                            double label_smoothing, bool compute_grad,
                                                            bool float32_loss) {
-  const Problem prob = make_problem(input, target, weight, ignore_index, reduction, label_smoothing, compute_grad);
+  const Problem prob =
+      make_problem(input, target, weight, ignore_index, reduction, label_smoothing, compute_grad, float32_loss);
   const auto dtype = prob.input.scalar_type();
   const auto acc_dtype = dtype == at::kDouble ? at::kDouble : at::kFloat;
   const auto loss_dtype = (float32_loss && (dtype == at::kHalf || dtype == at::kBFloat16)) ? at::kFloat : dtype;
@@ -478,7 +564,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> forward_cpu(const at::Tensor& inp
   at::Tensor position_loss = at::empty(prob.position_shape, acc_options);
   // The gradient has the layout of the caller's input (empty_like), which the fake kernel mirrors;
   // when the checks had to make the input contiguous, the kernel writes a contiguous twin first.
-  at::Tensor grad = compute_grad ? at::empty_like(input) : at::empty({0}, input.options());
+  at::Tensor grad = compute_grad ? allocate_grad(input) : at::empty({0}, input.options());
   at::Tensor kernel_grad = grad;
   if (compute_grad && !grad.strides().equals(prob.input.strides())) kernel_grad = at::empty_like(prob.input);
   at::Tensor weight_acc;
@@ -552,6 +638,12 @@ void scale_grad_cpu(at::Tensor& grad, const at::Tensor& grad_output) {
 }
 
 }  // namespace
+
+void empty_grad_cache() {
+  GradCache& cache = grad_cache();
+  std::lock_guard<std::mutex> guard(cache.mutex);
+  cache.storage = {};
+}
 
 TORCH_LIBRARY_IMPL(smoothce, CPU, m) {
   m.impl("forward", &forward_cpu);

@@ -33,11 +33,13 @@ struct Problem {
   bool class_contiguous() const { return stride_class == 1 || classes == 1; }
 };
 
-// Validates every argument (errors name the argument, the value seen and what is expected) and
+// `autocast` (the op's float32_loss) also admits float32 class weights for half logits, as torch's
+// autocast hands cross_entropy fp32 weights. Validates every argument (errors name the argument, the value seen and what is expected) and
 // builds the view. May make `input` (and a soft `target`) contiguous when their strides cannot be
 // described by the view; never copies a dense input or an expanded forward-only input.
 Problem make_problem(const at::Tensor& input, const at::Tensor& target, const c10::optional<at::Tensor>& weight,
-                     int64_t ignore_index, int64_t reduction, double label_smoothing, bool compute_grad);
+                     int64_t ignore_index, int64_t reduction, double label_smoothing, bool compute_grad,
+                     bool autocast);
 
 // Checks grad_output for scale_grad_ against the gradient it scales.
 void check_scale_grad_args(const at::Tensor& grad, const at::Tensor& grad_output);
