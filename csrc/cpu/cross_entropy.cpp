@@ -133,8 +133,11 @@ struct Params {
 constexpr int64_t kRowBlock = 2048;  // elements re-read from L1 between the max and the exp-sum
 
 // Online state of one contiguous row x[0..C) (soft targets: P with the same layout).
+// With `exps` (fp32/fp64 gradients), exp(x − origin of its block) is also stored there and each
+// block's origin in `block_origins`, so the gradient pass rescales instead of calling exp again.
 template <typename scalar_t, Mass kMass>
-RowState<acc_type<scalar_t>> row_state(const Params<scalar_t>& p, const scalar_t* x, const scalar_t* prob) {
+RowState<acc_type<scalar_t>> row_state(const Params<scalar_t>& p, const scalar_t* x, const scalar_t* prob,
+                                       acc_type<scalar_t>* exps, acc_type<scalar_t>* block_origins) {
   using acc_t = acc_type<scalar_t>;
   using Vec = Vectorized<acc_t>;
   constexpr int64_t V = Vec::size();
@@ -155,12 +158,15 @@ RowState<acc_type<scalar_t>> row_state(const Params<scalar_t>& p, const scalar_t
       block_max = (v != v || block_max != block_max) ? v + block_max : std::max(block_max, v);
     }
     const acc_t origin = shift_origin(block_max);
+    if (exps) block_origins[begin / kRowBlock] = origin;
     // Σ exp(x − origin) and the mass sums
     const Vec vorigin(origin);
     Vec vsum(0), vmass_dx(0), vmass(0);
     for (int64_t c = begin; c < vec_end; c += V) {
       const Vec d = load_acc(x + c) - vorigin;
-      vsum += vexp(d);
+      const Vec e = vexp(d);
+      vsum += e;
+      if (exps) e.store(exps + c);
       if constexpr (kMass == Mass::kUnit) {
         vmass_dx += d;
       } else if constexpr (kMass == Mass::kWeighted) {
@@ -183,7 +189,9 @@ RowState<acc_type<scalar_t>> row_state(const Params<scalar_t>& p, const scalar_t
     if constexpr (kMass == Mass::kWeighted || kMass == Mass::kSoft) block.mass = hsum(vmass);
     for (int64_t c = vec_end; c < end; ++c) {
       const acc_t d = static_cast<acc_t>(x[c]) - origin;
-      block.sum_exp += std::exp(d);
+      const acc_t e = std::exp(d);
+      block.sum_exp += e;
+      if (exps) exps[c] = e;
       if constexpr (kMass != Mass::kNone) {
         acc_t v = kMass == Mass::kSoft ? soft_target_q(static_cast<acc_t>(prob[c]), p.eps, p.eps_over_c) : acc_t(1);
         if (kMass != Mass::kUnit) v *= p.weight_at(c);
@@ -199,25 +207,36 @@ RowState<acc_type<scalar_t>> row_state(const Params<scalar_t>& p, const scalar_t
 // Writes the gradient of one contiguous row (target element of an index target fixed after):
 //   index: g = softmax_coef·exp(x − lse) − off_coef·w
 //   soft:  g = softmax_coef·exp(x − lse) − scale·w·q       (softmax_coef = scale·Σ w·q)
+// With block_origins, g already holds exp(x − origin_b) from row_state: exp(x − lse) is that times
+// exp(origin_b − lse), one scalar exp per block.
 template <typename scalar_t, bool kSoft>
 void row_grad(const Params<scalar_t>& p, const scalar_t* x, const scalar_t* prob, scalar_t* g,
-              acc_type<scalar_t> lse, acc_type<scalar_t> softmax_coef, acc_type<scalar_t> off_coef) {
+              acc_type<scalar_t> lse, acc_type<scalar_t> softmax_coef, acc_type<scalar_t> off_coef,
+              const acc_type<scalar_t>* block_origins) {
   using acc_t = acc_type<scalar_t>;
   using Vec = Vectorized<acc_t>;
   constexpr int64_t V = Vec::size();
   const int64_t C = p.classes;
-  auto scalar_grad = [&](int64_t c) {
-    const acc_t e = std::exp(static_cast<acc_t>(x[c]) - lse);
-    acc_t sub = kSoft ? off_coef * soft_target_q(static_cast<acc_t>(prob[c]), p.eps, p.eps_over_c) : off_coef;
-    if (p.weight) sub *= p.weight[c];
-    return softmax_coef * e - (off_coef == acc_t(0) ? acc_t(0) : sub);
-  };
-  int64_t c = 0;
-  if (std::isfinite(lse)) {  // vexp does not propagate NaN: non-finite rows take std::exp
-    const Vec vlse(lse), vcoef(softmax_coef), voff(off_coef);
-    for (; c + V <= C; c += V) {
-      Vec out = vcoef * vexp(load_acc(x + c) - vlse);
-      if (off_coef != acc_t(0)) {
+  const bool subtract = off_coef != acc_t(0);  // zero: no 0·w·q term (and no 0·inf)
+  for (int64_t begin = 0; begin < C; begin += kRowBlock) {
+    const int64_t end = std::min(C, begin + kRowBlock);
+    acc_t coef = softmax_coef;
+    if (block_origins) coef *= std::exp(block_origins[begin / kRowBlock] - lse);
+    auto sub_at = [&](int64_t c) {
+      acc_t sub = kSoft ? off_coef * soft_target_q(static_cast<acc_t>(prob[c]), p.eps, p.eps_over_c) : off_coef;
+      return p.weight ? sub * p.weight[c] : sub;
+    };
+    const Vec vlse(lse), vcoef(coef), voff(off_coef);
+    int64_t c = begin;
+    for (; c + V <= end; c += V) {
+      Vec e;
+      if constexpr (std::is_same_v<scalar_t, acc_t>) {
+        e = block_origins ? Vec::loadu(g + c) : vexp(load_acc(x + c) - vlse);
+      } else {
+        e = vexp(load_acc(x + c) - vlse);
+      }
+      Vec out = vcoef * e;
+      if (subtract) {
         Vec sub = voff;
         if constexpr (kSoft) sub = sub * at::vec::fmadd(load_acc(prob + c), Vec(acc_t(1) - p.eps), Vec(p.eps_over_c));
         if (p.weight) sub = sub * Vec::loadu(p.weight + c);
@@ -225,8 +244,11 @@ void row_grad(const Params<scalar_t>& p, const scalar_t* x, const scalar_t* prob
       }
       store_acc(g + c, out);
     }
+    for (; c < end; ++c) {
+      const acc_t e = block_origins ? static_cast<acc_t>(g[c]) : std::exp(static_cast<acc_t>(x[c]) - lse);
+      g[c] = static_cast<scalar_t>(coef * e - (subtract ? sub_at(c) : acc_t(0)));
+    }
   }
-  for (; c < C; ++c) g[c] = static_cast<scalar_t>(scalar_grad(c));
 }
 
 template <typename scalar_t>
@@ -238,6 +260,10 @@ template <typename scalar_t, Mass kMass>
 void rows_kernel(const Params<scalar_t>& p, int64_t pos_begin, int64_t pos_end) {
   using acc_t = acc_type<scalar_t>;
   constexpr bool kSoft = kMass == Mass::kSoft;
+  // fp32/fp64 gradients double as the exp buffer (half types would lose the exp's precision).
+  constexpr bool kReuseExp = std::is_same_v<scalar_t, acc_t>;
+  std::vector<acc_t> block_origins(kReuseExp && p.grad ? (p.classes + kRowBlock - 1) / kRowBlock : 0);
+  acc_t* origins = block_origins.empty() ? nullptr : block_origins.data();
   for (int64_t pos = pos_begin; pos < pos_end; ++pos) {
     const int64_t n = pos / p.inner, s = pos % p.inner;
     const int64_t offset = n * p.stride_outer + s * p.stride_inner;
@@ -254,18 +280,20 @@ void rows_kernel(const Params<scalar_t>& p, int64_t pos_begin, int64_t pos_end) 
         continue;
       }
     }
-    const RowState<acc_t> state = row_state<scalar_t, kMass>(p, x, prob);
+    acc_t* exps = nullptr;
+    if constexpr (kReuseExp) exps = origins ? g : nullptr;
+    const RowState<acc_t> state = row_state<scalar_t, kMass>(p, x, prob, exps, origins);
     const acc_t lse = row_lse(state);
     p.lse[pos] = lse;
     if constexpr (kSoft) {
       p.position_loss[pos] = mass_nll(state);
-      if (g) row_grad<scalar_t, true>(p, x, prob, g, lse, p.grad_scale * state.mass, p.grad_scale);
+      if (g) row_grad<scalar_t, true>(p, x, prob, g, lse, p.grad_scale * state.mass, p.grad_scale, origins);
     } else {
       const acc_t w_t = p.weight_at(t), x_t = static_cast<acc_t>(x[t]);
       p.position_loss[pos] = index_target_loss(state, lse, x_t, w_t, p.tv);
       if (g) {
         const auto k = index_grad_coefs(p.grad_scale, p.weight_sum, w_t, p.tv);
-        row_grad<scalar_t, false>(p, x, nullptr, g, lse, k.softmax_coef, k.off_coef);
+        row_grad<scalar_t, false>(p, x, nullptr, g, lse, k.softmax_coef, k.off_coef, origins);
         g[t] = static_cast<scalar_t>(k.softmax_coef * std::exp(x_t - lse) - k.off_coef * w_t - k.peak_coef);
       }
     }
