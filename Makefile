@@ -21,7 +21,7 @@ $(PY):
 # torch first (the pip default build; with CUDA on Linux x86_64), then the tools the targets use.
 $(DEPS_STAMP): | $(PY)
 	$(PIP) install --upgrade pip setuptools wheel
-	$(PIP) install torch ninja pybind11 pytest numpy hypothesis matplotlib
+	$(PIP) install torch ninja pybind11 pytest numpy hypothesis matplotlib scikit-learn torchmetrics tqdm
 	touch $@
 
 venv: $(DEPS_STAMP)
