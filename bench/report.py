@@ -1,0 +1,328 @@
+"""Tables and plot from a benchmark JSON.
+
+    python -m bench.report bench/results/cpu-fp32-bf16.json
+
+writes cpu-fp32-bf16.md and cpu-fp32-bf16.png beside the JSON. Every number shown is derived here
+from the raw per-run times the JSON stores, so a JSON alone regenerates its table and plot.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import statistics
+from pathlib import Path
+
+# Mode name -> what one timed call does.
+MODES = {
+    "fwd+bwd": "forward + loss.backward()",
+    "fwd+bwd scaled": "forward + (loss * 0.5).backward() (loss scaling, gradient accumulation)",
+    "fwd": "forward only, inference under torch.no_grad()",
+}
+HEADLINE_MODE = "fwd+bwd"
+BASELINE = "eager"
+FLOOR = "copy"
+# Contender name -> column title, in column order.
+CONTENDERS = {
+    "eager": "eager",
+    "compile": "torch.compile",
+    "smoothce": "smoothce",
+    "liger": "Liger-Kernel",
+    "flash_attn": "flash-attn",
+    "copy": "copy (floor)",
+}
+DTYPE_ORDER = ("fp32", "bf16", "fp16")
+
+
+def minimal_bytes(numel: int, itemsize: int, mode: str) -> int:
+    """Bytes a perfect kernel must move: read the logits; with a backward also write the gradient.
+    The copy floor always reads and writes them."""
+    return numel * itemsize * (1 if mode == "fwd" else 2)
+
+
+# ----------------------------------------------------------------------------- derived numbers
+
+def time_stats(times_ms: list[float]) -> dict:
+    """Median, quartiles and extremes of the per-run times (ms)."""
+    ordered = sorted(times_ms)
+    if len(ordered) >= 2:
+        q1, median, q3 = statistics.quantiles(ordered, n=4, method="inclusive")
+    else:
+        q1 = median = q3 = ordered[0]
+    return {"median_ms": median, "q1_ms": q1, "q3_ms": q3, "min_ms": ordered[0], "max_ms": ordered[-1]}
+
+
+def group_rows(rows: list[dict]) -> dict[tuple[str, str, str], dict[str, dict]]:
+    """(shape_str, dtype, mode) -> {contender: row}."""
+    groups: dict[tuple[str, str, str], dict[str, dict]] = {}
+    for row in rows:
+        groups.setdefault((row["shape_str"], row["dtype"], row["mode"]), {})[row["contender"]] = row
+    return groups
+
+
+def derive(data: dict) -> dict:
+    """Fills in each measurement's statistics, GB/s, % of the copy bandwidth measured in the same
+    group, speed-up vs eager, and the summary. Idempotent; returns data."""
+    for row in data["measurements"]:
+        row.update(time_stats(row["times_ms"]))
+        row["gbps"] = row["bytes"] / (row["median_ms"] * 1e-3) / 1e9
+    for group in group_rows(data["measurements"]).values():
+        eager, copy = group.get(BASELINE), group.get(FLOOR)
+        for row in group.values():
+            row["speedup_vs_eager"] = eager["median_ms"] / row["median_ms"] if eager else None
+            row["pct_of_copy"] = 100.0 * row["gbps"] / copy["gbps"] if copy else None
+    data["summary"] = summarize(data["measurements"])
+    return data
+
+
+def geometric_mean(values: list[float]) -> float | None:
+    return math.exp(statistics.fmean(math.log(v) for v in values)) if values else None
+
+
+def summarize(rows: list[dict]) -> dict:
+    """Per mode, geometric means over (shape, dtype) of smoothce's speed-up vs eager and vs
+    torch.compile, and of smoothce's time over the copy's time."""
+    ratios: dict[str, dict[str, list[float]]] = {
+        mode: {"smoothce_vs_eager": [], "smoothce_vs_compile": [], "smoothce_time_over_copy": []}
+        for mode in MODES}
+    for (_, _, mode), group in group_rows(rows).items():
+        mine = group.get("smoothce")
+        if mine is None or mode not in ratios:
+            continue
+        for key, other, mine_is_numerator in (("smoothce_vs_eager", "eager", False),
+                                              ("smoothce_vs_compile", "compile", False),
+                                              ("smoothce_time_over_copy", "copy", True)):
+            if other in group:
+                ratio = group[other]["median_ms"] / mine["median_ms"]
+                ratios[mode][key].append(1 / ratio if mine_is_numerator else ratio)
+    return {mode: {key: {"geomean": geometric_mean(values), "cells": len(values)}
+                   for key, values in by_key.items()}
+            for mode, by_key in ratios.items()}
+
+
+def summary_lines(summary: dict, mode: str = HEADLINE_MODE) -> list[str]:
+    """The end-of-run summary in words (plain ASCII, for the console)."""
+    entry = summary.get(mode, {})
+    if not any(v["cells"] for v in entry.values()):
+        return [f"summary ({mode}): smoothce was not measured"]
+    lines = [f"summary ({mode}, geometric mean over shape x dtype):"]
+    for key, text in (("smoothce_vs_eager", "smoothce speed-up vs eager"),
+                      ("smoothce_vs_compile", "smoothce speed-up vs torch.compile"),
+                      ("smoothce_time_over_copy", "smoothce time / copy time")):
+        value = entry[key]
+        shown = f"{value['geomean']:.2f}x" if value["geomean"] is not None else "n/a"
+        lines.append(f"  {text:<36} {shown:>8}   ({value['cells']} cells)")
+    return lines
+
+
+# ----------------------------------------------------------------------------- formatting
+
+def fmt_ms(ms: float) -> str:
+    if ms >= 100:
+        return f"{ms:.0f}"
+    if ms >= 10:
+        return f"{ms:.1f}"
+    if ms >= 1:
+        return f"{ms:.2f}"
+    return f"{ms:.3g}"
+
+
+def fmt_bytes(n: int | None) -> str:
+    if n is None:
+        return "n/a"
+    if n == 0:
+        return "0"
+    if n >= 2**30:
+        return f"+{n / 2**30:.2f} GiB"
+    if n >= 2**20 // 10:
+        return f"+{n / 2**20:.1f} MiB"
+    return f"+{n / 2**10:.1f} KiB"
+
+
+def fmt_ratio(value: float | None, suffix: str = "×") -> str:
+    return "n/a" if value is None else f"{value:.2f}{suffix}"
+
+
+def fmt_pct(value: float | None) -> str:
+    return "n/a" if value is None else f"{value:.0f}%"
+
+
+def ordered_keys(data: dict) -> list[tuple[str, str]]:
+    """(shape_str, dtype) in the order the cells were requested."""
+    keys = [(cell["shape_str"], cell["dtype"]) for cell in data.get("cells", [])]
+    for row in data["measurements"]:
+        if (row["shape_str"], row["dtype"]) not in keys:
+            keys.append((row["shape_str"], row["dtype"]))
+    return keys
+
+
+def contenders_present(rows: list[dict]) -> list[str]:
+    names = {row["contender"] for row in rows}
+    return [c for c in CONTENDERS if c in names] + sorted(names - set(CONTENDERS))
+
+
+def compact_cell(row: dict | None) -> str:
+    if row is None:
+        return "—"
+    return " · ".join((f"**{fmt_ms(row['median_ms'])} ms**", fmt_ratio(row["speedup_vs_eager"]),
+                       f"{row['gbps']:.1f} GB/s", fmt_pct(row["pct_of_copy"]),
+                       fmt_bytes(row["peak_extra_bytes"])))
+
+
+def markdown_table(header: list[str], rows: list[list[str]]) -> list[str]:
+    lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
+    lines += ["| " + " | ".join(cells) + " |" for cells in rows]
+    return lines
+
+
+def to_markdown(data: dict) -> str:
+    meta, rows = data["meta"], data["measurements"]
+    groups = group_rows(rows)
+    contenders = contenders_present(rows)
+    keys = ordered_keys(data)
+    title_dtypes = " + ".join(meta.get("dtypes", []))
+    lines = [
+        f"# smoothce benchmark: {meta['device']}, {title_dtypes}",
+        "",
+        f"{meta['device_name']} · {meta['threads']} threads · torch {meta['torch_version']} · "
+        f"smoothce {meta.get('smoothce_version') or 'not installed'} · {meta['date']} · "
+        f"`{meta.get('command', 'python -m bench')}`",
+        "",
+        f"- Loss: label smoothing {meta['label_smoothing']}, reduction `mean`; "
+        f"segmentation shapes (more than 2 dims) use ignore_index {meta['segmentation_ignore_index']} "
+        f"on {meta['ignored_fraction']:.0%} of the positions, other shapes ignore nothing.",
+        f"- Timing: {meta['timing_method']}",
+        f"- Runs: {meta['runs_policy']}",
+        f"- GB/s: minimal bytes (N·C·itemsize read, plus as much written for the gradient when there "
+        f"is a backward) / median time; % of copy: that over the bandwidth of `dst.copy_(src)` of "
+        f"the same N·C tensor, measured in the same round-robin.",
+        f"- Peak extra memory: {meta['memory_method']}",
+    ]
+    lines += [f"- Note: {note}" for note in meta.get("notes", [])]
+
+    lines += ["", "## Summary (geometric mean over shape × dtype)", ""]
+    summary_rows = []
+    for mode in MODES:
+        entry = data["summary"].get(mode)
+        if not entry or not entry["smoothce_vs_eager"]["cells"]:
+            continue
+        summary_rows.append([mode] + [fmt_ratio(entry[k]["geomean"]) for k in
+                                      ("smoothce_vs_eager", "smoothce_vs_compile",
+                                       "smoothce_time_over_copy")]
+                            + [str(entry["smoothce_vs_eager"]["cells"])])
+    if summary_rows:
+        lines += markdown_table(["mode", "smoothce speed-up vs eager", "smoothce speed-up vs torch.compile",
+                                 "smoothce time / copy time", "cells"], summary_rows)
+    else:
+        lines.append("smoothce was not measured.")
+
+    for mode, description in MODES.items():
+        if not any(m == mode for (_, _, m) in groups):
+            continue
+        lines += ["", f"## {mode}: {description}", "",
+                  "Each cell: median ms · speed-up vs eager · GB/s · % of copy bandwidth · peak extra memory.", ""]
+        table = []
+        for shape_str, dtype in keys:
+            group = groups.get((shape_str, dtype, mode), {})
+            table.append([shape_str, dtype] + [compact_cell(group.get(c)) for c in contenders])
+        lines += markdown_table(["shape", "dtype"] + [CONTENDERS.get(c, c) for c in contenders], table)
+
+    if data.get("skipped"):
+        lines += ["", "## Skipped", ""]
+        for skip in data["skipped"]:
+            where = f"{skip['shape_str']} {skip['dtype']}" if skip.get("shape_str") else "all shapes"
+            lines.append(f"- {CONTENDERS.get(skip['contender'], skip['contender'])} ({where}): {skip['reason']}")
+    notes = sorted({(row["contender"], row["note"]) for row in rows if row.get("note")})
+    if notes:
+        lines += ["", "## Contender notes", ""]
+        lines += [f"- {CONTENDERS.get(name, name)}: {note}" for name, note in notes]
+
+    lines += ["", "## All measurements", ""]
+    table = []
+    for shape_str, dtype in keys:
+        for mode in MODES:
+            group = groups.get((shape_str, dtype, mode), {})
+            for name in contenders:
+                row = group.get(name)
+                if row is None:
+                    continue
+                table.append([shape_str, dtype, mode, name,
+                              f"{row['runs']}{' (reduced)' if row.get('reduced_runs') else ''}",
+                              fmt_ms(row["median_ms"]),
+                              f"{fmt_ms(row['q1_ms'])}–{fmt_ms(row['q3_ms'])}",
+                              f"{fmt_ms(row['min_ms'])}–{fmt_ms(row['max_ms'])}",
+                              f"{row['gbps']:.1f}", fmt_pct(row["pct_of_copy"]),
+                              fmt_ratio(row["speedup_vs_eager"]), fmt_bytes(row["peak_extra_bytes"])])
+    lines += markdown_table(["shape", "dtype", "mode", "contender", "runs", "median ms", "IQR ms",
+                             "min–max ms", "GB/s", "% of copy", "vs eager", "peak extra"], table)
+    return "\n".join(lines) + "\n"
+
+
+# ----------------------------------------------------------------------------- plot
+
+def plot(data: dict, path: Path) -> None:
+    """Per dtype: speed-up vs eager and % of copy bandwidth (fwd+bwd), shapes ordered by C."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = [row for row in data["measurements"] if row["mode"] == HEADLINE_MODE]
+    present = {row["dtype"] for row in rows}
+    dtypes = [d for d in DTYPE_ORDER if d in present] + sorted(present - set(DTYPE_ORDER))
+    contenders = contenders_present(rows)
+    fig, axes = plt.subplots(max(len(dtypes), 1), 2, figsize=(13, 4.2 * max(len(dtypes), 1)),
+                             squeeze=False)
+    for axes_row, dtype in zip(axes, dtypes):
+        mine = [row for row in rows if row["dtype"] == dtype]
+        # Several shapes can share C, so the axis is categorical: shapes sorted by (C, size).
+        shapes = sorted({(row["num_classes"], math.prod(row["shape"]), row["shape_str"]) for row in mine})
+        labels = [shape_str for _, _, shape_str in shapes]
+        by_key = {(row["shape_str"], row["contender"]): row for row in mine}
+        for ax, metric, title in ((axes_row[0], "speedup_vs_eager", "speed-up vs eager (×)"),
+                                  (axes_row[1], "pct_of_copy", "% of copy bandwidth")):
+            for name in contenders:
+                values = [by_key.get((label, name), {}).get(metric) for label in labels]
+                values = [math.nan if v is None else v for v in values]
+                style = dict(linestyle="--", color="0.5") if name == FLOOR else {}
+                ax.plot(range(len(labels)), values, marker="o", label=CONTENDERS.get(name, name), **style)
+            ax.set_xticks(range(len(labels)))
+            ax.set_xticklabels(labels, rotation=20, ha="right", fontsize=8)
+            ax.set_xlabel("shape, ordered by number of classes C")
+            ax.set_title(f"{dtype}, {HEADLINE_MODE}: {title}")
+            ax.grid(True, alpha=0.3)
+        axes_row[0].set_yscale("log")
+        axes_row[0].axhline(1.0, color="black", linewidth=0.8)
+        axes_row[0].legend(fontsize=8)
+    meta = data["meta"]
+    fig.suptitle(f"smoothce {meta.get('smoothce_version') or '(not installed)'} vs alternatives: "
+                 f"{meta['device']} ({meta['device_name']}, {meta['threads']} threads), "
+                 f"torch {meta['torch_version']}, {meta['date']}")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def write_reports(data: dict, json_path: Path) -> tuple[Path, Path]:
+    """Writes <stem>.md and <stem>.png beside json_path; returns their paths."""
+    md_path, png_path = json_path.with_suffix(".md"), json_path.with_suffix(".png")
+    md_path.write_text(to_markdown(data), encoding="utf-8")
+    plot(data, png_path)
+    return md_path, png_path
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m bench.report",
+                                     description="Regenerate the .md table and .png plot of benchmark JSON files.")
+    parser.add_argument("json", nargs="+", type=Path, help="results written by python -m bench")
+    args = parser.parse_args(argv)
+    for json_path in args.json:
+        data = derive(json.loads(json_path.read_text(encoding="utf-8")))
+        md_path, png_path = write_reports(data, json_path)
+        print("\n".join(summary_lines(data["summary"])))
+        print(f"wrote {md_path} and {png_path}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
