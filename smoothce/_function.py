@@ -20,6 +20,12 @@ def _position_shape(input: torch.Tensor):
 
 @torch.library.register_fake("smoothce::forward")
 def _forward_fake(input, target, weight, ignore_index, reduction, label_smoothing, compute_grad, float32_loss):
+    # Also the Meta kernel: a meta tensor among CPU/CUDA ones must not turn the call into a fake one.
+    for name, tensor in (("target", target), ("weight", weight)):
+        if tensor is not None and tensor.device != input.device:
+            raise ValueError(
+                f"smoothce.forward: {name} must be on the input's device ({input.device}), got {tensor.device}"
+            )
     positions = _position_shape(input)
     acc_dtype = torch.float64 if input.dtype == torch.float64 else torch.float32
     loss_dtype = torch.float32 if float32_loss and input.dtype in _HALF_DTYPES else input.dtype

@@ -204,15 +204,16 @@ RowState<acc_type<scalar_t>> row_state(const Params<scalar_t>& p, const scalar_t
   return state;
 }
 
-// Writes the gradient of one contiguous row (target element of an index target fixed after):
-//   index: g = softmax_coef·exp(x − lse) − off_coef·w
-//   soft:  g = softmax_coef·exp(x − lse) − scale·w·q       (softmax_coef = scale·Σ w·q)
-// With block_origins, g already holds exp(x − origin_b) from row_state: exp(x − lse) is that times
-// exp(origin_b − lse), one scalar exp per block.
+// Writes the gradient of one contiguous row (target element of an index target fixed after), with
+// p = exp((x − row_max) − log_sum) (see log_prob in row_math.h):
+//   index: g = softmax_coef·p − off_coef·w
+//   soft:  g = softmax_coef·p − scale·w·q       (softmax_coef = scale·Σ w·q)
+// With block_origins, g already holds exp(x − origin_b) from row_state: p is that times
+// exp((origin_b − row_max) − log_sum), one scalar exp per block.
 template <typename scalar_t, bool kSoft>
 void row_grad(const Params<scalar_t>& p, const scalar_t* x, const scalar_t* prob, scalar_t* g,
-              acc_type<scalar_t> lse, acc_type<scalar_t> softmax_coef, acc_type<scalar_t> off_coef,
-              const acc_type<scalar_t>* block_origins) {
+              acc_type<scalar_t> row_max, acc_type<scalar_t> log_sum, acc_type<scalar_t> softmax_coef,
+              acc_type<scalar_t> off_coef, const acc_type<scalar_t>* block_origins) {
   using acc_t = acc_type<scalar_t>;
   using Vec = Vectorized<acc_t>;
   constexpr int64_t V = Vec::size();
@@ -221,19 +222,19 @@ void row_grad(const Params<scalar_t>& p, const scalar_t* x, const scalar_t* prob
   for (int64_t begin = 0; begin < C; begin += kRowBlock) {
     const int64_t end = std::min(C, begin + kRowBlock);
     acc_t coef = softmax_coef;
-    if (block_origins) coef *= std::exp(block_origins[begin / kRowBlock] - lse);
+    if (block_origins) coef *= std::exp((block_origins[begin / kRowBlock] - row_max) - log_sum);
     auto sub_at = [&](int64_t c) {
       acc_t sub = kSoft ? off_coef * soft_target_q(static_cast<acc_t>(prob[c]), p.eps, p.eps_over_c) : off_coef;
       return p.weight ? sub * p.weight[c] : sub;
     };
-    const Vec vlse(lse), vcoef(coef), voff(off_coef);
+    const Vec vmax(row_max), vlog_sum(log_sum), vcoef(coef), voff(off_coef);
     int64_t c = begin;
     for (; c + V <= end; c += V) {
       Vec e;
       if constexpr (std::is_same_v<scalar_t, acc_t>) {
-        e = block_origins ? Vec::loadu(g + c) : vexp(load_acc(x + c) - vlse);
+        e = block_origins ? Vec::loadu(g + c) : vexp((load_acc(x + c) - vmax) - vlog_sum);
       } else {
-        e = vexp(load_acc(x + c) - vlse);
+        e = vexp((load_acc(x + c) - vmax) - vlog_sum);
       }
       Vec out = vcoef * e;
       if (subtract) {
@@ -245,7 +246,8 @@ void row_grad(const Params<scalar_t>& p, const scalar_t* x, const scalar_t* prob
       store_acc(g + c, out);
     }
     for (; c < end; ++c) {
-      const acc_t e = block_origins ? static_cast<acc_t>(g[c]) : std::exp(static_cast<acc_t>(x[c]) - lse);
+      const acc_t e =
+          block_origins ? static_cast<acc_t>(g[c]) : std::exp((static_cast<acc_t>(x[c]) - row_max) - log_sum);
       g[c] = static_cast<scalar_t>(coef * e - (subtract ? sub_at(c) : acc_t(0)));
     }
   }
@@ -283,18 +285,21 @@ void rows_kernel(const Params<scalar_t>& p, int64_t pos_begin, int64_t pos_end) 
     acc_t* exps = nullptr;
     if constexpr (kReuseExp) exps = origins ? g : nullptr;
     const RowState<acc_t> state = row_state<scalar_t, kMass>(p, x, prob, exps, origins);
-    const acc_t lse = row_lse(state);
-    p.lse[pos] = lse;
+    const acc_t log_sum = std::log(state.sum_exp);
+    p.lse[pos] = state.max + log_sum;
     if constexpr (kSoft) {
       p.position_loss[pos] = mass_nll(state);
-      if (g) row_grad<scalar_t, true>(p, x, prob, g, lse, p.grad_scale * state.mass, p.grad_scale, origins);
+      if (g)
+        row_grad<scalar_t, true>(p, x, prob, g, state.max, log_sum, p.grad_scale * state.mass, p.grad_scale,
+                                 origins);
     } else {
       const acc_t w_t = p.weight_at(t), x_t = static_cast<acc_t>(x[t]);
-      p.position_loss[pos] = index_target_loss(state, lse, x_t, w_t, p.tv);
+      p.position_loss[pos] = index_target_loss(state, x_t, w_t, p.tv);
       if (g) {
         const auto k = index_grad_coefs(p.grad_scale, p.weight_sum, w_t, p.tv);
-        row_grad<scalar_t, false>(p, x, nullptr, g, lse, k.softmax_coef, k.off_coef, origins);
-        g[t] = static_cast<scalar_t>(k.softmax_coef * std::exp(x_t - lse) - k.off_coef * w_t - k.peak_coef);
+        row_grad<scalar_t, false>(p, x, nullptr, g, state.max, log_sum, k.softmax_coef, k.off_coef, origins);
+        g[t] = static_cast<scalar_t>(k.softmax_coef * std::exp(log_prob(state, log_sum, x_t)) - k.off_coef * w_t -
+                                     k.peak_coef);
       }
     }
   }
@@ -353,7 +358,7 @@ void tile_kernel(const Params<scalar_t>& p, const scalar_t* x, const scalar_t* p
     }
   }
   alignas(64) acc_t lane_max[V], lane_sum[V], lane_mass_dx[V], lane_mass[V];
-  alignas(64) acc_t lane_lse[V], lane_coef[V], lane_off[V], lane_peak[V];
+  alignas(64) acc_t lane_log_sum[V], lane_coef[V], lane_off[V], lane_peak[V];
   vorigin.store(lane_max);
   vsum.store(lane_sum);
   vmass_dx.store(lane_mass_dx);
@@ -361,15 +366,16 @@ void tile_kernel(const Params<scalar_t>& p, const scalar_t* x, const scalar_t* p
 
   bool lanes_finite = true;
   for (int64_t l = 0; l < V; ++l) {
-    lane_lse[l] = lane_coef[l] = lane_off[l] = lane_peak[l] = acc_t(0);
+    lane_log_sum[l] = lane_coef[l] = lane_off[l] = lane_peak[l] = acc_t(0);
     if (!valid[l]) continue;
     RowState<acc_t> state{lane_max[l], lane_sum[l], acc_t(0), acc_t(0)};
     if constexpr (kMass != Mass::kNone) state.mass_dx = lane_mass_dx[l];
     if constexpr (kMass == Mass::kUnit || kMass == Mass::kWeighted) state.mass = p.weight_sum;
     if constexpr (kSoft) state.mass = lane_mass[l];
-    const acc_t lse = row_lse(state);
-    lanes_finite &= std::isfinite(lse);
-    lane_lse[l] = p.lse[pos0 + l] = lse;
+    const acc_t log_sum = std::log(state.sum_exp);
+    p.lse[pos0 + l] = state.max + log_sum;
+    lanes_finite &= std::isfinite(state.max + log_sum);
+    lane_log_sum[l] = log_sum;
     if constexpr (kSoft) {
       p.position_loss[pos0 + l] = mass_nll(state);
       lane_coef[l] = p.grad_scale * state.mass;
@@ -378,7 +384,7 @@ void tile_kernel(const Params<scalar_t>& p, const scalar_t* x, const scalar_t* p
       const int64_t t = targets[l];
       const acc_t w_t = p.weight_at(t);
       const acc_t x_t = static_cast<acc_t>(x[t * sc + l]);
-      p.position_loss[pos0 + l] = index_target_loss(state, lse, x_t, w_t, p.tv);
+      p.position_loss[pos0 + l] = index_target_loss(state, x_t, w_t, p.tv);
       const auto k = index_grad_coefs(p.grad_scale, p.weight_sum, w_t, p.tv);
       lane_coef[l] = k.softmax_coef;
       lane_off[l] = k.off_coef;
@@ -390,12 +396,12 @@ void tile_kernel(const Params<scalar_t>& p, const scalar_t* x, const scalar_t* p
   alignas(64) acc_t invalid_bits[V];  // blendv mask: all bits set in ignored / padding lanes
   for (int64_t l = 0; l < V; ++l) std::memset(&invalid_bits[l], valid[l] ? 0 : 0xFF, sizeof(acc_t));
   const Vec vinvalid = Vec::loadu(invalid_bits);
-  const Vec vlse = Vec::loadu(lane_lse), vcoef = Vec::loadu(lane_coef), voff = Vec::loadu(lane_off);
+  const Vec vlog_sum = Vec::loadu(lane_log_sum), vcoef = Vec::loadu(lane_coef), voff = Vec::loadu(lane_off);
   for (int64_t c = 0; c < C; ++c) {
     Vec sub = voff;
     if constexpr (kSoft) sub = sub * at::vec::fmadd(load(prob + c * sc), Vec(acc_t(1) - p.eps), Vec(p.eps_over_c));
     if (p.weight) sub = sub * Vec(p.weight[c]);
-    const Vec out = vcoef * vexp(load(x + c * sc) - vlse) - sub;
+    const Vec out = vcoef * vexp((load(x + c * sc) - vorigin) - vlog_sum) - sub;
     store_acc(g + c * sc, Vec::blendv(out, Vec(0), vinvalid), count);
   }
   for (int64_t l = 0; l < count; ++l) {
@@ -405,9 +411,9 @@ void tile_kernel(const Params<scalar_t>& p, const scalar_t* x, const scalar_t* p
       acc_t sub = lane_off[l];
       if constexpr (kSoft) sub *= soft_target_q(static_cast<acc_t>(prob[c * sc + l]), p.eps, p.eps_over_c);
       if (p.weight) sub *= p.weight[c];
-      return lane_coef[l] * std::exp(xc - lane_lse[l]) - (lane_off[l] == acc_t(0) ? acc_t(0) : sub);
+      return lane_coef[l] * std::exp((xc - lane_max[l]) - lane_log_sum[l]) - (lane_off[l] == acc_t(0) ? acc_t(0) : sub);
     };
-    if (!lanes_finite && !std::isfinite(lane_lse[l]))
+    if (!lanes_finite && !std::isfinite(lane_max[l] + lane_log_sum[l]))
       for (int64_t c = 0; c < C; ++c) g[c * sc + l] = static_cast<scalar_t>(exact(c));
     if constexpr (!kSoft) g[targets[l] * sc + l] = static_cast<scalar_t>(exact(targets[l]) - lane_peak[l]);
   }
@@ -657,8 +663,13 @@ void scale_grad_cpu(at::Tensor& grad, const at::Tensor& grad_output) {
   check_scale_grad_args(grad, grad_output);
   if (grad.numel() == 0) return;
   if (grad_output.dim() == 0) {
-    // Plain loss.backward() on mean/sum: the gradient written in forward is already final.
-    if (grad_output.item<double>() == 1.0) return;
+    // Plain loss.backward() on mean/sum: the gradient written in forward is already final. (Read in
+    // place: on CPU that is a plain load, no aten::item round trip.)
+    bool is_one = false;
+    AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, grad_output.scalar_type(), "smoothce_scale_grad", [&] {
+      is_one = static_cast<double>(*grad_output.const_data_ptr<scalar_t>()) == 1.0;
+    });
+    if (is_one) return;
     grad.mul_(grad_output);
   } else {
     grad.mul_(grad.dim() == 1 ? grad_output : grad_output.unsqueeze(1));

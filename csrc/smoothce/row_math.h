@@ -82,6 +82,13 @@ SMOOTHCE_HOST_DEVICE acc_t row_lse(const RowState<acc_t>& s) {
   return s.max + std::log(s.sum_exp);
 }
 
+// log p(x) = (x − max) − log Σexp. Subtracting the max first keeps log Σexp exact where it is tiny
+// (confident rows) instead of rounding it into max + log Σexp, as torch's log_softmax does.
+template <typename acc_t>
+SMOOTHCE_HOST_DEVICE acc_t log_prob(const RowState<acc_t>& s, acc_t log_sum_exp, acc_t x) {
+  return (x - s.max) - log_sum_exp;
+}
+
 // −Σ v_c·lp_c = Σ v_c·(lse − x_c) = mass·log(sum_exp) − mass_dx. Zero mass contributes exactly 0
 // (so ε = 0 never turns a −inf logit into 0·inf = NaN).
 template <typename acc_t>
@@ -94,18 +101,18 @@ SMOOTHCE_HOST_DEVICE acc_t mass_nll(const RowState<acc_t>& s) {
 //   ℓ = off·Σ_c w_c·(lse − x_c) + (on − off)·w_t·(lse − x_t),
 // where `state.mass` = Σ w_c (the smoothing mass) when off ≠ 0 and the row state carries it.
 template <typename acc_t>
-SMOOTHCE_HOST_DEVICE acc_t index_target_loss(const RowState<acc_t>& state, acc_t lse, acc_t x_target,
-                                             acc_t w_target, TargetValues<acc_t> tv) {
+SMOOTHCE_HOST_DEVICE acc_t index_target_loss(const RowState<acc_t>& state, acc_t x_target, acc_t w_target,
+                                             TargetValues<acc_t> tv) {
   acc_t loss = acc_t(0);
   if (tv.off != acc_t(0)) loss += tv.off * mass_nll(state);
   const acc_t peak = (tv.on - tv.off) * w_target;
-  if (peak != acc_t(0)) loss += peak * (lse - x_target);
+  if (peak != acc_t(0)) loss -= peak * log_prob(state, std::log(state.sum_exp), x_target);
   return loss;
 }
 
 // Gradient of one position, index target: ∂ℓ/∂x_j = scale·[Σq_w·p_j − w_j·q_j], where
 // Σq_w = off·Σ_c w_c + (on − off)·w_t. The kernels evaluate it as
-//   softmax_coef·exp(x_j − lse) − off_coef·w_j      for j ≠ t, and subtract peak_coef at j = t.
+//   softmax_coef·exp(log_prob(x_j)) − off_coef·w_j      for j ≠ t, and subtract peak_coef at j = t.
 template <typename acc_t>
 struct IndexGradCoefs {
   acc_t softmax_coef;  // scale·Σq_w

@@ -1,0 +1,169 @@
+"""torch.autograd.gradcheck in float64, a finite-difference Jacobian check that builds a fresh graph
+per backward, and the clear error for second-order gradients."""
+import re
+
+import pytest
+import torch
+from torch.autograd.gradcheck import GradcheckError
+
+import smoothce
+from conftest import (REDUCTIONS, make_index_target, make_logits, make_prob_target, make_weight,
+                      positions_shape)
+
+SECOND_ORDER_MESSAGE = r"(?i)twice|once_differentiable|double backward|second.order|not (supported|implemented)"
+
+CASES = {
+    # name: (input shape, soft?, weighted?, eps, ignore_index)
+    "2d": ((4, 5), False, False, 0.0, -100),
+    "2d_eps_weight": ((4, 5), False, True, 0.2, -100),
+    "2d_eps1": ((4, 5), False, True, 1.0, -100),
+    "unbatched": ((5,), False, True, 0.1, -100),
+    "nchw_ignore": ((2, 5, 2, 3), False, True, 0.1, 255),
+    "ncd": ((2, 5, 3), False, False, 0.3, -100),
+    "soft": ((4, 5), True, False, 0.0, -100),
+    "soft_weight_eps": ((4, 5), True, True, 0.2, -100),
+    "soft_nchw": ((2, 5, 2, 2), True, True, 0.1, -100),
+    "soft_unbatched": ((5,), True, False, 0.1, -100),
+}
+
+
+def _build(case):
+    shape, soft, weighted, eps, ignore_index = CASES[case]
+    C = shape[0] if len(shape) == 1 else shape[1]
+    x = make_logits(shape, torch.float64).requires_grad_(True)
+    if soft:
+        target = make_prob_target(shape, torch.float64).requires_grad_(True)
+    else:
+        target = make_index_target(positions_shape(shape), C)
+        if target.dim():
+            target.view(-1)[1] = ignore_index
+    weight = make_weight(C, torch.float64) if weighted else None
+    return x, target, weight, eps, ignore_index
+
+
+@pytest.mark.parametrize("reduction", REDUCTIONS)
+@pytest.mark.parametrize("case", sorted(CASES))
+def test_gradcheck(case, reduction):
+    x, target, weight, eps, ignore_index = _build(case)
+
+    def fn(*inputs):
+        return smoothce.cross_entropy(inputs[0], inputs[1] if len(inputs) > 1 else target,
+                                      weight=weight, ignore_index=ignore_index,
+                                      reduction=reduction, label_smoothing=eps)
+
+    inputs = (x, target) if target.is_floating_point() else (x,)
+    assert torch.autograd.gradcheck(fn, inputs, eps=1e-6, atol=1e-8, rtol=1e-6)
+
+
+def _fresh_graph_jacobians(fn, inputs, h=1e-6):
+    """(analytical, numerical) Jacobians of fn w.r.t. each input that requires grad.
+
+    Unlike gradcheck, every analytical row comes from its own forward + one backward, so this
+    checks the math even where a second backward through one graph is refused."""
+    with torch.no_grad():
+        out = fn(*inputs)
+    pairs = []
+    for i, inp in enumerate(inputs):
+        if not inp.requires_grad:
+            continue
+        analytical = torch.zeros(out.numel(), inp.numel(), dtype=torch.float64)
+        for k in range(out.numel()):
+            leaves = [t.detach().clone().requires_grad_(t.requires_grad) for t in inputs]
+            o = fn(*leaves)
+            up = torch.zeros(o.numel(), dtype=o.dtype)
+            up[k] = 1
+            o.backward(up.view_as(o))
+            analytical[k] = leaves[i].grad.reshape(-1)
+        numerical = torch.zeros_like(analytical)
+        base = inp.detach()
+        for j in range(inp.numel()):
+            values = []
+            for step in (h, -h):
+                moved = base.clone()
+                moved.view(-1)[j] += step
+                args = [t.detach() for t in inputs]
+                args[i] = moved
+                with torch.no_grad():
+                    values.append(fn(*args).reshape(-1))
+            numerical[:, j] = (values[0] - values[1]) / (2 * h)
+        pairs.append((analytical, numerical))
+    return pairs
+
+
+@pytest.mark.parametrize("reduction", REDUCTIONS)
+@pytest.mark.parametrize("case", sorted(CASES))
+def test_fresh_graph_jacobian(case, reduction):
+    x, target, weight, eps, ignore_index = _build(case)
+
+    def fn(inp, tgt):
+        return smoothce.cross_entropy(inp, tgt, weight=weight, ignore_index=ignore_index,
+                                      reduction=reduction, label_smoothing=eps)
+
+    for analytical, numerical in _fresh_graph_jacobians(fn, (x, target)):
+        torch.testing.assert_close(analytical, numerical, rtol=1e-5, atol=1e-7)
+        assert analytical.abs().max() > 0
+
+
+@pytest.mark.parametrize("case", ["2d_eps_weight", "soft_weight_eps", "nchw_ignore"])
+def test_gradgradcheck_or_clear_error(case):
+    """Second order: either correct (gradgradcheck passes) or a clear RuntimeError — never a
+    silently wrong (e.g. zero) Hessian, which gradgradcheck reports as a Jacobian mismatch."""
+    x, target, weight, eps, ignore_index = _build(case)
+
+    def fn(x):
+        return smoothce.cross_entropy(x, target.detach(), weight=weight, ignore_index=ignore_index,
+                                      label_smoothing=eps)
+
+    try:
+        assert torch.autograd.gradgradcheck(fn, (x,), eps=1e-6, atol=1e-8, rtol=1e-6)
+    except GradcheckError:
+        raise
+    except RuntimeError as error:
+        assert re.search(SECOND_ORDER_MESSAGE, str(error)), f"unclear error: {error}"
+
+
+@pytest.mark.parametrize("reduction", REDUCTIONS)
+@pytest.mark.parametrize("soft", [False, True], ids=["index", "prob"])
+def test_second_order_grad_or_clear_error(reduction, soft):
+    """grad(create_graph=True) then a second grad: torch's Hessian-vector product, or a clear error."""
+    x, target, weight, eps, ignore_index = _build("soft_weight_eps" if soft else "2d_eps_weight")
+    target = target.detach()
+
+    def second(fn):
+        leaf = x.detach().clone().requires_grad_(True)
+        loss = fn(leaf, target, weight=weight, reduction=reduction, label_smoothing=eps)
+        (g,) = torch.autograd.grad(loss.sum(), leaf, create_graph=True)
+        assert g.requires_grad, "create_graph=True gave a gradient detached from the input"
+        return torch.autograd.grad((g * g).sum(), leaf)[0]
+
+    expected = second(torch.nn.functional.cross_entropy)
+    try:
+        got = second(smoothce.cross_entropy)
+    except RuntimeError as error:
+        assert re.search(SECOND_ORDER_MESSAGE, str(error)), f"unclear error: {error}"
+    else:
+        torch.testing.assert_close(got, expected, rtol=1e-9, atol=1e-12)
+
+
+def test_gradient_penalty_is_not_silently_dropped():
+    """A gradient penalty (WGAN-GP / double backprop) differentiates the input gradient again.
+
+    smoothce must either raise or give torch's answer; a gradient that silently stops depending on
+    the input would drop the penalty's contribution without notice."""
+    x, target, weight, eps, ignore_index = _build("2d_eps_weight")
+
+    def total_grad(fn):
+        leaf = x.detach().clone().requires_grad_(True)
+        loss = fn(leaf, target, weight=weight, label_smoothing=eps)
+        (g,) = torch.autograd.grad(loss, leaf, create_graph=True)
+        # The penalty joins another term (not the loss itself, whose graph grad() consumed).
+        ((leaf * leaf).sum() + (g * g).sum()).backward()
+        return leaf.grad
+
+    expected = total_grad(torch.nn.functional.cross_entropy)
+    try:
+        got = total_grad(smoothce.cross_entropy)
+    except RuntimeError as error:
+        assert re.search(SECOND_ORDER_MESSAGE, str(error)), f"unclear error: {error}"
+    else:
+        torch.testing.assert_close(got, expected, rtol=1e-9, atol=1e-12)

@@ -1,0 +1,410 @@
+"""smoothce.cross_entropy: values and gradients against the float64 reference and F.cross_entropy.
+
+Every comparison goes through conftest.check_all: smoothce must be within max(2 x torch's error,
+a few ulps of the dtype) of the float64 truth, for the loss and for the input gradient.
+"""
+import pytest
+import torch
+import torch.nn.functional as F
+
+import smoothce
+from conftest import (DTYPES, REDUCTIONS, check_all, dtype_id, make_index_target, make_logits,
+                      make_prob_target, make_weight, positions_shape, ref, run, run_all, run_truth,
+                      assert_close_to_truth)
+
+
+def _upstream(shape, seed=11, dtype=torch.float64):
+    g = torch.Generator().manual_seed(seed)
+    return (torch.rand(shape, generator=g, dtype=torch.float64) * 2 - 0.5).to(dtype)
+
+
+# ---------------------------------------------------------------- the main grid (index targets)
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=dtype_id)
+@pytest.mark.parametrize("weighted", [False, True], ids=["noweight", "weight"])
+@pytest.mark.parametrize("eps", [0.0, 0.1, 1.0])
+@pytest.mark.parametrize("reduction", REDUCTIONS)
+@pytest.mark.parametrize("N", [0, 5])
+@pytest.mark.parametrize("C", [1, 2, 10, 1000, 32771])
+def test_index_targets_grid(C, N, reduction, eps, weighted, dtype):
+    x = make_logits((N, C), dtype, seed=C + N)
+    t = make_index_target((N,), C, ignore_every=4)  # position 0 (and 4) ignored, default -100
+    w = make_weight(C, dtype) if weighted else None
+    mine, theirs, truth = run_all(smoothce.cross_entropy, x, t, weight=w, reduction=reduction,
+                                  label_smoothing=eps)
+    check_all(mine, theirs, truth, dtype)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=dtype_id)
+@pytest.mark.parametrize("reduction", ["mean", "sum"])
+def test_scaled_upstream(dtype, reduction):
+    """(loss * 3.5).backward(): grad_output != 1 must scale the gradient."""
+    x = make_logits((9, 37), dtype)
+    t = make_index_target((9,), 37, ignore_every=4)
+    w = make_weight(37, dtype)
+    up = torch.tensor(3.5)
+    mine, theirs, truth = run_all(smoothce.cross_entropy, x, t, weight=w, upstream=up,
+                                  reduction=reduction, label_smoothing=0.1)
+    check_all(mine, theirs, truth, dtype)
+    # And through autograd arithmetic rather than an explicit upstream tensor.
+    leaf = x.clone().requires_grad_(True)
+    (smoothce.cross_entropy(leaf, t, weight=w, reduction=reduction, label_smoothing=0.1) * 3.5).backward()
+    assert_close_to_truth(leaf.grad, truth[1], theirs[1], dtype, "grad of loss*3.5")
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=dtype_id)
+@pytest.mark.parametrize("shape", [(13, 40), (40,), (2, 40, 3, 5)], ids=str)
+@pytest.mark.parametrize("eps", [0.0, 0.2])
+def test_none_reduction_random_upstream(dtype, shape, eps):
+    C = 40
+    x = make_logits(shape, dtype)
+    t = make_index_target(positions_shape(shape), C, ignore_every=3 if len(shape) > 1 else 0)
+    up = _upstream(positions_shape(shape))
+    mine, theirs, truth = run_all(smoothce.cross_entropy, x, t, upstream=up, reduction="none",
+                                  label_smoothing=eps, weight=make_weight(C, dtype))
+    check_all(mine, theirs, truth, dtype)
+
+
+@pytest.mark.parametrize("reduction", REDUCTIONS)
+def test_upstream_zero_gives_zero_grad(reduction):
+    x = make_logits((6, 11))
+    t = make_index_target((6,), 11)
+    loss, grad, _ = run(smoothce.cross_entropy, x, t, reduction=reduction, label_smoothing=0.1,
+                        upstream=torch.zeros(() if reduction != "none" else (6,)))
+    assert torch.count_nonzero(grad) == 0
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=dtype_id)
+def test_gradient_accumulates_over_two_backwards(dtype):
+    """Two forward/backward pairs into one leaf: leaf.grad is the sum of both gradients."""
+    C = 33
+    x = make_logits((7, C), dtype)
+    t1 = make_index_target((7,), C, seed=1)
+    t2 = make_index_target((7,), C, seed=2)
+    leaf = x.clone().requires_grad_(True)
+    smoothce.cross_entropy(leaf, t1, label_smoothing=0.1).backward()
+    (smoothce.cross_entropy(leaf, t2, reduction="sum") * 2.0).backward()
+    x64 = x.double().requires_grad_(True)
+    (ref.cross_entropy(x64, t1, label_smoothing=0.1)
+     + 2.0 * ref.cross_entropy(x64, t2, reduction="sum")).backward()
+    xt = x.clone().requires_grad_(True)
+    F.cross_entropy(xt, t1, label_smoothing=0.1).backward()
+    (F.cross_entropy(xt, t2, reduction="sum") * 2.0).backward()
+    assert leaf.grad.dtype == dtype
+    assert_close_to_truth(leaf.grad, x64.grad, xt.grad, dtype, "accumulated grad")
+
+
+@pytest.mark.parametrize("upstream", [1.0, 3.5])
+@pytest.mark.parametrize("reduction", REDUCTIONS)
+def test_backward_twice_with_retain_graph(upstream, reduction):
+    """backward(retain_graph=True) twice on one graph: torch adds the same gradient twice.
+
+    smoothce may instead refuse the second pass with a RuntimeError that says so; what it must
+    never do is return a wrong gradient (a saved gradient scaled in place twice, or a buffer that
+    the second pass overwrote)."""
+    C = 21
+    x = make_logits((8, C))
+    t = make_index_target((8,), C, ignore_every=3)
+    leaf = x.clone().requires_grad_(True)
+    loss = smoothce.cross_entropy(leaf, t, reduction=reduction, label_smoothing=0.1)
+    up = torch.full(loss.shape, upstream)
+    loss.backward(up, retain_graph=True)
+    first = leaf.grad.clone()
+    _, g64, _ = run_truth(x, t, upstream=up, reduction=reduction, label_smoothing=0.1)
+    _, gt, _ = run(F.cross_entropy, x, t, upstream=up, reduction=reduction, label_smoothing=0.1)
+    assert_close_to_truth(first, g64, gt, torch.float32, "first backward")
+    try:
+        loss.backward(up)
+    except RuntimeError as error:
+        assert "retain_graph" in str(error) or "second time" in str(error), str(error)
+        assert torch.equal(leaf.grad, first), "a refused second backward changed leaf.grad"
+    else:
+        assert_close_to_truth(leaf.grad, 2 * g64, 2 * gt, torch.float32, "after second backward")
+
+
+def test_loss_used_twice_in_graph():
+    C = 19
+    x = make_logits((5, C))
+    t = make_index_target((5,), C)
+    leaf = x.clone().requires_grad_(True)
+    loss = smoothce.cross_entropy(leaf, t, label_smoothing=0.3)
+    (loss * 2 + loss * 3 - loss).backward()
+    _, g64, _ = run_truth(x, t, upstream=torch.tensor(4.0), label_smoothing=0.3)
+    assert_close_to_truth(leaf.grad, g64, None, torch.float32, "grad")
+
+
+def test_no_grad_and_detached_input():
+    x = make_logits((6, 30))
+    t = make_index_target((6,), 30)
+    with torch.no_grad():
+        a = smoothce.cross_entropy(x.clone().requires_grad_(True), t, label_smoothing=0.1)
+    b = smoothce.cross_entropy(x, t, label_smoothing=0.1)
+    assert not a.requires_grad and not b.requires_grad
+    truth = ref.cross_entropy(x.double(), t, label_smoothing=0.1)
+    torch_value = F.cross_entropy(x, t, label_smoothing=0.1)
+    assert_close_to_truth(a, truth, torch_value, torch.float32, "no_grad loss")
+    assert_close_to_truth(b, truth, torch_value, torch.float32, "plain loss")
+
+
+def test_input_not_modified():
+    x = make_logits((6, 30))
+    t = make_index_target((6,), 30)
+    leaf = x.clone().requires_grad_(True)
+    smoothce.cross_entropy(leaf, t, label_smoothing=0.1).backward()
+    assert torch.equal(leaf.detach(), x), "the logits were modified by forward/backward"
+
+
+# ------------------------------------------------------------------------------- ignore_index
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16], ids=dtype_id)
+@pytest.mark.parametrize("reduction", REDUCTIONS)
+@pytest.mark.parametrize("eps", [0.0, 0.1])
+def test_positive_ignore_index(dtype, reduction, eps):
+    C = 10
+    x = make_logits((20, C), dtype)
+    t = make_index_target((20,), C)
+    t[::3] = 3  # class 3 is the ignored one; other rows may also hold 3
+    mine, theirs, truth = run_all(smoothce.cross_entropy, x, t, weight=make_weight(C, dtype),
+                                  ignore_index=3, reduction=reduction, label_smoothing=eps)
+    check_all(mine, theirs, truth, dtype)
+    assert torch.count_nonzero(mine[1][t == 3]) == 0
+
+
+@pytest.mark.parametrize("weighted", [False, True], ids=["noweight", "weight"])
+@pytest.mark.parametrize("eps", [0.0, 0.1])
+@pytest.mark.parametrize("shape", [(6, 9), (9,), (2, 9, 3, 4)], ids=str)
+def test_all_positions_ignored(shape, eps, weighted):
+    """mean: NaN with an exactly-zero gradient; sum: 0; none: zeros."""
+    C = 9
+    x = make_logits(shape)
+    t = torch.full(positions_shape(shape), -100, dtype=torch.int64)
+    w = make_weight(C) if weighted else None
+    for reduction in REDUCTIONS:
+        mine, theirs, truth = run_all(smoothce.cross_entropy, x, t, weight=w, reduction=reduction,
+                                      label_smoothing=eps)
+        check_all(mine, theirs, truth, torch.float32)
+        loss, grad, _ = mine
+        if reduction == "mean":
+            assert loss.isnan()
+        else:
+            assert torch.count_nonzero(loss) == 0 and not loss.isnan().any()
+        assert torch.count_nonzero(grad) == 0 and not grad.isnan().any()
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=dtype_id)
+@pytest.mark.parametrize("reduction", REDUCTIONS)
+@pytest.mark.parametrize("eps", [0.0, 0.1])
+def test_segmentation_ignore_255(dtype, reduction, eps):
+    shape = (2, 21, 9, 11)
+    x = make_logits(shape, dtype)
+    t = make_index_target((2, 9, 11), 21, ignore_every=7, ignore_index=255)
+    mine, theirs, truth = run_all(smoothce.cross_entropy, x, t, ignore_index=255,
+                                  reduction=reduction, label_smoothing=eps,
+                                  weight=make_weight(21, dtype))
+    check_all(mine, theirs, truth, dtype)
+
+
+# ------------------------------------------------------------------------------------- shapes
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=dtype_id)
+@pytest.mark.parametrize("reduction", REDUCTIONS)
+@pytest.mark.parametrize("shape", [(2, 5, 3, 4, 2), (3, 6, 7), (1, 300, 2, 2, 2), (4, 3, 0, 2)],
+                         ids=str)
+def test_spatial_shapes(shape, reduction, dtype):
+    x = make_logits(shape, dtype)
+    t = make_index_target(positions_shape(shape), shape[1], ignore_every=5)
+    up = _upstream(positions_shape(shape)) if reduction == "none" else None
+    mine, theirs, truth = run_all(smoothce.cross_entropy, x, t, upstream=up, reduction=reduction,
+                                  label_smoothing=0.1)
+    check_all(mine, theirs, truth, dtype)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=dtype_id)
+@pytest.mark.parametrize("reduction", REDUCTIONS)
+@pytest.mark.parametrize("eps", [0.0, 0.1])
+@pytest.mark.parametrize("C", [1, 7, 5000])
+def test_unbatched(C, eps, reduction, dtype):
+    x = make_logits((C,), dtype)
+    t = torch.tensor(C // 2)
+    mine, theirs, truth = run_all(smoothce.cross_entropy, x, t, weight=make_weight(C, dtype),
+                                  reduction=reduction, label_smoothing=eps)
+    check_all(mine, theirs, truth, dtype)
+    assert mine[0].dim() == 0
+
+
+def test_unbatched_ignored_target():
+    x = make_logits((7,))
+    t = torch.tensor(-100)
+    for reduction in REDUCTIONS:
+        mine, theirs, truth = run_all(smoothce.cross_entropy, x, t, reduction=reduction)
+        check_all(mine, theirs, truth, torch.float32)
+
+
+# ------------------------------------------------------------------------ non-contiguous input
+
+LAYOUTS = {
+    # name: (leaf shape, view from leaf to the (…, C, …) input)
+    "transposed_2d": ((50, 6), lambda leaf: leaf.t()),                       # (C, N) -> (N, C)
+    "class_step_slice": ((6, 100), lambda leaf: leaf[:, ::2]),                 # stride 2 over C
+    "row_step_slice": ((12, 50), lambda leaf: leaf[::3]),                     # row stride 150
+    "offset_slice": ((7, 53), lambda leaf: leaf[1:, 3:]),                      # storage offset
+    "permuted_nhwc": ((2, 5, 7, 30), lambda leaf: leaf.permute(0, 3, 1, 2)),  # (N,H,W,C)->(N,C,H,W)
+    "channels_last": ((2, 30, 5, 7), lambda leaf: leaf.to(memory_format=torch.channels_last)),
+    "expanded_rows": ((1, 40), lambda leaf: leaf.expand(6, 40)),             # stride 0 over N
+    "transposed_3d": ((4, 9, 3), lambda leaf: leaf.transpose(1, 2)),         # C on a strided dim
+}
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=dtype_id)
+@pytest.mark.parametrize("reduction", REDUCTIONS)
+@pytest.mark.parametrize("layout", sorted(LAYOUTS))
+def test_non_contiguous_input(layout, reduction, dtype):
+    leaf_shape, view = LAYOUTS[layout]
+    x = make_logits(leaf_shape, dtype)
+    inp_shape = view(x).shape
+    t = make_index_target(positions_shape(inp_shape), inp_shape[1], ignore_every=4)
+    w = make_weight(inp_shape[1], dtype)
+    up = _upstream(positions_shape(inp_shape)) if reduction == "none" else None
+    mine, theirs, truth = run_all(smoothce.cross_entropy, x, t, weight=w, view=view, upstream=up,
+                                  reduction=reduction, label_smoothing=0.1)
+    check_all(mine, theirs, truth, dtype)
+
+
+def test_non_contiguous_target_and_weight():
+    C = 12
+    x = make_logits((10, C))
+    t = make_index_target((10, 2), C, ignore_every=5)[:, 1]      # stride 2
+    w = make_weight(2 * C)[::2]                                 # stride 2
+    assert not t.is_contiguous() and not w.is_contiguous()
+    for reduction in REDUCTIONS:
+        mine, theirs, truth = run_all(smoothce.cross_entropy, x, t, weight=w, reduction=reduction,
+                                      label_smoothing=0.1)
+        check_all(mine, theirs, truth, torch.float32)
+    P = make_prob_target((C, 10)).t()
+    mine, theirs, truth = run_all(smoothce.cross_entropy, x, P, weight=w, label_smoothing=0.1,
+                                  target_requires_grad=True)
+    check_all(mine, theirs, truth, torch.float32, check_target_grad=True)
+
+
+# ------------------------------------------------------------------------ probability targets
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=dtype_id)
+@pytest.mark.parametrize("weighted", [False, True], ids=["noweight", "weight"])
+@pytest.mark.parametrize("eps", [0.0, 0.1, 1.0])
+@pytest.mark.parametrize("reduction", REDUCTIONS)
+@pytest.mark.parametrize("shape", [(6, 10), (10,), (2, 10, 3, 4), (4, 2000), (0, 10)], ids=str)
+def test_probability_targets(shape, reduction, eps, weighted, dtype):
+    C = shape[0] if len(shape) == 1 else shape[1]
+    x = make_logits(shape, dtype)
+    P = make_prob_target(shape, dtype)
+    w = make_weight(C, dtype) if weighted else None
+    up = _upstream(positions_shape(shape)) if reduction == "none" else None
+    mine, theirs, truth = run_all(smoothce.cross_entropy, x, P, weight=w, upstream=up,
+                                  reduction=reduction, label_smoothing=eps,
+                                  target_requires_grad=True)
+    check_all(mine, theirs, truth, dtype, check_target_grad=True)
+
+
+def test_probability_targets_not_normalised():
+    """P need not sum to 1 (SEMANTICS §3)."""
+    x = make_logits((5, 8))
+    P = torch.rand(5, 8, generator=torch.Generator().manual_seed(4)) * 3
+    for reduction in REDUCTIONS:
+        mine, theirs, truth = run_all(smoothce.cross_entropy, x, P, weight=make_weight(8),
+                                      reduction=reduction, label_smoothing=0.2,
+                                      target_requires_grad=True)
+        check_all(mine, theirs, truth, torch.float32, check_target_grad=True)
+
+
+def test_probability_targets_without_target_grad():
+    x = make_logits((5, 8))
+    P = make_prob_target((5, 8))
+    mine, theirs, truth = run_all(smoothce.cross_entropy, x, P, label_smoothing=0.2)
+    check_all(mine, theirs, truth, torch.float32)
+    assert P.grad is None
+
+
+def test_probability_target_only_requires_grad():
+    """Only the teacher distribution is trained: gradient flows to the target alone."""
+    x = make_logits((5, 8))
+    P = make_prob_target((5, 8)).requires_grad_(True)
+    smoothce.cross_entropy(x, P, label_smoothing=0.2).backward()
+    P64 = P.detach().double().requires_grad_(True)
+    ref.cross_entropy(x.double(), P64, label_smoothing=0.2).backward()
+    assert_close_to_truth(P.grad, P64.grad, None, torch.float32, "target grad")
+
+
+# ------------------------------------------------------------------------------ uint8 targets
+
+@pytest.mark.parametrize("reduction", REDUCTIONS)
+@pytest.mark.parametrize("eps", [0.0, 0.1])
+def test_uint8_targets(reduction, eps):
+    """uint8 class indices (segmentation masks). torch accepts them for (N, C) only (nll_loss2d
+    wants int64), so the spatial case is compared with torch on the same targets as int64."""
+    C = 21
+    x = make_logits((3, C, 4, 5))
+    t = make_index_target((3, 4, 5), C, ignore_every=6, ignore_index=255).to(torch.uint8)
+    kwargs = dict(ignore_index=255, reduction=reduction, label_smoothing=eps)
+    mine = run(smoothce.cross_entropy, x, t, **kwargs)
+    theirs = run(F.cross_entropy, x, t.long(), **kwargs)
+    truth = run_truth(x, t.long(), **kwargs)
+    check_all(mine, theirs, truth, torch.float32)
+    # Same as int64 targets through smoothce.
+    loss64, grad64, _ = run(smoothce.cross_entropy, x, t.long(), **kwargs)
+    torch.testing.assert_close(mine[0], loss64, rtol=0, atol=0)
+    torch.testing.assert_close(mine[1], grad64, rtol=0, atol=0)
+    # (N, C): torch takes uint8 directly; -100 (the default ignore_index) never matches a uint8.
+    x2 = make_logits((30, C))
+    t2 = make_index_target((30,), C).to(torch.uint8)
+    mine, theirs, truth = run_all(smoothce.cross_entropy, x2, t2, reduction=reduction,
+                                  label_smoothing=eps)
+    check_all(mine, theirs, truth, torch.float32)
+
+
+# ------------------------------------------------- vector tails, many positions (parallel chunks)
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64], ids=dtype_id)
+@pytest.mark.parametrize("C", list(range(1, 18)) + [31, 32, 33, 63, 64, 65, 127, 128, 129, 255, 256, 257])
+def test_class_counts_around_vector_widths(C, dtype):
+    """Row kernels: every remainder of C modulo the vector width (and double-vector unrolls)."""
+    x = make_logits((7, C), dtype, seed=C)
+    t = make_index_target((7,), C, ignore_every=3)
+    mine, theirs, truth = run_all(smoothce.cross_entropy, x, t, weight=make_weight(C, dtype),
+                                  upstream=_upstream((7,)), reduction="none", label_smoothing=0.1)
+    check_all(mine, theirs, truth, dtype)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64], ids=dtype_id)
+@pytest.mark.parametrize("inner", [1, 2, 3, 7, 8, 9, 15, 16, 17, 33])
+def test_spatial_sizes_around_vector_widths(inner, dtype):
+    """Across-positions kernels ((N, C, d) with classes strided): every remainder of d."""
+    x = make_logits((3, 6, inner), dtype, seed=inner)
+    t = make_index_target((3, inner), 6, ignore_every=4)
+    for soft in (False, True):
+        target = make_prob_target((3, 6, inner), dtype) if soft else t
+        mine, theirs, truth = run_all(smoothce.cross_entropy, x, target, weight=make_weight(6, dtype),
+                                      upstream=_upstream((3, inner)), reduction="none",
+                                      label_smoothing=0.1, target_requires_grad=soft)
+        check_all(mine, theirs, truth, dtype, check_target_grad=soft)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=dtype_id)
+@pytest.mark.parametrize("reduction", REDUCTIONS)
+@pytest.mark.parametrize("shape", [(70000, 3), (4097, 37), (8, 21, 64, 64), (3, 5000, 7)], ids=str)
+def test_many_positions(shape, reduction, dtype):
+    """Enough positions to be split across threads / parallel chunks: reductions must combine."""
+    x = make_logits(shape, dtype)
+    t = make_index_target(positions_shape(shape), shape[1], ignore_every=11)
+    up = _upstream(positions_shape(shape)) if reduction == "none" else None
+    mine, theirs, truth = run_all(smoothce.cross_entropy, x, t, weight=make_weight(shape[1], dtype),
+                                  upstream=up, reduction=reduction, label_smoothing=0.1)
+    check_all(mine, theirs, truth, dtype)
+
+
+def test_deterministic():
+    x = make_logits((4097, 37))
+    t = make_index_target((4097,), 37, ignore_every=11)
+    first = run(smoothce.cross_entropy, x, t, label_smoothing=0.1)
+    for _ in range(3):
+        again = run(smoothce.cross_entropy, x, t, label_smoothing=0.1)
+        assert torch.equal(first[0], again[0]) and torch.equal(first[1], again[1])

@@ -1,0 +1,199 @@
+"""SEMANTICS §5 edge rows, and a forward over more than 2^31 elements."""
+import math
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import smoothce
+from conftest import (DTYPES, REDUCTIONS, ROOT, assert_close_to_truth, check_all, dtype_id,
+                      make_index_target, make_logits, make_weight, ref, run, run_all, run_truth)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=dtype_id)
+@pytest.mark.parametrize("shape", [(0, 7), (0, 7, 3, 2), (2, 7, 0)], ids=str)
+@pytest.mark.parametrize("soft", [False, True], ids=["index", "prob"])
+def test_empty_batch(shape, soft, dtype):
+    """N = 0 (or an empty spatial dim): mean NaN, sum 0, none empty; backward works."""
+    x = make_logits(shape, dtype)
+    pos = shape[:1] + shape[2:]
+    target = torch.zeros(shape, dtype=dtype) if soft else torch.zeros(pos, dtype=torch.int64)
+    for reduction in REDUCTIONS:
+        loss, grad, _ = run(smoothce.cross_entropy, x, target, reduction=reduction,
+                            label_smoothing=0.1)
+        assert loss.dtype == dtype and grad.shape == x.shape and grad.dtype == dtype
+        if reduction == "mean":
+            assert loss.dim() == 0 and loss.isnan()
+        elif reduction == "sum":
+            assert loss.dim() == 0 and loss.item() == 0
+        else:
+            assert loss.shape == pos
+        assert grad.numel() == 0 or torch.count_nonzero(grad) == 0
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=dtype_id)
+@pytest.mark.parametrize("reduction", REDUCTIONS)
+@pytest.mark.parametrize("weighted", [False, True], ids=["noweight", "weight"])
+def test_neg_inf_logits_no_smoothing(dtype, reduction, weighted):
+    """Masked (-inf) columns with eps = 0: finite loss, exactly zero gradient in those columns."""
+    C = 50
+    x = make_logits((8, C, 3), dtype)
+    masked = [0, 7, 13, 49]
+    x[:, masked] = -math.inf
+    t = make_index_target((8, 3), C, ignore_every=5)
+    t[(t == 0) | (t == 7) | (t == 13) | (t == 49)] = 1
+    w = make_weight(C, dtype) if weighted else None
+    mine, theirs, truth = run_all(smoothce.cross_entropy, x, t, weight=w, reduction=reduction)
+    check_all(mine, theirs, truth, dtype)
+    loss, grad, _ = mine
+    assert loss.isfinite().all()
+    assert torch.count_nonzero(grad[:, masked]) == 0
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=dtype_id)
+@pytest.mark.parametrize("reduction", REDUCTIONS)
+def test_neg_inf_logits_with_smoothing(dtype, reduction):
+    """eps > 0: the smoothing term sees log 0, so the loss is +inf; the gradient stays finite."""
+    C = 50
+    x = make_logits((8, C), dtype)
+    x[:, [3, 30]] = -math.inf
+    t = make_index_target((8,), C, ignore_every=5)
+    t[(t == 3) | (t == 30)] = 1
+    mine, theirs, truth = run_all(smoothce.cross_entropy, x, t, reduction=reduction,
+                                  label_smoothing=0.1)
+    check_all(mine, theirs, truth, dtype)
+    loss, grad, _ = mine
+    valid = t != -100
+    if reduction == "none":
+        assert (loss[valid] == math.inf).all() and (loss[~valid] == 0).all()
+    else:
+        assert loss.item() == math.inf
+    assert grad.isfinite().all()
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=dtype_id)
+@pytest.mark.parametrize("bad", [math.inf, math.nan], ids=["inf", "nan"])
+@pytest.mark.parametrize("eps", [0.0, 0.1])
+@pytest.mark.parametrize("column", ["other", "target"])
+def test_nonfinite_logit_gives_nan_row(dtype, bad, eps, column):
+    C = 300
+    x = make_logits((6, C), dtype)
+    t = make_index_target((6,), C)
+    t[2] = 5
+    x[2, 17 if column == "other" else 5] = bad
+    mine, theirs, truth = run_all(smoothce.cross_entropy, x, t, reduction="none",
+                                  label_smoothing=eps)
+    loss, grad, _ = mine
+    assert loss[2].isnan(), f"row with a {bad} logit gave {loss[2].item()}"
+    ok = torch.tensor([0, 1, 3, 4, 5])
+    assert_close_to_truth(loss[ok], truth[0][ok], theirs[0][ok], dtype, "other rows' loss")
+    assert_close_to_truth(grad[ok], truth[1][ok], theirs[1][ok], dtype, "other rows' grad")
+    for reduction in ("mean", "sum"):
+        with torch.no_grad():
+            assert smoothce.cross_entropy(x, t, reduction=reduction, label_smoothing=eps).isnan()
+
+
+@pytest.mark.parametrize("eps", [0.0, 0.1])
+def test_nonfinite_logit_in_ignored_row(eps):
+    """An ignored row contributes 0 even when its logits are NaN (torch agrees on the loss)."""
+    x = make_logits((4, 9))
+    x[1, 2] = math.nan
+    t = torch.tensor([0, -100, 3, 8])
+    loss, grad, _ = run(smoothce.cross_entropy, x, t, label_smoothing=eps)
+    truth = ref.cross_entropy(x.double(), t, label_smoothing=eps)
+    assert_close_to_truth(loss, truth, F.cross_entropy(x, t, label_smoothing=eps),
+                          torch.float32, "loss")
+    ok = torch.tensor([0, 2, 3])
+    _, g64, _ = run_truth(x, t, label_smoothing=eps)
+    assert_close_to_truth(grad[ok], g64[ok], None, torch.float32, "valid rows' grad")
+
+
+@pytest.mark.parametrize("eps", [0.0, 0.1])
+def test_nonfinite_logit_in_ignored_row_grad_is_zero(eps):
+    """SEMANTICS §2: 'Ignored positions get exact zeros'. (torch gives NaN here: log_softmax's
+    backward multiplies the NaN row's softmax by a zero upstream.)"""
+    x = make_logits((4, 9))
+    x[1, 2] = math.nan
+    t = torch.tensor([0, -100, 3, 8])
+    _, grad, _ = run(smoothce.cross_entropy, x, t, label_smoothing=eps)
+    assert torch.equal(grad[1], torch.zeros(9)), grad[1]
+
+
+@pytest.mark.parametrize("reduction", REDUCTIONS)
+def test_fp16_smoothing_does_not_overflow(reduction):
+    """★ SEMANTICS §5: torch's fp16 smoothing sum overflows to inf (64 x 3000); smoothce is finite."""
+    C = 3000
+    x = make_logits((64, C), torch.float16)
+    t = make_index_target((64,), C)
+    w = make_weight(C, torch.float16)
+    mine, theirs, truth = run_all(smoothce.cross_entropy, x, t, weight=w, reduction=reduction,
+                                  label_smoothing=0.1)
+    if reduction != "none":
+        assert not theirs[0].isfinite().all(), "torch no longer overflows: update SEMANTICS ★ row"
+    loss, grad, _ = mine
+    assert loss.isfinite().all() and grad.isfinite().all()
+    # torch's value is not finite, so only the fp16 floor of the bound applies.
+    assert_close_to_truth(loss, truth[0], None, torch.float16, "loss")
+    assert_close_to_truth(grad, truth[1], theirs[1], torch.float16, "grad")
+
+
+@pytest.mark.parametrize("eps", [0.0, 0.1, 1.0])
+def test_large_logits_stable(eps):
+    """Logits around +-1e4: any implementation without max-subtraction overflows."""
+    x = make_logits((6, 40)) * 3000
+    t = make_index_target((6,), 40)
+    for dtype in (torch.float32, torch.bfloat16):
+        mine, theirs, truth = run_all(smoothce.cross_entropy, x.to(dtype), t, reduction="none",
+                                      label_smoothing=eps)
+        check_all(mine, theirs, truth, dtype)
+
+
+def test_zero_weight_classes():
+    C = 10
+    x = make_logits((12, C))
+    t = make_index_target((12,), C)
+    w = make_weight(C)
+    w[[t[0].item(), 5]] = 0
+    for reduction in REDUCTIONS:
+        mine, theirs, truth = run_all(smoothce.cross_entropy, x, t, weight=w, reduction=reduction,
+                                      label_smoothing=0.1)
+        check_all(mine, theirs, truth, torch.float32)
+
+
+_HUGE_SCRIPT = textwrap.dedent("""
+    import math, sys, time, torch, smoothce
+    N, C = 32768, 70000
+    assert N * C > 2**31
+    g = torch.Generator().manual_seed(0)
+    row = torch.randn(1, C, generator=g)
+    x = row.expand(N, C)                      # stride 0 over N: no N x C allocation
+    t = torch.randint(0, C, (N,), generator=g)
+    eps = 0.1
+    r = row[0].double()
+    lse = torch.logsumexp(r, 0)
+    per_pos = (1 - eps) * (lse - r[t]) + eps / C * (C * lse - r.sum())
+    expected = {"sum": per_pos.sum().item(), "mean": per_pos.mean().item()}
+    with torch.no_grad():
+        for reduction in ("sum", "mean"):
+            start = time.time()
+            got = smoothce.cross_entropy(x, t, reduction=reduction, label_smoothing=eps)
+            print(reduction, got.item(), expected[reduction], f"{time.time() - start:.1f}s", flush=True)
+            assert got.dtype == torch.float32
+            assert math.isclose(got.item(), expected[reduction], rel_tol=2e-5), (reduction, got.item(), expected[reduction])
+    print("OK")
+""")
+
+
+@pytest.mark.slow
+def test_more_than_2_31_elements_forward():
+    """A (32768, 70000) expanded input: 64-bit offsets (the flash-attn #714 class of bug).
+
+    Runs in a subprocess so a kernel that materialises the 9 GB input fails this test instead of
+    taking the test session down."""
+    proc = subprocess.run([sys.executable, "-c", _HUGE_SCRIPT], capture_output=True, text=True,
+                          timeout=400, cwd=ROOT)
+    assert proc.returncode == 0 and "OK" in proc.stdout, (
+        f"rc={proc.returncode}\nstdout:\n{proc.stdout}\nstderr:\n{proc.stderr[-3000:]}")

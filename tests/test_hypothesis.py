@@ -1,0 +1,68 @@
+"""Property test: random shapes, dtypes, layouts and options against the float64 reference."""
+import torch
+from hypothesis import given, settings, strategies as st
+
+import smoothce
+from conftest import check_all, make_logits, make_prob_target, make_weight, run_all
+
+
+@st.composite
+def problems(draw):
+    ndim = draw(st.integers(1, 4))
+    C = draw(st.one_of(st.sampled_from([1, 2, 3, 8, 16, 17, 64, 257]), st.integers(1, 300)))
+    if ndim == 1:
+        shape = (C,)
+    else:
+        N = draw(st.integers(0, 6))
+        shape = (N, C) + tuple(draw(st.integers(1, 4)) for _ in range(ndim - 2))
+    return dict(
+        shape=shape,
+        dtype=draw(st.sampled_from([torch.float32, torch.float64])),
+        reduction=draw(st.sampled_from(["none", "mean", "sum"])),
+        eps=draw(st.one_of(st.sampled_from([0.0, 0.1, 1.0]), st.floats(0.0, 1.0))),
+        weighted=draw(st.booleans()),
+        soft=draw(st.booleans()),
+        ignore_frac=draw(st.sampled_from([0.0, 0.3, 1.0])),
+        ignore_index=draw(st.sampled_from([-100, 0, 255])),
+        layout=draw(st.sampled_from(["contiguous", "permuted", "strided"])),
+        seed=draw(st.integers(0, 2**16)),
+    )
+
+
+def _layout(shape, layout):
+    """(leaf shape, view) producing `shape` with the requested memory layout."""
+    if layout == "contiguous":
+        return shape, None
+    if layout == "strided":  # every other element along the last dim
+        leaf = shape[:-1] + (2 * shape[-1],)
+        return leaf, lambda t: t[..., ::2]
+    if len(shape) == 1:
+        return (shape[0], 2), lambda t: t[:, 1]
+    leaf = shape[:1] + shape[2:] + shape[1:2]  # classes last, then moved to dim 1
+    return leaf, lambda t: t.movedim(-1, 1)
+
+
+@settings(max_examples=60, deadline=None)
+@given(problems())
+def test_random_problems(p):
+    shape, dtype = p["shape"], p["dtype"]
+    C = shape[0] if len(shape) == 1 else shape[1]
+    g = torch.Generator().manual_seed(p["seed"])
+    leaf_shape, view = _layout(shape, p["layout"])
+    x = make_logits(leaf_shape, dtype, seed=p["seed"])
+    pos = shape[1:] if len(shape) == 1 else shape[:1] + shape[2:]
+    kwargs = dict(reduction=p["reduction"], label_smoothing=p["eps"])
+    if p["soft"]:
+        target = make_prob_target(shape, dtype, seed=p["seed"] + 1)
+    else:
+        target = torch.randint(0, C, pos, generator=g)
+        ignored = torch.rand(pos, generator=g) < p["ignore_frac"]
+        target[ignored] = p["ignore_index"]
+        kwargs["ignore_index"] = p["ignore_index"]
+    weight = make_weight(C, dtype, seed=p["seed"] + 2) if p["weighted"] else None
+    upstream = None
+    if p["reduction"] == "none":
+        upstream = torch.randn(pos, generator=g, dtype=torch.float64)
+    mine, theirs, truth = run_all(smoothce.cross_entropy, x, target, weight=weight, view=view,
+                                  upstream=upstream, target_requires_grad=p["soft"], **kwargs)
+    check_all(mine, theirs, truth, dtype, check_target_grad=p["soft"])

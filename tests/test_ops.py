@@ -1,0 +1,188 @@
+"""The raw ops torch.ops.smoothce.forward / scale_grad_: values and torch.library.opcheck."""
+import pytest
+import torch
+
+import smoothce  # noqa: F401  (loads the ops)
+from conftest import (DTYPES, REDUCTION_CODE, REDUCTIONS, assert_close_to_truth, dtype_id,
+                      make_index_target, make_logits, make_prob_target, make_weight,
+                      positions_shape, ref)
+
+
+def _truth(x, target, weight, ignore_index, reduction, eps):
+    """float64 loss, lse and gradient (upstream 1, or all ones for 'none')."""
+    x64 = x.detach().double().requires_grad_(True)
+    t64 = target.double() if target.is_floating_point() else target
+    w64 = weight.double() if weight is not None else None
+    loss = ref.cross_entropy(x64, t64, w64, ignore_index=ignore_index, reduction=reduction,
+                             label_smoothing=eps)
+    loss.backward(torch.ones_like(loss))
+    lse = torch.logsumexp(x64.detach(), dim=0 if x.dim() == 1 else 1)
+    return loss.detach(), lse, x64.grad
+
+
+OP_CASES = {
+    # name: (input shape, soft target?, weighted?, ignore_index)
+    "2d": ((6, 11), False, False, -100),
+    "2d_weight": ((6, 11), False, True, -100),
+    "2d_ignore_pos": ((6, 11), False, True, 2),
+    "unbatched": ((11,), False, True, -100),
+    "nchw": ((2, 11, 3, 4), False, True, 255),
+    "soft": ((6, 11), True, False, -100),
+    "soft_weight_nchw": ((2, 11, 3, 2), True, True, -100),
+    "empty": ((0, 11), False, False, -100),
+}
+
+
+def _make(case, dtype=torch.float32, seed=0):
+    shape, soft, weighted, ignore_index = OP_CASES[case]
+    C = shape[0] if len(shape) == 1 else shape[1]
+    x = make_logits(shape, dtype, seed=seed)
+    if soft:
+        target = make_prob_target(shape, dtype)
+    else:
+        # (An unbatched target has one position: keep it valid.)
+        target = make_index_target(positions_shape(shape), C, ignore_every=3 if len(shape) > 1 else 0,
+                                   ignore_index=ignore_index)
+        if ignore_index >= 0 and target.numel():
+            target.view(-1)[1] = ignore_index
+    weight = make_weight(C, dtype) if weighted else None
+    return x, target, weight, ignore_index
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=dtype_id)
+@pytest.mark.parametrize("reduction", REDUCTIONS)
+@pytest.mark.parametrize("case", sorted(OP_CASES))
+def test_forward_op_values(case, reduction, dtype):
+    x, target, weight, ignore_index = _make(case, dtype)
+    eps = 0.1
+    loss, lse, grad = torch.ops.smoothce.forward(x, target, weight, ignore_index,
+                                                 REDUCTION_CODE[reduction], eps, True, False)
+    t_loss, t_lse, t_grad = _truth(x, target, weight, ignore_index, reduction, eps)
+    acc = torch.float64 if dtype == torch.float64 else torch.float32
+    assert loss.dtype == dtype and grad.dtype == dtype and lse.dtype == acc
+    assert lse.shape == positions_shape(x.shape)
+    assert grad.shape == x.shape
+    assert_close_to_truth(loss, t_loss, None, dtype, "loss")
+    # lse is returned in fp32 (fp64): judge it by that precision, not the input's. Ignored
+    # positions are checked in test_forward_op_lse_at_ignored_positions.
+    valid = (target != ignore_index) if not target.is_floating_point() else torch.ones_like(lse, dtype=torch.bool)
+    assert_close_to_truth(lse[valid], t_lse[valid], None, acc, "lse")
+    assert_close_to_truth(grad, t_grad, None, dtype, "grad")
+
+    loss2, lse2, grad2 = torch.ops.smoothce.forward(x, target, weight, ignore_index,
+                                                    REDUCTION_CODE[reduction], eps, False, False)
+    assert grad2.numel() == 0, "compute_grad=False must return an empty gradient"
+    torch.testing.assert_close(loss2, loss, rtol=0, atol=0, equal_nan=True)
+    torch.testing.assert_close(lse2, lse, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("case", ["2d", "nchw", "unbatched"])
+def test_forward_op_lse_at_ignored_positions(case):
+    """The op's contract: lse is the log-sum-exp of every valid position and exactly 0 at ignored
+    ones (their logits are never read)."""
+    x, target, weight, ignore_index = _make(case)
+    if case == "unbatched":
+        target = torch.tensor(ignore_index)
+    ignored = target == ignore_index
+    assert ignored.any()
+    _, lse, _ = torch.ops.smoothce.forward(x, target, weight, ignore_index, 1, 0.1, True, False)
+    _, t_lse, _ = _truth(x, target, weight, ignore_index, "sum", 0.1)
+    assert torch.equal(lse[ignored], torch.zeros_like(lse[ignored]))
+    assert_close_to_truth(lse[~ignored], t_lse[~ignored], None, torch.float32, "lse")
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=dtype_id)
+@pytest.mark.parametrize("reduction", REDUCTIONS)
+def test_forward_op_float32_loss(dtype, reduction):
+    """float32_loss=True (autocast): the loss comes back in fp32 at fp32 accuracy."""
+    x, target, weight, ignore_index = _make("nchw", dtype)
+    loss, lse, grad = torch.ops.smoothce.forward(x, target, weight, ignore_index,
+                                                 REDUCTION_CODE[reduction], 0.1, True, True)
+    assert loss.dtype == torch.float32 and grad.dtype == dtype
+    t_loss, _, t_grad = _truth(x, target, weight, ignore_index, reduction, 0.1)
+    assert_close_to_truth(loss, t_loss, None, torch.float32, "fp32 loss")
+    assert_close_to_truth(grad, t_grad, None, dtype, "grad")
+
+
+# ----------------------------------------------------------------------------- scale_grad_
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=dtype_id)
+@pytest.mark.parametrize("shape", [(5, 7), (7,), (2, 7, 3, 4), (2, 7, 3)], ids=str)
+@pytest.mark.parametrize("kind", ["scalar", "scalar_one", "per_position"])
+def test_scale_grad_values(shape, kind, dtype):
+    grad = make_logits(shape, dtype)
+    before = grad.clone()
+    pos = positions_shape(shape)
+    if kind == "scalar":
+        go = torch.tensor(-2.75, dtype=dtype)
+    elif kind == "scalar_one":
+        go = torch.tensor(1.0, dtype=dtype)
+    else:
+        go = make_logits(pos, dtype, seed=9)
+    out = torch.ops.smoothce.scale_grad_(grad, go)
+    assert out is None
+    class_dim = 0 if len(shape) == 1 else 1
+    expected = before.double() * (go.double() if go.dim() == 0 else go.double().unsqueeze(class_dim))
+    # One rounding of the product in the grad dtype (or exact, for the scalar 1).
+    torch.testing.assert_close(grad.double(), expected.to(dtype).double(),
+                               rtol=torch.finfo(dtype).eps, atol=0)
+
+
+@pytest.mark.parametrize("grad_dtype", [torch.bfloat16, torch.float16], ids=dtype_id)
+def test_scale_grad_fp32_grad_output_on_half_grad(grad_dtype):
+    """Under autocast the loss (so grad_output) is fp32 while the gradient is half."""
+    grad = make_logits((2, 7, 3), grad_dtype)
+    before = grad.clone()
+    for go in (torch.tensor(0.37), make_logits((2, 3), seed=5)):
+        g = before.clone()
+        torch.ops.smoothce.scale_grad_(g, go)
+        factor = go.double() if go.dim() == 0 else go.double().unsqueeze(1)
+        torch.testing.assert_close(g.double(), (before.double() * factor).to(grad_dtype).double(),
+                                   rtol=torch.finfo(grad_dtype).eps, atol=0)
+
+
+def test_scale_grad_non_contiguous_grad():
+    base = make_logits((7, 5))
+    grad = base.t()  # (5, 7) with strided classes
+    before = grad.clone()
+    go = make_logits((5,), seed=3)
+    torch.ops.smoothce.scale_grad_(grad, go)
+    torch.testing.assert_close(grad, before * go[:, None], rtol=1e-6, atol=0)
+
+
+# -------------------------------------------------------------------------------- opcheck
+
+def _forward_arg_sets():
+    sets = []
+    for case in ("2d", "2d_weight", "unbatched", "nchw", "soft", "soft_weight_nchw", "empty"):
+        for reduction in REDUCTIONS:
+            if case == "empty" and reduction == "mean":
+                continue  # the loss is NaN, and opcheck compares outputs with equal_nan=False
+            for compute_grad in (True, False):
+                x, target, weight, ignore_index = _make(case)
+                sets.append(pytest.param(
+                    (x, target, weight, ignore_index, REDUCTION_CODE[reduction], 0.1, compute_grad,
+                     False),
+                    id=f"{case}-{reduction}-grad{int(compute_grad)}"))
+    x, target, weight, ignore_index = _make("nchw", torch.bfloat16)
+    sets.append(pytest.param((x, target, weight, ignore_index, 1, 0.1, True, True),
+                             id="bf16-float32_loss"))
+    x, target, weight, ignore_index = _make("2d_weight", torch.float64)
+    sets.append(pytest.param((x, target, weight, ignore_index, 2, 0.0, True, False), id="fp64-sum"))
+    return sets
+
+
+@pytest.mark.parametrize("args", _forward_arg_sets())
+def test_opcheck_forward(args):
+    torch.library.opcheck(torch.ops.smoothce.forward.default, args)
+
+
+@pytest.mark.parametrize("shape", [(5, 7), (7,), (2, 7, 3, 4)], ids=str)
+@pytest.mark.parametrize("kind", ["scalar", "scalar_one", "per_position"])
+def test_opcheck_scale_grad(shape, kind):
+    grad = make_logits(shape)
+    if kind == "per_position":
+        go = make_logits(positions_shape(shape), seed=4)
+    else:
+        go = torch.tensor(2.5 if kind == "scalar" else 1.0)
+    torch.library.opcheck(torch.ops.smoothce.scale_grad_.default, (grad, go))
