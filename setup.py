@@ -69,7 +69,10 @@ def extensions():
     from torch.utils.cpp_extension import BuildExtension, CppExtension, CUDAExtension
 
     capability = _cpu_capability()
-    cxx = ["-O3", "-fno-math-errno", "-fvisibility=hidden"]
+    # -fopenmp: at::parallel_for is inline code that is parallel only when compiled with OpenMP; the
+    # libgomp.so.1 it links is the one torch has already loaded, so torch.set_num_threads applies.
+    cxx = ["-O3", "-fno-math-errno", "-fvisibility=hidden", "-fopenmp"]
+    link = ["-fopenmp"]
     define_macros = [("SMOOTHCE_VERSION", f'"{__version__}"')]
     if capability == "avx2":
         # at::vec picks its AVX2 implementation from CPU_CAPABILITY(_AVX2); the runtime check in
@@ -97,7 +100,7 @@ def extensions():
             include_dirs=include_dirs,
             define_macros=define_macros,
             extra_compile_args={"cxx": cxx, "nvcc": nvcc},
-            py_limited_api=False,
+            extra_link_args=link,
         )
     else:
         ext = CppExtension(
@@ -106,6 +109,7 @@ def extensions():
             include_dirs=include_dirs,
             define_macros=define_macros,
             extra_compile_args={"cxx": cxx},
+            extra_link_args=link,
         )
     return [ext], {"build_ext": BuildExtension.with_options(use_ninja=True)}
 

@@ -46,17 +46,13 @@ class CrossEntropyFunction(torch.autograd.Function):
     loss.backward()). A later backward through a retained graph (retain_graph=True, gradcheck,
     jacobians) recomputes the gradient from the saved logits instead of reusing the consumed buffer."""
 
+    # The forward(ctx, ...) form: the setup_context form makes every apply() bind its arguments
+    # through inspect.signature, which costs more than the whole kernel on small inputs.
     @staticmethod
-    def forward(input, target, weight, ignore_index, reduction, label_smoothing, compute_grad, float32_loss):
+    def forward(ctx, input, target, weight, ignore_index, reduction, label_smoothing, compute_grad, float32_loss):
         loss, lse, grad = torch.ops.smoothce.forward(
             input, target, weight, ignore_index, reduction, label_smoothing, compute_grad, float32_loss
         )
-        return loss, lse, grad
-
-    @staticmethod
-    def setup_context(ctx, inputs, output):
-        input, target, weight, ignore_index, reduction, label_smoothing, compute_grad, float32_loss = inputs
-        _, lse, grad = output
         ctx.mark_non_differentiable(lse, grad)
         ctx.set_materialize_grads(False)  # no zero-filled N×C gradient for the `grad` output
         ctx.args = (ignore_index, reduction, label_smoothing, float32_loss)
@@ -64,6 +60,7 @@ class CrossEntropyFunction(torch.autograd.Function):
         # may become input.grad); the logits are saved for a second backward and soft-target gradients.
         ctx.fused_grad = grad if compute_grad else None
         ctx.save_for_backward(input, target, weight, lse)
+        return loss, lse, grad
 
     @staticmethod
     def backward(ctx, grad_loss, _grad_lse, _grad_grad):
@@ -162,6 +159,12 @@ def cross_entropy_impl(
     if float32_loss and target.is_floating_point() and input.is_floating_point() and target.dtype != input.dtype:
         input, target = input.float(), target.float()
     compute_grad = torch.is_grad_enabled() and input.requires_grad
+    if not (compute_grad or (target.requires_grad and torch.is_grad_enabled())):
+        # Inference: nothing to differentiate, so skip autograd.Function's bookkeeping.
+        loss, _, _ = torch.ops.smoothce.forward(
+            input, target, weight, int(ignore_index), REDUCTIONS[reduction], label_smoothing, False, float32_loss
+        )
+        return loss
     loss, _, _ = CrossEntropyFunction.apply(
         input, target, weight, int(ignore_index), REDUCTIONS[reduction], label_smoothing, compute_grad, float32_loss
     )

@@ -564,12 +564,10 @@ bool grad_cache_enabled() {
   return enabled;
 }
 
-// A tensor laid out as at::empty_like(like) would lay it out.
+// A tensor laid out as at::empty_like(like) would lay it out (for a dense `like`: its strides).
 at::Tensor allocate_grad(const at::Tensor& like) {
-  if (!grad_cache_enabled()) return at::empty_like(like);
-  const at::Tensor layout =
-      at::empty_like(at::empty_strided(like.sizes(), like.strides(), like.options().device(at::kMeta)));
-  const size_t needed = at::detail::computeStorageNbytes(layout.sizes(), layout.strides(), like.element_size());
+  if (!grad_cache_enabled() || !like.is_non_overlapping_and_dense()) return at::empty_like(like);
+  const size_t needed = at::detail::computeStorageNbytes(like.sizes(), like.strides(), like.element_size());
   GradCache& cache = grad_cache();
   std::lock_guard<std::mutex> guard(cache.mutex);
   const c10::Storage& cached = cache.storage;
@@ -577,9 +575,9 @@ at::Tensor allocate_grad(const at::Tensor& like) {
                         cached.nbytes() <= 2 * needed + 4096;
   if (!reusable) {
     cache.storage = {};  // release the old buffer before allocating the new one
-    cache.storage = at::empty_strided(layout.sizes(), layout.strides(), like.options()).storage();
+    cache.storage = at::empty_strided(like.sizes(), like.strides(), like.options()).storage();
   }
-  return at::empty({0}, like.options()).set_(cache.storage, 0, layout.sizes(), layout.strides());
+  return at::empty({0}, like.options()).set_(cache.storage, 0, like.sizes(), like.strides());
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> forward_cpu(const at::Tensor& input, const at::Tensor& target,
