@@ -133,8 +133,8 @@ struct Params {
 constexpr int64_t kRowBlock = 2048;  // elements re-read from L1 between the max and the exp-sum
 
 // Online state of one contiguous row x[0..C) (soft targets: P with the same layout).
-// With `exps` (fp32/fp64 gradients), exp(x − origin of its block) is also stored there and each
-// block's origin in `block_origins`, so the gradient pass rescales instead of calling exp again.
+// With `exps`, exp(x − origin of its block) is also stored there and each block's origin in
+// `block_origins`, so the gradient pass rescales instead of calling exp again.
 template <typename scalar_t, Mass kMass>
 RowState<acc_type<scalar_t>> row_state(const Params<scalar_t>& p, const scalar_t* x, const scalar_t* prob,
                                        acc_type<scalar_t>* exps, acc_type<scalar_t>* block_origins) {
@@ -208,12 +208,12 @@ RowState<acc_type<scalar_t>> row_state(const Params<scalar_t>& p, const scalar_t
 // p = exp((x − row_max) − log_sum) (see log_prob in row_math.h):
 //   index: g = softmax_coef·p − off_coef·w
 //   soft:  g = softmax_coef·p − scale·w·q       (softmax_coef = scale·Σ w·q)
-// With block_origins, g already holds exp(x − origin_b) from row_state: p is that times
-// exp((origin_b − row_max) − log_sum), one scalar exp per block.
+// With exps (from row_state: exp(x − origin_b)), p is that times exp((origin_b − row_max) − log_sum),
+// one scalar exp per block; exps may alias g (fp32/fp64), each element is read before it is written.
 template <typename scalar_t, bool kSoft>
 void row_grad(const Params<scalar_t>& p, const scalar_t* x, const scalar_t* prob, scalar_t* g,
               acc_type<scalar_t> row_max, acc_type<scalar_t> log_sum, acc_type<scalar_t> softmax_coef,
-              acc_type<scalar_t> off_coef, const acc_type<scalar_t>* block_origins) {
+              acc_type<scalar_t> off_coef, const acc_type<scalar_t>* exps, const acc_type<scalar_t>* block_origins) {
   using acc_t = acc_type<scalar_t>;
   using Vec = Vectorized<acc_t>;
   constexpr int64_t V = Vec::size();
@@ -222,7 +222,7 @@ void row_grad(const Params<scalar_t>& p, const scalar_t* x, const scalar_t* prob
   for (int64_t begin = 0; begin < C; begin += kRowBlock) {
     const int64_t end = std::min(C, begin + kRowBlock);
     acc_t coef = softmax_coef;
-    if (block_origins) coef *= std::exp((block_origins[begin / kRowBlock] - row_max) - log_sum);
+    if (exps) coef *= std::exp((block_origins[begin / kRowBlock] - row_max) - log_sum);
     auto sub_at = [&](int64_t c) {
       acc_t sub = kSoft ? off_coef * soft_target_q(static_cast<acc_t>(prob[c]), p.eps, p.eps_over_c) : off_coef;
       return p.weight ? sub * p.weight[c] : sub;
@@ -230,12 +230,7 @@ void row_grad(const Params<scalar_t>& p, const scalar_t* x, const scalar_t* prob
     const Vec vmax(row_max), vlog_sum(log_sum), vcoef(coef), voff(off_coef);
     int64_t c = begin;
     for (; c + V <= end; c += V) {
-      Vec e;
-      if constexpr (std::is_same_v<scalar_t, acc_t>) {
-        e = block_origins ? Vec::loadu(g + c) : vexp((load_acc(x + c) - vmax) - vlog_sum);
-      } else {
-        e = vexp((load_acc(x + c) - vmax) - vlog_sum);
-      }
+      const Vec e = exps ? Vec::loadu(exps + c) : vexp((load_acc(x + c) - vmax) - vlog_sum);
       Vec out = vcoef * e;
       if (subtract) {
         Vec sub = voff;
@@ -246,8 +241,7 @@ void row_grad(const Params<scalar_t>& p, const scalar_t* x, const scalar_t* prob
       store_acc(g + c, out);
     }
     for (; c < end; ++c) {
-      const acc_t e =
-          block_origins ? static_cast<acc_t>(g[c]) : std::exp((static_cast<acc_t>(x[c]) - row_max) - log_sum);
+      const acc_t e = exps ? exps[c] : std::exp((static_cast<acc_t>(x[c]) - row_max) - log_sum);
       g[c] = static_cast<scalar_t>(coef * e - (subtract ? sub_at(c) : acc_t(0)));
     }
   }
@@ -262,9 +256,11 @@ template <typename scalar_t, Mass kMass>
 void rows_kernel(const Params<scalar_t>& p, int64_t pos_begin, int64_t pos_end) {
   using acc_t = acc_type<scalar_t>;
   constexpr bool kSoft = kMass == Mass::kSoft;
-  // fp32/fp64 gradients double as the exp buffer (half types would lose the exp's precision).
-  constexpr bool kReuseExp = std::is_same_v<scalar_t, acc_t>;
-  std::vector<acc_t> block_origins(kReuseExp && p.grad ? (p.classes + kRowBlock - 1) / kRowBlock : 0);
+  // The sum pass keeps its exps for the gradient pass: in the gradient itself for fp32/fp64, in a
+  // per-task fp32 row buffer for half types (which would lose the exp's precision).
+  constexpr bool kExpsInGrad = std::is_same_v<scalar_t, acc_t>;
+  std::vector<acc_t> block_origins(p.grad ? (p.classes + kRowBlock - 1) / kRowBlock : 0);
+  std::vector<acc_t> exp_row(p.grad && !kExpsInGrad ? p.classes : 0);
   acc_t* origins = block_origins.empty() ? nullptr : block_origins.data();
   for (int64_t pos = pos_begin; pos < pos_end; ++pos) {
     const int64_t n = pos / p.inner, s = pos % p.inner;
@@ -283,7 +279,13 @@ void rows_kernel(const Params<scalar_t>& p, int64_t pos_begin, int64_t pos_end) 
       }
     }
     acc_t* exps = nullptr;
-    if constexpr (kReuseExp) exps = origins ? g : nullptr;
+    if (g) {
+      if constexpr (kExpsInGrad) {
+        exps = g;
+      } else {
+        exps = exp_row.data();
+      }
+    }
     const RowState<acc_t> state = row_state<scalar_t, kMass>(p, x, prob, exps, origins);
     const acc_t log_sum = std::log(state.sum_exp);
     p.lse[pos] = state.max + log_sum;
@@ -291,13 +293,14 @@ void rows_kernel(const Params<scalar_t>& p, int64_t pos_begin, int64_t pos_end) 
       p.position_loss[pos] = mass_nll(state);
       if (g)
         row_grad<scalar_t, true>(p, x, prob, g, state.max, log_sum, p.grad_scale * state.mass, p.grad_scale,
-                                 origins);
+                                 exps, origins);
     } else {
       const acc_t w_t = p.weight_at(t), x_t = static_cast<acc_t>(x[t]);
       p.position_loss[pos] = index_target_loss(state, x_t, w_t, p.tv);
       if (g) {
         const auto k = index_grad_coefs(p.grad_scale, p.weight_sum, w_t, p.tv);
-        row_grad<scalar_t, false>(p, x, nullptr, g, state.max, log_sum, k.softmax_coef, k.off_coef, origins);
+        row_grad<scalar_t, false>(p, x, nullptr, g, state.max, log_sum, k.softmax_coef, k.off_coef, exps,
+                                  origins);
         g[t] = static_cast<scalar_t>(k.softmax_coef * std::exp(log_prob(state, log_sum, x_t)) - k.off_coef * w_t -
                                      k.peak_coef);
       }
@@ -310,9 +313,10 @@ void rows_kernel(const Params<scalar_t>& p, int64_t pos_begin, int64_t pos_end) 
 // Strided layouts ((N, C, H, W), x.t()) are walked in place; small-C rows are gathered into a
 // class-major buffer first. The tile's C×V logits are read from memory once (pass 1: max) and
 // re-read from cache (pass 2: sums, pass 3: gradient).
+// `exps` (C·V values, may be null) keeps pass 2's exp(x − max) for pass 3.
 template <typename scalar_t, Mass kMass>
 void tile_kernel(const Params<scalar_t>& p, const scalar_t* x, const scalar_t* prob, scalar_t* g, int64_t sc,
-                 int64_t pos0, int64_t count) {
+                 int64_t pos0, int64_t count, acc_type<scalar_t>* exps) {
   using acc_t = acc_type<scalar_t>;
   using Vec = Vectorized<acc_t>;
   constexpr int64_t V = Vec::size();
@@ -345,7 +349,9 @@ void tile_kernel(const Params<scalar_t>& p, const scalar_t* x, const scalar_t* p
   Vec vsum(0), vmass_dx(0), vmass(0);
   for (int64_t c = 0; c < C; ++c) {
     const Vec d = load(x + c * sc) - vorigin;
-    vsum += vexp(d);
+    const Vec e = vexp(d);
+    vsum += e;
+    if (exps) e.store(exps + c * V);
     if constexpr (kMass == Mass::kUnit) {
       vmass_dx += d;
     } else if constexpr (kMass == Mass::kWeighted) {
@@ -397,11 +403,13 @@ void tile_kernel(const Params<scalar_t>& p, const scalar_t* x, const scalar_t* p
   for (int64_t l = 0; l < V; ++l) std::memset(&invalid_bits[l], valid[l] ? 0 : 0xFF, sizeof(acc_t));
   const Vec vinvalid = Vec::loadu(invalid_bits);
   const Vec vlog_sum = Vec::loadu(lane_log_sum), vcoef = Vec::loadu(lane_coef), voff = Vec::loadu(lane_off);
+  const Vec vinv_sum = Vec(acc_t(1)) / vsum;  // p = exp(x − max) / Σexp (garbage lanes are blended out)
   for (int64_t c = 0; c < C; ++c) {
     Vec sub = voff;
     if constexpr (kSoft) sub = sub * at::vec::fmadd(load(prob + c * sc), Vec(acc_t(1) - p.eps), Vec(p.eps_over_c));
     if (p.weight) sub = sub * Vec(p.weight[c]);
-    const Vec out = vcoef * vexp((load(x + c * sc) - vorigin) - vlog_sum) - sub;
+    const Vec prob_c = exps ? Vec::loadu(exps + c * V) * vinv_sum : vexp((load(x + c * sc) - vorigin) - vlog_sum);
+    const Vec out = vcoef * prob_c - sub;
     store_acc(g + c * sc, Vec::blendv(out, Vec(0), vinvalid), count);
   }
   for (int64_t l = 0; l < count; ++l) {
@@ -419,17 +427,25 @@ void tile_kernel(const Params<scalar_t>& p, const scalar_t* x, const scalar_t* p
   }
 }
 
+// The exp buffer of a tile when a gradient is wanted and C·V values stay cache-sized.
+template <typename scalar_t>
+int64_t tile_exps_size(const Params<scalar_t>& p) {
+  constexpr int64_t V = Vectorized<acc_type<scalar_t>>::size();
+  return p.grad && p.classes * V * sizeof(acc_type<scalar_t>) <= 256 * 1024 ? p.classes * V : 0;
+}
+
 // Strided classes, contiguous positions: tiles walk the tensor in place.
 template <typename scalar_t, Mass kMass>
 void across_kernel(const Params<scalar_t>& p, int64_t tile_begin, int64_t tile_end) {
   constexpr int64_t V = Vectorized<acc_type<scalar_t>>::size();
   const int64_t tiles_per_outer = (p.inner + V - 1) / V;
+  std::vector<acc_type<scalar_t>> exps(tile_exps_size<scalar_t>(p));
   for (int64_t tile = tile_begin; tile < tile_end; ++tile) {
     const int64_t n = tile / tiles_per_outer, s0 = (tile % tiles_per_outer) * V;
     const int64_t offset = n * p.stride_outer + s0 * p.stride_inner;
     tile_kernel<scalar_t, kMass>(p, p.input + offset, kMass == Mass::kSoft ? p.soft_target + offset : nullptr,
                                  p.grad ? p.grad + offset : nullptr, p.stride_class, n * p.inner + s0,
-                                 std::min(V, p.inner - s0));
+                                 std::min(V, p.inner - s0), exps.empty() ? nullptr : exps.data());
   }
 }
 
@@ -442,6 +458,8 @@ void small_rows_kernel(const Params<scalar_t>& p, int64_t tile_begin, int64_t ti
   constexpr int64_t V = Vectorized<acc_type<scalar_t>>::size();
   const int64_t C = p.classes, positions = p.outer * p.inner;
   scalar_t x_buf[kSmallClasses * V], prob_buf[kSmallClasses * V], g_buf[kSmallClasses * V];
+  acc_type<scalar_t> exp_buf[kSmallClasses * V];
+  acc_type<scalar_t>* exps = p.grad ? exp_buf : nullptr;
   int64_t offsets[V];
   for (int64_t tile = tile_begin; tile < tile_end; ++tile) {
     const int64_t pos0 = tile * V, count = std::min(V, positions - pos0);
@@ -453,7 +471,7 @@ void small_rows_kernel(const Params<scalar_t>& p, int64_t tile_begin, int64_t ti
         if constexpr (kMass == Mass::kSoft) prob_buf[c * V + l] = p.soft_target[offsets[l] + c];
       }
     }
-    tile_kernel<scalar_t, kMass>(p, x_buf, prob_buf, p.grad ? g_buf : nullptr, V, pos0, count);
+    tile_kernel<scalar_t, kMass>(p, x_buf, prob_buf, p.grad ? g_buf : nullptr, V, pos0, count, exps);
     if (p.grad)
       for (int64_t l = 0; l < count; ++l)
         for (int64_t c = 0; c < C; ++c) p.grad[offsets[l] + c] = g_buf[c * V + l];
