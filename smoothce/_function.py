@@ -1,6 +1,7 @@
 """The autograd.Function over torch.ops.smoothce.*, and the fake (meta) kernels torch.compile traces."""
 from __future__ import annotations
 
+import math
 import numbers
 from typing import Optional
 
@@ -18,14 +19,16 @@ def _position_shape(input: torch.Tensor):
     return input.shape[:class_dim] + input.shape[class_dim + 1 :]
 
 
-@torch.library.register_fake("smoothce::forward")
-def _forward_fake(input, target, weight, ignore_index, reduction, label_smoothing, compute_grad, float32_loss):
-    # Also the Meta kernel: a meta tensor among CPU/CUDA ones must not turn the call into a fake one.
+def _check_devices(where: str, input, target, weight):
+    """Before dispatch: a CUDA or meta tensor among CPU ones would otherwise pick that backend's kernel."""
     for name, tensor in (("target", target), ("weight", weight)):
         if tensor is not None and tensor.device != input.device:
-            raise ValueError(
-                f"smoothce.forward: {name} must be on the input's device ({input.device}), got {tensor.device}"
-            )
+            raise ValueError(f"{where}: {name} must be on the input's device ({input.device}), got {tensor.device}")
+
+
+@torch.library.register_fake("smoothce::forward")
+def _forward_fake(input, target, weight, ignore_index, reduction, label_smoothing, compute_grad, float32_loss):
+    _check_devices("smoothce.forward", input, target, weight)  # this is also the Meta kernel
     positions = _position_shape(input)
     acc_dtype = torch.float64 if input.dtype == torch.float64 else torch.float32
     loss_dtype = torch.float32 if float32_loss and input.dtype in _HALF_DTYPES else input.dtype
@@ -56,10 +59,13 @@ class CrossEntropyFunction(torch.autograd.Function):
         ctx.mark_non_differentiable(lse, grad)
         ctx.set_materialize_grads(False)  # no zero-filled N×C gradient for the `grad` output
         ctx.args = (ignore_index, reduction, label_smoothing, float32_loss)
-        # The forward's gradient is handed out once (not a saved tensor: it is consumed in place and
-        # may become input.grad); the logits are saved for a second backward and soft-target gradients.
-        ctx.fused_grad = grad if compute_grad else None
-        ctx.save_for_backward(input, target, weight, lse)
+        # Eager: the forward's gradient is handed out once (not a saved tensor: it is consumed in place
+        # and may become input.grad); the logits are saved for a second backward and soft-target
+        # gradients. Compiled graphs are functional: there the gradient is a saved tensor and backward
+        # scales a copy of it.
+        compiled_grad = compute_grad and torch.compiler.is_compiling()
+        ctx.fused_grad = grad if compute_grad and not compiled_grad else None
+        ctx.save_for_backward(input, target, weight, lse, grad if compiled_grad else None)
         return loss, lse, grad
 
     @staticmethod
@@ -72,14 +78,18 @@ class CrossEntropyFunction(torch.autograd.Function):
             return _differentiable_backward(ctx, grad_loss)
         if ctx.needs_input_grad[0]:
             grad_input, ctx.fused_grad = ctx.fused_grad, None
-            if grad_input is None or torch.compiler.is_compiling():
-                input, target, weight, _ = ctx.saved_tensors
+            if grad_input is not None:
+                torch.ops.smoothce.scale_grad_(grad_input, grad_loss)
+            elif ctx.saved_tensors[4] is not None:  # compiled
+                grad_input = _scaled(ctx.saved_tensors[4], grad_loss)
+            else:  # a second backward through a retained graph: the fused gradient was consumed
+                input, target, weight = ctx.saved_tensors[:3]
                 _, _, grad_input = torch.ops.smoothce.forward(
                     input, target, weight, ignore_index, reduction, label_smoothing, True, float32_loss
                 )
-            torch.ops.smoothce.scale_grad_(grad_input, grad_loss)
+                torch.ops.smoothce.scale_grad_(grad_input, grad_loss)
         if ctx.needs_input_grad[1]:
-            input, _, weight, lse = ctx.saved_tensors
+            input, _, weight, lse, _ = ctx.saved_tensors
             grad_target = _soft_target_grad(grad_loss, input, lse, weight, reduction, label_smoothing)
         return grad_input, grad_target, None, None, None, None, None, None
 
@@ -90,7 +100,7 @@ def _differentiable_backward(ctx, grad_loss):
     from . import reference
 
     ignore_index, reduction, label_smoothing, _ = ctx.args
-    input, target, weight, _ = ctx.saved_tensors
+    input, target, weight = ctx.saved_tensors[:3]
     wanted = [t for t, needed in zip((input, target), ctx.needs_input_grad[:2]) if needed]
     with torch.enable_grad():
         loss = reference.cross_entropy(input, target, weight, ignore_index, _REDUCTION_NAMES[reduction], label_smoothing)
@@ -98,6 +108,13 @@ def _differentiable_backward(ctx, grad_loss):
     grad_input = next(grads) if ctx.needs_input_grad[0] else None
     grad_target = next(grads) if ctx.needs_input_grad[1] else None
     return grad_input, grad_target, None, None, None, None, None, None
+
+
+def _scaled(grad, grad_loss):
+    """grad · grad_loss out of place (grad_loss a scalar or one value per position), in grad's dtype."""
+    if grad_loss.dim() > 0 and grad.dim() > 1:
+        grad_loss = grad_loss.unsqueeze(1)
+    return (grad * grad_loss).to(grad.dtype)
 
 
 def _soft_target_grad(grad_loss, input, lse, weight, reduction, label_smoothing):
@@ -108,7 +125,7 @@ def _soft_target_grad(grad_loss, input, lse, weight, reduction, label_smoothing)
     if reduction == REDUCTIONS["none"]:
         scale = scale.unsqueeze(class_dim)
     elif reduction == REDUCTIONS["mean"]:
-        scale = scale / (input.numel() // max(input.shape[class_dim], 1) if input.numel() else 0)
+        scale = scale / math.prod(_position_shape(input))  # mean over positions (0 gives NaN, as torch)
     out = log_prob * (-(1.0 - label_smoothing)) * scale
     if weight is not None:
         shape = [1] * input.dim()
@@ -147,11 +164,7 @@ def cross_entropy_impl(
             f"smoothce.cross_entropy: label_smoothing must be a float in [0, 1], got {label_smoothing}"
         )
 
-    for name, tensor in (("target", target), ("weight", weight)):
-        if tensor is not None and tensor.device != input.device:
-            raise ValueError(
-                f"smoothce.cross_entropy: {name} must be on the input's device ({input.device}), got {tensor.device}"
-            )
+    _check_devices("smoothce.cross_entropy", input, target, weight)
     # Under autocast the loss is fp32 (as torch's cross_entropy), read straight from the half logits;
     # fp32 class weights are used as they are. Only probability targets in another dtype than the
     # logits need both in fp32 (torch's autocast copies the logits to fp32 in every case).
