@@ -159,29 +159,36 @@ RowState<acc_type<scalar_t>> row_state(const Params<scalar_t>& p, const scalar_t
     }
     const acc_t origin = shift_origin(block_max);
     if (exps) block_origins[begin / kRowBlock] = origin;
-    // Σ exp(x − origin) and the mass sums
+    // Σ exp(x − origin) and the mass sums; two independent accumulator sets so that two exp
+    // polynomials (long dependency chains) are in flight at once.
     const Vec vorigin(origin);
-    Vec vsum(0), vmass_dx(0), vmass(0);
-    for (int64_t c = begin; c < vec_end; c += V) {
+    Vec vsum[2] = {Vec(0), Vec(0)}, vmass_dx[2] = {Vec(0), Vec(0)}, vmass[2] = {Vec(0), Vec(0)};
+    auto accumulate = [&](int64_t c, int k) {
       const Vec d = load_acc(x + c) - vorigin;
       const Vec e = vexp(d);
-      vsum += e;
+      vsum[k] += e;
       if (exps) e.store(exps + c);
       if constexpr (kMass == Mass::kUnit) {
-        vmass_dx += d;
+        vmass_dx[k] += d;
       } else if constexpr (kMass == Mass::kWeighted) {
         const Vec w = Vec::loadu(p.weight + c);
-        vmass_dx = at::vec::fmadd(w, d, vmass_dx);
-        vmass += w;
+        vmass_dx[k] = at::vec::fmadd(w, d, vmass_dx[k]);
+        vmass[k] += w;
       } else if constexpr (kMass == Mass::kSoft) {
         Vec v = at::vec::fmadd(load_acc(prob + c), Vec(acc_t(1) - p.eps), Vec(p.eps_over_c));
         if (p.weight) v = v * Vec::loadu(p.weight + c);
-        vmass_dx = at::vec::fmadd(v, d, vmass_dx);
-        vmass += v;
+        vmass_dx[k] = at::vec::fmadd(v, d, vmass_dx[k]);
+        vmass[k] += v;
       }
+    };
+    int64_t c = begin;
+    for (; c + 2 * V <= vec_end; c += 2 * V) {
+      accumulate(c, 0);
+      accumulate(c + V, 1);
     }
-    auto hsum = [](const Vec& v) {
-      return at::vec::vec_reduce_all<acc_t>([](Vec& a, Vec& b) { return a + b; }, v);
+    if (c < vec_end) accumulate(c, 0);
+    auto hsum = [](const Vec* v) {
+      return at::vec::vec_reduce_all<acc_t>([](Vec& a, Vec& b) { return a + b; }, v[0] + v[1]);
     };
     RowState<acc_t> block{origin, hsum(vsum), acc_t(0), acc_t(0)};
     if constexpr (kMass != Mass::kNone) block.mass_dx = hsum(vmass_dx);
