@@ -16,6 +16,7 @@
 #include <c10/util/irange.h>
 #include <torch/library.h>
 
+#include <algorithm>
 #include <cstdlib>
 #include <cstring>
 #include <mutex>
@@ -254,11 +255,6 @@ void row_grad(const Params<scalar_t>& p, const scalar_t* x, const scalar_t* prob
   }
 }
 
-template <typename scalar_t>
-void zero_row(scalar_t* g, int64_t count, int64_t stride) {
-  for (int64_t c = 0; c < count; ++c) g[c * stride] = scalar_t(0);
-}
-
 template <typename scalar_t, Mass kMass>
 void rows_kernel(const Params<scalar_t>& p, int64_t pos_begin, int64_t pos_end) {
   using acc_t = acc_type<scalar_t>;
@@ -281,7 +277,7 @@ void rows_kernel(const Params<scalar_t>& p, int64_t pos_begin, int64_t pos_end) 
       if (t == p.ignore_index) {
         p.position_loss[pos] = acc_t(0);
         p.lse[pos] = acc_t(0);
-        if (g) zero_row(g, p.classes, 1);
+        if (g) std::fill_n(g, p.classes, scalar_t(0));
         continue;
       }
     }
@@ -377,7 +373,6 @@ void tile_kernel(const Params<scalar_t>& p, const scalar_t* x, const scalar_t* p
   vmass_dx.store(lane_mass_dx);
   vmass.store(lane_mass);
 
-  bool lanes_finite = true;
   for (int64_t l = 0; l < V; ++l) {
     lane_log_sum[l] = lane_coef[l] = lane_off[l] = lane_peak[l] = acc_t(0);
     if (!valid[l]) continue;
@@ -387,7 +382,6 @@ void tile_kernel(const Params<scalar_t>& p, const scalar_t* x, const scalar_t* p
     if constexpr (kSoft) state.mass = lane_mass[l];
     const acc_t log_sum = std::log(state.sum_exp);
     p.lse[pos0 + l] = state.max + log_sum;
-    lanes_finite &= std::isfinite(state.max + log_sum);
     lane_log_sum[l] = log_sum;
     if constexpr (kSoft) {
       p.position_loss[pos0 + l] = mass_nll(state);
@@ -419,18 +413,15 @@ void tile_kernel(const Params<scalar_t>& p, const scalar_t* x, const scalar_t* p
     const Vec out = vcoef * prob_c - sub;
     store_acc(g + c * sc, Vec::blendv(out, Vec(0), vinvalid), count);
   }
-  for (int64_t l = 0; l < count; ++l) {
-    if (!valid[l]) continue;
-    auto exact = [&](int64_t c) {  // std::exp: for the target element and non-finite rows
-      const acc_t xc = static_cast<acc_t>(x[c * sc + l]);
-      acc_t sub = lane_off[l];
-      if constexpr (kSoft) sub *= soft_target_q(static_cast<acc_t>(prob[c * sc + l]), p.eps, p.eps_over_c);
-      if (p.weight) sub *= p.weight[c];
-      return lane_coef[l] * std::exp((xc - lane_max[l]) - lane_log_sum[l]) - (lane_off[l] == acc_t(0) ? acc_t(0) : sub);
-    };
-    if (!lanes_finite && !std::isfinite(lane_max[l] + lane_log_sum[l]))
-      for (int64_t c = 0; c < C; ++c) g[c * sc + l] = static_cast<scalar_t>(exact(c));
-    if constexpr (!kSoft) g[targets[l] * sc + l] = static_cast<scalar_t>(exact(targets[l]) - lane_peak[l]);
+  if constexpr (!kSoft) {
+    // The target element, with std::exp: p_t − 1 cancels, so it gets the exact exp.
+    for (int64_t l = 0; l < count; ++l) {
+      if (!valid[l]) continue;
+      const int64_t t = targets[l];
+      const acc_t p_t = std::exp((static_cast<acc_t>(x[t * sc + l]) - lane_max[l]) - lane_log_sum[l]);
+      const acc_t w_t = p.weight_at(t);
+      g[t * sc + l] = static_cast<scalar_t>(lane_coef[l] * p_t - lane_off[l] * w_t - lane_peak[l]);
+    }
   }
 }
 

@@ -76,12 +76,6 @@ SMOOTHCE_HOST_DEVICE acc_t shift_origin(acc_t block_max) {
   return block_max == -std::numeric_limits<acc_t>::infinity() ? acc_t(0) : block_max;
 }
 
-// log-sum-exp of the row.
-template <typename acc_t>
-SMOOTHCE_HOST_DEVICE acc_t row_lse(const RowState<acc_t>& s) {
-  return s.max + std::log(s.sum_exp);
-}
-
 // log p(x) = (x − max) − log Σexp. Subtracting the max first keeps log Σexp exact where it is tiny
 // (confident rows) instead of rounding it into max + log Σexp, as torch's log_softmax does.
 template <typename acc_t>
