@@ -122,6 +122,11 @@ struct Params {
     const int64_t off = n * target_stride_outer + s * target_stride_inner;
     return target64 ? target64[off] : static_cast<int64_t>(target8[off]);
   }
+  // Linear position pos = n·inner + s (no division when inner = 1, the (N, C) case).
+  int64_t target_of(int64_t pos) const { return inner == 1 ? target_at(pos, 0) : target_at(pos / inner, pos % inner); }
+  int64_t offset_of(int64_t pos) const {
+    return inner == 1 ? pos * stride_outer : (pos / inner) * stride_outer + (pos % inner) * stride_inner;
+  }
   acc_t weight_at(int64_t c) const { return weight ? weight[c] : acc_t(1); }
   Mass mass_kind() const {
     if (soft_target) return Mass::kSoft;
@@ -266,14 +271,13 @@ void rows_kernel(const Params<scalar_t>& p, int64_t pos_begin, int64_t pos_end) 
   std::vector<acc_t> exp_row(p.grad && !kExpsInGrad ? p.classes : 0);
   acc_t* origins = block_origins.empty() ? nullptr : block_origins.data();
   for (int64_t pos = pos_begin; pos < pos_end; ++pos) {
-    const int64_t n = pos / p.inner, s = pos % p.inner;
-    const int64_t offset = n * p.stride_outer + s * p.stride_inner;
+    const int64_t offset = p.offset_of(pos);
     const scalar_t* x = p.input + offset;
     const scalar_t* prob = kSoft ? p.soft_target + offset : nullptr;
     scalar_t* g = p.grad ? p.grad + offset : nullptr;
     int64_t t = 0;
     if constexpr (!kSoft) {
-      t = p.target_at(n, s);
+      t = p.target_of(pos);
       if (t == p.ignore_index) {
         p.position_loss[pos] = acc_t(0);
         p.lse[pos] = acc_t(0);
@@ -293,13 +297,13 @@ void rows_kernel(const Params<scalar_t>& p, int64_t pos_begin, int64_t pos_end) 
     const acc_t log_sum = std::log(state.sum_exp);
     p.lse[pos] = state.max + log_sum;
     if constexpr (kSoft) {
-      p.position_loss[pos] = mass_nll(state);
+      p.position_loss[pos] = mass_nll(state, log_sum);
       if (g)
         row_grad<scalar_t, true>(p, x, prob, g, state.max, log_sum, p.grad_scale * state.mass, p.grad_scale,
                                  exps, origins);
     } else {
       const acc_t w_t = p.weight_at(t), x_t = static_cast<acc_t>(x[t]);
-      p.position_loss[pos] = index_target_loss(state, x_t, w_t, p.tv);
+      p.position_loss[pos] = index_target_loss(state, log_sum, x_t, w_t, p.tv);
       if (g) {
         const auto k = index_grad_coefs(p.grad_scale, p.weight_sum, w_t, p.tv);
         row_grad<scalar_t, false>(p, x, nullptr, g, state.max, log_sum, k.softmax_coef, k.off_coef, exps,
@@ -334,7 +338,7 @@ void tile_kernel(const Params<scalar_t>& p, const scalar_t* x, const scalar_t* p
     valid[l] = l < count;
     if (!kSoft && valid[l]) {
       const int64_t pos = pos0 + l;
-      targets[l] = p.target_at(pos / p.inner, pos % p.inner);
+      targets[l] = p.target_of(pos);
       valid[l] = targets[l] != p.ignore_index;
     }
     any_valid |= valid[l];
@@ -384,14 +388,14 @@ void tile_kernel(const Params<scalar_t>& p, const scalar_t* x, const scalar_t* p
     p.lse[pos0 + l] = state.max + log_sum;
     lane_log_sum[l] = log_sum;
     if constexpr (kSoft) {
-      p.position_loss[pos0 + l] = mass_nll(state);
+      p.position_loss[pos0 + l] = mass_nll(state, log_sum);
       lane_coef[l] = p.grad_scale * state.mass;
       lane_off[l] = p.grad_scale;
     } else {
       const int64_t t = targets[l];
       const acc_t w_t = p.weight_at(t);
       const acc_t x_t = static_cast<acc_t>(x[t * sc + l]);
-      p.position_loss[pos0 + l] = index_target_loss(state, x_t, w_t, p.tv);
+      p.position_loss[pos0 + l] = index_target_loss(state, log_sum, x_t, w_t, p.tv);
       const auto k = index_grad_coefs(p.grad_scale, p.weight_sum, w_t, p.tv);
       lane_coef[l] = k.softmax_coef;
       lane_off[l] = k.off_coef;
@@ -463,7 +467,7 @@ void small_rows_kernel(const Params<scalar_t>& p, int64_t tile_begin, int64_t ti
     const int64_t pos0 = tile * V, count = std::min(V, positions - pos0);
     for (int64_t l = 0; l < count; ++l) {
       const int64_t pos = pos0 + l;
-      offsets[l] = (pos / p.inner) * p.stride_outer + (pos % p.inner) * p.stride_inner;
+      offsets[l] = p.offset_of(pos);
       for (int64_t c = 0; c < C; ++c) {
         x_buf[c * V + l] = p.input[offsets[l] + c];
         if constexpr (kMass == Mass::kSoft) prob_buf[c * V + l] = p.soft_target[offsets[l] + c];
@@ -491,7 +495,7 @@ double index_target_total_weight(const Params<scalar_t>& p) {
       double total = 0.0;
       const int64_t end = std::min(positions, (chunk + 1) * kReduceChunk);
       for (int64_t pos = chunk * kReduceChunk; pos < end; ++pos) {
-        const int64_t t = p.target_at(pos / p.inner, pos % p.inner);
+        const int64_t t = p.target_of(pos);
         if (t == p.ignore_index) continue;
         if (t < 0 || t >= p.classes) {
           first_bad[chunk] = pos;
@@ -506,7 +510,7 @@ double index_target_total_weight(const Params<scalar_t>& p) {
   for (int64_t chunk = 0; chunk < chunks; ++chunk) {
     if (first_bad[chunk] >= 0) {
       const int64_t pos = first_bad[chunk];
-      TORCH_CHECK_INDEX(false, "smoothce.cross_entropy: target value ", p.target_at(pos / p.inner, pos % p.inner),
+      TORCH_CHECK_INDEX(false, "smoothce.cross_entropy: target value ", p.target_of(pos),
                         " is out of bounds: expected class indices in [0, ", p.classes, ") or ignore_index (",
                         p.ignore_index, ")");
     }

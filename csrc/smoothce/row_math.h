@@ -83,24 +83,25 @@ SMOOTHCE_HOST_DEVICE acc_t log_prob(const RowState<acc_t>& s, acc_t log_sum_exp,
   return (x - s.max) - log_sum_exp;
 }
 
-// −Σ v_c·lp_c = Σ v_c·(lse − x_c) = mass·log(sum_exp) − mass_dx. Zero mass contributes exactly 0
-// (so ε = 0 never turns a −inf logit into 0·inf = NaN).
+// −Σ v_c·lp_c = Σ v_c·(lse − x_c) = mass·log(sum_exp) − mass_dx (log_sum_exp = log(s.sum_exp), passed
+// in: the callers need it too). Zero mass contributes exactly 0 (so ε = 0 never turns a −inf logit
+// into 0·inf = NaN).
 template <typename acc_t>
-SMOOTHCE_HOST_DEVICE acc_t mass_nll(const RowState<acc_t>& s) {
+SMOOTHCE_HOST_DEVICE acc_t mass_nll(const RowState<acc_t>& s, acc_t log_sum_exp) {
   if (s.mass == acc_t(0)) return acc_t(0);
-  return s.mass * std::log(s.sum_exp) - s.mass_dx;
+  return s.mass * log_sum_exp - s.mass_dx;
 }
 
 // Loss of one valid position with an index target t (§2, §7):
 //   ℓ = off·Σ_c w_c·(lse − x_c) + (on − off)·w_t·(lse − x_t),
 // where `state.mass` = Σ w_c (the smoothing mass) when off ≠ 0 and the row state carries it.
 template <typename acc_t>
-SMOOTHCE_HOST_DEVICE acc_t index_target_loss(const RowState<acc_t>& state, acc_t x_target, acc_t w_target,
-                                             TargetValues<acc_t> tv) {
+SMOOTHCE_HOST_DEVICE acc_t index_target_loss(const RowState<acc_t>& state, acc_t log_sum_exp, acc_t x_target,
+                                             acc_t w_target, TargetValues<acc_t> tv) {
   acc_t loss = acc_t(0);
-  if (tv.off != acc_t(0)) loss += tv.off * mass_nll(state);
+  if (tv.off != acc_t(0)) loss += tv.off * mass_nll(state, log_sum_exp);
   const acc_t peak = (tv.on - tv.off) * w_target;
-  if (peak != acc_t(0)) loss -= peak * log_prob(state, std::log(state.sum_exp), x_target);
+  if (peak != acc_t(0)) loss -= peak * log_prob(state, log_sum_exp, x_target);
   return loss;
 }
 
