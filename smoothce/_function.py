@@ -19,6 +19,17 @@ def _position_shape(input: torch.Tensor):
     return input.shape[:class_dim] + input.shape[class_dim + 1 :]
 
 
+_KERNEL_DEVICES = {"cpu", "meta"} | ({"cuda"} if _C.build_info["cuda"] == "yes" else set())
+
+
+def _check_kernel_device(input):
+    if input.device.type not in _KERNEL_DEVICES:
+        raise NotImplementedError(
+            f"smoothce.cross_entropy: this build of smoothce has no kernels for {input.device.type} tensors "
+            f"(it has: {', '.join(sorted(_KERNEL_DEVICES - {'meta'}))}); see `python -m smoothce`"
+        )
+
+
 def _check_devices(where: str, input, target, weight):
     """Before dispatch: a CUDA or meta tensor among CPU ones would otherwise pick that backend's kernel."""
     for name, tensor in (("target", target), ("weight", weight)):
@@ -164,6 +175,7 @@ def cross_entropy_impl(
             f"smoothce.cross_entropy: label_smoothing must be a float in [0, 1], got {label_smoothing}"
         )
 
+    _check_kernel_device(input)
     _check_devices("smoothce.cross_entropy", input, target, weight)
     # Under autocast the loss is fp32 (as torch's cross_entropy), read straight from the half logits;
     # fp32 class weights are used as they are. Only probability targets in another dtype than the

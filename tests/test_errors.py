@@ -140,3 +140,14 @@ def test_raw_op_accepts_valid_args():
     for code in REDUCTION_CODE.values():
         loss, lse, grad = torch.ops.smoothce.forward(*_op_args(reduction=code, label_smoothing=0.1))
         assert grad.shape == X.shape and lse.shape == (3,)
+
+
+def test_device_without_kernels_is_a_clear_error(monkeypatch):
+    """A tensor on a device this build has no kernels for (CUDA in a CPU-only build) gets an error that
+    says so, not the dispatcher's 'could not run ... with arguments from the CUDA backend'. Simulated
+    here by a build that has no CPU kernels."""
+    from smoothce import _function
+
+    monkeypatch.setattr(_function, "_KERNEL_DEVICES", {"meta"})
+    with pytest.raises(NotImplementedError, match=r"no kernels for cpu tensors"):
+        smoothce.cross_entropy(X, T)
