@@ -320,10 +320,11 @@ void rows_kernel(const Params<scalar_t>& p, int64_t pos_begin, int64_t pos_end) 
 // Strided layouts ((N, C, H, W), x.t()) are walked in place; small-C rows are gathered into a
 // class-major buffer first. The tile's C×V logits are read from memory once (pass 1: max) and
 // re-read from cache (pass 2: sums, pass 3: gradient).
-// `exps` (C·V values, may be null) keeps pass 2's exp(x − max) for pass 3.
+// `targets` holds the lanes' index targets (unused for soft targets); `exps` (C·V values, may be
+// null) keeps pass 2's exp(x − max) for pass 3.
 template <typename scalar_t, Mass kMass>
 void tile_kernel(const Params<scalar_t>& p, const scalar_t* x, const scalar_t* prob, scalar_t* g, int64_t sc,
-                 int64_t pos0, int64_t count, acc_type<scalar_t>* exps) {
+                 int64_t pos0, int64_t count, const int64_t* targets, acc_type<scalar_t>* exps) {
   using acc_t = acc_type<scalar_t>;
   using Vec = Vectorized<acc_t>;
   constexpr int64_t V = Vec::size();
@@ -331,16 +332,10 @@ void tile_kernel(const Params<scalar_t>& p, const scalar_t* x, const scalar_t* p
   const int64_t C = p.classes;
   auto load = [&](const scalar_t* ptr) { return count == V ? load_acc(ptr) : load_acc(ptr, count); };
 
-  int64_t targets[V] = {};
   bool valid[V];
   bool any_valid = false;
   for (int64_t l = 0; l < V; ++l) {
-    valid[l] = l < count;
-    if (!kSoft && valid[l]) {
-      const int64_t pos = pos0 + l;
-      targets[l] = p.target_of(pos);
-      valid[l] = targets[l] != p.ignore_index;
-    }
+    valid[l] = l < count && (kSoft || targets[l] != p.ignore_index);
     any_valid |= valid[l];
   }
   for (int64_t l = 0; l < count; ++l) p.position_loss[pos0 + l] = p.lse[pos0 + l] = acc_t(0);
@@ -442,12 +437,16 @@ void across_kernel(const Params<scalar_t>& p, int64_t tile_begin, int64_t tile_e
   constexpr int64_t V = Vectorized<acc_type<scalar_t>>::size();
   const int64_t tiles_per_outer = (p.inner + V - 1) / V;
   std::vector<acc_type<scalar_t>> exps(tile_exps_size<scalar_t>(p));
+  int64_t targets[V] = {};
   for (int64_t tile = tile_begin; tile < tile_end; ++tile) {
     const int64_t n = tile / tiles_per_outer, s0 = (tile % tiles_per_outer) * V;
     const int64_t offset = n * p.stride_outer + s0 * p.stride_inner;
+    const int64_t count = std::min(V, p.inner - s0);
+    if (kMass != Mass::kSoft)
+      for (int64_t l = 0; l < count; ++l) targets[l] = p.target_at(n, s0 + l);
     tile_kernel<scalar_t, kMass>(p, p.input + offset, kMass == Mass::kSoft ? p.soft_target + offset : nullptr,
-                                 p.grad ? p.grad + offset : nullptr, p.stride_class, n * p.inner + s0,
-                                 std::min(V, p.inner - s0), exps.empty() ? nullptr : exps.data());
+                                 p.grad ? p.grad + offset : nullptr, p.stride_class, n * p.inner + s0, count,
+                                 targets, exps.empty() ? nullptr : exps.data());
   }
 }
 
@@ -462,18 +461,19 @@ void small_rows_kernel(const Params<scalar_t>& p, int64_t tile_begin, int64_t ti
   scalar_t x_buf[kSmallClasses * V], prob_buf[kSmallClasses * V], g_buf[kSmallClasses * V];
   acc_type<scalar_t> exp_buf[kSmallClasses * V];
   acc_type<scalar_t>* exps = p.grad ? exp_buf : nullptr;
-  int64_t offsets[V];
+  int64_t offsets[V], targets[V] = {};
   for (int64_t tile = tile_begin; tile < tile_end; ++tile) {
     const int64_t pos0 = tile * V, count = std::min(V, positions - pos0);
     for (int64_t l = 0; l < count; ++l) {
       const int64_t pos = pos0 + l;
       offsets[l] = p.offset_of(pos);
+      if (kMass != Mass::kSoft) targets[l] = p.target_of(pos);
       for (int64_t c = 0; c < C; ++c) {
         x_buf[c * V + l] = p.input[offsets[l] + c];
         if constexpr (kMass == Mass::kSoft) prob_buf[c * V + l] = p.soft_target[offsets[l] + c];
       }
     }
-    tile_kernel<scalar_t, kMass>(p, x_buf, prob_buf, p.grad ? g_buf : nullptr, V, pos0, count, exps);
+    tile_kernel<scalar_t, kMass>(p, x_buf, prob_buf, p.grad ? g_buf : nullptr, V, pos0, count, targets, exps);
     if (p.grad)
       for (int64_t l = 0; l < count; ++l)
         for (int64_t c = 0; c < C; ++c) p.grad[offsets[l] + c] = g_buf[c * V + l];
