@@ -17,6 +17,13 @@ std::string shape_str(at::IntArrayRef sizes) {
   return os.str();
 }
 
+// The input's shape without the class dimension (dim 1; dim 0 for an unbatched (C,) input).
+std::vector<int64_t> positions_of(at::IntArrayRef sizes) {
+  std::vector<int64_t> shape(sizes.begin(), sizes.end());
+  if (!shape.empty()) shape.erase(shape.begin() + (shape.size() == 1 ? 0 : 1));
+  return shape;
+}
+
 // Collapses dims [2, ndim) into one (size, stride) pair when the strides allow it.
 bool collapse_inner(at::IntArrayRef sizes, at::IntArrayRef strides, int64_t first, int64_t& size, int64_t& stride) {
   size = 1;
@@ -71,8 +78,7 @@ Problem make_problem(const at::Tensor& input_arg, const at::Tensor& target_arg,
   const int64_t ndim = input_arg.dim();
   const int64_t class_dim = ndim == 1 ? 0 : 1;
   p.classes = input_arg.size(class_dim);
-  std::vector<int64_t> position_shape(input_arg.sizes().begin(), input_arg.sizes().end());
-  position_shape.erase(position_shape.begin() + class_dim);
+  const std::vector<int64_t> position_shape = positions_of(input_arg.sizes());
   p.position_shape = position_shape;
 
   if (p.soft_target) {
@@ -195,8 +201,7 @@ void check_scale_grad_args(const at::Tensor& grad, const at::Tensor& grad_output
   TORCH_CHECK(grad_output.device() == grad.device(), "smoothce.scale_grad_: grad_output must be on the gradient's device (",
               grad.device(), "), got ", grad_output.device());
   if (grad_output.dim() == 0) return;
-  std::vector<int64_t> position_shape(grad.sizes().begin(), grad.sizes().end());
-  if (!position_shape.empty()) position_shape.erase(position_shape.begin() + (grad.dim() == 1 ? 0 : 1));
+  const std::vector<int64_t> position_shape = positions_of(grad.sizes());
   TORCH_CHECK_VALUE(grad_output.sizes() == at::IntArrayRef(position_shape),
                     "smoothce.scale_grad_: grad_output must be a scalar or have shape ", shape_str(position_shape),
                     " (one value per position), got ", shape_str(grad_output.sizes()));
