@@ -13,6 +13,7 @@ from setuptools import find_packages, setup
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 
+
 def _read_version() -> str:
     scope = {}
     with open(os.path.join(HERE, "smoothce", "_version.py")) as f:
@@ -43,8 +44,8 @@ def _cpu_capability() -> str:
     return "avx2" if platform.machine() in ("x86_64", "AMD64") and _cpu_has_avx2() else "default"
 
 
-def _cuda_wanted():
-    """Returns (build_cuda, cuda_home) without importing torch.cuda state we don't need."""
+def _cuda_wanted() -> bool:
+    """True when a CUDA toolkit is found and a GPU is visible or FORCE_CUDA=1."""
     if os.environ.get("FORCE_CUDA", "0") != "1":
         import torch
 
@@ -75,8 +76,8 @@ def extensions():
     link = ["-fopenmp"]
     define_macros = [("SMOOTHCE_VERSION", f'"{__version__}"')]
     if capability == "avx2":
-        # at::vec picks its AVX2 implementation from CPU_CAPABILITY(_AVX2); the runtime check in
-        # csrc/cpu/cross_entropy.cpp refuses to run on a CPU without AVX2.
+        # at::vec picks its AVX2 implementation from CPU_CAPABILITY(_AVX2); the module's init
+        # (csrc/ops.cpp) refuses to load on a CPU without AVX2.
         cxx += ["-mavx2", "-mfma", "-mf16c"]
         define_macros += [("CPU_CAPABILITY", "AVX2"), ("CPU_CAPABILITY_AVX2", None)]
     else:
