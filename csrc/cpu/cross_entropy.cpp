@@ -308,8 +308,7 @@ void rows_kernel(const Params<scalar_t>& p, int64_t pos_begin, int64_t pos_end) 
         const auto k = index_grad_coefs(p.grad_scale, p.weight_sum, w_t, p.tv);
         row_grad<scalar_t, false>(p, x, nullptr, g, state.max, log_sum, k.softmax_coef, k.off_coef, exps,
                                   origins);
-        g[t] = static_cast<scalar_t>(k.softmax_coef * std::exp(log_prob(state, log_sum, x_t)) - k.off_coef * w_t -
-                                     k.peak_coef);
+        g[t] = static_cast<scalar_t>(index_target_class_grad(k, std::exp(log_prob(state, log_sum, x_t)), w_t));
       }
     }
   }
@@ -418,8 +417,8 @@ void tile_kernel(const Params<scalar_t>& p, const scalar_t* x, const scalar_t* p
       if (!valid[l]) continue;
       const int64_t t = targets[l];
       const acc_t p_t = std::exp((static_cast<acc_t>(x[t * sc + l]) - lane_max[l]) - lane_log_sum[l]);
-      const acc_t w_t = p.weight_at(t);
-      g[t * sc + l] = static_cast<scalar_t>(lane_coef[l] * p_t - lane_off[l] * w_t - lane_peak[l]);
+      const IndexGradCoefs<acc_t> k{lane_coef[l], lane_off[l], lane_peak[l]};
+      g[t * sc + l] = static_cast<scalar_t>(index_target_class_grad(k, p_t, p.weight_at(t)));
     }
   }
 }
