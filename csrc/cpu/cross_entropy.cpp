@@ -128,6 +128,10 @@ struct Params {
     return inner == 1 ? pos * stride_outer : (pos / inner) * stride_outer + (pos % inner) * stride_inner;
   }
   acc_t weight_at(int64_t c) const { return weight ? weight[c] : acc_t(1); }
+  // soft_target_q (row_math.h) on a vector of probabilities.
+  Vectorized<acc_t> soft_q(const Vectorized<acc_t>& prob) const {
+    return at::vec::fmadd(prob, Vectorized<acc_t>(acc_t(1) - eps), Vectorized<acc_t>(eps_over_c));
+  }
   Mass mass_kind() const {
     if (soft_target) return Mass::kSoft;
     if (tv.off == acc_t(0)) return Mass::kNone;
@@ -181,7 +185,7 @@ RowState<acc_type<scalar_t>> row_state(const Params<scalar_t>& p, const scalar_t
         vmass_dx[k] = at::vec::fmadd(w, d, vmass_dx[k]);
         vmass[k] += w;
       } else if constexpr (kMass == Mass::kSoft) {
-        Vec v = at::vec::fmadd(load_acc(prob + c), Vec(acc_t(1) - p.eps), Vec(p.eps_over_c));
+        Vec v = p.soft_q(load_acc(prob + c));
         if (p.weight) v = v * Vec::loadu(p.weight + c);
         vmass_dx[k] = at::vec::fmadd(v, d, vmass_dx[k]);
         vmass[k] += v;
@@ -247,7 +251,7 @@ void row_grad(const Params<scalar_t>& p, const scalar_t* x, const scalar_t* prob
       Vec out = vcoef * e;
       if (subtract) {
         Vec sub = voff;
-        if constexpr (kSoft) sub = sub * at::vec::fmadd(load_acc(prob + c), Vec(acc_t(1) - p.eps), Vec(p.eps_over_c));
+        if constexpr (kSoft) sub = sub * p.soft_q(load_acc(prob + c));
         if (p.weight) sub = sub * Vec::loadu(p.weight + c);
         out = out - sub;
       }
@@ -358,7 +362,7 @@ void tile_kernel(const Params<scalar_t>& p, const scalar_t* x, const scalar_t* p
     } else if constexpr (kMass == Mass::kWeighted) {
       vmass_dx = at::vec::fmadd(Vec(p.weight[c]), d, vmass_dx);
     } else if constexpr (kSoft) {
-      Vec v = at::vec::fmadd(load(prob + c * sc), Vec(acc_t(1) - p.eps), Vec(p.eps_over_c));
+      Vec v = p.soft_q(load(prob + c * sc));
       if (p.weight) v = v * Vec(p.weight[c]);
       vmass_dx = at::vec::fmadd(v, d, vmass_dx);
       vmass += v;
@@ -405,7 +409,7 @@ void tile_kernel(const Params<scalar_t>& p, const scalar_t* x, const scalar_t* p
   const Vec vinv_sum = Vec(acc_t(1)) / vsum;  // p = exp(x − max) / Σexp (garbage lanes are blended out)
   for (int64_t c = 0; c < C; ++c) {
     Vec sub = voff;
-    if constexpr (kSoft) sub = sub * at::vec::fmadd(load(prob + c * sc), Vec(acc_t(1) - p.eps), Vec(p.eps_over_c));
+    if constexpr (kSoft) sub = sub * p.soft_q(load(prob + c * sc));
     if (p.weight) sub = sub * Vec(p.weight[c]);
     const Vec prob_c = exps ? Vec::loadu(exps + c * V) * vinv_sum : vexp((load(x + c * sc) - vorigin) - vlog_sum);
     const Vec out = vcoef * prob_c - sub;
