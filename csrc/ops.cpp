@@ -3,6 +3,8 @@
 #include <Python.h>
 #include <torch/library.h>
 
+#include "smoothce/schema.h"
+
 #ifndef SMOOTHCE_VERSION
 #define SMOOTHCE_VERSION "unknown"
 #endif
@@ -11,15 +13,8 @@
 #endif
 
 TORCH_LIBRARY(smoothce, m) {
-  // Loss, per-position log-sum-exp (fp32; fp64 for fp64 input) and, when compute_grad, the gradient
-  // for an upstream gradient of 1 (all ones for reduction 'none'); an empty tensor otherwise.
-  m.def(
-      "forward(Tensor input, Tensor target, Tensor? weight, int ignore_index, int reduction, "
-      "float label_smoothing, bool compute_grad, bool float32_loss) -> (Tensor loss, Tensor lse, Tensor grad)",
-      {at::Tag::pt2_compliant_tag});
-  // grad *= grad_output (a scalar, or one value per position broadcast over the classes); a no-op
-  // when a scalar grad_output is 1, decided by the kernel without a host round trip.
-  m.def("scale_grad_(Tensor(a!) grad, Tensor grad_output) -> ()", {at::Tag::pt2_compliant_tag});
+  m.def(smoothce::kForwardSchema, {at::Tag::pt2_compliant_tag});
+  m.def(smoothce::kScaleGradSchema, {at::Tag::pt2_compliant_tag});
 }
 
 namespace smoothce::cpu {

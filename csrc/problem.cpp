@@ -197,6 +197,20 @@ Problem make_problem(const at::Tensor& input_arg, const at::Tensor& target_arg,
   return p;
 }
 
+void check_forward_grad_output(const Problem& p, const c10::optional<at::Tensor>& grad_output) {
+  if (!grad_output.has_value() || !grad_output->defined()) return;
+  const at::Tensor& g = *grad_output;
+  TORCH_CHECK_VALUE(p.compute_grad, "smoothce.forward: grad_output is only used with compute_grad=True");
+  TORCH_CHECK(g.device() == p.input.device(), "smoothce.forward: grad_output must be on the input's device (",
+              p.input.device(), "), got ", g.device());
+  TORCH_CHECK_TYPE(at::isFloatingType(g.scalar_type()), "smoothce.forward: grad_output must be floating, got ",
+                   g.scalar_type());
+  TORCH_CHECK_VALUE(g.dim() == 0 || (p.reduction == kNone && g.sizes() == at::IntArrayRef(p.position_shape)),
+                    "smoothce.forward: grad_output must be a scalar",
+                    p.reduction == kNone ? " or have shape " + shape_str(p.position_shape) : std::string(),
+                    ", got shape ", shape_str(g.sizes()));
+}
+
 void check_scale_grad_args(const at::Tensor& grad, const at::Tensor& grad_output) {
   TORCH_CHECK(grad_output.device() == grad.device(), "smoothce.scale_grad_: grad_output must be on the gradient's device (",
               grad.device(), "), got ", grad_output.device());

@@ -9,6 +9,10 @@ import torch
 
 from . import _C  # noqa: F401  (loading it registers torch.ops.smoothce)
 
+# The ops every call goes through. The test suite swaps in torch.ops.smoothce_emu (the CUDA kernels'
+# source run on CPU by tests/emu) to run the whole suite on them.
+_ops = torch.ops.smoothce
+
 REDUCTIONS = {"none": 0, "mean": 1, "sum": 2}
 _REDUCTION_NAMES = {code: name for name, code in REDUCTIONS.items()}
 _HALF_DTYPES = (torch.float16, torch.bfloat16)
@@ -38,7 +42,8 @@ def _check_devices(where: str, input, target, weight):
 
 
 @torch.library.register_fake("smoothce::forward")
-def _forward_fake(input, target, weight, ignore_index, reduction, label_smoothing, compute_grad, float32_loss):
+def _forward_fake(input, target, weight, ignore_index, reduction, label_smoothing, compute_grad, float32_loss,
+                  grad_output=None):
     _check_devices("smoothce.forward", input, target, weight)  # this is also the Meta kernel
     positions = _position_shape(input)
     acc_dtype = torch.float64 if input.dtype == torch.float64 else torch.float32
@@ -55,18 +60,19 @@ def _scale_grad_fake(grad, grad_output):
 
 
 class CrossEntropyFunction(torch.autograd.Function):
-    """Forward runs the fused kernel; when the input needs a gradient the kernel writes it too, for an
-    upstream gradient of 1, and the first backward only rescales it in place (a no-op for plain
-    loss.backward()). A later backward through a retained graph (retain_graph=True, gradcheck,
-    jacobians) recomputes the gradient from the saved logits instead of reusing the consumed buffer."""
+    """Forward runs the fused kernel; for mean and sum, when the input needs a gradient, the kernel
+    writes it too, for an upstream gradient of 1, and the first backward only rescales it in place (a
+    no-op for plain loss.backward()). Reduction 'none' (whose upstream gradient is a tensor) and a
+    later backward through a retained graph (retain_graph=True, gradcheck, jacobians) recompute the
+    gradient from the saved logits, scaled by the upstream gradient inside the kernel: one read of the
+    logits and one write of the gradient."""
 
     # The forward(ctx, ...) form: the setup_context form makes every apply() bind its arguments
     # through inspect.signature, which costs more than the whole kernel on small inputs.
     @staticmethod
     def forward(ctx, input, target, weight, ignore_index, reduction, label_smoothing, compute_grad, float32_loss):
-        loss, lse, grad = torch.ops.smoothce.forward(
-            input, target, weight, ignore_index, reduction, label_smoothing, compute_grad, float32_loss
-        )
+        fuse = compute_grad and reduction != REDUCTIONS["none"]
+        loss, lse, grad = _ops.forward(input, target, weight, ignore_index, reduction, label_smoothing, fuse, float32_loss)
         ctx.mark_non_differentiable(lse, grad)
         ctx.set_materialize_grads(False)  # no zero-filled N×C gradient for the `grad` output
         ctx.args = (ignore_index, reduction, label_smoothing, float32_loss)
@@ -74,8 +80,8 @@ class CrossEntropyFunction(torch.autograd.Function):
         # and may become input.grad); the logits are saved for a second backward and soft-target
         # gradients. Compiled graphs are functional: there the gradient is a saved tensor and backward
         # scales a copy of it.
-        compiled_grad = compute_grad and torch.compiler.is_compiling()
-        ctx.fused_grad = grad if compute_grad and not compiled_grad else None
+        compiled_grad = fuse and torch.compiler.is_compiling()
+        ctx.fused_grad = grad if fuse and not compiled_grad else None
         ctx.save_for_backward(input, target, weight, lse, grad if compiled_grad else None)
         return loss, lse, grad
 
@@ -90,15 +96,14 @@ class CrossEntropyFunction(torch.autograd.Function):
         if ctx.needs_input_grad[0]:
             grad_input, ctx.fused_grad = ctx.fused_grad, None
             if grad_input is not None:
-                torch.ops.smoothce.scale_grad_(grad_input, grad_loss)
+                _ops.scale_grad_(grad_input, grad_loss)
             elif ctx.saved_tensors[4] is not None:  # compiled
                 grad_input = _scaled(ctx.saved_tensors[4], grad_loss)
-            else:  # a second backward through a retained graph: the fused gradient was consumed
+            else:  # reduction 'none', or a second backward (the fused gradient was consumed)
                 input, target, weight = ctx.saved_tensors[:3]
-                _, _, grad_input = torch.ops.smoothce.forward(
-                    input, target, weight, ignore_index, reduction, label_smoothing, True, float32_loss
+                _, _, grad_input = _ops.forward(
+                    input, target, weight, ignore_index, reduction, label_smoothing, True, float32_loss, grad_loss
                 )
-                torch.ops.smoothce.scale_grad_(grad_input, grad_loss)
         if ctx.needs_input_grad[1]:
             input, _, weight, lse, _ = ctx.saved_tensors
             grad_target = _soft_target_grad(grad_loss, input, lse, weight, reduction, label_smoothing)
@@ -186,7 +191,7 @@ def cross_entropy_impl(
     compute_grad = torch.is_grad_enabled() and input.requires_grad
     if not (compute_grad or (target.requires_grad and torch.is_grad_enabled())):
         # Inference: nothing to differentiate, so skip autograd.Function's bookkeeping.
-        loss, _, _ = torch.ops.smoothce.forward(
+        loss, _, _ = _ops.forward(
             input, target, weight, int(ignore_index), REDUCTIONS[reduction], label_smoothing, False, float32_loss
         )
         return loss

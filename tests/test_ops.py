@@ -104,6 +104,37 @@ def test_forward_op_float32_loss(dtype, reduction):
     assert_close_to_truth(grad, t_grad, None, dtype, "grad")
 
 
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16], ids=dtype_id)
+@pytest.mark.parametrize("reduction", REDUCTIONS)
+@pytest.mark.parametrize("case", ["2d_weight", "nchw", "soft_weight_nchw", "unbatched"])
+def test_forward_op_grad_output(case, reduction, dtype):
+    """grad_output scales the gradient inside the kernel: the gradient of sum(grad_output * loss)."""
+    x, target, weight, ignore_index = _make(case, dtype)
+    positions = positions_shape(x.shape)
+    per_position = reduction == "none" and len(positions) > 0
+    go = make_logits(positions, dtype, seed=8) if per_position else torch.tensor(-1.75, dtype=dtype)
+    _, _, grad = torch.ops.smoothce.forward(x, target, weight, ignore_index, REDUCTION_CODE[reduction], 0.1,
+                                            True, False, go)
+    x64 = x.detach().double().requires_grad_(True)
+    t64 = target.double() if target.is_floating_point() else target
+    loss64 = ref.cross_entropy(x64, t64, weight.double() if weight is not None else None,
+                               ignore_index=ignore_index, reduction=reduction, label_smoothing=0.1)
+    loss64.backward(go.double().expand_as(loss64))
+    assert grad.dtype == dtype and grad.shape == x.shape
+    assert_close_to_truth(grad, x64.grad, None, dtype, "grad")
+
+
+@pytest.mark.parametrize("bad", ["without_compute_grad", "per_position_with_mean", "wrong_shape", "integer"])
+def test_forward_op_grad_output_errors(bad):
+    x, target, weight, ignore_index = _make("2d")
+    go = {"without_compute_grad": torch.tensor(2.0), "per_position_with_mean": torch.ones(6),
+          "wrong_shape": torch.ones(5), "integer": torch.tensor(2)}[bad]
+    reduction = 1 if bad == "per_position_with_mean" else 0
+    with pytest.raises((ValueError, TypeError), match="grad_output"):
+        torch.ops.smoothce.forward(x, target, weight, ignore_index, reduction, 0.1,
+                                   bad != "without_compute_grad", False, go)
+
+
 # ----------------------------------------------------------------------------- scale_grad_
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=dtype_id)
@@ -169,6 +200,13 @@ def _forward_arg_sets():
                              id="bf16-float32_loss"))
     x, target, weight, ignore_index = _make("2d_weight", torch.float64)
     sets.append(pytest.param((x, target, weight, ignore_index, 2, 0.0, True, False), id="fp64-sum"))
+    for case in ("2d_weight", "nchw", "soft"):  # an upstream gradient scaled inside the kernel
+        x, target, weight, ignore_index = _make(case)
+        go = make_logits(positions_shape(x.shape), seed=6)
+        sets.append(pytest.param((x, target, weight, ignore_index, 0, 0.1, True, False, go),
+                                 id=f"{case}-none-grad_output"))
+        sets.append(pytest.param((x, target, weight, ignore_index, 1, 0.1, True, False, torch.tensor(0.5)),
+                                 id=f"{case}-mean-grad_output"))
     return sets
 
 

@@ -32,9 +32,6 @@ namespace {
 
 using at::vec::Vectorized;
 
-template <typename scalar_t>
-using acc_type = std::conditional_t<std::is_same_v<scalar_t, double>, double, float>;
-
 // ---------------------------------------------------------------- vector load / store / exp
 template <typename scalar_t>
 inline Vectorized<acc_type<scalar_t>> load_acc(const scalar_t* ptr) {
@@ -95,9 +92,6 @@ inline Vectorized<acc_t> vexp(const Vectorized<acc_t>& v) {
 }
 
 // ---------------------------------------------------------------- per-launch constants
-// How the per-class "mass" v_c of RowState is formed (see row_math.h).
-enum class Mass { kNone, kUnit, kWeighted, kSoft };
-
 template <typename scalar_t>
 struct Params {
   using acc_t = acc_type<scalar_t>;
@@ -116,7 +110,8 @@ struct Params {
   acc_t eps, eps_over_c;
   TargetValues<acc_t> tv;
   acc_t weight_sum;  // Σ_c w_c (C when unweighted)
-  acc_t grad_scale;  // 1/D for mean, 1 otherwise
+  acc_t grad_scale;             // 1/D for mean, 1 otherwise; times a scalar upstream gradient
+  const acc_t* position_scale;  // per-position upstream gradient (reduction 'none'), or null
 
   int64_t target_at(int64_t n, int64_t s) const {
     const int64_t off = n * target_stride_outer + s * target_stride_inner;
@@ -128,15 +123,12 @@ struct Params {
     return inner == 1 ? pos * stride_outer : (pos / inner) * stride_outer + (pos % inner) * stride_inner;
   }
   acc_t weight_at(int64_t c) const { return weight ? weight[c] : acc_t(1); }
+  acc_t scale_at(int64_t pos) const { return position_scale ? grad_scale * position_scale[pos] : grad_scale; }
   // soft_target_q (row_math.h) on a vector of probabilities.
   Vectorized<acc_t> soft_q(const Vectorized<acc_t>& prob) const {
     return at::vec::fmadd(prob, Vectorized<acc_t>(acc_t(1) - eps), Vectorized<acc_t>(eps_over_c));
   }
-  Mass mass_kind() const {
-    if (soft_target) return Mass::kSoft;
-    if (tv.off == acc_t(0)) return Mass::kNone;
-    return weight ? Mass::kWeighted : Mass::kUnit;
-  }
+  Mass mass() const { return mass_kind(soft_target != nullptr, tv.off, weight != nullptr); }
 };
 
 // ---------------------------------------------------------------- rows: classes contiguous
@@ -303,13 +295,13 @@ void rows_kernel(const Params<scalar_t>& p, int64_t pos_begin, int64_t pos_end) 
     if constexpr (kSoft) {
       p.position_loss[pos] = mass_nll(state, log_sum);
       if (g)
-        row_grad<scalar_t, true>(p, x, prob, g, state.max, log_sum, p.grad_scale * state.mass, p.grad_scale,
+        row_grad<scalar_t, true>(p, x, prob, g, state.max, log_sum, p.scale_at(pos) * state.mass, p.scale_at(pos),
                                  exps, origins);
     } else {
       const acc_t w_t = p.weight_at(t), x_t = static_cast<acc_t>(x[t]);
       p.position_loss[pos] = index_target_loss(state, log_sum, x_t, w_t, p.tv);
       if (g) {
-        const auto k = index_grad_coefs(p.grad_scale, p.weight_sum, w_t, p.tv);
+        const auto k = index_grad_coefs(p.scale_at(pos), p.weight_sum, w_t, p.tv);
         row_grad<scalar_t, false>(p, x, nullptr, g, state.max, log_sum, k.softmax_coef, k.off_coef, exps,
                                   origins);
         g[t] = static_cast<scalar_t>(index_target_class_grad(k, std::exp(log_prob(state, log_sum, x_t)), w_t));
@@ -387,14 +379,14 @@ void tile_kernel(const Params<scalar_t>& p, const scalar_t* x, const scalar_t* p
     lane_log_sum[l] = log_sum;
     if constexpr (kSoft) {
       p.position_loss[pos0 + l] = mass_nll(state, log_sum);
-      lane_coef[l] = p.grad_scale * state.mass;
-      lane_off[l] = p.grad_scale;
+      lane_coef[l] = p.scale_at(pos0 + l) * state.mass;
+      lane_off[l] = p.scale_at(pos0 + l);
     } else {
       const int64_t t = targets[l];
       const acc_t w_t = p.weight_at(t);
       const acc_t x_t = static_cast<acc_t>(x[t * sc + l]);
       p.position_loss[pos0 + l] = index_target_loss(state, log_sum, x_t, w_t, p.tv);
-      const auto k = index_grad_coefs(p.grad_scale, p.weight_sum, w_t, p.tv);
+      const auto k = index_grad_coefs(p.scale_at(pos0 + l), p.weight_sum, w_t, p.tv);
       lane_coef[l] = k.softmax_coef;
       lane_off[l] = k.off_coef;
       lane_peak[l] = k.peak_coef;
@@ -607,9 +599,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> forward_cpu(const at::Tensor& inp
                                                            const c10::optional<at::Tensor>& weight,
                                                            int64_t ignore_index, int64_t reduction,
                                                            double label_smoothing, bool compute_grad,
-                                                           bool float32_loss) {
+                                                           bool float32_loss,
+                                                           const c10::optional<at::Tensor>& grad_output) {
   const Problem prob =
       make_problem(input, target, weight, ignore_index, reduction, label_smoothing, compute_grad, float32_loss);
+  check_forward_grad_output(prob, grad_output);
   const auto dtype = prob.input.scalar_type();
   const auto acc_dtype = dtype == at::kDouble ? at::kDouble : at::kFloat;
   const auto loss_dtype = (float32_loss && (dtype == at::kHalf || dtype == at::kBFloat16)) ? at::kFloat : dtype;
@@ -624,6 +618,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> forward_cpu(const at::Tensor& inp
   if (compute_grad && !grad.strides().equals(prob.input.strides())) kernel_grad = at::empty_like(prob.input);
   at::Tensor weight_acc;
   if (prob.weight.has_value()) weight_acc = prob.weight->to(acc_dtype).contiguous();
+  const bool scaled = grad_output.has_value() && grad_output->defined();
+  const at::Tensor upstream = scaled ? grad_output->to(acc_dtype).contiguous() : at::Tensor();
 
   double denominator = 1.0;
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, dtype, "smoothce_forward_cpu", [&] {
@@ -658,8 +654,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> forward_cpu(const at::Tensor& inp
 
     denominator = prob.soft_target ? static_cast<double>(prob.positions()) : index_target_total_weight(p);
     p.grad_scale = reduction == kMean ? static_cast<acc_t>(1.0 / denominator) : acc_t(1);
+    if (scaled && upstream.dim() == 0) p.grad_scale *= *upstream.const_data_ptr<acc_t>();
+    p.position_scale = scaled && upstream.dim() > 0 ? upstream.const_data_ptr<acc_t>() : nullptr;
 
-    switch (p.mass_kind()) {
+    switch (p.mass()) {
       case Mass::kNone: run_kernel<scalar_t, Mass::kNone>(p); break;
       case Mass::kUnit: run_kernel<scalar_t, Mass::kUnit>(p); break;
       case Mass::kWeighted: run_kernel<scalar_t, Mass::kWeighted>(p); break;

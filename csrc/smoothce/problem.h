@@ -41,6 +41,10 @@ Problem make_problem(const at::Tensor& input, const at::Tensor& target, const c1
                      int64_t ignore_index, int64_t reduction, double label_smoothing, bool compute_grad,
                      bool autocast);
 
+// Checks forward's grad_output: defined only with compute_grad, on the input's device, floating,
+// a scalar or (reduction 'none') one value per position.
+void check_forward_grad_output(const Problem& p, const c10::optional<at::Tensor>& grad_output);
+
 // Checks grad_output for scale_grad_ against the gradient it scales.
 void check_scale_grad_args(const at::Tensor& grad, const at::Tensor& grad_output);
 

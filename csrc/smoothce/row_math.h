@@ -5,6 +5,7 @@
 #include <cmath>
 #include <cstdint>
 #include <limits>
+#include <type_traits>
 
 #if defined(__CUDACC__) || defined(__HIPCC__)
 #define SMOOTHCE_HOST_DEVICE __host__ __device__ __forceinline__
@@ -15,6 +16,21 @@
 namespace smoothce {
 
 enum Reduction : int64_t { kNone = 0, kMean = 1, kSum = 2 };  // = at::Reduction values
+
+// Accumulation type: fp64 for fp64 logits, fp32 for everything else (half types included).
+template <typename scalar_t>
+using acc_type = std::conditional_t<std::is_same_v<scalar_t, double>, double, float>;
+
+// How the per-class "mass" v_c of RowState is formed: none (ε = 0, index targets), unit (v = 1),
+// weighted (v = w_c), soft (v = w_c·q_c, probability targets).
+enum class Mass : int { kNone = 0, kUnit = 1, kWeighted = 2, kSoft = 3 };
+
+template <typename acc_t>
+SMOOTHCE_HOST_DEVICE Mass mass_kind(bool soft_target, acc_t off_value, bool weighted) {
+  if (soft_target) return Mass::kSoft;
+  if (off_value == acc_t(0)) return Mass::kNone;
+  return weighted ? Mass::kWeighted : Mass::kUnit;
+}
 
 // Target distribution of an index target: q = on at the target class, off elsewhere (§7).
 template <typename acc_t>
@@ -126,6 +142,57 @@ SMOOTHCE_HOST_DEVICE IndexGradCoefs<acc_t> index_grad_coefs(acc_t scale, acc_t w
 template <typename acc_t>
 SMOOTHCE_HOST_DEVICE acc_t index_target_class_grad(const IndexGradCoefs<acc_t>& k, acc_t p_target, acc_t w_target) {
   return k.softmax_coef * p_target - k.off_coef * w_target - k.peak_coef;
+}
+
+// One gradient element ∂ℓ/∂x_j from the position's coefficients (index targets: class_mass = w_j;
+// probability targets: class_mass = w_j·q_j with softmax_coef = scale·Σ w·q, off_coef = scale and
+// peak_coef = 0). A zero off_coef contributes nothing (no 0·inf).
+template <typename acc_t>
+SMOOTHCE_HOST_DEVICE acc_t grad_element(const IndexGradCoefs<acc_t>& k, acc_t prob, acc_t class_mass,
+                                        bool is_target) {
+  acc_t g = k.softmax_coef * prob;
+  if (k.off_coef != acc_t(0)) g -= k.off_coef * class_mass;
+  if (is_target) g -= k.peak_coef;
+  return g;
+}
+
+// Everything a valid position's loss and gradient need, from its finished RowState.
+template <typename acc_t>
+struct PositionResult {
+  acc_t lse;      // max + log Σexp
+  acc_t log_sum;  // log Σexp (relative to max)
+  acc_t loss;
+  IndexGradCoefs<acc_t> coefs;
+};
+
+// Probability targets: `state.mass` = Σ w·q of the row (§3).
+template <typename acc_t>
+SMOOTHCE_HOST_DEVICE PositionResult<acc_t> soft_target_position(const RowState<acc_t>& state, acc_t scale) {
+  const acc_t log_sum = std::log(state.sum_exp);
+  return {state.max + log_sum, log_sum, mass_nll(state, log_sum), {scale * state.mass, scale, acc_t(0)}};
+}
+
+// Index targets: `state.mass` = Σ_c w_c when tv.off ≠ 0 (§2, §7).
+template <typename acc_t>
+SMOOTHCE_HOST_DEVICE PositionResult<acc_t> index_target_position(const RowState<acc_t>& state, acc_t x_target,
+                                                                 acc_t w_target, acc_t weight_sum, acc_t scale,
+                                                                 TargetValues<acc_t> tv) {
+  const acc_t log_sum = std::log(state.sum_exp);
+  return {state.max + log_sum, log_sum, index_target_loss(state, log_sum, x_target, w_target, tv),
+          index_grad_coefs(scale, weight_sum, w_target, tv)};
+}
+
+// Adds one logit x with mass v to a state kept relative to its running max (the online softmax of
+// one thread walking a strided row): rescales when x raises the max; a NaN poisons the state.
+template <typename acc_t, bool kWithMass>
+SMOOTHCE_HOST_DEVICE void accumulate(RowState<acc_t>& s, acc_t x, acc_t v) {
+  if (!(x <= s.max)) shift_to(s, (x != x || s.max != s.max) ? x + s.max : x);
+  const acc_t d = x - shift_origin(s.max);
+  s.sum_exp += std::exp(d);
+  if (kWithMass) {
+    s.mass_dx += v * d;
+    s.mass += v;
+  }
 }
 
 // Probability target mass of class c: w_c·q_c with q = (1 − ε)·P + ε/C (§3).
