@@ -11,7 +11,7 @@ SOURCES := setup.py $(wildcard csrc/*.cpp csrc/*/*.h csrc/*/*.cpp csrc/*/*.cuh c
 DEPS_STAMP := $(VENV)/.deps-installed
 BUILD_STAMP := $(VENV)/.smoothce-built
 
-.PHONY: all venv build test test-fast bench bench-quick cuda-check clean
+.PHONY: all venv build test test-fast test-emu test-gpu bench bench-quick cuda-check clean
 
 all: build
 
@@ -33,11 +33,29 @@ $(BUILD_STAMP): $(DEPS_STAMP) $(SOURCES)
 
 build: $(BUILD_STAMP)
 
+# libgomp's idle threads spin after every torch op; on 2 cores that starves the emulator's threads
+# (test_cuda_emulated.py: 32 s spinning, 2.5 s passive). Tests only: the benchmark keeps the default.
+test test-fast test-emu test-gpu: export OMP_WAIT_POLICY = passive
+
+# The suite on the CPU kernels (with tests/test_cuda_emulated.py: every CUDA launch plan on the
+# emulator), then the whole suite again on the emulated CUDA kernels, and on a GPU when one is visible.
 test: $(BUILD_STAMP)
 	$(PY) -m pytest tests -q -ra
+	SMOOTHCE_TEST_BACKEND=emu $(PY) -m pytest tests -q -ra -m "not slow"
+	@if $(PY) -c "import sys, torch; sys.exit(0 if torch.cuda.is_available() else 1)"; then \
+		SMOOTHCE_TEST_BACKEND=cuda $(PY) -m pytest tests -q -ra; \
+	else echo "make test: no GPU visible, the CUDA kernels were tested on the emulator only"; fi
 
 test-fast: $(BUILD_STAMP)
 	$(PY) -m pytest tests -q -ra -m "not slow"
+
+# The whole suite on the CUDA kernels' source run on CPU by the emulator (tests/emu).
+test-emu: $(BUILD_STAMP)
+	SMOOTHCE_TEST_BACKEND=emu $(PY) -m pytest tests -q -ra -m "not slow"
+
+# On a machine with a GPU: the whole suite on the CUDA kernels (plus tests/test_cuda.py).
+test-gpu: $(BUILD_STAMP)
+	SMOOTHCE_TEST_BACKEND=cuda $(PY) -m pytest tests -q -ra
 
 bench: $(BUILD_STAMP)
 	$(PY) -m bench $(BENCH_ARGS)

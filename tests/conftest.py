@@ -9,7 +9,10 @@ them, the elementwise magnitude of the terms the value is made of (loss_magnitud
 (fp16 smoothing overflow), only the floor applies.
 """
 import importlib.util
+import os
 import pathlib
+
+import pytest
 
 import torch
 import torch.nn.functional as F
@@ -44,8 +47,52 @@ FLOOR = {torch.float64: 64, torch.float32: 16, torch.float16: 4, torch.bfloat16:
 RTOL_ULPS = 2
 
 
+# Which kernels the suite runs on: "cpu" (default), "emu" (the CUDA kernels' source on CPU through
+# tests/emu: `make test-emu`) or "cuda" (a GPU: every call moves its tensors there and back, so the
+# same tests check the CUDA kernels; `make test-gpu`).
+BACKEND = os.environ.get("SMOOTHCE_TEST_BACKEND", "cpu")
+
+
 def pytest_configure(config):
     config.addinivalue_line("markers", "slow: slow test (compile, >2^31 elements); run by default")
+    config.addinivalue_line("markers", "cpu_only: checks the CPU kernels or the emulator themselves (runs on CPU "
+                                       "whatever the backend)")
+    config.addinivalue_line("markers", "device_assert: an out-of-range target, a device-side assert on CUDA "
+                                       "(runs on CPU under the cuda backend)")
+    if BACKEND not in ("cpu", "emu", "cuda"):
+        raise pytest.UsageError(f"SMOOTHCE_TEST_BACKEND must be cpu, emu or cuda, got {BACKEND!r}")
+
+
+def _on_cuda(impl):
+    """cross_entropy_impl on CUDA copies of the tensor arguments; the loss comes back to the caller's
+    device through autograd (so backward runs the CUDA gradient and scale kernels too)."""
+    def call(input, target, weight, *args):
+        def move(t):
+            return t.to("cuda") if isinstance(t, torch.Tensor) and t.device.type == "cpu" else t
+        loss = impl(move(input), move(target), move(weight), *args)
+        return loss.to(input.device) if isinstance(input, torch.Tensor) else loss
+    return call
+
+
+@pytest.fixture(autouse=True)
+def backend(request, monkeypatch):
+    """Routes smoothce's calls to the chosen kernels for every test not marked cpu_only."""
+    if (BACKEND == "cpu" or request.node.get_closest_marker("cpu_only")
+            or (BACKEND == "cuda" and request.node.get_closest_marker("device_assert"))):
+        return "cpu"
+    import smoothce
+    from smoothce import _function
+
+    if BACKEND == "emu":
+        import emulator
+
+        emulator.load()
+        monkeypatch.setattr(_function, "_ops", torch.ops.smoothce_emu)
+    else:
+        if not torch.cuda.is_available():
+            pytest.skip("SMOOTHCE_TEST_BACKEND=cuda but no CUDA device is visible")
+        monkeypatch.setattr(smoothce, "cross_entropy_impl", _on_cuda(_function.cross_entropy_impl))
+    return BACKEND
 
 
 def dtype_id(dtype):

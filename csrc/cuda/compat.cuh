@@ -1,0 +1,84 @@
+// The CUDA subset the kernels of csrc/cuda/*.cuh may use, so that the same source builds with nvcc
+// (real kernels) and with the host compiler under the test suite's emulator (tests/emu/emu.h,
+// which must be included before any csrc/cuda header there).
+//
+// Kernels may use ONLY (the emulator implements exactly this list):
+//   __global__ __device__ __host__ __forceinline__ __launch_bounds__(n) __restrict__
+//   threadIdx blockIdx blockDim gridDim (.x .y .z), warpSize (32)
+//   __syncthreads(), __syncwarp(mask)
+//   __shfl_xor_sync / __shfl_down_sync / __shfl_sync(mask, value, lane, width) on float, double,
+//     int, unsigned, long long
+//   static `__shared__` arrays of trivial types; dynamic shared memory only via
+//     SMOOTHCE_DYNAMIC_SMEM(type, name)
+//   __threadfence()
+//   math: expf logf exp log fmaxf fminf fabsf (and std:: forms through row_math.h)
+//   SMOOTHCE_DEVICE_INDEX_ERROR(value, classes, ignore_index): an out-of-range target (device assert)
+// Global memory is read and written only through memory.cuh (which counts bytes under emulation).
+// Launches only through SMOOTHCE_LAUNCH(kernel, grid, block, smem_bytes, args...) on the current stream.
+#pragma once
+
+#include <cstdint>
+
+#if defined(__CUDACC__)
+
+#include <ATen/cuda/CUDAContext.h>
+#include <c10/cuda/CUDAException.h>
+#include <cuda_runtime.h>
+
+#include <cstdio>
+
+#define SMOOTHCE_EMULATED 0
+#define SMOOTHCE_DYNAMIC_SMEM(type, name)                        \
+  extern __shared__ __align__(16) unsigned char smoothce_smem[]; \
+  type* name = reinterpret_cast<type*>(smoothce_smem)
+#define SMOOTHCE_COUNT_READ(bytes) ((void)0)
+#define SMOOTHCE_COUNT_WRITE(bytes) ((void)0)
+
+// Same behaviour as torch's nll_loss on CUDA: a device-side assert (the context reports it at the
+// next synchronisation), after printing which value was wrong.
+#define SMOOTHCE_DEVICE_INDEX_ERROR(value, classes, ignore_index)                                         \
+  do {                                                                                                    \
+    printf("smoothce.cross_entropy: target value %lld is out of bounds: expected class indices in "       \
+           "[0, %lld) or ignore_index (%lld)\n",                                                          \
+           static_cast<long long>(value), static_cast<long long>(classes),                                \
+           static_cast<long long>(ignore_index));                                                         \
+    CUDA_KERNEL_ASSERT(false && "smoothce: target out of bounds");                                        \
+  } while (0)
+
+namespace smoothce::cuda {
+// Kernels that ask for more than the default 48 KiB of dynamic shared memory must opt in.
+template <typename Kernel>
+inline void allow_smem(Kernel kernel, size_t smem_bytes) {
+  if (smem_bytes > 48 * 1024)
+    C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                                        static_cast<int>(smem_bytes)));
+}
+}  // namespace smoothce::cuda
+
+#define SMOOTHCE_LAUNCH(kernel, grid, block, smem_bytes, ...)                                      \
+  do {                                                                                             \
+    ::smoothce::cuda::allow_smem(kernel, smem_bytes);                                              \
+    kernel<<<grid, block, smem_bytes, ::at::cuda::getCurrentCUDAStream()>>>(__VA_ARGS__);          \
+    C10_CUDA_KERNEL_LAUNCH_CHECK();                                                                \
+  } while (0)
+
+#else  // host compiler: the emulator must have defined the CUDA subset
+
+#ifndef SMOOTHCE_EMULATOR
+#error "csrc/cuda headers build with nvcc, or with the host compiler after tests/emu/emu.h"
+#endif
+#define SMOOTHCE_EMULATED 1
+#define SMOOTHCE_DYNAMIC_SMEM(type, name) type* name = reinterpret_cast<type*>(::emu::dynamic_smem())
+#define SMOOTHCE_COUNT_READ(bytes) ::emu::count_read(bytes)
+#define SMOOTHCE_COUNT_WRITE(bytes) ::emu::count_write(bytes)
+#define SMOOTHCE_DEVICE_INDEX_ERROR(value, classes, ignore_index) \
+  ::emu::index_error(static_cast<long long>(value), static_cast<long long>(classes), static_cast<long long>(ignore_index))
+#define SMOOTHCE_LAUNCH(kernel, grid, block, smem_bytes, ...) \
+  ::emu::launch(kernel, dim3(grid), dim3(block), static_cast<size_t>(smem_bytes), __VA_ARGS__)
+
+#endif
+
+namespace smoothce::cuda {
+constexpr int kWarp = 32;
+constexpr unsigned kFullMask = 0xffffffffu;
+}  // namespace smoothce::cuda

@@ -1,0 +1,43 @@
+// CUDA implementation of smoothce::forward and smoothce::scale_grad_: the device guard, the current
+// stream (SMOOTHCE_LAUNCH) and the device's limits around the shared driver (forward.cuh).
+#include <c10/cuda/CUDAGuard.h>
+#include <torch/library.h>
+
+#include "cuda/forward.cuh"
+
+namespace smoothce::cuda {
+namespace {
+
+DeviceLimits limits_of(const at::Device& device) {
+  const cudaDeviceProp* prop = at::cuda::getDeviceProperties(device.index());  // cached by torch
+  DeviceLimits limits;
+  limits.sm_count = prop->multiProcessorCount;
+  // What a block may opt in to, less room for the kernels' static shared memory.
+  limits.max_smem = static_cast<int64_t>(prop->sharedMemPerBlockOptin) - 2048;
+  return limits;
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> forward_cuda(const at::Tensor& input, const at::Tensor& target,
+                                                            const c10::optional<at::Tensor>& weight,
+                                                            int64_t ignore_index, int64_t reduction,
+                                                            double label_smoothing, bool compute_grad,
+                                                            bool float32_loss,
+                                                            const c10::optional<at::Tensor>& grad_output) {
+  const c10::cuda::CUDAGuard guard(input.device());
+  return forward(input, target, weight, ignore_index, reduction, label_smoothing, compute_grad, float32_loss,
+                 grad_output, limits_of(input.device()));
+}
+
+void scale_grad_cuda(at::Tensor& grad, const at::Tensor& grad_output) {
+  const c10::cuda::CUDAGuard guard(grad.device());
+  scale_grad(grad, grad_output, limits_of(grad.device()));
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(smoothce, CUDA, m) {
+  m.impl("forward", &forward_cuda);
+  m.impl("scale_grad_", &scale_grad_cuda);
+}
+
+}  // namespace smoothce::cuda

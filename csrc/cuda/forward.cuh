@@ -1,0 +1,188 @@
+// Host side of the CUDA path: checks (problem.cpp), the device prologue (D, Σw, range check), the
+// launch plan (plan.h) and the kernels (kernels.cuh). Shared by cross_entropy.cu and the CPU
+// emulator (tests/emu), which runs it on CPU tensors. No host synchronisation anywhere: every value
+// the kernels need from the data is computed on the device (CUDA-graph capturable).
+#pragma once
+
+#include <ATen/ATen.h>
+#include <ATen/Dispatch.h>
+
+#include <tuple>
+
+#include "cuda/kernels.cuh"
+#include "smoothce/problem.h"
+
+namespace smoothce::cuda {
+
+constexpr int kPrologueThreads = 256;
+
+inline PlanInput plan_input(const Problem& p) {
+  PlanInput in;
+  in.outer = p.outer;
+  in.classes = p.classes;
+  in.inner = p.inner;
+  in.class_contiguous = p.class_contiguous();
+  const int64_t C = p.classes;
+  // Rows at consecutive positions follow each other: offset(pos) = pos·C.
+  in.dense_rows = in.class_contiguous && (p.inner == 1 ? (p.stride_outer == C || p.outer <= 1)
+                                                       : (p.stride_inner == C && (p.stride_outer == C * p.inner || p.outer <= 1)));
+  in.elem_size = static_cast<int64_t>(p.input.element_size());
+  in.soft = p.soft_target;
+  return in;
+}
+
+inline Plan plan_for(const Problem& p, const DeviceLimits& limits) { return make_plan(plan_input(p), limits); }
+
+template <typename scalar_t>
+void launch_main(const KernelArgs<scalar_t>& args, const Plan& plan, const at::Tensor& input) {
+  using acc_t = acc_type<scalar_t>;
+  if (plan.work == 0) return;
+  const dim3 grid(static_cast<unsigned>(plan.blocks)), block(static_cast<unsigned>(plan.threads));
+  switch (plan.variant) {
+    case Variant::kRows: {
+      auto kernel = &rows_kernel<scalar_t>;
+      SMOOTHCE_LAUNCH(kernel, grid, block, plan.smem_bytes, args, plan);
+      break;
+    }
+    case Variant::kStrided: {
+      auto kernel = &strided_kernel<scalar_t>;
+      SMOOTHCE_LAUNCH(kernel, grid, block, plan.smem_bytes, args, plan);
+      break;
+    }
+    case Variant::kSplitRows: {
+      // One online-softmax state per (position, chunk), in the accumulation type.
+      const at::Tensor partial =
+          at::empty({plan.work * static_cast<int64_t>(sizeof(RowState<acc_t>))}, input.options().dtype(at::kByte));
+      auto* states = reinterpret_cast<RowState<acc_t>*>(partial.mutable_data_ptr<uint8_t>());
+      auto state_kernel = &split_state_kernel<scalar_t>;
+      SMOOTHCE_LAUNCH(state_kernel, grid, block, 0, args, plan, states);
+      const int64_t items = args.grad ? plan.work : plan.work / plan.chunks;
+      const int64_t per_sm = std::max<int64_t>(1, 2048 / plan.threads);
+      const dim3 finish_grid(static_cast<unsigned>(std::max<int64_t>(1, std::min(items, plan.blocks * per_sm))));
+      auto finish_kernel = &split_finish_kernel<scalar_t>;
+      SMOOTHCE_LAUNCH(finish_kernel, finish_grid, block, 0, args, plan, items,
+                      static_cast<const RowState<acc_t>*>(states));
+      break;
+    }
+  }
+}
+
+// The op smoothce::forward on the device (see csrc/ops.cpp); `used_plan` reports the plan.
+inline std::tuple<at::Tensor, at::Tensor, at::Tensor> forward(
+    const at::Tensor& input, const at::Tensor& target_arg, const c10::optional<at::Tensor>& weight,
+    int64_t ignore_index, int64_t reduction, double label_smoothing, bool compute_grad, bool float32_loss,
+    const c10::optional<at::Tensor>& grad_output, const DeviceLimits& limits, Plan* used_plan = nullptr) {
+  // One target type in the kernels: uint8 class indices are widened (N bytes, no N×C work).
+  const at::Tensor target = target_arg.scalar_type() == at::kByte ? target_arg.to(at::kLong) : target_arg;
+  const Problem prob =
+      make_problem(input, target, weight, ignore_index, reduction, label_smoothing, compute_grad, float32_loss);
+  const auto dtype = prob.input.scalar_type();
+  const auto acc_dtype = dtype == at::kDouble ? at::kDouble : at::kFloat;
+  const auto loss_dtype = (float32_loss && (dtype == at::kHalf || dtype == at::kBFloat16)) ? at::kFloat : dtype;
+  const auto options = prob.input.options();
+  const int64_t positions = prob.positions();
+  check_forward_grad_output(prob, grad_output);
+  const bool scaled = grad_output.has_value() && grad_output->defined();
+  const at::Tensor upstream = scaled ? grad_output->to(acc_dtype).contiguous() : at::Tensor();
+
+  at::Tensor lse = at::empty(prob.position_shape, options.dtype(acc_dtype));
+  at::Tensor position_loss = at::empty(prob.position_shape, options.dtype(acc_dtype));
+  // The gradient has the caller's layout (empty_like, mirrored by the fake kernel); when the checks
+  // made the input contiguous, the kernels write a contiguous twin that is copied over.
+  at::Tensor grad = compute_grad ? at::empty_like(input) : at::empty({0}, input.options());
+  at::Tensor kernel_grad = grad;
+  if (compute_grad && !grad.strides().equals(prob.input.strides())) kernel_grad = at::empty_like(prob.input);
+  at::Tensor weight_acc;
+  if (prob.weight.has_value()) weight_acc = prob.weight->to(acc_dtype).contiguous();
+  at::Tensor scalars = at::empty({static_cast<int64_t>(sizeof(DeviceScalars) / sizeof(double))}, options.dtype(at::kDouble));
+  auto* device_scalars = reinterpret_cast<DeviceScalars*>(scalars.mutable_data_ptr<double>());
+
+  const Plan plan = plan_for(prob, limits);
+  if (used_plan) *used_plan = plan;
+
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, dtype, "smoothce_forward_cuda", [&] {
+    using acc_t = acc_type<scalar_t>;
+    const acc_t* weight_ptr = weight_acc.defined() ? weight_acc.const_data_ptr<acc_t>() : nullptr;
+
+    // Prologue: D (and the range check) over the targets, then the DeviceScalars.
+    int64_t partials = 0;
+    at::Tensor partial;
+    if (!prob.soft_target && positions > 0) {
+      partials = std::min<int64_t>(ceil_div(positions, kPrologueThreads * 8), limits.sm_count * 4);
+      partial = at::empty({partials}, options.dtype(at::kDouble));
+      auto kernel = &target_weight_kernel<acc_t>;
+      SMOOTHCE_LAUNCH(kernel, dim3(static_cast<unsigned>(partials)), dim3(kPrologueThreads), 0,
+                      prob.target.const_data_ptr<int64_t>(), weight_ptr, prob.outer, prob.inner,
+                      prob.target_stride_outer, prob.target_stride_inner, prob.classes, prob.ignore_index,
+                      partial.mutable_data_ptr<double>());
+    }
+    {
+      auto kernel = &scalars_kernel<acc_t>;
+      const double fixed_denominator = prob.soft_target || positions == 0 ? static_cast<double>(positions) : -1.0;
+      SMOOTHCE_LAUNCH(kernel, dim3(1), dim3(kPrologueThreads), 0,
+                      partial.defined() ? static_cast<const double*>(partial.const_data_ptr<double>()) : nullptr,
+                      partials, fixed_denominator, weight_ptr, prob.classes, reduction,
+                      scaled && upstream.dim() == 0 ? upstream.const_data_ptr<acc_t>() : nullptr, device_scalars);
+    }
+
+    KernelArgs<scalar_t> a{};
+    a.input = prob.input.const_data_ptr<scalar_t>();
+    a.soft_target = prob.soft_target ? prob.target.const_data_ptr<scalar_t>() : nullptr;
+    a.target = prob.soft_target ? nullptr : prob.target.const_data_ptr<int64_t>();
+    a.weight = weight_ptr;
+    a.grad = compute_grad ? kernel_grad.mutable_data_ptr<scalar_t>() : nullptr;
+    a.position_loss = position_loss.mutable_data_ptr<acc_t>();
+    a.lse = lse.mutable_data_ptr<acc_t>();
+    a.scalars = device_scalars;
+    a.position_scale = scaled && upstream.dim() > 0 ? upstream.const_data_ptr<acc_t>() : nullptr;
+    a.classes = prob.classes;
+    a.outer = prob.outer;
+    a.inner = prob.inner;
+    a.stride_outer = prob.stride_outer;
+    a.stride_class = prob.stride_class;
+    a.stride_inner = prob.stride_inner;
+    a.target_stride_outer = prob.target_stride_outer;
+    a.target_stride_inner = prob.target_stride_inner;
+    a.ignore_index = prob.ignore_index;
+    const int64_t C = std::max<int64_t>(prob.classes, 1);
+    a.eps = static_cast<acc_t>(label_smoothing);
+    a.eps_over_c = static_cast<acc_t>(label_smoothing / static_cast<double>(C));
+    a.tv = uniform_smoothing<acc_t>(a.eps, C);
+    a.mass = mass_kind(prob.soft_target, a.tv.off, weight_ptr != nullptr);
+    launch_main(a, plan, prob.input);
+  });
+
+  if (!kernel_grad.is_same(grad)) grad.copy_(kernel_grad);
+  at::Tensor loss;
+  if (reduction == kNone) {
+    loss = position_loss.to(loss_dtype);
+  } else {
+    at::Tensor total = position_loss.sum(at::kDouble);
+    if (reduction == kMean) total = total / scalars.select(0, 0);  // a plain division: 0/0 is NaN, as torch
+    loss = total.to(loss_dtype);
+  }
+  return {loss, lse, grad};
+}
+
+// The op smoothce::scale_grad_ on the device: grad *= grad_output.
+inline void scale_grad(at::Tensor& grad, const at::Tensor& grad_output, const DeviceLimits& limits) {
+  check_scale_grad_args(grad, grad_output);
+  if (grad.numel() == 0) return;
+  if (grad_output.dim() > 0 || !grad.is_non_overlapping_and_dense()) {
+    grad.mul_(grad_output.dim() > 0 && grad.dim() > 1 ? grad_output.unsqueeze(1) : grad_output);
+    return;
+  }
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, grad.scalar_type(), "smoothce_scale_grad_cuda", [&] {
+    using acc_t = acc_type<scalar_t>;
+    const at::Tensor factor = grad_output.to(grad.options().dtype(c10::CppTypeToScalarType<acc_t>::value));
+    const int64_t threads = 256;
+    const int64_t blocks = std::max<int64_t>(1, std::min(ceil_div(grad.numel(), threads * 8), limits.sm_count * 8));
+    // A dense tensor's elements are the numel consecutive slots from its data pointer, in some order.
+    scalar_t* base = grad.mutable_data_ptr<scalar_t>();
+    auto kernel = &scale_grad_kernel<scalar_t>;
+    SMOOTHCE_LAUNCH(kernel, dim3(static_cast<unsigned>(blocks)), dim3(static_cast<unsigned>(threads)), 0, base,
+                    grad.numel(), factor.const_data_ptr<acc_t>());
+  });
+}
+
+}  // namespace smoothce::cuda

@@ -1,0 +1,528 @@
+// The CUDA kernels of smoothce::forward and smoothce::scale_grad_ (launch plans: plan.h; host side:
+// forward.cuh). Only the CUDA subset of compat.cuh is used, so the CPU emulator builds this file too.
+//
+// Traffic model (global memory, per element of the N×C logits), with the gradient fused into forward:
+//   rows (classes contiguous, row on chip): 1 read + 1 write; inference: 1 read
+//   strided (classes strided):  staged tile 1 read + 1 write; unstaged 2 reads (the second mostly
+//                               from L2) + 1 write
+//   split rows (row too long):  2 reads + 1 write (the finishing kernel re-reads its chunk); inference 1 read
+// Probability targets add their own reads (once where staged); per-position values (target, loss, lse)
+// and class weights (served from L1/L2) are small next to C elements.
+#pragma once
+
+#include "cuda/compat.cuh"
+#include "cuda/memory.cuh"
+#include "cuda/plan.h"
+#include "smoothce/row_math.h"
+
+namespace smoothce::cuda {
+
+// Scalars the prologue kernels compute on the device and every main kernel reads (no host round trip).
+struct DeviceScalars {
+  double denominator;  // D: Σ_valid w[t] (index targets) or the number of positions (probabilities)
+  double grad_scale;   // 1/D for mean, 1 otherwise; times a scalar upstream gradient
+  double weight_sum;   // Σ_c w_c (C without weights)
+};
+
+template <typename scalar_t>
+struct KernelArgs {
+  using acc_t = acc_type<scalar_t>;
+  const scalar_t* input;
+  const scalar_t* soft_target;  // probability targets (input's strides), or null
+  const int64_t* target;        // index targets, or null
+  const acc_t* weight;          // null when unweighted
+  scalar_t* grad;               // null when no gradient is wanted
+  acc_t* position_loss;
+  acc_t* lse;
+  const DeviceScalars* scalars;
+  const acc_t* position_scale;  // per-position upstream gradient (reduction 'none'), or null
+  int64_t classes, outer, inner;
+  int64_t stride_outer, stride_class, stride_inner;
+  int64_t target_stride_outer, target_stride_inner;
+  int64_t ignore_index;
+  acc_t eps, eps_over_c;
+  TargetValues<acc_t> tv;
+  Mass mass;
+
+  __device__ int64_t offset_of(int64_t pos) const {
+    return inner == 1 ? pos * stride_outer : (pos / inner) * stride_outer + (pos % inner) * stride_inner;
+  }
+  // `counted`: see load_broadcast (the threads of a row's group read its target together).
+  __device__ int64_t target_of(int64_t pos, bool counted = true) const {
+    const int64_t n = inner == 1 ? pos : pos / inner, s = inner == 1 ? 0 : pos % inner;
+    return load_broadcast(target + n * target_stride_outer + s * target_stride_inner, counted);
+  }
+  __device__ acc_t weight_at(int64_t c) const { return weight ? load_global(weight + c) : acc_t(1); }
+  // v_c of RowState for class c (prob: the probability target of c; unused for index targets).
+  __device__ acc_t class_mass(int64_t c, acc_t prob) const {
+    switch (mass) {
+      case Mass::kUnit: return acc_t(1);
+      case Mass::kWeighted: return load_global(weight + c);
+      case Mass::kSoft: return weight_at(c) * soft_target_q(prob, eps, eps_over_c);
+      default: return acc_t(0);
+    }
+  }
+  // The class's term in the gradient: w_c (index targets) or w_c·q_c (probabilities).
+  __device__ acc_t grad_mass(int64_t c, acc_t prob) const {
+    return mass == Mass::kSoft ? class_mass(c, prob) : weight_at(c);
+  }
+  // An index target of a valid position (a value out of range is reported by the prologue kernel,
+  // and is never used as an index here).
+  __device__ bool valid_target(int64_t t) const { return t != ignore_index && t >= 0 && t < classes; }
+};
+
+// Per-position values a block shares for its gradient write.
+template <typename acc_t>
+struct RowScalars {
+  acc_t max, log_sum;
+  IndexGradCoefs<acc_t> coefs;
+  int64_t target;  // -1 for probability targets
+  int valid;
+};
+static_assert(sizeof(RowScalars<double>) <= kRowScalarsBytes, "plan.h reserves kRowScalarsBytes per row");
+
+template <typename T>
+__device__ __forceinline__ T nan_max(T a, T b) {
+  return (a != a || b != b) ? a + b : (a > b ? a : b);
+}
+
+// ---------------------------------------------------------------- group reductions
+// A group is `group` consecutive threads: lanes of one warp (group ≤ 32; every lane of the warp
+// calls) or the whole block (group = blockDim.x, a multiple of 32; every thread calls). Every thread
+// of the group gets the same result (butterfly; + and max commute exactly), in a fixed order.
+template <typename T, int N>
+struct Fields {
+  T v[N];
+};
+
+template <typename T, int N, typename Op>
+__device__ Fields<T, N> group_reduce(Fields<T, N> f, int group, Op op) {
+  const int width = group < kWarp ? group : kWarp;
+  for (int offset = width / 2; offset > 0; offset /= 2)
+    for (int i = 0; i < N; ++i) f.v[i] = op(f.v[i], __shfl_xor_sync(kFullMask, f.v[i], offset, width));
+  if (group <= kWarp) return f;
+  __shared__ T scratch[N][kWarp];
+  const int warp = threadIdx.x / kWarp, warps = blockDim.x / kWarp;
+  __syncthreads();  // the previous reduction's readers are done with scratch
+  if (threadIdx.x % kWarp == 0)
+    for (int i = 0; i < N; ++i) scratch[i][warp] = f.v[i];
+  __syncthreads();
+  for (int i = 0; i < N; ++i) {
+    T total = scratch[i][0];
+    for (int w = 1; w < warps; ++w) total = op(total, scratch[i][w]);
+    f.v[i] = total;
+  }
+  return f;
+}
+
+// The merge of online-softmax states over the whole block (split rows, one state per thread).
+template <typename acc_t>
+__device__ RowState<acc_t> block_merge(RowState<acc_t> s) {
+  for (int offset = kWarp / 2; offset > 0; offset /= 2) {
+    const RowState<acc_t> other{__shfl_xor_sync(kFullMask, s.max, offset), __shfl_xor_sync(kFullMask, s.sum_exp, offset),
+                                __shfl_xor_sync(kFullMask, s.mass_dx, offset), __shfl_xor_sync(kFullMask, s.mass, offset)};
+    s = merge(s, other);
+  }
+  __shared__ RowState<acc_t> scratch[kWarp];
+  const int warp = threadIdx.x / kWarp, warps = blockDim.x / kWarp;
+  __syncthreads();
+  if (threadIdx.x % kWarp == 0) scratch[warp] = s;
+  __syncthreads();
+  RowState<acc_t> total = scratch[0];
+  for (int w = 1; w < warps; ++w) total = merge(total, scratch[w]);
+  return total;
+}
+
+// ---------------------------------------------------------------- runs of contiguous elements
+// Copies src[0..n) into shared memory dst (16-byte aligned, n + 16 bytes of room) with 16-byte
+// vectors where the alignment allows; `nthreads` threads share the work. Returns the shift: element
+// e lands at dst[shift + e], chosen so that aligned global vectors land on aligned shared vectors.
+template <typename T>
+__device__ int stage_run(const T* src, int64_t n, T* dst, int thread, int nthreads) {
+  constexpr int P = Pack<T>::kSize;
+  const int head = static_cast<int>(misaligned_head(src) < n ? misaligned_head(src) : n);
+  const int shift = head == 0 ? 0 : P - head;
+  for (int64_t e = thread; e < head; e += nthreads) dst[shift + e] = load_global(src + e);
+  const int64_t packs = (n - head) / P;
+  for (int64_t k = thread; k < packs; k += nthreads)
+    *reinterpret_cast<Pack<T>*>(dst + shift + head + k * P) = load_pack(src + head + k * P);
+  for (int64_t e = head + packs * P + thread; e < n; e += nthreads) dst[shift + e] = load_global(src + e);
+  return shift;
+}
+
+// dst[e] = value(e) for e in [0, n), 16-byte vector stores where the alignment allows.
+template <typename T, typename Value>
+__device__ void write_run(T* dst, int64_t n, int thread, int nthreads, const Value& value) {
+  constexpr int P = Pack<T>::kSize;
+  const int64_t head = misaligned_head(dst) < n ? misaligned_head(dst) : n;
+  for (int64_t e = thread; e < head; e += nthreads) store_global(dst + e, static_cast<T>(value(e)));
+  const int64_t packs = (n - head) / P;
+  for (int64_t k = thread; k < packs; k += nthreads) {
+    Pack<T> pack;
+    for (int j = 0; j < P; ++j) pack.v[j] = static_cast<T>(value(head + k * P + j));
+    store_pack(dst + head + k * P, pack);
+  }
+  for (int64_t e = head + packs * P + thread; e < n; e += nthreads) store_global(dst + e, static_cast<T>(value(e)));
+}
+
+// f(e, src[e]) for e in [0, n), 16-byte vector loads where the alignment allows.
+template <typename T, typename F>
+__device__ void read_run(const T* src, int64_t n, int thread, int nthreads, const F& f) {
+  constexpr int P = Pack<T>::kSize;
+  const int64_t head = misaligned_head(src) < n ? misaligned_head(src) : n;
+  for (int64_t e = thread; e < head; e += nthreads) f(e, load_global(src + e));
+  const int64_t packs = (n - head) / P;
+  for (int64_t k = thread; k < packs; k += nthreads) {
+    const Pack<T> pack = load_pack(src + head + k * P);
+    for (int j = 0; j < P; ++j) f(head + k * P + j, pack.v[j]);
+  }
+  for (int64_t e = head + packs * P + thread; e < n; e += nthreads) f(e, load_global(src + e));
+}
+
+// The loss and lse of one position, and what its gradient needs (a zero RowScalars when invalid).
+template <typename scalar_t>
+// `write`: this thread stores loss and lse (and is the one counted for the target's weight).
+__device__ RowScalars<acc_type<scalar_t>> finish_position(const KernelArgs<scalar_t>& a, const RowState<acc_type<scalar_t>>& state,
+                                                          int64_t pos, int64_t target, bool valid, acc_type<scalar_t> x_target,
+                                                          const DeviceScalars& scalars, bool write) {
+  using acc_t = acc_type<scalar_t>;
+  RowScalars<acc_t> out{};
+  out.target = target;
+  out.valid = valid;
+  acc_t loss = acc_t(0), lse = acc_t(0);
+  if (valid) {
+    acc_t scale = static_cast<acc_t>(scalars.grad_scale);
+    if (a.position_scale) scale *= load_broadcast(a.position_scale + pos, write);
+    const PositionResult<acc_t> r =
+        a.mass == Mass::kSoft
+            ? soft_target_position(state, scale)
+            : index_target_position(state, x_target, a.weight ? load_broadcast(a.weight + target, write) : acc_t(1),
+                                    static_cast<acc_t>(scalars.weight_sum), scale, a.tv);
+    out.max = state.max;
+    out.log_sum = r.log_sum;
+    out.coefs = r.coefs;
+    loss = r.loss;
+    lse = r.lse;
+  }
+  if (write) {
+    store_global(a.position_loss + pos, loss);
+    store_global(a.lse + pos, lse);
+  }
+  return out;
+}
+
+template <typename acc_t>
+__device__ __forceinline__ acc_t grad_value(const RowScalars<acc_t>& r, acc_t x, acc_t class_mass, int64_t c) {
+  if (!r.valid) return acc_t(0);
+  return grad_element(r.coefs, std::exp((x - r.max) - r.log_sum), class_mass, c == r.target);
+}
+
+// ---------------------------------------------------------------- prologue: D, Σw, the range check
+// Per-block partial sums of D = Σ_valid w[t] over index targets (and the range check: torch's
+// behaviour, a device-side assert, naming the value).
+template <typename acc_t>
+__global__ void target_weight_kernel(const int64_t* target, const acc_t* weight, int64_t outer, int64_t inner,
+                                     int64_t target_stride_outer, int64_t target_stride_inner, int64_t classes,
+                                     int64_t ignore_index, double* partial) {
+  double total = 0.0;
+  const int64_t positions = outer * inner;
+  for (int64_t pos = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; pos < positions;
+       pos += static_cast<int64_t>(gridDim.x) * blockDim.x) {
+    const int64_t t = load_global(target + (pos / inner) * target_stride_outer + (pos % inner) * target_stride_inner);
+    if (t == ignore_index) continue;
+    if (t < 0 || t >= classes) {
+      SMOOTHCE_DEVICE_INDEX_ERROR(t, classes, ignore_index);
+      continue;
+    }
+    total += weight ? static_cast<double>(load_global(weight + t)) : 1.0;
+  }
+  total = group_reduce(Fields<double, 1>{{total}}, blockDim.x, [](double a, double b) { return a + b; }).v[0];
+  if (threadIdx.x == 0) store_global(partial + blockIdx.x, total);
+}
+
+// One block: the DeviceScalars from the partial sums (fixed order: deterministic).
+// `upstream`: a scalar upstream gradient folded into grad_scale, or null.
+template <typename acc_t>
+__global__ void scalars_kernel(const double* partial, int64_t partials, double fixed_denominator,
+                               const acc_t* weight, int64_t classes, int64_t reduction, const acc_t* upstream,
+                               DeviceScalars* out) {
+  Fields<double, 2> sums{{0.0, 0.0}};
+  for (int64_t i = threadIdx.x; i < partials; i += blockDim.x) sums.v[0] += load_global(partial + i);
+  for (int64_t c = threadIdx.x; weight && c < classes; c += blockDim.x) sums.v[1] += static_cast<double>(load_global(weight + c));
+  sums = group_reduce(sums, blockDim.x, [](double a, double b) { return a + b; });
+  if (threadIdx.x == 0) {
+    const double denominator = fixed_denominator >= 0.0 ? fixed_denominator : sums.v[0];
+    const double weight_sum = weight ? sums.v[1] : static_cast<double>(classes);
+    const double scale = (reduction == kMean ? 1.0 / denominator : 1.0) *
+                         (upstream ? static_cast<double>(load_global(upstream)) : 1.0);
+    store_global(out, DeviceScalars{denominator, scale, weight_sum});
+  }
+}
+
+// ---------------------------------------------------------------- rows: classes contiguous
+// A tile of plan.rows_per_block rows per iteration, plan.group threads per row. The tile is staged
+// in shared memory (one contiguous run for dense rows, else a row per group), reduced twice (max,
+// then Σexp and the mass sums) and the gradient written from shared memory: 1 read + 1 write.
+// Every group runs the whole body (rows past the end and ignored rows included) so that warp
+// shuffles and barriers see all their threads; their results are discarded.
+template <typename scalar_t>
+__global__ void __launch_bounds__(512, 1) rows_kernel(KernelArgs<scalar_t> a, Plan plan) {
+  using acc_t = acc_type<scalar_t>;
+  SMOOTHCE_DYNAMIC_SMEM(unsigned char, smem);
+  const int64_t C = a.classes;
+  const int G = plan.group, R = plan.rows_per_block;
+  const int row_in_tile = threadIdx.x / G, lane = threadIdx.x % G;
+  const bool soft = a.mass == Mass::kSoft;
+  const int64_t staged = plan.cooperative ? staged_bytes(R * C, sizeof(scalar_t))
+                                          : R * plan.row_stride * static_cast<int64_t>(sizeof(scalar_t));
+  scalar_t* x_smem = reinterpret_cast<scalar_t*>(smem);
+  scalar_t* p_smem = reinterpret_cast<scalar_t*>(smem + staged);
+  RowScalars<acc_t>* row_scalars = reinterpret_cast<RowScalars<acc_t>*>(smem + (soft ? 2 : 1) * staged);
+  const DeviceScalars scalars = load_broadcast(a.scalars, threadIdx.x == 0);
+  const int64_t positions = a.outer * a.inner;
+  const int64_t tiles = ceil_div(positions, R);
+
+  for (int64_t tile = blockIdx.x; tile < tiles; tile += gridDim.x) {
+    const int64_t row0 = tile * R;
+    const int rows = static_cast<int>(positions - row0 < R ? positions - row0 : R);
+    const int64_t pos = row0 + row_in_tile;
+    const bool active = row_in_tile < rows;
+
+    // 1. stage the logits (and probabilities)
+    const scalar_t* x = nullptr;
+    const scalar_t* prob = nullptr;
+    int x_shift = 0, p_shift = 0;
+    if (plan.cooperative) {
+      const int64_t base = a.offset_of(row0);
+      x_shift = stage_run(a.input + base, rows * C, x_smem, threadIdx.x, blockDim.x);
+      if (soft) p_shift = stage_run(a.soft_target + base, rows * C, p_smem, threadIdx.x, blockDim.x);
+      x = x_smem + x_shift + row_in_tile * C;
+      prob = p_smem + p_shift + row_in_tile * C;
+    } else {
+      scalar_t* x_row = x_smem + row_in_tile * plan.row_stride;
+      scalar_t* p_row = p_smem + row_in_tile * plan.row_stride;
+      if (active) {
+        x_shift = stage_run(a.input + a.offset_of(pos), C, x_row, lane, G);
+        if (soft) p_shift = stage_run(a.soft_target + a.offset_of(pos), C, p_row, lane, G);
+      }
+      x = x_row + x_shift;
+      prob = p_row + p_shift;
+    }
+    int64_t target = -1;
+    bool valid = active;
+    if (active && !soft) {
+      target = a.target_of(pos, lane == 0);
+      valid = a.valid_target(target);
+    }
+    __syncthreads();
+
+    // 2. max, then Σexp and the mass sums relative to it
+    acc_t row_max = -std::numeric_limits<acc_t>::infinity();
+    for (int64_t c = lane; c < C; c += G) row_max = nan_max(row_max, static_cast<acc_t>(x[c]));
+    row_max = group_reduce(Fields<acc_t, 1>{{row_max}}, G, [](acc_t u, acc_t v) { return nan_max(u, v); }).v[0];
+    const acc_t origin = shift_origin(row_max);
+    Fields<acc_t, 3> sums{{acc_t(0), acc_t(0), acc_t(0)}};  // Σexp, Σv·(x − origin), Σv
+    for (int64_t c = lane; c < C; c += G) {
+      const acc_t d = static_cast<acc_t>(x[c]) - origin;
+      sums.v[0] += std::exp(d);
+      if (a.mass != Mass::kNone) {
+        const acc_t v = a.class_mass(c, soft ? static_cast<acc_t>(prob[c]) : acc_t(0));
+        sums.v[1] += v * d;
+        sums.v[2] += v;
+      }
+    }
+    sums = group_reduce(sums, G, [](acc_t u, acc_t v) { return u + v; });
+    RowState<acc_t> state{origin, sums.v[0], sums.v[1], sums.v[2]};
+    if (a.mass == Mass::kWeighted) state.mass = static_cast<acc_t>(scalars.weight_sum);
+
+    // 3. loss and lse; 4. the gradient from shared memory
+    const acc_t x_target = valid && !soft ? static_cast<acc_t>(x[target]) : acc_t(0);
+    const RowScalars<acc_t> row = finish_position(a, state, pos, target, valid, x_target, scalars, active && lane == 0);
+    if (a.grad) {
+      if (plan.cooperative) {
+        if (lane == 0) row_scalars[row_in_tile] = row;
+        __syncthreads();
+        const scalar_t* x_run = x_smem + x_shift;
+        const scalar_t* p_run = p_smem + p_shift;
+        const int row_classes = static_cast<int>(C);
+        write_run(a.grad + a.offset_of(row0), rows * C, threadIdx.x, blockDim.x, [&](int64_t e) {
+          const int r = static_cast<int>(e) / row_classes, c = static_cast<int>(e) - r * row_classes;
+          const acc_t class_mass = a.grad_mass(c, soft ? static_cast<acc_t>(p_run[e]) : acc_t(0));
+          return grad_value(row_scalars[r], static_cast<acc_t>(x_run[e]), class_mass, c);
+        });
+      } else if (active) {
+        write_run(a.grad + a.offset_of(pos), C, lane, G, [&](int64_t c) {
+          const acc_t class_mass = a.grad_mass(c, soft ? static_cast<acc_t>(prob[c]) : acc_t(0));
+          return grad_value(row, static_cast<acc_t>(x[c]), class_mass, c);
+        });
+      }
+    }
+    __syncthreads();  // shared memory is restaged by the next tile
+  }
+}
+
+// ---------------------------------------------------------------- split rows: C too long for shared memory
+// Work item = (position, chunk of plan.chunk classes). Pass 1: each block folds its chunk into one
+// online-softmax state, written to `partial` (one read of the logits).
+template <typename scalar_t>
+__global__ void __launch_bounds__(512, 1) split_state_kernel(KernelArgs<scalar_t> a, Plan plan,
+                                                          RowState<acc_type<scalar_t>>* partial) {
+  using acc_t = acc_type<scalar_t>;
+  const bool soft = a.mass == Mass::kSoft;
+  for (int64_t item = blockIdx.x; item < plan.work; item += gridDim.x) {
+    const int64_t pos = item / plan.chunks, c0 = (item % plan.chunks) * plan.chunk;
+    const int64_t n = a.classes - c0 < plan.chunk ? a.classes - c0 : plan.chunk;
+    const int64_t offset = a.offset_of(pos) + c0;
+    RowState<acc_t> state = RowState<acc_t>::empty();
+    read_run(a.input + offset, n, threadIdx.x, blockDim.x, [&](int64_t e, scalar_t x) {
+      if (a.mass == Mass::kNone) {
+        accumulate<acc_t, false>(state, static_cast<acc_t>(x), acc_t(0));
+      } else {
+        const acc_t prob = soft ? static_cast<acc_t>(load_global(a.soft_target + offset + e)) : acc_t(0);
+        accumulate<acc_t, true>(state, static_cast<acc_t>(x), a.class_mass(c0 + e, prob));
+      }
+    });
+    state = block_merge(state);
+    if (threadIdx.x == 0) store_global(partial + item, state);
+  }
+}
+
+// Pass 2: each block merges its position's chunk states (fixed order), the chunk-0 block writes loss
+// and lse, and with a gradient every block re-reads its chunk and writes it (items = positions ×
+// chunks; positions alone without a gradient).
+template <typename scalar_t>
+__global__ void __launch_bounds__(512, 1) split_finish_kernel(KernelArgs<scalar_t> a, Plan plan, int64_t items,
+                                                           const RowState<acc_type<scalar_t>>* partial) {
+  using acc_t = acc_type<scalar_t>;
+  __shared__ RowScalars<acc_t> shared_row;
+  const bool soft = a.mass == Mass::kSoft;
+  const int64_t per_position = a.grad ? plan.chunks : 1;
+  const DeviceScalars scalars = load_broadcast(a.scalars, threadIdx.x == 0);
+  for (int64_t item = blockIdx.x; item < items; item += gridDim.x) {
+    const int64_t pos = item / per_position, chunk = item % per_position;
+    if (threadIdx.x == 0) {
+      RowState<acc_t> state = load_global(partial + pos * plan.chunks);
+      for (int64_t k = 1; k < plan.chunks; ++k) state = merge(state, load_global(partial + pos * plan.chunks + k));
+      if (a.mass == Mass::kUnit) state.mass = static_cast<acc_t>(a.classes);
+      if (a.mass == Mass::kWeighted) state.mass = static_cast<acc_t>(scalars.weight_sum);
+      const int64_t target = soft ? -1 : a.target_of(pos);
+      const bool valid = soft || a.valid_target(target);
+      const acc_t x_target = valid && !soft ? static_cast<acc_t>(load_global(a.input + a.offset_of(pos) + target)) : acc_t(0);
+      shared_row = finish_position(a, state, pos, target, valid, x_target, scalars, chunk == 0);
+    }
+    __syncthreads();
+    if (a.grad) {
+      const RowScalars<acc_t> row = shared_row;
+      const int64_t c0 = chunk * plan.chunk;
+      const int64_t n = a.classes - c0 < plan.chunk ? a.classes - c0 : plan.chunk;
+      const int64_t offset = a.offset_of(pos) + c0;
+      if (misaligned_head(a.input + offset) == misaligned_head(a.grad + offset)) {
+        // logits and gradient share their alignment (the usual case): vector loads and stores
+        constexpr int P = Pack<scalar_t>::kSize;
+        const int64_t head = misaligned_head(a.input + offset) < n ? misaligned_head(a.input + offset) : n;
+        const int64_t packs = (n - head) / P;
+        auto element = [&](int64_t e, scalar_t x) {
+          const acc_t prob = soft ? static_cast<acc_t>(load_global(a.soft_target + offset + e)) : acc_t(0);
+          return static_cast<scalar_t>(grad_value(row, static_cast<acc_t>(x), a.grad_mass(c0 + e, prob), c0 + e));
+        };
+        for (int64_t e = threadIdx.x; e < head; e += blockDim.x)
+          store_global(a.grad + offset + e, element(e, load_global(a.input + offset + e)));
+        for (int64_t k = threadIdx.x; k < packs; k += blockDim.x) {
+          const int64_t e0 = head + k * P;
+          const Pack<scalar_t> in = load_pack(a.input + offset + e0);
+          Pack<scalar_t> out;
+          for (int j = 0; j < P; ++j) out.v[j] = element(e0 + j, in.v[j]);
+          store_pack(a.grad + offset + e0, out);
+        }
+        for (int64_t e = head + packs * P + threadIdx.x; e < n; e += blockDim.x)
+          store_global(a.grad + offset + e, element(e, load_global(a.input + offset + e)));
+      } else {
+        write_run(a.grad + offset, n, threadIdx.x, blockDim.x, [&](int64_t e) {
+          const acc_t prob = soft ? static_cast<acc_t>(load_global(a.soft_target + offset + e)) : acc_t(0);
+          return grad_value(row, static_cast<acc_t>(load_global(a.input + offset + e)), a.grad_mass(c0 + e, prob), c0 + e);
+        });
+      }
+    }
+    __syncthreads();  // shared_row is rewritten by the next item
+  }
+}
+
+// ---------------------------------------------------------------- strided: a thread per position
+// Consecutive threads take consecutive positions (contiguous in memory: coalesced loads), each
+// walking its classes with their stride in one online-softmax pass. With plan.staged the block's
+// C × threads tile (and probabilities) stays in shared memory for the gradient (1 read + 1 write);
+// otherwise the gradient pass reads the logits again. No barriers: a thread touches only its column.
+template <typename scalar_t>
+__global__ void __launch_bounds__(256, 1) strided_kernel(KernelArgs<scalar_t> a, Plan plan) {
+  using acc_t = acc_type<scalar_t>;
+  SMOOTHCE_DYNAMIC_SMEM(scalar_t, tile);
+  const int64_t C = a.classes, T = blockDim.x;
+  const bool soft = a.mass == Mass::kSoft;
+  scalar_t* x_tile = tile + threadIdx.x;
+  scalar_t* p_tile = tile + C * T + threadIdx.x;
+  const DeviceScalars scalars = load_broadcast(a.scalars, threadIdx.x == 0);
+  const int64_t tiles_per_outer = ceil_div(a.inner, T);
+  for (int64_t item = blockIdx.x; item < plan.work; item += gridDim.x) {
+    const int64_t n = item / tiles_per_outer, s = (item % tiles_per_outer) * T + threadIdx.x;
+    if (s >= a.inner) continue;
+    const int64_t pos = n * a.inner + s;
+    const int64_t base = n * a.stride_outer + s * a.stride_inner;
+    const int64_t target = soft ? -1 : a.target_of(pos);
+    const bool valid = soft || a.valid_target(target);
+    RowState<acc_t> state = RowState<acc_t>::empty();
+    for (int64_t c = 0; c < C; ++c) {
+      const scalar_t x = load_global(a.input + base + c * a.stride_class);
+      if (plan.staged) x_tile[c * T] = x;
+      if (a.mass == Mass::kNone) {
+        accumulate<acc_t, false>(state, static_cast<acc_t>(x), acc_t(0));
+      } else {
+        acc_t prob = acc_t(0);
+        if (soft) {
+          const scalar_t p = load_global(a.soft_target + base + c * a.stride_class);
+          if (plan.staged) p_tile[c * T] = p;
+          prob = static_cast<acc_t>(p);
+        }
+        accumulate<acc_t, true>(state, static_cast<acc_t>(x), a.class_mass(c, prob));
+      }
+    }
+    if (a.mass == Mass::kWeighted) state.mass = static_cast<acc_t>(scalars.weight_sum);
+    auto x_at = [&](int64_t c) {
+      return static_cast<acc_t>(plan.staged ? x_tile[c * T] : load_global(a.input + base + c * a.stride_class));
+    };
+    auto p_at = [&](int64_t c) {
+      if (!soft) return acc_t(0);
+      return static_cast<acc_t>(plan.staged ? p_tile[c * T] : load_global(a.soft_target + base + c * a.stride_class));
+    };
+    const RowScalars<acc_t> row = finish_position(a, state, pos, target, valid, valid && !soft ? x_at(target) : acc_t(0), scalars, true);
+    if (a.grad)
+      for (int64_t c = 0; c < C; ++c)
+        store_global(a.grad + base + c * a.stride_class,
+              static_cast<scalar_t>(valid ? grad_value(row, x_at(c), a.grad_mass(c, p_at(c)), c) : acc_t(0)));
+  }
+}
+
+// ---------------------------------------------------------------- backward: grad *= grad_output
+// A scalar upstream gradient read on the device: when it is 1 (plain loss.backward() on mean/sum)
+// every block returns at once, so the fused gradient costs nothing more and the host never syncs.
+// Otherwise one read and one write of the gradient (a dense tensor walked as its flat storage).
+template <typename scalar_t>
+__global__ void scale_grad_kernel(scalar_t* grad, int64_t numel, const acc_type<scalar_t>* grad_output) {
+  using acc_t = acc_type<scalar_t>;
+  const acc_t scale = load_broadcast(grad_output, threadIdx.x == 0);
+  if (scale == acc_t(1)) return;
+  constexpr int P = Pack<scalar_t>::kSize;
+  const int64_t head = misaligned_head(grad) < numel ? misaligned_head(grad) : numel;
+  const int64_t packs = (numel - head) / P;
+  const int64_t stride = static_cast<int64_t>(gridDim.x) * blockDim.x;
+  const int64_t first = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x;
+  auto scaled = [&](scalar_t g) { return static_cast<scalar_t>(static_cast<acc_t>(g) * scale); };
+  for (int64_t e = first; e < head; e += stride) store_global(grad + e, scaled(load_global(grad + e)));
+  for (int64_t k = first; k < packs; k += stride) {
+    Pack<scalar_t> pack = load_pack(grad + head + k * P);
+    for (int j = 0; j < P; ++j) pack.v[j] = scaled(pack.v[j]);
+    store_pack(grad + head + k * P, pack);
+  }
+  for (int64_t e = head + packs * P + first; e < numel; e += stride) store_global(grad + e, scaled(load_global(grad + e)));
+}
+
+}  // namespace smoothce::cuda

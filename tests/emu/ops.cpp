@@ -1,0 +1,106 @@
+// csrc/cuda's host driver and kernels, built by the host compiler on top of the emulator and
+// registered as torch.ops.smoothce_emu.* for CPU tensors (same schemas as torch.ops.smoothce.*).
+// The tests run every launch plan through it, with device limits they choose.
+#include <torch/extension.h>
+#include <torch/library.h>
+
+#include "emu.h"  // before any csrc/cuda header
+
+#include "cuda/forward.cuh"
+#include "smoothce/schema.h"
+
+namespace {
+
+using smoothce::cuda::DeviceLimits;
+using smoothce::cuda::Plan;
+using smoothce::cuda::Variant;
+
+// An A100-like device by default (opt-in shared memory), with few SMs so that grids stay small.
+DeviceLimits& limits() {
+  static DeviceLimits value{2, 163 * 1024 - 2048, 8192};
+  return value;
+}
+
+Plan& last_plan() {
+  static Plan plan;
+  return plan;
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> forward_emu(const at::Tensor& input, const at::Tensor& target,
+                                                           const c10::optional<at::Tensor>& weight,
+                                                           int64_t ignore_index, int64_t reduction,
+                                                           double label_smoothing, bool compute_grad,
+                                                           bool float32_loss,
+                                                           const c10::optional<at::Tensor>& grad_output) {
+  return smoothce::cuda::forward(input, target, weight, ignore_index, reduction, label_smoothing, compute_grad,
+                                 float32_loss, grad_output, limits(), &last_plan());
+}
+
+void scale_grad_emu(at::Tensor& grad, const at::Tensor& grad_output) {
+  smoothce::cuda::scale_grad(grad, grad_output, limits());
+}
+
+pybind11::dict plan_dict(const Plan& plan) {
+  static const char* names[] = {"rows", "split_rows", "strided"};
+  pybind11::dict d;
+  d["variant"] = names[static_cast<int>(plan.variant)];
+  d["threads"] = plan.threads;
+  d["group"] = plan.group;
+  d["rows_per_block"] = plan.rows_per_block;
+  d["cooperative"] = plan.cooperative;
+  d["chunk"] = plan.chunk;
+  d["chunks"] = plan.chunks;
+  d["staged"] = plan.staged;
+  d["work"] = plan.work;
+  d["blocks"] = plan.blocks;
+  d["smem_bytes"] = plan.smem_bytes;
+  return d;
+}
+
+}  // namespace
+
+TORCH_LIBRARY(smoothce_emu, m) {
+  m.def(smoothce::kForwardSchema);
+  m.def(smoothce::kScaleGradSchema);
+}
+
+TORCH_LIBRARY_IMPL(smoothce_emu, CPU, m) {
+  m.impl("forward", &forward_emu);
+  m.impl("scale_grad_", &scale_grad_emu);
+}
+
+void bind_ops(pybind11::module_& m) {
+  m.def(
+      "set_limits",
+      [](int64_t sm_count, int64_t max_smem, int64_t split_chunk) {
+        limits() = DeviceLimits{sm_count, max_smem, split_chunk};
+      },
+      "Device limits the launch plans are made for (the emulator enforces its own max_dynamic_smem)",
+      pybind11::arg("sm_count"),
+      pybind11::arg("max_smem"), pybind11::arg("split_chunk"));
+  m.def("limits", [] {
+    pybind11::dict d;
+    d["sm_count"] = limits().sm_count;
+    d["max_smem"] = limits().max_smem;
+    d["split_chunk"] = limits().split_chunk;
+    return d;
+  });
+  m.def("last_plan", [] { return plan_dict(last_plan()); }, "The plan of the last emulated forward");
+  m.def(
+      "plan",
+      [](int64_t outer, int64_t classes, int64_t inner, bool class_contiguous, bool dense_rows, int64_t elem_size,
+         bool soft) {
+        smoothce::cuda::PlanInput in;
+        in.outer = outer;
+        in.classes = classes;
+        in.inner = inner;
+        in.class_contiguous = class_contiguous;
+        in.dense_rows = dense_rows;
+        in.elem_size = elem_size;
+        in.soft = soft;
+        return plan_dict(smoothce::cuda::make_plan(in, limits()));
+      },
+      "make_plan for the current limits", pybind11::arg("outer"), pybind11::arg("classes"), pybind11::arg("inner"),
+      pybind11::arg("class_contiguous"), pybind11::arg("dense_rows"), pybind11::arg("elem_size"),
+      pybind11::arg("soft"));
+}

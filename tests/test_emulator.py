@@ -1,0 +1,303 @@
+"""The CPU emulator of the CUDA kernels (tests/emu) tested on its own: tiny kernels with known
+results (tests/emu/selftest.cpp) for barriers, shuffles, shared memory, indices, launch limits,
+error reporting and the traffic counters."""
+import time
+
+import pytest
+import torch
+
+import emulator
+
+POISON = -1  # a shuffle from a lane outside the mask: all 0xFF bytes (-1, or NaN)
+SHUFFLE_OPS = {"xor": 0, "down": 1, "idx": 2, "idx_by_lane": 3, "syncwarp": 4}
+
+
+@pytest.fixture(scope="module")
+def emu():
+    return emulator.load()
+
+
+@pytest.fixture(params=[1, 2], ids=["1-worker", "2-workers"])
+def workers(request, emu):
+    """Runs the test with blocks on one OS thread, then on two (results must not change)."""
+    previous = emu.workers()
+    emu.set_workers(request.param)
+    yield request.param
+    emu.set_workers(previous)
+
+
+def block_sum_reference(x, threads):
+    rows = x.view(-1, threads)
+    return rows.sum(1), (rows - rows.sum(1, keepdim=True) / threads).flatten()
+
+
+@pytest.mark.parametrize("threads", [32, 96, 256, 1024])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_block_sum(emu, workers, threads, dtype):
+    x = torch.randn(13 * threads, dtype=torch.float64).to(dtype)
+    sums, centered = emu.selftest.block_sum(x, threads)
+    want_sums, want_centered = block_sum_reference(x.double(), threads)
+    tol = 1e-4 if dtype == torch.float32 else 1e-12
+    torch.testing.assert_close(sums.double(), want_sums, rtol=tol, atol=tol * threads)
+    torch.testing.assert_close(centered.double(), want_centered, rtol=tol, atol=tol * threads)
+
+
+def test_block_sum_same_on_any_number_of_workers(emu):
+    x = torch.randn(50 * 256)
+    previous = emu.workers()
+    try:
+        results = []
+        for workers in (1, 2, 3):
+            emu.set_workers(workers)
+            results.append(emu.selftest.block_sum(x, 256))
+    finally:
+        emu.set_workers(previous)
+    for sums, centered in results[1:]:
+        assert torch.equal(sums, results[0][0]) and torch.equal(centered, results[0][1])
+
+
+def shuffle_reference(values, op, arg, width, half_masks):
+    """PTX shfl.sync (what CUDA's __shfl_*_sync compile to), lane by lane."""
+    n = len(values)
+    out = []
+    for tid in range(n):
+        lane, base = tid % 32, tid - tid % 32
+        mask = (1 << min(32, n - base)) - 1
+        if half_masks:
+            mask &= 0x0000FFFF if lane < 16 else 0xFFFF0000
+        first = lane & ~(width - 1)
+        last = first + width - 1
+        source = {
+            "xor": lane ^ (arg & 31),
+            "down": lane + (arg & 31),
+            "idx": first | (arg & (width - 1)),
+            "idx_by_lane": first | ((lane * 5 + arg) & (width - 1)),
+            "syncwarp": lane,
+        }[op]
+        if source > last:
+            source = lane
+        out.append(values[base + source].item() if mask >> source & 1 else POISON)
+    return out
+
+
+def run_shuffle(emu, values, op, arg, width, half_masks=False):
+    return emu.selftest.shuffle(values, SHUFFLE_OPS[op], arg, width, half_masks)
+
+
+@pytest.mark.parametrize("op", ["xor", "down", "idx", "idx_by_lane"])
+@pytest.mark.parametrize("threads", [32, 64, 48])
+def test_shuffles_follow_ptx_semantics(emu, op, threads):
+    args = {"xor": [0, 1, 2, 5, 8, 16, 31], "down": [0, 1, 2, 3, 8, 16, 31],
+            "idx": [0, 3, 15, 31, -1], "idx_by_lane": [0, 7]}[op]
+    values = torch.arange(100, 100 + threads, dtype=torch.int32)
+    for width in (1, 2, 4, 8, 16, 32):
+        for arg in args:
+            for half_masks in (False, True):
+                got = run_shuffle(emu, values, op, arg, width, half_masks).tolist()
+                want = shuffle_reference(values, op, arg, width, half_masks)
+                assert got == want, (op, arg, width, half_masks)
+
+
+@pytest.mark.parametrize("dtype", [torch.int64, torch.float64])
+def test_shuffles_of_8_byte_values(emu, dtype):
+    values = (torch.arange(64, dtype=torch.float64) * 2**40 + 0.5).to(dtype)
+    for op, arg, width in [("xor", 3, 32), ("down", 5, 8), ("idx", 9, 16), ("idx_by_lane", 1, 32)]:
+        got = run_shuffle(emu, values, op, arg, width)
+        want = torch.tensor(shuffle_reference(values, op, arg, width, False), dtype=dtype)
+        assert torch.equal(got, want), op
+
+
+def test_shuffle_documented_cases(emu):
+    """Cases worked out from the CUDA programming guide, independently of shuffle_reference."""
+    values = torch.arange(64, dtype=torch.int32)
+    # xor within width 16: lane 19 may read the earlier segment (lane 3), lane 3 gets its own value.
+    got = run_shuffle(emu, values, "xor", 16, 16)
+    assert got[19] == 3 and got[3] == 3
+    # down within width 8: lane 6 + 4 leaves its segment, so lane 6 keeps its value; lane 2 reads 6.
+    got = run_shuffle(emu, values, "down", 4, 8)
+    assert got[6] == 6 and got[2] == 6 and got[32 + 2] == 32 + 6
+    # idx within width 8: source lane 3 of each segment (lane 13 reads lane 11); 11 % 8 = 3.
+    assert run_shuffle(emu, values, "idx", 3, 8)[13] == 11
+    assert run_shuffle(emu, values, "idx", 11, 8)[13] == 11
+    # Partial warp (48 threads): lane 8 of warp 1 reading lane 24, which does not exist, is poison.
+    got = run_shuffle(emu, torch.arange(48, dtype=torch.int32), "xor", 16, 32)
+    assert got[32 + 8] == POISON and got[8] == 24
+
+
+def test_syncwarp_with_disjoint_half_masks(emu):
+    values = torch.arange(64, dtype=torch.int32)
+    assert torch.equal(run_shuffle(emu, values, "syncwarp", 0, 32, half_masks=True), values)
+    # Each half-warp shuffles among itself with width 16.
+    got = run_shuffle(emu, values, "xor", 8, 16, half_masks=True)
+    assert got.tolist() == [v ^ 8 for v in range(64)]
+
+
+@pytest.mark.parametrize("smem_bytes", [256, 4096, 200 * 1024])
+def test_dynamic_shared_memory_is_filled_and_per_block(emu, workers, smem_bytes):
+    blocks, threads = 5, 64
+    dirty, reversed_, aligned = emu.selftest.dynamic_smem(blocks, threads, smem_bytes)
+    assert dirty.sum().item() == 0  # every block starts from the 0xFF fill, never a previous block's data
+    assert aligned.tolist() == [1] * blocks
+    want = torch.arange(blocks * threads, dtype=torch.float32).view(blocks, threads).flip(1).flatten()
+    assert torch.equal(reversed_, want)
+
+
+@pytest.mark.parametrize("grid,block", [
+    ((1, 1, 1), (1, 1, 1)),
+    ((3, 1, 1), (40, 1, 1)),
+    ((2, 3, 2), (4, 2, 3)),
+    ((1, 2, 1), (5, 3, 1)),
+    ((2, 1, 1), (8, 8, 16)),
+    ((1, 1, 1), (1024, 1, 1)),
+])
+def test_indices_cover_the_grid(emu, workers, grid, block):
+    rows = emu.selftest.indices(list(grid), list(block), 0).view(-1, 12)
+    want = []
+    for bz in range(grid[2]):
+        for by in range(grid[1]):
+            for bx in range(grid[0]):
+                for tz in range(block[2]):
+                    for ty in range(block[1]):
+                        for tx in range(block[0]):
+                            want.append([tx, ty, tz, bx, by, bz, *block, *grid])
+    assert rows.tolist() == want
+
+
+@pytest.mark.parametrize("mode,threads,split,message", [
+    (0, 64, 16, r"__syncthreads\(\) at selftest\.cpp:\d+ can never complete: 16 of the block's 64 threads have "
+                r"exited \(1 arrived\)"),
+    (1, 64, 16, r"thread \(16,0,0\) \(warp 0, lane 16\) exited while 16 of the block's 64 threads wait at "
+                r"__syncthreads\(\) \(selftest\.cpp:\d+\)"),
+    (1, 64, 63, r"thread \(63,0,0\) \(warp 1, lane 31\) exited while 63 of the block's 64 threads wait"),
+    (2, 64, 16, r"threads reached different __syncthreads\(\) calls: 16 at selftest\.cpp:\d+, "
+                r"thread \(16,0,0\) .* at selftest\.cpp:\d+"),
+    (3, 32, 16, r"deadlock: no thread can run; 16 wait at __syncthreads\(\) \(selftest\.cpp:\d+\); 16 wait at "
+                r"__syncwarp\(mask 0xffffffff\) in warp 0 \(selftest\.cpp:\d+\); 0 of 32 exited"),
+    (1, 64, 0, None),  # every thread returns: no barrier is reached, nothing to report
+])
+def test_barrier_misuse_raises(emu, mode, threads, split, message):
+    if message is None:
+        assert emu.selftest.barrier(threads, mode, split).sum().item() == 0
+        return
+    with pytest.raises(RuntimeError, match=message) as error:
+        emu.selftest.barrier(threads, mode, split)
+    assert "emu: emu_selftest::barrier_kernel(int*, int, int), block (0,0,0) of grid (1,1,1)" in str(error.value)
+    assert emu.selftest.barrier(threads, 4, 0).tolist() == [1] * threads  # the correct kernel runs after
+
+
+@pytest.mark.parametrize("mode,threads,lane,message", [
+    (0, 32, 0, r"__shfl_xor_sync\(mask 0x00000001\) at selftest\.cpp:\d+: the mask does not include the "
+               r"calling thread \(1,0,0\)"),
+    (1, 32, 0, r"warp 0, mask 0xffffffff: .* calls __shfl_xor_sync on 4 bytes .* calls __shfl_down_sync"),
+    (2, 16, 0, r"the mask names lanes 16-31, which do not exist \(warp 0 has 16 threads\)"),
+    (3, 32, 0, r"width 3 is not a power of two"),
+    # Lane 0 exits before the others arrive; lane 31 exits while the others wait for it.
+    (4, 32, 0, r"__shfl_xor_sync\(mask 0xffffffff\) .* by thread \(1,0,0\) .*: the mask names lane 0 of warp 0, "
+               r"which exited"),
+    (4, 32, 31, r"thread \(31,0,0\) \(warp 0, lane 31\) exited while thread \(0,0,0\) .* waits at "
+                r"__shfl_xor_sync\(mask 0xffffffff\)"),
+])
+def test_warp_misuse_raises(emu, mode, threads, lane, message):
+    with pytest.raises(RuntimeError, match=message):
+        emu.selftest.warp(threads, mode, lane)
+    assert emu.selftest.warp(32, 5, 0).tolist() == [float(t ^ 1) for t in range(32)]
+
+
+def run_targets(emu, targets, classes=10, ignore_index=-100, threads=64):
+    out = torch.full_like(targets, -7)
+    emu.selftest.targets(targets, out, classes, ignore_index, threads)
+    return out
+
+
+def test_index_error_reports_the_first_bad_target(emu, workers):
+    targets = torch.arange(1000) % 10
+    targets[5] = -100  # ignore_index: fine
+    targets[900] = -3  # block 14
+    targets[70] = 12   # block 1 (64 threads a block): the one reported, whatever ran first
+    targets[71] = 13
+    before = emu.launch_count()
+    with pytest.raises(IndexError, match=r"^smoothce\.cross_entropy: target value 12 is out of bounds: "
+                                         r"expected class indices in \[0, 10\) or ignore_index \(-100\)"):
+        run_targets(emu, targets)
+    assert emu.launch_count() == before + 1
+    targets[70] = targets[71] = targets[900] = 1
+    assert torch.equal(run_targets(emu, targets), targets)
+
+
+def test_index_error_stops_the_thread_and_the_launch(emu):
+    """One worker: threads run in order, so what ran before the error is known exactly."""
+    previous = emu.workers()
+    emu.set_workers(1)
+    try:
+        targets = torch.arange(640) % 10
+        targets[200] = 99  # block 3 of 10, thread 8
+        out = torch.full_like(targets, -7)
+        with pytest.raises(IndexError, match="target value 99 "):
+            emu.selftest.targets(targets, out, 10, -100, 64)
+    finally:
+        emu.set_workers(previous)
+    assert torch.equal(out[:200], targets[:200])
+    assert (out[200:] == -7).all()  # the failing thread, the rest of its block, the later blocks
+
+
+def test_exception_in_a_kernel_surfaces(emu, workers):
+    with pytest.raises(ValueError, match="selftest: thrown in a kernel"):
+        emu.selftest.throw_in_kernel(64, 5)
+    assert emu.selftest.throw_in_kernel(64, -1).tolist() == [1] * 64
+
+
+@pytest.mark.parametrize("grid,block,smem,message", [
+    ((1, 1, 1), (1025, 1, 1), 0, r"blockDim is limited to \(1024, 1024, 64\)"),
+    ((1, 1, 1), (64, 32, 1), 0, "more than 1024 threads per block"),
+    ((1, 1, 1), (1, 1, 65), 0, r"blockDim is limited"),
+    ((1, 1, 1), (0, 1, 1), 0, "a block dimension is 0"),
+    ((0, 1, 1), (32, 1, 1), 0, "a grid dimension is 0"),
+    ((1, 65536, 1), (32, 1, 1), 0, r"gridDim is limited"),
+    ((1, 1, 1), (32, 1, 1), 227 * 1024 + 1, "more dynamic shared memory than the 232448 bytes allowed"),
+])
+def test_invalid_launches_raise(emu, grid, block, smem, message):
+    before = emu.launch_count()
+    with pytest.raises(RuntimeError, match=r"emu: invalid launch of emu_selftest::index_kernel\(int\*\) .*" + message):
+        emu.selftest.indices(list(grid), list(block), smem)
+    assert emu.launch_count() == before
+
+
+def test_shared_memory_limit_is_configurable(emu):
+    assert emu.max_dynamic_smem() == 227 * 1024
+    try:
+        emu.set_max_dynamic_smem(48 * 1024)
+        emu.selftest.dynamic_smem(1, 32, 48 * 1024)
+        with pytest.raises(RuntimeError, match="more dynamic shared memory than the 49152 bytes allowed"):
+            emu.selftest.dynamic_smem(1, 32, 48 * 1024 + 16)
+    finally:
+        emu.set_max_dynamic_smem(227 * 1024)
+    emu.selftest.dynamic_smem(1, 32, 227 * 1024)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_traffic_counts_bytes(emu, workers, dtype):
+    x = torch.randn(1000, dtype=dtype)
+    emu.reset_traffic()
+    before = emu.launch_count()
+    out = emu.selftest.copy(x, 3, 128)
+    assert torch.equal(out, x)
+    size = x.element_size()
+    assert emu.traffic() == (1000 * size, 1000 * size)
+    emu.selftest.copy(x[:10].contiguous(), 1, 32)
+    assert emu.traffic() == (1010 * size, 1010 * size)
+    assert emu.launch_count() == before + 2
+    assert emu.last_launch() == ((1, 1, 1), (32, 1, 1), 0)
+    emu.reset_traffic()
+    assert emu.traffic() == (0, 0)
+
+
+def test_a_typical_launch_is_fast(emu):
+    """64 blocks x 256 threads, a block reduction (7 warp and 2 block barriers per thread)."""
+    x = torch.randn(64 * 256)
+    emu.selftest.block_sum(x, 256)
+    best = float("inf")
+    for _ in range(5):
+        start = time.perf_counter()
+        emu.selftest.block_sum(x, 256)
+        best = min(best, time.perf_counter() - start)
+    assert best < 0.050, f"{best * 1e3:.1f} ms"
