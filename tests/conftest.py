@@ -57,8 +57,8 @@ def pytest_configure(config):
     config.addinivalue_line("markers", "slow: slow test (compile, >2^31 elements); run by default")
     config.addinivalue_line("markers", "cpu_only: checks the CPU kernels or the emulator themselves (runs on CPU "
                                        "whatever the backend)")
-    config.addinivalue_line("markers", "device_assert: an out-of-range target, a device-side assert on CUDA "
-                                       "(runs on CPU under the cuda backend)")
+    config.addinivalue_line("markers", "not_on_cuda: runs on the CPU kernels under the cuda backend (CPU "
+                                       "autocast; out-of-range targets, a device-side assert on CUDA)")
     if BACKEND not in ("cpu", "emu", "cuda"):
         raise pytest.UsageError(f"SMOOTHCE_TEST_BACKEND must be cpu, emu or cuda, got {BACKEND!r}")
 
@@ -78,7 +78,7 @@ def _on_cuda(impl):
 def backend(request, monkeypatch):
     """Routes smoothce's calls to the chosen kernels for every test not marked cpu_only."""
     if (BACKEND == "cpu" or request.node.get_closest_marker("cpu_only")
-            or (BACKEND == "cuda" and request.node.get_closest_marker("device_assert"))):
+            or (BACKEND == "cuda" and request.node.get_closest_marker("not_on_cuda"))):
         return "cpu"
     import smoothce
     from smoothce import _function

@@ -11,6 +11,8 @@ from pathlib import Path
 
 import pytest
 
+pytestmark = pytest.mark.cpu_only  # runs the CPU kernels on purpose (bench, example)
+
 ROOT = Path(__file__).resolve().parents[1]
 META_KEYS = {"torch_version", "smoothce_version", "device", "device_name", "threads", "date",
              "timing_method", "memory_method", "runs_policy", "dtypes"}

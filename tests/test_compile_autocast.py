@@ -71,6 +71,7 @@ def test_compile_model_with_module_loss():
 
 # ---------------------------------------------------------------------------------- autocast
 
+@pytest.mark.not_on_cuda  # CPU autocast
 @pytest.mark.parametrize("amp_dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
 @pytest.mark.parametrize("weighted", [False, True], ids=["noweight", "weight"])
 @pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
@@ -110,6 +111,7 @@ def test_autocast_loss_is_fp32(amp_dtype, weighted, reduction):
                                atol=2e-2 * twin.bias.grad.abs().max().item())
 
 
+@pytest.mark.not_on_cuda  # CPU autocast
 @pytest.mark.parametrize("weighted", [False, True], ids=["noweight", "weight"])
 def test_autocast_soft_targets(weighted):
     """fp32 probability targets (and weights) with bf16 logits under autocast: torch computes with the
@@ -143,6 +145,7 @@ def _nc_copies(prof, N, C):
             if e.name in _COPIES and any(list(s) == [N, C] for s in e.input_shapes)]
 
 
+@pytest.mark.not_on_cuda  # CPU autocast
 def test_autocast_no_fp32_copy_of_logits():
     """SEMANTICS §6: under autocast the loss is read straight from the half logits."""
     N, C = 64, 37

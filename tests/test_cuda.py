@@ -126,3 +126,16 @@ def test_more_than_2_pow_31_elements():
         expected.sum().backward()
         torch.testing.assert_close(loss[rows].float(), expected, rtol=2e-2, atol=2e-2)
         torch.testing.assert_close(x.grad[rows].float(), leaf.grad, rtol=2e-2, atol=1e-4)
+
+
+def test_opcheck_on_cuda():
+    x = make_logits((6, 11)).cuda()
+    target = make_index_target((6,), 11, ignore_every=3).cuda()
+    weight = make_weight(11).cuda()
+    for reduction in (0, 1, 2):
+        torch.library.opcheck(torch.ops.smoothce.forward.default, (x, target, weight, -100, reduction, 0.1, True, False))
+    upstream = torch.rand(6, device="cuda")
+    torch.library.opcheck(torch.ops.smoothce.forward.default,
+                          (x, target, weight, -100, 0, 0.1, True, False, upstream))
+    for scale in (1.0, 2.5):
+        torch.library.opcheck(torch.ops.smoothce.scale_grad_.default, (x.clone(), torch.tensor(scale, device="cuda")))

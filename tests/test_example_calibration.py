@@ -10,6 +10,8 @@ import pytest
 import torch
 from torch.testing import assert_close
 
+pytestmark = pytest.mark.cpu_only  # runs the CPU kernels on purpose (bench, example)
+
 pytest.importorskip("sklearn")
 pytest.importorskip("torchmetrics")
 pytest.importorskip("tqdm")

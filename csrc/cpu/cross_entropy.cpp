@@ -93,7 +93,7 @@ inline Vectorized<acc_t> vexp(const Vectorized<acc_t>& v) {
 
 // ---------------------------------------------------------------- per-launch constants
 template <typename scalar_t>
-struct Params {
+struct Params : PositionLayout, Smoothing<acc_type<scalar_t>> {
   using acc_t = acc_type<scalar_t>;
   const scalar_t* input;
   const scalar_t* soft_target;  // probability targets, input's strides
@@ -103,32 +103,20 @@ struct Params {
   scalar_t* grad;       // nullptr when no gradient is wanted
   acc_t* position_loss;
   acc_t* lse;
-  int64_t classes, outer, inner;
-  int64_t stride_outer, stride_class, stride_inner;
-  int64_t target_stride_outer, target_stride_inner;
-  int64_t ignore_index;
-  acc_t eps, eps_over_c;
-  TargetValues<acc_t> tv;
-  acc_t weight_sum;  // Σ_c w_c (C when unweighted)
+  acc_t weight_sum;             // Σ_c w_c (C when unweighted)
   acc_t grad_scale;             // 1/D for mean, 1 otherwise; times a scalar upstream gradient
   const acc_t* position_scale;  // per-position upstream gradient (reduction 'none'), or null
 
-  int64_t target_at(int64_t n, int64_t s) const {
-    const int64_t off = n * target_stride_outer + s * target_stride_inner;
-    return target64 ? target64[off] : static_cast<int64_t>(target8[off]);
-  }
-  // Linear position pos = n·inner + s (no division when inner = 1, the (N, C) case).
-  int64_t target_of(int64_t pos) const { return inner == 1 ? target_at(pos, 0) : target_at(pos / inner, pos % inner); }
-  int64_t offset_of(int64_t pos) const {
-    return inner == 1 ? pos * stride_outer : (pos / inner) * stride_outer + (pos % inner) * stride_inner;
-  }
+  int64_t target_at_offset(int64_t off) const { return target64 ? target64[off] : static_cast<int64_t>(target8[off]); }
+  int64_t target_at(int64_t n, int64_t s) const { return target_at_offset(target_offset(n, s)); }
+  int64_t target_of(int64_t pos) const { return target_at_offset(target_offset_of(pos)); }
   acc_t weight_at(int64_t c) const { return weight ? weight[c] : acc_t(1); }
   acc_t scale_at(int64_t pos) const { return position_scale ? grad_scale * position_scale[pos] : grad_scale; }
   // soft_target_q (row_math.h) on a vector of probabilities.
   Vectorized<acc_t> soft_q(const Vectorized<acc_t>& prob) const {
-    return at::vec::fmadd(prob, Vectorized<acc_t>(acc_t(1) - eps), Vectorized<acc_t>(eps_over_c));
+    return at::vec::fmadd(prob, Vectorized<acc_t>(acc_t(1) - this->eps), Vectorized<acc_t>(this->eps_over_c));
   }
-  Mass mass() const { return mass_kind(soft_target != nullptr, tv.off, weight != nullptr); }
+  Mass mass() const { return mass_kind(soft_target != nullptr, this->tv.off, weight != nullptr); }
 };
 
 // ---------------------------------------------------------------- rows: classes contiguous
@@ -637,18 +625,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> forward_cpu(const at::Tensor& inp
     p.grad = compute_grad ? kernel_grad.mutable_data_ptr<scalar_t>() : nullptr;
     p.position_loss = position_loss.mutable_data_ptr<acc_t>();
     p.lse = lse.mutable_data_ptr<acc_t>();
-    p.classes = prob.classes;
-    p.outer = prob.outer;
-    p.inner = prob.inner;
-    p.stride_outer = prob.stride_outer;
-    p.stride_class = prob.stride_class;
-    p.stride_inner = prob.stride_inner;
-    p.target_stride_outer = prob.target_stride_outer;
-    p.target_stride_inner = prob.target_stride_inner;
-    p.ignore_index = prob.ignore_index;
-    p.eps = static_cast<acc_t>(label_smoothing);
-    p.eps_over_c = static_cast<acc_t>(label_smoothing / static_cast<double>(std::max<int64_t>(prob.classes, 1)));
-    p.tv = uniform_smoothing<acc_t>(p.eps, std::max<int64_t>(prob.classes, 1));
+    static_cast<PositionLayout&>(p) = prob.layout();
+    static_cast<Smoothing<acc_t>&>(p) = Smoothing<acc_t>::uniform(label_smoothing, prob.classes);
     p.weight_sum = weight_acc.defined() ? static_cast<acc_t>(weight_acc.sum().item<double>())
                                         : static_cast<acc_t>(prob.classes);
 

@@ -112,8 +112,7 @@ inline std::tuple<at::Tensor, at::Tensor, at::Tensor> forward(
       partial = at::empty({partials}, options.dtype(at::kDouble));
       auto kernel = &target_weight_kernel<acc_t>;
       SMOOTHCE_LAUNCH(kernel, dim3(static_cast<unsigned>(partials)), dim3(kPrologueThreads), 0,
-                      prob.target.const_data_ptr<int64_t>(), weight_ptr, prob.outer, prob.inner,
-                      prob.target_stride_outer, prob.target_stride_inner, prob.classes, prob.ignore_index,
+                      prob.target.const_data_ptr<int64_t>(), weight_ptr, prob.layout(),
                       partial.mutable_data_ptr<double>());
     }
     {
@@ -135,19 +134,8 @@ inline std::tuple<at::Tensor, at::Tensor, at::Tensor> forward(
     a.lse = lse.mutable_data_ptr<acc_t>();
     a.scalars = device_scalars;
     a.position_scale = scaled && upstream.dim() > 0 ? upstream.const_data_ptr<acc_t>() : nullptr;
-    a.classes = prob.classes;
-    a.outer = prob.outer;
-    a.inner = prob.inner;
-    a.stride_outer = prob.stride_outer;
-    a.stride_class = prob.stride_class;
-    a.stride_inner = prob.stride_inner;
-    a.target_stride_outer = prob.target_stride_outer;
-    a.target_stride_inner = prob.target_stride_inner;
-    a.ignore_index = prob.ignore_index;
-    const int64_t C = std::max<int64_t>(prob.classes, 1);
-    a.eps = static_cast<acc_t>(label_smoothing);
-    a.eps_over_c = static_cast<acc_t>(label_smoothing / static_cast<double>(C));
-    a.tv = uniform_smoothing<acc_t>(a.eps, C);
+    static_cast<PositionLayout&>(a) = prob.layout();
+    static_cast<Smoothing<acc_t>&>(a) = Smoothing<acc_t>::uniform(label_smoothing, prob.classes);
     a.mass = mass_kind(prob.soft_target, a.tv.off, weight_ptr != nullptr);
     launch_main(a, plan, prob.input);
   });

@@ -25,7 +25,7 @@ struct DeviceScalars {
 };
 
 template <typename scalar_t>
-struct KernelArgs {
+struct KernelArgs : PositionLayout, Smoothing<acc_type<scalar_t>> {
   using acc_t = acc_type<scalar_t>;
   const scalar_t* input;
   const scalar_t* soft_target;  // probability targets (input's strides), or null
@@ -36,21 +36,11 @@ struct KernelArgs {
   acc_t* lse;
   const DeviceScalars* scalars;
   const acc_t* position_scale;  // per-position upstream gradient (reduction 'none'), or null
-  int64_t classes, outer, inner;
-  int64_t stride_outer, stride_class, stride_inner;
-  int64_t target_stride_outer, target_stride_inner;
-  int64_t ignore_index;
-  acc_t eps, eps_over_c;
-  TargetValues<acc_t> tv;
   Mass mass;
 
-  __device__ int64_t offset_of(int64_t pos) const {
-    return inner == 1 ? pos * stride_outer : (pos / inner) * stride_outer + (pos % inner) * stride_inner;
-  }
   // `counted`: see load_broadcast (the threads of a row's group read its target together).
   __device__ int64_t target_of(int64_t pos, bool counted = true) const {
-    const int64_t n = inner == 1 ? pos : pos / inner, s = inner == 1 ? 0 : pos % inner;
-    return load_broadcast(target + n * target_stride_outer + s * target_stride_inner, counted);
+    return load_broadcast(target + target_offset_of(pos), counted);
   }
   __device__ acc_t weight_at(int64_t c) const { return weight ? load_global(weight + c) : acc_t(1); }
   // v_c of RowState for class c (prob: the probability target of c; unused for index targets).
@@ -58,7 +48,7 @@ struct KernelArgs {
     switch (mass) {
       case Mass::kUnit: return acc_t(1);
       case Mass::kWeighted: return load_global(weight + c);
-      case Mass::kSoft: return weight_at(c) * soft_target_q(prob, eps, eps_over_c);
+      case Mass::kSoft: return weight_at(c) * soft_target_q(prob, this->eps, this->eps_over_c);
       default: return acc_t(0);
     }
   }
@@ -134,19 +124,49 @@ __device__ RowState<acc_t> block_merge(RowState<acc_t> s) {
 }
 
 // ---------------------------------------------------------------- runs of contiguous elements
-// Copies src[0..n) into shared memory dst (16-byte aligned, n + 16 bytes of room) with 16-byte
-// vectors where the alignment allows; `nthreads` threads share the work. Returns the shift: element
-// e lands at dst[shift + e], chosen so that aligned global vectors land on aligned shared vectors.
+// Loads per thread issued before any is used: enough bytes in flight to cover DRAM latency at the
+// low occupancy the kernels run at (registers, shared memory).
+constexpr int kPacksInFlight = 4;
+
+// Walks src[0..n) shared by `nthreads` threads (this one is `thread`): 16-byte packs from the first
+// aligned element on go to on_pack(e0, pack) (e0: the pack's first element), the scalar head and tail
+// to on_element(e, value).
+template <typename T, typename OnElement, typename OnPack>
+__device__ void read_packs(const T* src, int64_t n, int thread, int nthreads, const OnElement& on_element,
+                           const OnPack& on_pack) {
+  constexpr int P = Pack<T>::kSize;
+  const int64_t head = misaligned_head(src) < n ? misaligned_head(src) : n;
+  for (int64_t e = thread; e < head; e += nthreads) on_element(e, load_global(src + e));
+  const int64_t packs = (n - head) / P;
+  int64_t k = thread;
+  for (; k + (kPacksInFlight - 1) * static_cast<int64_t>(nthreads) < packs; k += kPacksInFlight * static_cast<int64_t>(nthreads)) {
+    Pack<T> batch[kPacksInFlight];
+    for (int u = 0; u < kPacksInFlight; ++u) batch[u] = load_pack(src + head + (k + u * static_cast<int64_t>(nthreads)) * P);
+    for (int u = 0; u < kPacksInFlight; ++u) on_pack(head + (k + u * static_cast<int64_t>(nthreads)) * P, batch[u]);
+  }
+  for (; k < packs; k += nthreads) on_pack(head + k * P, load_pack(src + head + k * P));
+  for (int64_t e = head + packs * P + thread; e < n; e += nthreads) on_element(e, load_global(src + e));
+}
+
+// f(e, src[e]) for e in [0, n).
+template <typename T, typename F>
+__device__ void read_run(const T* src, int64_t n, int thread, int nthreads, const F& f) {
+  read_packs(src, n, thread, nthreads, f, [&](int64_t e0, const Pack<T>& pack) {
+    for (int j = 0; j < Pack<T>::kSize; ++j) f(e0 + j, pack.v[j]);
+  });
+}
+
+// Copies src[0..n) into shared memory dst (16-byte aligned, n + 16 bytes of room). Returns the
+// shift: element e lands at dst[shift + e], chosen so that aligned global vectors land on aligned
+// shared vectors.
 template <typename T>
 __device__ int stage_run(const T* src, int64_t n, T* dst, int thread, int nthreads) {
   constexpr int P = Pack<T>::kSize;
   const int head = static_cast<int>(misaligned_head(src) < n ? misaligned_head(src) : n);
   const int shift = head == 0 ? 0 : P - head;
-  for (int64_t e = thread; e < head; e += nthreads) dst[shift + e] = load_global(src + e);
-  const int64_t packs = (n - head) / P;
-  for (int64_t k = thread; k < packs; k += nthreads)
-    *reinterpret_cast<Pack<T>*>(dst + shift + head + k * P) = load_pack(src + head + k * P);
-  for (int64_t e = head + packs * P + thread; e < n; e += nthreads) dst[shift + e] = load_global(src + e);
+  read_packs(
+      src, n, thread, nthreads, [&](int64_t e, T value) { dst[shift + e] = value; },
+      [&](int64_t e0, const Pack<T>& pack) { *reinterpret_cast<Pack<T>*>(dst + shift + e0) = pack; });
   return shift;
 }
 
@@ -165,18 +185,21 @@ __device__ void write_run(T* dst, int64_t n, int thread, int nthreads, const Val
   for (int64_t e = head + packs * P + thread; e < n; e += nthreads) store_global(dst + e, static_cast<T>(value(e)));
 }
 
-// f(e, src[e]) for e in [0, n), 16-byte vector loads where the alignment allows.
-template <typename T, typename F>
-__device__ void read_run(const T* src, int64_t n, int thread, int nthreads, const F& f) {
-  constexpr int P = Pack<T>::kSize;
-  const int64_t head = misaligned_head(src) < n ? misaligned_head(src) : n;
-  for (int64_t e = thread; e < head; e += nthreads) f(e, load_global(src + e));
-  const int64_t packs = (n - head) / P;
-  for (int64_t k = thread; k < packs; k += nthreads) {
-    const Pack<T> pack = load_pack(src + head + k * P);
-    for (int j = 0; j < P; ++j) f(head + k * P + j, pack.v[j]);
+// dst[e] = map(e, src[e]) for e in [0, n) (dst may be src): vector loads and stores when both share
+// their alignment, else vector stores only.
+template <typename T, typename Map>
+__device__ void map_run(const T* src, T* dst, int64_t n, int thread, int nthreads, const Map& map) {
+  if (misaligned_head(src) != misaligned_head(dst)) {
+    write_run(dst, n, thread, nthreads, [&](int64_t e) { return map(e, load_global(src + e)); });
+    return;
   }
-  for (int64_t e = head + packs * P + thread; e < n; e += nthreads) f(e, load_global(src + e));
+  read_packs(
+      src, n, thread, nthreads, [&](int64_t e, T x) { store_global(dst + e, static_cast<T>(map(e, x))); },
+      [&](int64_t e0, const Pack<T>& in) {
+        Pack<T> out;
+        for (int j = 0; j < Pack<T>::kSize; ++j) out.v[j] = static_cast<T>(map(e0 + j, in.v[j]));
+        store_pack(dst + e0, out);
+      });
 }
 
 // The loss and lse of one position, and what its gradient needs (a zero RowScalars when invalid).
@@ -221,17 +244,15 @@ __device__ __forceinline__ acc_t grad_value(const RowScalars<acc_t>& r, acc_t x,
 // Per-block partial sums of D = Σ_valid w[t] over index targets (and the range check: torch's
 // behaviour, a device-side assert, naming the value).
 template <typename acc_t>
-__global__ void target_weight_kernel(const int64_t* target, const acc_t* weight, int64_t outer, int64_t inner,
-                                     int64_t target_stride_outer, int64_t target_stride_inner, int64_t classes,
-                                     int64_t ignore_index, double* partial) {
+__global__ void target_weight_kernel(const int64_t* target, const acc_t* weight, PositionLayout layout, double* partial) {
   double total = 0.0;
-  const int64_t positions = outer * inner;
+  const int64_t positions = layout.outer * layout.inner;
   for (int64_t pos = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; pos < positions;
        pos += static_cast<int64_t>(gridDim.x) * blockDim.x) {
-    const int64_t t = load_global(target + (pos / inner) * target_stride_outer + (pos % inner) * target_stride_inner);
-    if (t == ignore_index) continue;
-    if (t < 0 || t >= classes) {
-      SMOOTHCE_DEVICE_INDEX_ERROR(t, classes, ignore_index);
+    const int64_t t = load_global(target + layout.target_offset_of(pos));
+    if (t == layout.ignore_index) continue;
+    if (t < 0 || t >= layout.classes) {
+      SMOOTHCE_DEVICE_INDEX_ERROR(t, layout.classes, layout.ignore_index);
       continue;
     }
     total += weight ? static_cast<double>(load_global(weight + t)) : 1.0;
@@ -416,32 +437,10 @@ __global__ void __launch_bounds__(512, 1) split_finish_kernel(KernelArgs<scalar_
       const int64_t c0 = chunk * plan.chunk;
       const int64_t n = a.classes - c0 < plan.chunk ? a.classes - c0 : plan.chunk;
       const int64_t offset = a.offset_of(pos) + c0;
-      if (misaligned_head(a.input + offset) == misaligned_head(a.grad + offset)) {
-        // logits and gradient share their alignment (the usual case): vector loads and stores
-        constexpr int P = Pack<scalar_t>::kSize;
-        const int64_t head = misaligned_head(a.input + offset) < n ? misaligned_head(a.input + offset) : n;
-        const int64_t packs = (n - head) / P;
-        auto element = [&](int64_t e, scalar_t x) {
-          const acc_t prob = soft ? static_cast<acc_t>(load_global(a.soft_target + offset + e)) : acc_t(0);
-          return static_cast<scalar_t>(grad_value(row, static_cast<acc_t>(x), a.grad_mass(c0 + e, prob), c0 + e));
-        };
-        for (int64_t e = threadIdx.x; e < head; e += blockDim.x)
-          store_global(a.grad + offset + e, element(e, load_global(a.input + offset + e)));
-        for (int64_t k = threadIdx.x; k < packs; k += blockDim.x) {
-          const int64_t e0 = head + k * P;
-          const Pack<scalar_t> in = load_pack(a.input + offset + e0);
-          Pack<scalar_t> out;
-          for (int j = 0; j < P; ++j) out.v[j] = element(e0 + j, in.v[j]);
-          store_pack(a.grad + offset + e0, out);
-        }
-        for (int64_t e = head + packs * P + threadIdx.x; e < n; e += blockDim.x)
-          store_global(a.grad + offset + e, element(e, load_global(a.input + offset + e)));
-      } else {
-        write_run(a.grad + offset, n, threadIdx.x, blockDim.x, [&](int64_t e) {
-          const acc_t prob = soft ? static_cast<acc_t>(load_global(a.soft_target + offset + e)) : acc_t(0);
-          return grad_value(row, static_cast<acc_t>(load_global(a.input + offset + e)), a.grad_mass(c0 + e, prob), c0 + e);
-        });
-      }
+      map_run(a.input + offset, a.grad + offset, n, threadIdx.x, blockDim.x, [&](int64_t e, scalar_t x) {
+        const acc_t prob = soft ? static_cast<acc_t>(load_global(a.soft_target + offset + e)) : acc_t(0);
+        return grad_value(row, static_cast<acc_t>(x), a.grad_mass(c0 + e, prob), c0 + e);
+      });
     }
     __syncthreads();  // shared_row is rewritten by the next item
   }
@@ -470,8 +469,7 @@ __global__ void __launch_bounds__(256, 1) strided_kernel(KernelArgs<scalar_t> a,
     const int64_t target = soft ? -1 : a.target_of(pos);
     const bool valid = soft || a.valid_target(target);
     RowState<acc_t> state = RowState<acc_t>::empty();
-    for (int64_t c = 0; c < C; ++c) {
-      const scalar_t x = load_global(a.input + base + c * a.stride_class);
+    auto consume = [&](int64_t c, scalar_t x) {
       if (plan.staged) x_tile[c * T] = x;
       if (a.mass == Mass::kNone) {
         accumulate<acc_t, false>(state, static_cast<acc_t>(x), acc_t(0));
@@ -484,7 +482,14 @@ __global__ void __launch_bounds__(256, 1) strided_kernel(KernelArgs<scalar_t> a,
         }
         accumulate<acc_t, true>(state, static_cast<acc_t>(x), a.class_mass(c, prob));
       }
+    };
+    int64_t next = 0;
+    for (; next + kPacksInFlight <= C; next += kPacksInFlight) {  // several loads in flight, then their use
+      scalar_t batch[kPacksInFlight];
+      for (int u = 0; u < kPacksInFlight; ++u) batch[u] = load_global(a.input + base + (next + u) * a.stride_class);
+      for (int u = 0; u < kPacksInFlight; ++u) consume(next + u, batch[u]);
     }
+    for (; next < C; ++next) consume(next, load_global(a.input + base + next * a.stride_class));
     if (a.mass == Mass::kWeighted) state.mass = static_cast<acc_t>(scalars.weight_sum);
     auto x_at = [&](int64_t c) {
       return static_cast<acc_t>(plan.staged ? x_tile[c * T] : load_global(a.input + base + c * a.stride_class));
@@ -510,19 +515,9 @@ __global__ void scale_grad_kernel(scalar_t* grad, int64_t numel, const acc_type<
   using acc_t = acc_type<scalar_t>;
   const acc_t scale = load_broadcast(grad_output, threadIdx.x == 0);
   if (scale == acc_t(1)) return;
-  constexpr int P = Pack<scalar_t>::kSize;
-  const int64_t head = misaligned_head(grad) < numel ? misaligned_head(grad) : numel;
-  const int64_t packs = (numel - head) / P;
-  const int64_t stride = static_cast<int64_t>(gridDim.x) * blockDim.x;
-  const int64_t first = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x;
-  auto scaled = [&](scalar_t g) { return static_cast<scalar_t>(static_cast<acc_t>(g) * scale); };
-  for (int64_t e = first; e < head; e += stride) store_global(grad + e, scaled(load_global(grad + e)));
-  for (int64_t k = first; k < packs; k += stride) {
-    Pack<scalar_t> pack = load_pack(grad + head + k * P);
-    for (int j = 0; j < P; ++j) pack.v[j] = scaled(pack.v[j]);
-    store_pack(grad + head + k * P, pack);
-  }
-  for (int64_t e = head + packs * P + first; e < numel; e += stride) store_global(grad + e, scaled(load_global(grad + e)));
+  map_run(grad, grad, numel, blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x,
+          static_cast<int64_t>(gridDim.x) * blockDim.x,
+          [&](int64_t, scalar_t g) { return static_cast<acc_t>(g) * scale; });
 }
 
 }  // namespace smoothce::cuda

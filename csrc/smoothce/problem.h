@@ -6,6 +6,8 @@
 
 #include <vector>
 
+#include "smoothce/row_math.h"
+
 namespace smoothce {
 
 // The input seen as x[n, c, s] = data[n*stride_outer + c*stride_class + s*stride_inner] with
@@ -29,6 +31,10 @@ struct Problem {
   bool compute_grad = false;
 
   int64_t positions() const { return outer * inner; }
+  PositionLayout layout() const {
+    return {classes, outer, inner, stride_outer, stride_class, stride_inner, target_stride_outer, target_stride_inner,
+            ignore_index};
+  }
   // Classes contiguous in memory: the per-row kernel; otherwise positions are (the across-rows kernel).
   bool class_contiguous() const { return stride_class == 1 || classes == 1; }
 };

@@ -45,6 +45,39 @@ SMOOTHCE_HOST_DEVICE TargetValues<acc_t> uniform_smoothing(acc_t eps, int64_t nu
   return {acc_t(1) - eps + off, off};
 }
 
+// The smoothing constants a kernel needs: ε, ε/C (probability targets) and (on, off) (index targets).
+template <typename acc_t>
+struct Smoothing {
+  acc_t eps, eps_over_c;
+  TargetValues<acc_t> tv;
+
+  static Smoothing uniform(double label_smoothing, int64_t num_classes) {
+    const int64_t C = num_classes > 0 ? num_classes : 1;
+    const acc_t eps = static_cast<acc_t>(label_smoothing);
+    return {eps, static_cast<acc_t>(label_smoothing / static_cast<double>(C)), uniform_smoothing<acc_t>(eps, C)};
+  }
+};
+
+// Where a position's classes and target are (the Problem view of csrc/smoothce/problem.h, without
+// its tensors): x[n, c, s] at n·stride_outer + c·stride_class + s·stride_inner, position pos = n·inner + s.
+struct PositionLayout {
+  int64_t classes, outer, inner;
+  int64_t stride_outer, stride_class, stride_inner;
+  int64_t target_stride_outer, target_stride_inner;  // index targets
+  int64_t ignore_index;
+
+  // (no division when inner = 1, the (N, C) case)
+  SMOOTHCE_HOST_DEVICE int64_t offset_of(int64_t pos) const {
+    return inner == 1 ? pos * stride_outer : (pos / inner) * stride_outer + (pos % inner) * stride_inner;
+  }
+  SMOOTHCE_HOST_DEVICE int64_t target_offset(int64_t n, int64_t s) const {
+    return n * target_stride_outer + s * target_stride_inner;
+  }
+  SMOOTHCE_HOST_DEVICE int64_t target_offset_of(int64_t pos) const {
+    return inner == 1 ? target_offset(pos, 0) : target_offset(pos / inner, pos % inner);
+  }
+};
+
 // Online-softmax state of a set of logits x_c with per-class "mass" v_c (v = w for index targets'
 // smoothing term, v = w·q for probability targets):
 //   max       = max_c x_c
