@@ -20,14 +20,12 @@ from bench.bench import DEFAULT_SHAPES, CUDA_ONLY_SHAPES, parse_dtypes, parse_sh
 
 ROOT = Path(__file__).resolve().parents[1]
 DTYPE = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16, "fp64": torch.float64}
-# (SMs, opt-in shared memory less the kernels' static use), as csrc/cuda/cross_entropy.cu reads them.
-DEVICES = {"h100": (132, 227 * 1024 - 2048), "a100": (108, 163 * 1024 - 2048)}
-STEPS = {
-    "fwd+bwd": lambda loss: loss.backward(),
-    "fwd+bwd x0.5": lambda loss: (loss * 0.5).backward(),
-    "none fwd+bwd": None,  # reduction='none', backward with a random upstream
-    "inference": None,
-}
+# (SMs, opt-in shared memory less the kernels' static use, blocks per cluster), as
+# csrc/cuda/cross_entropy.cu reads them.
+DEVICES = {"h100": (132, 227 * 1024 - 2048, 8), "a100": (108, 163 * 1024 - 2048, 0)}
+# fwd+bwd: loss.backward() (mean); x0.5: an upstream gradient of 0.5 (GradScaler, accumulation);
+# none: reduction='none' with a random upstream gradient; inference: no gradient.
+STEPS = ("fwd+bwd", "fwd+bwd x0.5", "none fwd+bwd", "inference")
 
 
 def load_emulator():
@@ -39,7 +37,6 @@ def load_emulator():
 
 def measure(emu, shape, dtype, step):
     import smoothce
-    from smoothce import _function
 
     C = shape[1]
     x = torch.randn(shape, dtype=dtype)
@@ -48,16 +45,34 @@ def measure(emu, shape, dtype, step):
     if step == "inference":
         with torch.no_grad():
             smoothce.cross_entropy(x, target, label_smoothing=0.1)
-    elif step == "none fwd+bwd":
-        x.requires_grad_(True)
-        loss = smoothce.cross_entropy(x, target, label_smoothing=0.1, reduction="none")
-        loss.backward(torch.rand_like(loss))
     else:
         x.requires_grad_(True)
-        STEPS[step](smoothce.cross_entropy(x, target, label_smoothing=0.1))
+        reduction = "none" if step == "none fwd+bwd" else "mean"
+        loss = smoothce.cross_entropy(x, target, label_smoothing=0.1, reduction=reduction)
+        loss.backward(torch.rand_like(loss) if reduction == "none" else torch.tensor(0.5 if "x0.5" in step else 1.0))
     read, write = emu.traffic()
     logits = x.numel() * x.element_size()
     return read / logits, write / logits, emu.last_plan()
+
+
+def print_table(emu, args) -> None:
+    shapes = args.shapes or list(DEFAULT_SHAPES) + list(CUDA_ONLY_SHAPES)
+    print(f"global-memory traffic per logit, modelled by the emulator for {args.device} limits "
+          f"(R = bytes read / logit bytes, W = bytes written / logit bytes; torch {torch.__version__})\n")
+    print("| shape | dtype | plan | " + " | ".join(f"{step} R / W" for step in STEPS) + " |")
+    print("|---|---|---|" + "---|" * len(STEPS))
+    for shape in shapes:
+        # fewer positions, same classes: the per-logit ratios of the full shape
+        emulated = (1,) + tuple(shape[1:]) if len(shape) > 2 else (min(shape[0], args.rows),) + tuple(shape[1:])
+        for name in args.dtypes:
+            cells, plan = [], None
+            for step in STEPS:
+                read, write, plan = measure(emu, emulated, DTYPE[name], step)
+                cells.append(f"{read:.2f} / {write:.2f}")
+            variant = plan["variant"]
+            if variant == "strided":
+                variant += " (staged)" if plan["staged"] else " (unstaged)"
+            print(f"| {'x'.join(map(str, shape))} | {name} | {variant} | " + " | ".join(cells) + " |")
 
 
 def main(argv=None) -> int:
@@ -71,27 +86,15 @@ def main(argv=None) -> int:
     emu = load_emulator()
     from smoothce import _function
 
+    saved_ops, saved_limits = _function._ops, emu.limits()
     _function._ops = torch.ops.smoothce_emu
-    sm_count, max_smem = DEVICES[args.device]
-    emu.set_limits(sm_count=sm_count, max_smem=max_smem, split_chunk=8192)
-    shapes = args.shapes or list(DEFAULT_SHAPES) + list(CUDA_ONLY_SHAPES)
-    print(f"global-memory traffic per logit, modelled by the emulator for {args.device} limits "
-          f"(R = bytes read / logit bytes, W = bytes written / logit bytes; torch {torch.__version__})\n")
-    print("| shape | dtype | plan | " + " | ".join(f"{step} R / W" for step in STEPS) + " |")
-    print("|---|---|---|" + "---|" * len(STEPS))
-    for shape in shapes:
-        emulated = (min(shape[0], args.rows),) + tuple(shape[1:])
-        if len(shape) > 2:  # spatial positions: keep one image
-            emulated = (1,) + tuple(shape[1:])
-        for name in args.dtypes:
-            cells, plan = [], None
-            for step in STEPS:
-                read, write, plan = measure(emu, emulated, DTYPE[name], step)
-                cells.append(f"{read:.2f} / {write:.2f}")
-            variant = plan["variant"] + ("" if plan["variant"] != "strided" else
-                                         (" (staged)" if plan["staged"] else " (unstaged)"))
-            shape_text = "x".join(map(str, shape))
-            print(f"| {shape_text} | {name} | {variant} | " + " | ".join(cells) + " |")
+    sm_count, max_smem, cluster_blocks = DEVICES[args.device]
+    emu.set_limits(sm_count=sm_count, max_smem=max_smem, split_chunk=8192, max_cluster_blocks=cluster_blocks)
+    try:
+        print_table(emu, args)
+    finally:
+        _function._ops = saved_ops
+        emu.set_limits(**saved_limits)
     return 0
 
 

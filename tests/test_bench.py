@@ -161,3 +161,16 @@ def test_quick_run_with_torch_compile(tmp_path):
     assert "compile" in measured or compile_skips, "torch.compile neither measured nor skipped with a reason"
     for skip in compile_skips:
         assert skip["reason"] in stdout
+
+
+def test_traffic_report(capsys):
+    """python -m bench.traffic: the emulator's byte counts per logit for each training step."""
+    from bench import traffic
+
+    assert traffic.main(["--shapes", "16x3000,2x21x8x8", "--dtypes", "fp32"]) == 0
+    rows = [line for line in capsys.readouterr().out.splitlines() if line.startswith("| 16x3000")
+            or line.startswith("| 2x21x8x8")]
+    assert len(rows) == 2
+    cells = rows[0].strip("| ").split(" | ")
+    assert cells[2] == "rows" and cells[3] == "1.00 / 1.00" and cells[4] == "2.00 / 2.00", rows[0]
+    assert rows[1].split(" | ")[2] == "strided (staged)"

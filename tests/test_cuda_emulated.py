@@ -21,6 +21,9 @@ pytestmark = pytest.mark.cpu_only
 DEFAULT_LIMITS = dict(sm_count=2, max_smem=163 * 1024 - 2048, split_chunk=8192)
 # Small enough that rows of a few hundred classes are split in chunks of 128.
 SPLIT_LIMITS = dict(sm_count=2, max_smem=1024, split_chunk=128)
+# An sm_90-like device with 4 KiB of shared memory: rows of a few thousand classes go to a cluster.
+CLUSTER_LIMITS = dict(sm_count=2, max_smem=4096, split_chunk=8192, max_cluster_blocks=8)
+H100_LIMITS = dict(sm_count=132, max_smem=227 * 1024 - 2048, split_chunk=8192, max_cluster_blocks=8)
 
 
 @pytest.fixture(scope="module")
@@ -61,6 +64,10 @@ CASES = {
                            DEFAULT_LIMITS, dict(variant="rows", cooperative=True)),
     "split": ((3, 517), None, SPLIT_LIMITS, dict(variant="split_rows", chunks=5)),
     "split_misaligned": ((4, 301), lambda leaf: leaf[:, 1:], SPLIT_LIMITS, dict(variant="split_rows")),
+    "cluster": ((3, 3001), None, CLUSTER_LIMITS, dict(variant="cluster_rows")),
+    "cluster_tail": ((5, 2101), None, CLUSTER_LIMITS, dict(variant="cluster_rows")),
+    "cluster_misaligned": ((1, 4 * 2503 + 1), _flat_offset((4, 2503), 1), CLUSTER_LIMITS,
+                           dict(variant="cluster_rows")),
     "strided_staged": ((2, 5, 7, 9), None, DEFAULT_LIMITS, dict(variant="strided", staged=True)),
     "strided_unstaged": ((2, 600, 3, 5), None, DEFAULT_LIMITS, dict(variant="strided", staged=False)),
     "strided_transposed": ((40, 6), lambda leaf: leaf.t(), DEFAULT_LIMITS, dict(variant="strided")),
@@ -138,7 +145,7 @@ def test_plans_inference_views(on_emu, case, reduction, dtype):
 
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16], ids=dtype_id)
 @pytest.mark.parametrize("case", ["rows_sub_warp", "rows_block", "rows_strided_rows", "split_misaligned",
-                                  "strided_staged", "strided_unstaged", "unbatched"])
+                                  "cluster", "strided_staged", "strided_unstaged", "unbatched"])
 def test_plans_probability_targets(on_emu, case, dtype):
     leaf_shape, view, limits, expected = CASES[case]
     on_emu.set_limits(**limits)
@@ -150,12 +157,14 @@ def test_plans_probability_targets(on_emu, case, dtype):
         P = view(make_prob_target(leaf_shape, dtype))
     mine, theirs, truth = run_all(smoothce.cross_entropy, x, P, weight=make_weight(C, dtype), view=view,
                                   reduction="sum", label_smoothing=0.2, target_requires_grad=True)
+    if case == "cluster" and dtype == torch.float64:  # fp64 logits + probabilities overflow 8 blocks' 4 KiB
+        expected = dict(variant="split_rows")
     _check_plan(on_emu, expected)
     check_all(mine, theirs, truth, dtype, check_target_grad=True)
 
 
 @pytest.mark.parametrize("reduction", ["none", "mean", "sum"])
-@pytest.mark.parametrize("case", ["rows_sub_warp", "rows_block", "split", "strided_staged"])
+@pytest.mark.parametrize("case", ["rows_sub_warp", "rows_block", "split", "cluster", "strided_staged"])
 def test_plans_all_ignored_and_empty(on_emu, case, reduction):
     leaf_shape, view, limits, _ = CASES[case]
     on_emu.set_limits(**limits)
@@ -173,7 +182,8 @@ def test_plans_all_ignored_and_empty(on_emu, case, reduction):
     assert torch.equal(loss.isnan(), ref_loss.isnan()) and loss.shape == ref_loss.shape
 
 
-@pytest.mark.parametrize("case", ["rows_sub_warp", "rows_block", "split", "strided_staged", "strided_unstaged"])
+@pytest.mark.parametrize("case", ["rows_sub_warp", "rows_block", "split", "cluster", "strided_staged",
+                                  "strided_unstaged"])
 def test_special_values(on_emu, case):
     """−inf logits (masked classes) with and without smoothing; NaN and +inf logits poison their rows."""
     leaf_shape, view, limits, _ = CASES[case]
@@ -236,6 +246,15 @@ def test_plan_choice(emu):
             p = plan(C)
             assert p["smem_bytes"] <= DEFAULT_LIMITS["max_smem"]
             assert p["blocks"] <= DEFAULT_LIMITS["sm_count"] * 2048 // p["threads"]
+        emu.set_limits(**H100_LIMITS)  # clusters hold what one block cannot
+        assert plan(32000)["variant"] == "rows"
+        for C, elem_size, blocks in ((128256, 2, 4), (128256, 4, 8), (256000, 2, 8), (256000, 4, 5)):
+            p = plan(C, elem_size=elem_size)
+            assert (p["variant"], p["chunks"]) == ("cluster_rows", blocks), (C, elem_size, p)
+            assert p["chunk"] * blocks >= C and p["smem_bytes"] <= H100_LIMITS["max_smem"]
+            assert p["blocks"] % blocks == 0
+        assert plan(32000, soft=True)["variant"] == "cluster_rows"
+        assert plan(2_000_000)["variant"] == "split_rows"  # 8 blocks of 225 KiB hold 460K fp32 classes at most
     finally:
         emu.set_limits(**DEFAULT_LIMITS)
 
@@ -297,6 +316,16 @@ def test_none_reduction_traffic(on_emu):
     upstream = torch.rand(64)
     measured = _traffic(on_emu, lambda: smoothce.cross_entropy(x, target, reduction="none").backward(upstream))
     _assert_traffic(measured, _model(x, 2, 1))
+
+
+def test_cluster_traffic(on_emu):
+    """A row held by a cluster of blocks: 1 read + 1 write however long the row."""
+    on_emu.set_limits(**CLUSTER_LIMITS)
+    x = make_logits((8, 6000)).requires_grad_(True)
+    target = make_index_target((8,), 6000)
+    measured = _traffic(on_emu, lambda: smoothce.cross_entropy(x, target, label_smoothing=0.1).backward())
+    assert on_emu.last_plan()["variant"] == "cluster_rows" and on_emu.last_plan()["chunks"] == 8
+    _assert_traffic(measured, _model(x, 1, 1))
 
 
 def test_split_traffic(on_emu):

@@ -1,6 +1,6 @@
 """The CPU emulator of the CUDA kernels (tests/emu) tested on its own: tiny kernels with known
-results (tests/emu/selftest.cpp) for barriers, shuffles, shared memory, indices, launch limits,
-error reporting and the traffic counters."""
+results (tests/emu/selftest.cpp) for barriers, shuffles, shared memory, thread-block clusters,
+indices, launch limits, error reporting and the traffic counters."""
 import time
 
 import pytest
@@ -301,3 +301,108 @@ def test_a_typical_launch_is_fast(emu):
         emu.selftest.block_sum(x, 256)
         best = min(best, time.perf_counter() - start)
     assert best < 0.050, f"{best * 1e3:.1f} ms"
+
+
+CLUSTER_KERNEL = r"emu: emu_selftest::cluster_kernel\(float const\*, float\*, float\*, int\*, int, int\), "
+CLUSTER_MODES = {"correct": 0, "rank_returns": 1, "no_final_barrier": 2, "global_pointer": 3, "bad_rank": 4,
+                 "split_barriers": 5}
+
+
+def run_cluster(emu, blocks, threads, cluster_blocks, mode="correct", arg=0):
+    """cluster_blocks None: a plain launch. Integer values: the kernel's float sums are exact."""
+    x = torch.randint(-1000, 1000, (blocks * threads,)).float()
+    return (x, *emu.selftest.cluster(x, threads, cluster_blocks, CLUSTER_MODES[mode], arg))
+
+
+def cluster_reference(x, threads, cluster_blocks):
+    """sums[block rank, t] = sum over the other ranks r of (r + 1) * row r[(t + r) % threads];
+    shifted[rank] = 2 * row of the previous rank (cyclically)."""
+    rows = x.view(-1, cluster_blocks, threads)
+    t = torch.arange(threads)
+    sums = torch.zeros_like(rows)
+    for rank in range(cluster_blocks):
+        for r in range(cluster_blocks):
+            if r != rank:
+                sums[:, rank] += (r + 1) * rows[:, r, (t + r) % threads]
+    return sums.flatten(), (2 * rows.roll(1, dims=1)).flatten()
+
+
+@pytest.mark.parametrize("threads", [32, 96, 256])
+@pytest.mark.parametrize("cluster_blocks", [1, 2, 4, 8])
+def test_clusters_exchange_shared_memory(emu, workers, cluster_blocks, threads):
+    blocks = 5 * cluster_blocks
+    emu.reset_traffic()
+    x, sums, shifted, info = run_cluster(emu, blocks, threads, cluster_blocks)
+    assert emu.last_cluster_blocks() == cluster_blocks
+    want_sums, want_shifted = cluster_reference(x, threads, cluster_blocks)
+    assert torch.equal(sums, want_sums)
+    assert torch.equal(shifted, want_shifted)
+    ranks = torch.arange(blocks).repeat_interleave(threads) % cluster_blocks
+    assert torch.equal(info, torch.stack([ranks, torch.full_like(ranks, cluster_blocks),
+                                          torch.ones_like(ranks), torch.ones_like(ranks)], 1).int())
+    # Global memory only: the reads and writes through other blocks' shared memory are on chip.
+    assert emu.traffic() == (x.numel() * 4, 2 * x.numel() * 4)
+
+
+def test_a_plain_launch_is_a_cluster_of_one_block(emu, workers):
+    x, sums, shifted, info = run_cluster(emu, 6, 64, None)
+    assert emu.last_cluster_blocks() == 1
+    assert torch.equal(sums, torch.zeros_like(x)) and torch.equal(shifted, 2 * x)  # each block is its own neighbour
+    assert info.tolist() == [[0, 1, 1, 1]] * x.numel()
+
+
+@pytest.mark.parametrize("mode,arg,message", [
+    # Rank 0 exits before the others arrive; rank 3 exits while the others wait.
+    ("rank_returns", 0, r"block \(1,0,0\) \(rank 1 of a cluster of 4\) of grid \(8,1,1\), blockDim \(64,1,1\): "
+                        r"cluster_sync\(\) at \S+:\d+ can never complete: 64 of the cluster's 256 threads have "
+                        r"exited \(1 arrived\)"),
+    ("rank_returns", 3, r"block \(3,0,0\) \(rank 3 of a cluster of 4\) .*: thread \(0,0,0\) \(warp 0, lane 0\) exited "
+                        r"while 192 of the cluster's 256 threads wait at cluster_sync\(\) \(\S+:\d+\)"),
+    ("split_barriers", 2, r"cluster of blocks \(0,0,0\)-\(3,0,0\) of grid \(8,1,1\), blockDim \(64,1,1\): deadlock: "
+                          r"no thread can run; 193 wait at cluster_sync\(\) \(\S+:\d+\); 63 wait at "
+                          r"__syncthreads\(\) in block \(2,0,0\) \(selftest\.cpp:\d+\); 0 of 256 exited"),
+    ("global_pointer", 0, r"block \(0,0,0\) .*: cluster_smem\(0x[0-9a-f]+, rank 0\): the address is not inside the "
+                          r"calling block's 256 bytes of dynamic shared memory"),
+    ("bad_rank", 4, r"block \(0,0,0\) .*: cluster_smem\(0x[0-9a-f]+, rank 4\): the cluster has 4 blocks"),
+])
+def test_cluster_misuse_raises(emu, workers, mode, arg, message):
+    """Every cluster of the grid fails alike: the first one is reported, whatever the workers."""
+    with pytest.raises(RuntimeError, match=CLUSTER_KERNEL + message):
+        run_cluster(emu, 8, 64, 4, mode, arg)
+    x, sums, shifted, _ = run_cluster(emu, 8, 64, 4)  # the correct kernel runs after
+    assert torch.equal(shifted, cluster_reference(x, 64, 4)[1])
+
+
+def test_cluster_shared_memory_ends_with_its_block(emu):
+    """Without a barrier before leaving, blocks read a block that has exited: they see the 0xFF
+    fill (NaN). Rank 0 read the others while all were running (threads run in rank order)."""
+    x, sums, _, _ = run_cluster(emu, 8, 64, 4, "no_final_barrier")
+    want = cluster_reference(x, 64, 4)[0].view(2, 4, 64)
+    sums = sums.view(2, 4, 64)
+    assert torch.equal(sums[:, 0], want[:, 0])
+    assert sums[:, 1:, 0].isnan().all()
+
+
+@pytest.mark.parametrize("blocks,cluster_blocks,message", [
+    (6, 4, "gridDim.x is not a multiple of the cluster size"),
+    (9, 9, "a cluster has 1 to 8 blocks"),
+    (4, 0, "a cluster has 1 to 8 blocks"),
+])
+def test_invalid_cluster_launches_raise(emu, blocks, cluster_blocks, message):
+    before = emu.launch_count()
+    with pytest.raises(RuntimeError, match=r"emu: invalid launch of emu_selftest::cluster_kernel.* with grid "
+                                           rf"\({blocks},1,1\), block \(32,1,1\), clusters of {cluster_blocks} "
+                                           r"blocks, 128 bytes of shared memory: " + message):
+        run_cluster(emu, blocks, 32, cluster_blocks)
+    assert emu.launch_count() == before
+
+
+def test_a_cluster_launch_is_fast(emu):
+    """64 clusters x 8 blocks x 256 threads, 3 cluster barriers per thread."""
+    x = torch.randint(-1000, 1000, (64 * 8 * 256,)).float()
+    best = float("inf")
+    for _ in range(3):
+        start = time.perf_counter()
+        emu.selftest.cluster(x, 256, 8, 0, 0)
+        best = min(best, time.perf_counter() - start)
+    assert best < 0.100, f"{best * 1e3:.1f} ms"

@@ -13,16 +13,23 @@
 //   __threadfence()
 //   math: expf logf exp log fmaxf fminf fabsf (and std:: forms through row_math.h)
 //   SMOOTHCE_DEVICE_INDEX_ERROR(value, classes, ignore_index): an out-of-range target (device assert)
+//   thread-block clusters (sm_90) through smoothce::cuda::cluster_sync(), cluster_rank() and
+//     cluster_smem(ptr, rank) (map_shared_rank); a kernel launched in clusters uses dynamic shared
+//     memory only (the emulator runs a cluster's blocks on one OS thread, where static __shared__
+//     would be one copy for all of them)
 // Global memory is read and written only through memory.cuh (which counts bytes under emulation).
-// Launches only through SMOOTHCE_LAUNCH(kernel, grid, block, smem_bytes, args...) on the current stream.
+// Launches only through SMOOTHCE_LAUNCH(kernel, grid, block, smem_bytes, args...) on the current
+// stream, or SMOOTHCE_LAUNCH_CLUSTER(kernel, grid, block, smem_bytes, cluster_blocks, args...).
 #pragma once
 
 #include <cstdint>
+#include <utility>
 
 #if defined(__CUDACC__)
 
 #include <ATen/cuda/CUDAContext.h>
 #include <c10/cuda/CUDAException.h>
+#include <cooperative_groups.h>
 #include <cuda_runtime.h>
 
 #include <cstdio>
@@ -62,6 +69,62 @@ inline void allow_smem(Kernel kernel, size_t smem_bytes) {
     C10_CUDA_KERNEL_LAUNCH_CHECK();                                                                \
   } while (0)
 
+namespace smoothce::cuda {
+
+// Clusters of `cluster_blocks` consecutive blocks along x, on the current stream (sm_90 and newer).
+template <typename... Params, typename... Args>
+inline void launch_cluster(void (*kernel)(Params...), dim3 grid, dim3 block, size_t smem_bytes,
+                           unsigned cluster_blocks, Args&&... args) {
+  allow_smem(kernel, smem_bytes);
+  cudaLaunchConfig_t config = {};
+  config.gridDim = grid;
+  config.blockDim = block;
+  config.dynamicSmemBytes = smem_bytes;
+  config.stream = ::at::cuda::getCurrentCUDAStream();
+  cudaLaunchAttribute attribute[1];
+  attribute[0].id = cudaLaunchAttributeClusterDimension;
+  attribute[0].val.clusterDim.x = cluster_blocks;
+  attribute[0].val.clusterDim.y = 1;
+  attribute[0].val.clusterDim.z = 1;
+  config.attrs = attribute;
+  config.numAttrs = 1;
+  C10_CUDA_CHECK(cudaLaunchKernelEx(&config, kernel, std::forward<Args>(args)...));
+}
+
+// The cluster kernels run only where the plan asked for clusters (sm_90 and newer); the sm_80 build
+// of their code traps.
+__device__ __forceinline__ void cluster_sync() {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  cooperative_groups::this_cluster().sync();
+#else
+  __trap();
+#endif
+}
+
+__device__ __forceinline__ unsigned cluster_rank() {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  return cooperative_groups::this_cluster().block_rank();
+#else
+  __trap();
+  return 0;
+#endif
+}
+
+template <typename T>
+__device__ __forceinline__ T* cluster_smem(T* ptr, unsigned rank) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  return cooperative_groups::this_cluster().map_shared_rank(ptr, rank);
+#else
+  __trap();
+  return ptr;
+#endif
+}
+
+}  // namespace smoothce::cuda
+
+#define SMOOTHCE_LAUNCH_CLUSTER(kernel, grid, block, smem_bytes, cluster_blocks, ...) \
+  ::smoothce::cuda::launch_cluster(kernel, grid, block, smem_bytes, cluster_blocks, __VA_ARGS__)
+
 #else  // host compiler: the emulator must have defined the CUDA subset
 
 #ifndef SMOOTHCE_EMULATOR
@@ -75,6 +138,21 @@ inline void allow_smem(Kernel kernel, size_t smem_bytes) {
   ::emu::index_error(static_cast<long long>(value), static_cast<long long>(classes), static_cast<long long>(ignore_index))
 #define SMOOTHCE_LAUNCH(kernel, grid, block, smem_bytes, ...) \
   ::emu::launch(kernel, dim3(grid), dim3(block), static_cast<size_t>(smem_bytes), __VA_ARGS__)
+#define SMOOTHCE_LAUNCH_CLUSTER(kernel, grid, block, smem_bytes, cluster_blocks, ...)                       \
+  ::emu::launch_cluster(kernel, dim3(grid), dim3(block), static_cast<size_t>(smem_bytes),                      \
+                        static_cast<unsigned>(cluster_blocks), __VA_ARGS__)
+
+namespace smoothce::cuda {
+// (the caller's file and line name the barrier in the emulator's messages)
+inline void cluster_sync(const char* file = __builtin_FILE(), int line = __builtin_LINE()) {
+  ::emu::cluster_sync(file, line);
+}
+inline unsigned cluster_rank() { return ::emu::cluster_rank(); }
+template <typename T>
+inline T* cluster_smem(T* ptr, unsigned rank) {
+  return static_cast<T*>(::emu::cluster_smem(static_cast<void*>(ptr), rank));
+}
+}  // namespace smoothce::cuda
 
 #endif
 

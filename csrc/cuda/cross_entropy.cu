@@ -14,6 +14,7 @@ DeviceLimits limits_of(const at::Device& device) {
   limits.sm_count = prop->multiProcessorCount;
   // What a block may opt in to, less room for the kernels' static shared memory.
   limits.max_smem = static_cast<int64_t>(prop->sharedMemPerBlockOptin) - 2048;
+  limits.max_cluster_blocks = prop->major >= 9 ? 8 : 0;  // thread-block clusters: sm_90 on (8: portable)
   return limits;
 }
 

@@ -44,6 +44,11 @@ void launch_main(const KernelArgs<scalar_t>& args, const Plan& plan, const at::T
       SMOOTHCE_LAUNCH(kernel, grid, block, plan.smem_bytes, args, plan);
       break;
     }
+    case Variant::kClusterRows: {
+      auto kernel = &cluster_rows_kernel<scalar_t>;
+      SMOOTHCE_LAUNCH_CLUSTER(kernel, grid, block, plan.smem_bytes, plan.chunks, args, plan);
+      break;
+    }
     case Variant::kStrided: {
       auto kernel = &strided_kernel<scalar_t>;
       SMOOTHCE_LAUNCH(kernel, grid, block, plan.smem_bytes, args, plan);

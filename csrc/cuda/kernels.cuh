@@ -78,32 +78,46 @@ __device__ __forceinline__ T nan_max(T a, T b) {
 
 // ---------------------------------------------------------------- group reductions
 // A group is `group` consecutive threads: lanes of one warp (group ≤ 32; every lane of the warp
-// calls) or the whole block (group = blockDim.x, a multiple of 32; every thread calls). Every thread
-// of the group gets the same result (butterfly; + and max commute exactly), in a fixed order.
+// calls) or the whole block (group = blockDim.x, a multiple of 32; every thread calls, and `scratch`
+// is shared memory for N × 32 values). Every thread of the group gets the same result (butterfly;
+// + and max commute exactly), in a fixed order.
 template <typename T, int N>
 struct Fields {
   T v[N];
 };
 
 template <typename T, int N, typename Op>
-__device__ Fields<T, N> group_reduce(Fields<T, N> f, int group, Op op) {
+__device__ Fields<T, N> group_reduce(Fields<T, N> f, int group, Op op, T* scratch) {
   const int width = group < kWarp ? group : kWarp;
   for (int offset = width / 2; offset > 0; offset /= 2)
     for (int i = 0; i < N; ++i) f.v[i] = op(f.v[i], __shfl_xor_sync(kFullMask, f.v[i], offset, width));
   if (group <= kWarp) return f;
-  __shared__ T scratch[N][kWarp];
   const int warp = threadIdx.x / kWarp, warps = blockDim.x / kWarp;
   __syncthreads();  // the previous reduction's readers are done with scratch
   if (threadIdx.x % kWarp == 0)
-    for (int i = 0; i < N; ++i) scratch[i][warp] = f.v[i];
+    for (int i = 0; i < N; ++i) scratch[i * kWarp + warp] = f.v[i];
   __syncthreads();
   for (int i = 0; i < N; ++i) {
-    T total = scratch[i][0];
-    for (int w = 1; w < warps; ++w) total = op(total, scratch[i][w]);
+    T total = scratch[i * kWarp];
+    for (int w = 1; w < warps; ++w) total = op(total, scratch[i * kWarp + w]);
     f.v[i] = total;
   }
   return f;
 }
+
+// Reduction operators as types (inlined, unlike function pointers).
+struct AddOp {
+  template <typename T>
+  __device__ __forceinline__ T operator()(T a, T b) const {
+    return a + b;
+  }
+};
+struct MaxOp {
+  template <typename T>
+  __device__ __forceinline__ T operator()(T a, T b) const {
+    return nan_max(a, b);
+  }
+};
 
 // The merge of online-softmax states over the whole block (split rows, one state per thread).
 template <typename acc_t>
@@ -257,7 +271,8 @@ __global__ void target_weight_kernel(const int64_t* target, const acc_t* weight,
     }
     total += weight ? static_cast<double>(load_global(weight + t)) : 1.0;
   }
-  total = group_reduce(Fields<double, 1>{{total}}, blockDim.x, [](double a, double b) { return a + b; }).v[0];
+  __shared__ double scratch[kWarp];
+  total = group_reduce(Fields<double, 1>{{total}}, blockDim.x, AddOp(), scratch).v[0];
   if (threadIdx.x == 0) store_global(partial + blockIdx.x, total);
 }
 
@@ -270,7 +285,8 @@ __global__ void scalars_kernel(const double* partial, int64_t partials, double f
   Fields<double, 2> sums{{0.0, 0.0}};
   for (int64_t i = threadIdx.x; i < partials; i += blockDim.x) sums.v[0] += load_global(partial + i);
   for (int64_t c = threadIdx.x; weight && c < classes; c += blockDim.x) sums.v[1] += static_cast<double>(load_global(weight + c));
-  sums = group_reduce(sums, blockDim.x, [](double a, double b) { return a + b; });
+  __shared__ double scratch[2 * kWarp];
+  sums = group_reduce(sums, blockDim.x, AddOp(), scratch);
   if (threadIdx.x == 0) {
     const double denominator = fixed_denominator >= 0.0 ? fixed_denominator : sums.v[0];
     const double weight_sum = weight ? sums.v[1] : static_cast<double>(classes);
@@ -299,6 +315,7 @@ __global__ void __launch_bounds__(512, 1) rows_kernel(KernelArgs<scalar_t> a, Pl
   scalar_t* x_smem = reinterpret_cast<scalar_t*>(smem);
   scalar_t* p_smem = reinterpret_cast<scalar_t*>(smem + staged);
   RowScalars<acc_t>* row_scalars = reinterpret_cast<RowScalars<acc_t>*>(smem + (soft ? 2 : 1) * staged);
+  __shared__ acc_t reduce_scratch[3 * kWarp];
   const DeviceScalars scalars = load_broadcast(a.scalars, threadIdx.x == 0);
   const int64_t positions = a.outer * a.inner;
   const int64_t tiles = ceil_div(positions, R);
@@ -340,7 +357,7 @@ __global__ void __launch_bounds__(512, 1) rows_kernel(KernelArgs<scalar_t> a, Pl
     // 2. max, then Σexp and the mass sums relative to it
     acc_t row_max = -std::numeric_limits<acc_t>::infinity();
     for (int64_t c = lane; c < C; c += G) row_max = nan_max(row_max, static_cast<acc_t>(x[c]));
-    row_max = group_reduce(Fields<acc_t, 1>{{row_max}}, G, [](acc_t u, acc_t v) { return nan_max(u, v); }).v[0];
+    row_max = group_reduce(Fields<acc_t, 1>{{row_max}}, G, MaxOp(), reduce_scratch).v[0];
     const acc_t origin = shift_origin(row_max);
     Fields<acc_t, 3> sums{{acc_t(0), acc_t(0), acc_t(0)}};  // Σexp, Σv·(x − origin), Σv
     for (int64_t c = lane; c < C; c += G) {
@@ -352,7 +369,7 @@ __global__ void __launch_bounds__(512, 1) rows_kernel(KernelArgs<scalar_t> a, Pl
         sums.v[2] += v;
       }
     }
-    sums = group_reduce(sums, G, [](acc_t u, acc_t v) { return u + v; });
+    sums = group_reduce(sums, G, AddOp(), reduce_scratch);
     RowState<acc_t> state{origin, sums.v[0], sums.v[1], sums.v[2]};
     if (a.mass == Mass::kWeighted) state.mass = static_cast<acc_t>(scalars.weight_sum);
 
@@ -380,6 +397,82 @@ __global__ void __launch_bounds__(512, 1) rows_kernel(KernelArgs<scalar_t> a, Pl
     }
     __syncthreads();  // shared memory is restaged by the next tile
   }
+}
+
+// ---------------------------------------------------------------- cluster rows: a row on a cluster's chips
+// A cluster of plan.chunks blocks takes one row at a time; block `rank` stages classes
+// [rank·chunk, (rank + 1)·chunk) in its shared memory. Each reduction (max, then the sums) is a
+// block reduction whose result the block publishes in its shared memory, a cluster barrier, and a
+// fixed-order merge of every block's value read through distributed shared memory: the row is read
+// once and its gradient written once, however long it is. Dynamic shared memory only (compat.cuh).
+template <typename scalar_t>
+__global__ void __launch_bounds__(512, 1) cluster_rows_kernel(KernelArgs<scalar_t> a, Plan plan) {
+  using acc_t = acc_type<scalar_t>;
+  SMOOTHCE_DYNAMIC_SMEM(unsigned char, smem);
+  const bool soft = a.mass == Mass::kSoft;
+  const int64_t staged = staged_bytes(plan.chunk, sizeof(scalar_t));
+  scalar_t* x_smem = reinterpret_cast<scalar_t*>(smem);
+  scalar_t* p_smem = reinterpret_cast<scalar_t*>(smem + staged);
+  acc_t* reduce_scratch = reinterpret_cast<acc_t*>(smem + (soft ? 2 : 1) * staged);  // 3 × 32 values
+  acc_t* published = reduce_scratch + 3 * kWarp;  // this block's max and sums, read by the cluster
+  const unsigned rank = cluster_rank(), blocks = static_cast<unsigned>(plan.chunks);
+  const int64_t c0 = rank * plan.chunk;
+  const int64_t n = a.classes - c0 < plan.chunk ? (a.classes > c0 ? a.classes - c0 : 0) : plan.chunk;
+  const DeviceScalars scalars = load_broadcast(a.scalars, threadIdx.x == 0);
+  const int64_t positions = a.outer * a.inner, clusters = gridDim.x / blocks;
+  const bool leader = rank == 0 && threadIdx.x == 0;  // writes loss and lse
+
+  for (int64_t pos = blockIdx.x / blocks; pos < positions; pos += clusters) {
+    const scalar_t* row = a.input + a.offset_of(pos);
+    const int x_shift = stage_run(row + c0, n, x_smem, threadIdx.x, blockDim.x);
+    const int p_shift = soft ? stage_run(a.soft_target + a.offset_of(pos) + c0, n, p_smem, threadIdx.x, blockDim.x) : 0;
+    const scalar_t* x = x_smem + x_shift;
+    const scalar_t* prob = p_smem + p_shift;
+    const int64_t target = soft ? -1 : a.target_of(pos, threadIdx.x == 0);
+    const bool valid = soft || a.valid_target(target);
+    __syncthreads();
+
+    acc_t row_max = -std::numeric_limits<acc_t>::infinity();
+    for (int64_t c = threadIdx.x; c < n; c += blockDim.x) row_max = nan_max(row_max, static_cast<acc_t>(x[c]));
+    row_max = group_reduce(Fields<acc_t, 1>{{row_max}}, blockDim.x, MaxOp(), reduce_scratch).v[0];
+    if (threadIdx.x == 0) published[0] = row_max;
+    cluster_sync();
+    for (unsigned r = 0; r < blocks; ++r) row_max = nan_max(row_max, cluster_smem(published, r)[0]);
+    const acc_t origin = shift_origin(row_max);
+
+    Fields<acc_t, 3> sums{{acc_t(0), acc_t(0), acc_t(0)}};  // Σexp, Σv·(x − origin), Σv
+    for (int64_t c = threadIdx.x; c < n; c += blockDim.x) {
+      const acc_t d = static_cast<acc_t>(x[c]) - origin;
+      sums.v[0] += std::exp(d);
+      if (a.mass != Mass::kNone) {
+        const acc_t v = a.class_mass(c0 + c, soft ? static_cast<acc_t>(prob[c]) : acc_t(0));
+        sums.v[1] += v * d;
+        sums.v[2] += v;
+      }
+    }
+    sums = group_reduce(sums, blockDim.x, AddOp(), reduce_scratch);
+    if (threadIdx.x == 0)
+      for (int i = 0; i < 3; ++i) published[1 + i] = sums.v[i];
+    cluster_sync();  // (published[0] of the next row is written after every block passed this one)
+    RowState<acc_t> state{origin, acc_t(0), acc_t(0), acc_t(0)};
+    for (unsigned r = 0; r < blocks; ++r) {
+      const acc_t* remote = cluster_smem(published, r);
+      state.sum_exp += remote[1];
+      state.mass_dx += remote[2];
+      state.mass += remote[3];
+    }
+    if (a.mass == Mass::kWeighted) state.mass = static_cast<acc_t>(scalars.weight_sum);
+
+    const acc_t x_target = valid && !soft ? static_cast<acc_t>(load_broadcast(row + target, leader)) : acc_t(0);
+    const RowScalars<acc_t> result = finish_position(a, state, pos, target, valid, x_target, scalars, leader);
+    if (a.grad)
+      write_run(a.grad + a.offset_of(pos) + c0, n, threadIdx.x, blockDim.x, [&](int64_t c) {
+        const acc_t class_mass = a.grad_mass(c0 + c, soft ? static_cast<acc_t>(prob[c]) : acc_t(0));
+        return grad_value(result, static_cast<acc_t>(x[c]), class_mass, c0 + c);
+      });
+    __syncthreads();  // the staged chunk is restaged by the next row
+  }
+  cluster_sync();  // no block leaves while another may still read its published values
 }
 
 // ---------------------------------------------------------------- split rows: C too long for shared memory

@@ -15,12 +15,15 @@ enum class Variant : int {
                    // combined by a second kernel
   kStrided = 2,    // classes strided ((N, C, H, W), x.t()): a thread per position, threads along
                    // the contiguous positions (coalesced), walking the classes
+  kClusterRows = 3,  // classes contiguous, a row too long for one block's shared memory, on a device
+                     // with thread-block clusters (sm_90): a cluster of blocks holds the row on chip
 };
 
 struct DeviceLimits {
   int64_t sm_count = 108;
   int64_t max_smem = 48 * 1024;  // dynamic shared memory one block may opt in to
   int64_t split_chunk = 8192;    // classes per block when a row is split (a tuning knob, not a limit)
+  int64_t max_cluster_blocks = 0;  // blocks per thread-block cluster (8 on sm_90, 0: no clusters)
 };
 
 struct PlanInput {
@@ -38,8 +41,8 @@ struct Plan {
   int rows_per_block = 0;    // rows: threads / group
   bool cooperative = false;  // rows: the block stages and writes its rows as one contiguous run
   int64_t row_stride = 0;    // rows: elements between the rows staged per group
-  int64_t chunk = 0;         // split rows: classes per work item
-  int64_t chunks = 0;        // split rows: work items per row
+  int64_t chunk = 0;         // split / cluster rows: classes per block
+  int64_t chunks = 0;        // split rows: work items per row; cluster rows: blocks per cluster
   bool staged = false;       // strided: the tile stays in shared memory between the passes
   int64_t work = 0;          // work items the grid-stride loop walks (row tiles, row chunks, position tiles)
   int64_t blocks = 0;
@@ -48,6 +51,11 @@ struct Plan {
 
 // Per-row scalars the rows kernel keeps in shared memory for its cooperative gradient write.
 constexpr int64_t kRowScalarsBytes = 64;
+// The cluster kernel's reduction scratch (3 × 32 fp64) and the partials it shares with its cluster.
+constexpr int64_t kClusterScratchBytes = 1024;
+// A cluster is only as big as it must be for its row to fit, and preferably this small per block
+// (several blocks per SM); larger chunks are taken when nothing smaller fits.
+constexpr int64_t kClusterChunkBytes = 64 * 1024;
 // Shared memory a block uses without opting in; larger plans lower occupancy, so they are only
 // chosen when nothing smaller holds the row.
 constexpr int64_t kDefaultSmem = 48 * 1024;
@@ -119,6 +127,27 @@ inline Plan make_plan(const PlanInput& in, const DeviceLimits& limits) {
   plan.rows_per_block = plan.threads / plan.group;
   plan.smem_bytes = rows_smem(plan.rows_per_block, plan.cooperative, plan.row_stride);
   if (plan.smem_bytes <= limits.max_smem) return finish(ceil_div(positions, plan.rows_per_block));
+
+  // The row does not fit in one block: a cluster of blocks holds it, each a chunk in shared memory.
+  for (const int64_t budget : {std::min(kClusterChunkBytes + kClusterScratchBytes, limits.max_smem), limits.max_smem}) {
+    for (int64_t blocks = 2; blocks <= limits.max_cluster_blocks; ++blocks) {
+      const int64_t chunk = round_up(ceil_div(C, blocks), vec);
+      const int64_t smem = tensors * staged_bytes(chunk, in.elem_size) + kClusterScratchBytes;
+      if (smem > budget) continue;
+      plan = Plan{};
+      plan.variant = Variant::kClusterRows;
+      plan.chunk = chunk;
+      plan.chunks = blocks;
+      plan.threads = static_cast<int>(std::clamp<int64_t>(next_pow2(ceil_div(chunk, 16)), 128, kMaxRowsThreads));
+      plan.group = plan.threads;
+      plan.rows_per_block = 1;
+      plan.smem_bytes = smem;
+      plan.work = positions;
+      const int64_t per_sm = std::max<int64_t>(1, 2048 / plan.threads);
+      plan.blocks = blocks * std::max<int64_t>(1, std::min(positions, limits.sm_count * per_sm / blocks));
+      return plan;
+    }
+  }
 
   // The row does not fit on chip: chunks of it per block (each thread an online softmax state
   // over its elements, straight from global memory), combined by a second kernel.

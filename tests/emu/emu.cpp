@@ -1,5 +1,5 @@
-// The emulator's runtime (model in emu.h): fibers, block and warp barriers, launches over a small
-// pool of OS threads, and the Python controls (bind_runtime).
+// The emulator's runtime (model in emu.h): fibers, block, cluster and warp barriers, launches over
+// a small pool of OS threads, and the Python controls (bind_runtime).
 #include <torch/extension.h>
 
 #include "emu.h"
@@ -46,6 +46,7 @@ using detail::WarpOp;
 
 constexpr unsigned kMaxThreads = 1024;
 constexpr unsigned kMaxWarps = kMaxThreads / 32;
+constexpr unsigned kMaxClusterBlocks = 8;  // CUDA's portable cluster size
 constexpr size_t kStackBytes = 64 * 1024;  // kernels use a few hundred bytes; printf a few KiB
 
 // ---------------------------------------------------------------------------------------------
@@ -94,7 +95,7 @@ void switch_context(Context& from, Context& to) { emu_switch_context(&from.sp, t
 
 // A frame as emu_switch_context leaves it, whose `ret` enters `entry` as if called (rsp = 8 mod
 // 16) with a null return address; the control words are this OS thread's (the launch's, see
-// Worker::run_blocks). `stack + bytes` is 16-byte aligned.
+// Worker::run_clusters). `stack + bytes` is 16-byte aligned.
 void prepare_context(Context& context, char* stack, size_t bytes, void (*entry)()) {
   uint32_t mxcsr;
   uint16_t fpu_control;
@@ -190,7 +191,7 @@ std::string kernel_name(const void* kernel) {
 }
 
 // ---------------------------------------------------------------------------------------------
-// Launch state shared by the OS threads that run its blocks
+// Launch state shared by the OS threads that run its clusters
 
 struct Failure {
   enum class Kind { none, index, usage, exception } kind = Kind::none;
@@ -202,36 +203,40 @@ struct Launch {
   KernelCall call;
   dim3 grid, block;
   size_t smem_bytes = 0;
-  unsigned threads = 0;  // per block
-  uint64_t blocks = 0;
+  unsigned threads = 0;         // per block
+  unsigned cluster_blocks = 1;  // a plain launch runs in clusters of one block
+  uint64_t clusters = 0;
   std::fenv_t fenv;  // the launching thread's rounding mode, FTZ/DAZ: every block runs with it
 
-  // Blocks are handed out in increasing order; a failed block stops the blocks after it. Every
-  // block before the lowest failed one was handed out, so the error reported (the lowest failed
-  // block's) is the same whatever the number of OS threads.
-  std::atomic<uint64_t> next_block{0};
+  // Clusters are handed out in increasing order; a failed cluster stops the clusters after it.
+  // Every cluster before the lowest failed one was handed out, so the error reported (the lowest
+  // failed cluster's) is the same whatever the number of OS threads.
+  std::atomic<uint64_t> next_cluster{0};
   std::atomic<uint64_t> lowest_failed{UINT64_MAX};
   std::mutex failure_mutex;
   Failure failure;
 
-  void record(uint64_t failed_block, Failure&& failed) {
+  void record(uint64_t failed_cluster, Failure&& failed) {
     std::lock_guard<std::mutex> lock(failure_mutex);
-    if (failed_block < lowest_failed.load()) {
-      lowest_failed.store(failed_block);
+    if (failed_cluster < lowest_failed.load()) {
+      lowest_failed.store(failed_cluster);
       failure = std::move(failed);
     }
   }
 };
 
 // ---------------------------------------------------------------------------------------------
-// Fibers and the block scheduler of one OS thread
+// Fibers and the cluster scheduler of one OS thread
+
+class Worker;
 
 struct Fiber : ThreadView {
   Context context;
   char* stack = nullptr;  // lowest usable byte; a guard page below
   size_t stack_bytes = 0;
   unsigned index = 0;     // linear thread index in the block: warp index * 32 + lane
-  enum class State : uint8_t { ready, at_block_barrier, at_warp_barrier, done } state = State::ready;
+  enum class State : uint8_t { ready, at_block_barrier, at_cluster_barrier, at_warp_barrier, done } state =
+      State::ready;
   // The barrier it waits at (error messages, warp agreement checks).
   const char* wait_file = "";
   int wait_line = 0;
@@ -249,19 +254,32 @@ struct Warp {
   unsigned exited = 0;
 };
 
+// One block of the running cluster: what its fibers see (BlockView) and its own barriers.
+struct Block : BlockView {
+  Worker* worker = nullptr;
+  Fiber* fibers = nullptr;  // its threads, by linear index
+  Warp warps[kMaxWarps];
+  unsigned arrived = 0;  // threads at __syncthreads
+  const char* barrier_file = "";
+  int barrier_line = 0;
+  unsigned exited = 0;
+};
+
 [[noreturn]] void fiber_main();
 
-class Worker : public BlockView {
+class Worker {
  public:
-  Worker() : fibers_(new Fiber[kMaxThreads]) {}
+  Worker() = default;
   Worker(const Worker&) = delete;
   Worker& operator=(const Worker&) = delete;
 
-  // Stacks and shared memory for a launch, allocated before its blocks run (and kept for later
-  // launches) so that running blocks never throws.
-  void reserve(unsigned threads, size_t smem_bytes) {
+  // Stacks and shared memory for a launch, allocated before its clusters run (and kept for later
+  // launches) so that running clusters never throws.
+  void reserve(const Launch& launch) {
+    const unsigned fibers = launch.cluster_blocks * launch.threads;
     const size_t page = static_cast<size_t>(sysconf(_SC_PAGESIZE));
-    for (; stacks_ < threads; ++stacks_) {
+    if (fibers_.size() < fibers) fibers_.resize(fibers);  // moves only the stack bookkeeping
+    for (; stacks_ < fibers; ++stacks_) {
       void* memory = mmap(nullptr, page + kStackBytes, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
       if (memory == MAP_FAILED) throw std::runtime_error("emu: out of memory for fiber stacks");
       mprotect(memory, page, PROT_NONE);  // a stack overflow faults instead of corrupting a neighbour
@@ -270,39 +288,58 @@ class Worker : public BlockView {
       // Stack tops staggered by cache lines: at equal page offsets, the fibers' hot frames would
       // all compete for the same few L1 sets (this made barriers ~1.6x slower).
       fiber.stack_bytes = kStackBytes - (stacks_ % 64) * 64;
-      fiber.index = stacks_;
     }
-    if (smem_bytes > smem_capacity_) {
-      const size_t capacity = (smem_bytes + 63) / 64 * 64;
-      smem_.reset(static_cast<unsigned char*>(std::aligned_alloc(64, capacity)));
+    const size_t bytes = launch.cluster_blocks * smem_stride(launch.smem_bytes);
+    if (bytes > smem_capacity_) {
+      smem_.reset(static_cast<unsigned char*>(std::aligned_alloc(64, bytes)));
       if (!smem_) throw std::runtime_error("emu: out of memory for shared memory");
-      smem_capacity_ = capacity;
+      smem_capacity_ = bytes;
     }
   }
 
-  // Runs blocks of `launch` until none is left (or one failed); adds this thread's traffic.
-  void run_blocks(Launch& launch, std::atomic<uint64_t>& read_total, std::atomic<uint64_t>& write_total) {
+  // Runs clusters of `launch` until none is left (or one failed); adds this thread's traffic.
+  void run_clusters(Launch& launch, std::atomic<uint64_t>& read_total, std::atomic<uint64_t>& write_total) {
     launch_ = &launch;
-    block_dim = launch.block;
-    grid_dim = launch.grid;
-    dynamic_smem = smem_.get();
-    read_bytes = write_bytes = 0;
     threads_ = launch.threads;
-    for (unsigned w = 0; w < kMaxWarps; ++w) {
-      const unsigned first = w * 32;
-      warps_[w].lanes = first >= threads_ ? 0u : threads_ - first >= 32 ? ~0u : (1u << (threads_ - first)) - 1;
+    cluster_blocks_ = launch.cluster_blocks;
+    cluster_threads_ = cluster_blocks_ * threads_;
+    for (unsigned rank = 0; rank < cluster_blocks_; ++rank) {
+      Block& block = blocks_[rank];
+      block.worker = this;
+      block.block_dim = launch.block;
+      block.grid_dim = launch.grid;
+      block.smem_bytes = launch.smem_bytes;
+      block.smem_stride = smem_stride(launch.smem_bytes);
+      block.dynamic_smem = smem_.get() + rank * block.smem_stride;
+      block.cluster_rank = rank;
+      block.cluster_blocks = cluster_blocks_;
+      block.read_bytes = block.write_bytes = 0;
+      block.fibers = fibers_.data() + rank * threads_;
+      for (unsigned w = 0; w < kMaxWarps; ++w) {
+        const unsigned first = w * 32;
+        block.warps[w].lanes = first >= threads_ ? 0u : threads_ - first >= 32 ? ~0u : (1u << (threads_ - first)) - 1;
+      }
+      for (unsigned i = 0; i < threads_; ++i) {
+        Fiber& fiber = block.fibers[i];
+        fiber.thread_idx = dim3(i % launch.block.x, i / launch.block.x % launch.block.y,
+                                i / launch.block.x / launch.block.y);
+        fiber.block = &block;
+        fiber.index = i;
+      }
     }
     std::fenv_t own_fenv;
     std::fegetenv(&own_fenv);
     std::fesetenv(&launch.fenv);
     for (;;) {
-      const uint64_t block = launch.next_block.fetch_add(1);
-      if (block >= launch.blocks || block > launch.lowest_failed.load()) break;
-      run_block(block);
+      const uint64_t cluster = launch.next_cluster.fetch_add(1);
+      if (cluster >= launch.clusters || cluster > launch.lowest_failed.load()) break;
+      run_cluster(cluster);
     }
     std::fesetenv(&own_fenv);
-    read_total += read_bytes;
-    write_total += write_bytes;
+    for (unsigned rank = 0; rank < cluster_blocks_; ++rank) {
+      read_total += blocks_[rank].read_bytes;
+      write_total += blocks_[rank].write_bytes;
+    }
     launch_ = nullptr;
   }
 
@@ -312,30 +349,52 @@ class Worker : public BlockView {
 
   void sync_block(const char* file, int line) {
     Fiber& me = running();
-    if (exited_ > 0)
+    Block& block = block_of(me);
+    if (block.exited > 0)
       fail(Failure::Kind::usage, [&] {
         return format("__syncthreads() at %s can never complete: %u of the block's %u threads have exited (%u arrived)",
-                      site(file, line).c_str(), exited_, threads_, arrived_ + 1);
+                      site(file, line).c_str(), block.exited, threads_, block.arrived + 1);
       });
-    if (arrived_ == 0) {
-      barrier_file_ = file;
-      barrier_line_ = line;
-    } else if (!same_site(barrier_file_, barrier_line_, file, line)) {
+    if (block.arrived == 0) {
+      block.barrier_file = file;
+      block.barrier_line = line;
+    } else if (!same_site(block.barrier_file, block.barrier_line, file, line)) {
       fail(Failure::Kind::usage, [&] {
-        return format("threads reached different __syncthreads() calls: %u at %s, %s at %s", arrived_,
-                      site(barrier_file_, barrier_line_).c_str(), describe(me).c_str(), site(file, line).c_str());
+        return format("threads reached different __syncthreads() calls: %u at %s, %s at %s", block.arrived,
+                      site(block.barrier_file, block.barrier_line).c_str(), describe(me).c_str(),
+                      site(file, line).c_str());
       });
     }
-    if (++arrived_ == threads_) {  // every other thread waits here: release them, continue
-      arrived_ = 0;
+    if (++block.arrived == threads_) {  // every other thread waits here: release them, continue
+      block.arrived = 0;
       for (unsigned i = 0; i < threads_; ++i)
-        if (i != me.index) make_ready(fibers_[i]);
+        if (i != me.index) make_ready(block.fibers[i]);
       return;
     }
-    me.state = Fiber::State::at_block_barrier;
-    me.wait_file = file;
-    me.wait_line = line;
-    switch_away(me);
+    wait(me, Fiber::State::at_block_barrier, file, line);
+  }
+
+  // The cluster barrier counts arrivals at any cluster_sync() call: the GPU has one barrier per
+  // cluster (barrier.cluster), not one per call site. `file`, `line` name it in messages.
+  void sync_cluster(const char* file, int line) {
+    Fiber& me = running();
+    if (cluster_exited_ > 0)
+      fail(Failure::Kind::usage, [&] {
+        return format("cluster_sync() at %s can never complete: %u of the cluster's %u threads have exited "
+                      "(%u arrived)",
+                      site(file, line).c_str(), cluster_exited_, cluster_threads_, cluster_arrived_ + 1);
+      });
+    if (cluster_arrived_ == 0) {
+      cluster_barrier_file_ = file;
+      cluster_barrier_line_ = line;
+    }
+    if (++cluster_arrived_ == cluster_threads_) {
+      cluster_arrived_ = 0;
+      for (unsigned i = 0; i < cluster_threads_; ++i)
+        if (&fibers_[i] != &me) make_ready(fibers_[i]);
+      return;
+    }
+    wait(me, Fiber::State::at_cluster_barrier, file, line);
   }
 
   // A warp barrier over `mask`; a shuffle also exchanges values. The exchange happens when the
@@ -345,8 +404,10 @@ class Worker : public BlockView {
   void warp_op(WarpOp op, unsigned mask, int lane_arg, int width, void* data, unsigned bytes, const char* file,
                int line) {
     Fiber& me = running();
-    const unsigned lane = me.index & 31, bit = 1u << lane, base = me.index & ~31u, warp_index = me.index / 32;
-    Warp& warp = warps_[warp_index];
+    Block& block = block_of(me);
+    const unsigned lane = me.index & 31, bit = 1u << lane, warp_index = me.index / 32;
+    Fiber* const warp_fibers = block.fibers + (me.index & ~31u);
+    Warp& warp = block.warps[warp_index];
     const char* name = op_name(op);
     if (!(mask & bit))
       fail(Failure::Kind::usage, [&] {
@@ -380,13 +441,29 @@ class Worker : public BlockView {
     me.wait_file = file;
     me.wait_line = line;
     warp.waiting |= bit;
-    if ((warp.waiting & mask) == mask && group_arrived(base, mask)) {
-      release_warp(warp, base, mask, me);
+    if ((warp.waiting & mask) == mask && group_arrived(warp_fibers, mask)) {
+      release_warp(warp, warp_fibers, mask, me);
     } else {
       me.state = Fiber::State::at_warp_barrier;
       switch_away(me);
     }
     if (op != WarpOp::sync) std::memcpy(data, me.result, sizeof(me.result));
+  }
+
+  // An address that cluster_smem cannot map (see emu::cluster_smem).
+  [[noreturn]] void bad_cluster_smem(const void* address, unsigned rank) {
+    const Block& block = block_of(running());
+    if (rank >= cluster_blocks_)
+      fail(Failure::Kind::usage, [&] {
+        return format("cluster_smem(%p, rank %u): the cluster has %u blocks", address, rank, cluster_blocks_);
+      });
+    fail(Failure::Kind::usage, [&] {
+      return format("cluster_smem(%p, rank %u): the address is not inside the calling block's %zu bytes of "
+                    "dynamic shared memory (byte offset %lld)",
+                    address, rank, block.smem_bytes,
+                    static_cast<long long>(reinterpret_cast<uintptr_t>(address) -
+                                           reinterpret_cast<uintptr_t>(block.dynamic_smem)));
+    });
   }
 
   [[noreturn]] void index_error(long long value, long long classes, long long ignore_index) {
@@ -403,19 +480,28 @@ class Worker : public BlockView {
   // The kernel returned (or threw: `error`) in the running fiber.
   [[noreturn]] void exit_running(std::exception_ptr error) {
     Fiber& me = running();
+    Block& block = block_of(me);
     if (error) fail(Failure::Kind::exception, [] { return std::string(); }, false, std::move(error));
     me.state = Fiber::State::done;
-    ++exited_;
-    Warp& warp = warps_[me.index / 32];
+    ++block.exited;
+    ++cluster_exited_;
+    Warp& warp = block.warps[me.index / 32];
     const unsigned bit = 1u << (me.index & 31);
     warp.exited |= bit;
-    if (arrived_ > 0)
+    if (block.arrived > 0)
       fail(Failure::Kind::usage, [&] {
         return format("%s exited while %u of the block's %u threads wait at __syncthreads() (%s)",
-                      describe(me).c_str(), arrived_, threads_, site(barrier_file_, barrier_line_).c_str());
+                      describe(me).c_str(), block.arrived, threads_,
+                      site(block.barrier_file, block.barrier_line).c_str());
+      });
+    if (cluster_arrived_ > 0)
+      fail(Failure::Kind::usage, [&] {
+        return format("%s exited while %u of the cluster's %u threads wait at cluster_sync() (%s)",
+                      describe(me).c_str(), cluster_arrived_, cluster_threads_,
+                      site(cluster_barrier_file_, cluster_barrier_line_).c_str());
       });
     for (unsigned lanes = warp.waiting; lanes; lanes &= lanes - 1) {
-      const Fiber& other = fibers_[(me.index & ~31u) + __builtin_ctz(lanes)];
+      const Fiber& other = block.fibers[(me.index & ~31u) + __builtin_ctz(lanes)];
       if (other.wait_mask & bit)
         fail(Failure::Kind::usage, [&] {
           return format("%s exited while %s waits at %s(mask 0x%08x) (%s), which names it", describe(me).c_str(),
@@ -423,20 +509,36 @@ class Worker : public BlockView {
                         site(other.wait_file, other.wait_line).c_str());
         });
     }
+    // A block's shared memory ends with it: later reads by its cluster see the fill (emu.h).
+    if (block.exited == threads_ && cluster_blocks_ > 1 && block.smem_bytes)
+      std::memset(block.dynamic_smem, 0xFF, block.smem_bytes);
     switch_away(me);
     __builtin_unreachable();
   }
 
  private:
+  static constexpr unsigned kReady = kMaxClusterBlocks * kMaxThreads;
+
+  // Shared memory buffers of a cluster's blocks are this far apart (cache-line aligned).
+  static size_t smem_stride(size_t smem_bytes) { return (smem_bytes + 63) / 64 * 64; }
+
   Fiber& running() const { return *static_cast<Fiber*>(detail::current); }
+  static Block& block_of(const Fiber& fiber) { return *static_cast<Block*>(fiber.block); }
 
   void make_ready(Fiber& fiber) {
     fiber.state = Fiber::State::ready;
-    ready_[(ready_head_ + ready_count_++) % kMaxThreads] = &fiber;
+    ready_[(ready_head_ + ready_count_++) % kReady] = &fiber;
+  }
+
+  void wait(Fiber& me, Fiber::State state, const char* file, int line) {
+    me.state = state;
+    me.wait_file = file;
+    me.wait_line = line;
+    switch_away(me);
   }
 
   // Leaves the running fiber (waiting or done) for the next ready one, or for the scheduler when
-  // none is ready (the block finished, or is deadlocked). Whoever resumes a fiber sets `current`.
+  // none is ready (the cluster finished, or is deadlocked). Whoever resumes a fiber sets `current`.
   void switch_away(Fiber& me) {
     Fiber* next = pop_ready();
     detail::current = next;
@@ -446,21 +548,21 @@ class Worker : public BlockView {
   Fiber* pop_ready() {
     if (ready_count_ == 0) return nullptr;
     Fiber* next = ready_[ready_head_];
-    ready_head_ = (ready_head_ + 1) % kMaxThreads;
+    ready_head_ = (ready_head_ + 1) % kReady;
     --ready_count_;
     return next;
   }
 
-  // Stops the block from the running fiber, which is never resumed: no C++ exception crosses a
+  // Stops the cluster from the running fiber, which is never resumed: no C++ exception crosses a
   // context switch. The fiber's frames are abandoned (kernels hold only trivial locals), so the
   // message is built by `message()` inside this call, leaving no temporary behind.
   template <typename Message>
   [[noreturn]] void fail(Failure::Kind kind, Message message, bool with_context = true,
                          std::exception_ptr exception = nullptr) {
-    failure_.kind = kind;
-    failure_.message = with_context ? context_text() + ": " + message() : message();
-    failure_.exception = std::move(exception);
     Fiber& me = running();
+    failure_.kind = kind;
+    failure_.message = with_context ? block_context(block_of(me)) + ": " + message() : message();
+    failure_.exception = std::move(exception);
     detail::current = nullptr;
     switch_context(me.context, scheduler_);
     __builtin_unreachable();
@@ -480,75 +582,83 @@ class Worker : public BlockView {
     return source <= last ? source : lane;
   }
 
-  bool group_arrived(unsigned base, unsigned mask) const {
+  static bool group_arrived(const Fiber* warp_fibers, unsigned mask) {
     for (unsigned lanes = mask; lanes; lanes &= lanes - 1)
-      if (fibers_[base + __builtin_ctz(lanes)].wait_mask != mask) return false;
+      if (warp_fibers[__builtin_ctz(lanes)].wait_mask != mask) return false;
     return true;
   }
 
-  void release_warp(Warp& warp, unsigned base, unsigned mask, Fiber& me) {
+  void release_warp(Warp& warp, Fiber* warp_fibers, unsigned mask, Fiber& me) {
     for (unsigned lanes = mask; lanes; lanes &= lanes - 1) {
-      const Fiber& other = fibers_[base + __builtin_ctz(lanes)];
+      const Fiber& other = warp_fibers[__builtin_ctz(lanes)];
       if (other.op != me.op || other.op_bytes != me.op_bytes)
         fail(Failure::Kind::usage, [&] {
           return format("warp %u, mask 0x%08x: %s calls %s on %u bytes (%s) while %s calls %s on %u bytes (%s)",
-                        base / 32, mask, describe(me).c_str(), op_name(me.op), me.op_bytes,
+                        me.index / 32, mask, describe(me).c_str(), op_name(me.op), me.op_bytes,
                         site(me.wait_file, me.wait_line).c_str(), describe(other).c_str(), op_name(other.op),
                         other.op_bytes, site(other.wait_file, other.wait_line).c_str());
         });
     }
     if (me.op != WarpOp::sync) {
       for (unsigned lanes = mask; lanes; lanes &= lanes - 1) {
-        Fiber& receiver = fibers_[base + __builtin_ctz(lanes)];
+        Fiber& receiver = warp_fibers[__builtin_ctz(lanes)];
         if (mask >> receiver.source_lane & 1)
-          std::memcpy(receiver.result, fibers_[base + receiver.source_lane].value, sizeof(receiver.result));
+          std::memcpy(receiver.result, warp_fibers[receiver.source_lane].value, sizeof(receiver.result));
         else  // a source outside the mask is undefined on a GPU: poison it
           std::memset(receiver.result, 0xFF, sizeof(receiver.result));
       }
     }
     warp.waiting &= ~mask;
     for (unsigned lanes = mask & ~(1u << (me.index & 31)); lanes; lanes &= lanes - 1)
-      make_ready(fibers_[base + __builtin_ctz(lanes)]);
+      make_ready(warp_fibers[__builtin_ctz(lanes)]);
   }
 
-  void run_block(uint64_t block) {
-    block_idx = dim3(static_cast<unsigned>(block % grid_dim.x),
-                     static_cast<unsigned>(block / grid_dim.x % grid_dim.y),
-                     static_cast<unsigned>(block / grid_dim.x / grid_dim.y));
-    if (launch_->smem_bytes) std::memset(dynamic_smem, 0xFF, launch_->smem_bytes);
-    arrived_ = exited_ = 0;
+  void run_cluster(uint64_t cluster) {
+    const dim3 grid = launch_->grid;
+    for (unsigned rank = 0; rank < cluster_blocks_; ++rank) {
+      Block& block = blocks_[rank];
+      // A cluster is consecutive along x, and grid.x is a multiple of its size: one y, z.
+      const uint64_t linear = cluster * cluster_blocks_ + rank;
+      block.block_idx = dim3(static_cast<unsigned>(linear % grid.x), static_cast<unsigned>(linear / grid.x % grid.y),
+                             static_cast<unsigned>(linear / grid.x / grid.y));
+      if (block.smem_bytes) std::memset(block.dynamic_smem, 0xFF, block.smem_bytes);
+      block.arrived = block.exited = 0;
+      for (unsigned w = 0; w < kMaxWarps; ++w) block.warps[w].waiting = block.warps[w].exited = 0;
+    }
+    cluster_arrived_ = cluster_exited_ = 0;
     failure_ = Failure();
-    for (unsigned w = 0; w < kMaxWarps; ++w) warps_[w].waiting = warps_[w].exited = 0;
     ready_head_ = ready_count_ = 0;
-    for (unsigned i = 0; i < threads_; ++i) {
-      Fiber& fiber = fibers_[i];
-      fiber.thread_idx = dim3(i % block_dim.x, i / block_dim.x % block_dim.y, i / block_dim.x / block_dim.y);
-      fiber.block = this;
-      prepare_context(fiber.context, fiber.stack, fiber.stack_bytes, fiber_main);
-      make_ready(fiber);
+    for (unsigned i = 0; i < cluster_threads_; ++i) {  // rank 0's threads first, in index order
+      prepare_context(fibers_[i].context, fibers_[i].stack, fibers_[i].stack_bytes, fiber_main);
+      make_ready(fibers_[i]);
     }
     Fiber* first = pop_ready();
     detail::current = first;
     switch_context(scheduler_, first->context);
     // Back here: every fiber exited, one failed, or none can run.
-    if (failure_.kind == Failure::Kind::none && exited_ != threads_) {
+    if (failure_.kind == Failure::Kind::none && cluster_exited_ != cluster_threads_) {
       failure_.kind = Failure::Kind::usage;
-      failure_.message = context_text() + ": " + deadlock_text();
+      failure_.message = cluster_context() + ": " + deadlock_text();
     }
-    if (failure_.kind != Failure::Kind::none) launch_->record(block, std::move(failure_));
+    if (failure_.kind != Failure::Kind::none) launch_->record(cluster, std::move(failure_));
   }
 
   std::string deadlock_text() const {
-    // Group the waiting threads by barrier, in thread order.
+    // Group the waiting threads by barrier, in thread order (rank by rank). Block and warp
+    // barriers name their block in a cluster of several.
     std::vector<std::pair<std::string, unsigned>> groups;
-    for (unsigned i = 0; i < threads_; ++i) {
+    for (unsigned i = 0; i < cluster_threads_; ++i) {
       const Fiber& fiber = fibers_[i];
+      const std::string in_block =
+          cluster_blocks_ > 1 ? " in block " + dims(block_of(fiber).block_idx) : std::string();
       std::string where;
       if (fiber.state == Fiber::State::at_block_barrier)
-        where = "__syncthreads() (" + site(fiber.wait_file, fiber.wait_line) + ")";
+        where = "__syncthreads()" + in_block + " (" + site(fiber.wait_file, fiber.wait_line) + ")";
+      else if (fiber.state == Fiber::State::at_cluster_barrier)
+        where = "cluster_sync() (" + site(fiber.wait_file, fiber.wait_line) + ")";
       else if (fiber.state == Fiber::State::at_warp_barrier)
-        where = format("%s(mask 0x%08x) in warp %u (%s)", op_name(fiber.op), fiber.wait_mask, i / 32,
-                       site(fiber.wait_file, fiber.wait_line).c_str());
+        where = format("%s(mask 0x%08x) in warp %u", op_name(fiber.op), fiber.wait_mask, fiber.index / 32) +
+                in_block + " (" + site(fiber.wait_file, fiber.wait_line) + ")";
       else
         continue;
       auto group = std::find_if(groups.begin(), groups.end(), [&](const auto& g) { return g.first == where; });
@@ -557,46 +667,58 @@ class Worker : public BlockView {
     }
     std::string text = "deadlock: no thread can run;";
     for (const auto& [where, count] : groups) text += format(" %u wait at ", count) + where + ";";
-    return text + format(" %u of %u exited", exited_, threads_);
+    return text + format(" %u of %u exited", cluster_exited_, cluster_threads_);
   }
 
   std::string describe(const Fiber& fiber) const {
     return format("thread %s (warp %u, lane %u)", dims(fiber.thread_idx).c_str(), fiber.index / 32, fiber.index % 32);
   }
 
-  std::string context_text() const {
-    return "emu: " + kernel_name(launch_->call.kernel) + ", block " + dims(block_idx) + " of grid " + dims(grid_dim) +
-           ", blockDim " + dims(block_dim);
+  std::string launch_text() const {
+    return " of grid " + dims(launch_->grid) + ", blockDim " + dims(launch_->block);
   }
 
-  std::unique_ptr<Fiber[]> fibers_;
-  unsigned stacks_ = 0;  // fibers with a stack
+  std::string block_context(const Block& block) const {
+    const std::string rank =
+        cluster_blocks_ > 1 ? format(" (rank %u of a cluster of %u)", block.cluster_rank, cluster_blocks_) : "";
+    return "emu: " + kernel_name(launch_->call.kernel) + ", block " + dims(block.block_idx) + rank + launch_text();
+  }
+
+  std::string cluster_context() const {
+    if (cluster_blocks_ == 1) return block_context(blocks_[0]);
+    return "emu: " + kernel_name(launch_->call.kernel) + ", cluster of blocks " + dims(blocks_[0].block_idx) + "-" +
+           dims(blocks_[cluster_blocks_ - 1].block_idx) + launch_text();
+  }
+
+  std::vector<Fiber> fibers_;  // the running cluster's threads, rank by rank
+  unsigned stacks_ = 0;        // fibers with a stack
   struct FreeDeleter {
     void operator()(unsigned char* p) const { std::free(p); }
   };
-  std::unique_ptr<unsigned char, FreeDeleter> smem_;
+  std::unique_ptr<unsigned char, FreeDeleter> smem_;  // the blocks' dynamic shared memory, by rank
   size_t smem_capacity_ = 0;
 
   Launch* launch_ = nullptr;
-  unsigned threads_ = 0;
+  unsigned threads_ = 0;  // per block
+  unsigned cluster_blocks_ = 1, cluster_threads_ = 0;
+  Block blocks_[kMaxClusterBlocks];
   Context scheduler_;
-  Fiber* ready_[kMaxThreads];  // ring buffer of runnable fibers
+  Fiber* ready_[kReady];  // ring buffer of runnable fibers
   unsigned ready_head_ = 0, ready_count_ = 0;
-  Warp warps_[kMaxWarps];
-  unsigned arrived_ = 0;  // threads at __syncthreads
-  const char* barrier_file_ = "";
-  int barrier_line_ = 0;
-  unsigned exited_ = 0;
+  unsigned cluster_arrived_ = 0;  // threads at cluster_sync
+  const char* cluster_barrier_file_ = "";
+  int cluster_barrier_line_ = 0;
+  unsigned cluster_exited_ = 0;
   Failure failure_;
 };
 
 Worker& running_worker(const char* what) {
   if (!detail::current) detail::outside_kernel(what);
-  return *static_cast<Worker*>(detail::current->block);
+  return *static_cast<Block*>(detail::current->block)->worker;
 }
 
 void fiber_main() {
-  Worker& worker = *static_cast<Worker*>(detail::current->block);
+  Worker& worker = *static_cast<Block*>(detail::current->block)->worker;
   std::exception_ptr error;
   try {
     worker.call().run(worker.call().call);
@@ -611,9 +733,9 @@ void fiber_main() {
 
 class Runtime {
  public:
-  void launch(const KernelCall& call, dim3 grid, dim3 block, size_t smem_bytes) {
+  void launch(const KernelCall& call, dim3 grid, dim3 block, size_t smem_bytes, unsigned cluster_blocks) {
     if (detail::current) throw std::runtime_error("emu: a kernel cannot launch kernels");
-    validate(call, grid, block, smem_bytes);
+    validate(call, grid, block, smem_bytes, cluster_blocks);
     std::lock_guard<std::mutex> launch_lock(launch_mutex_);
     Launch state;
     state.call = call;
@@ -621,15 +743,17 @@ class Runtime {
     state.block = block;
     state.smem_bytes = smem_bytes;
     state.threads = block.x * block.y * block.z;
-    state.blocks = uint64_t{grid.x} * grid.y * grid.z;
+    state.cluster_blocks = cluster_blocks;
+    state.clusters = uint64_t{grid.x} * grid.y * grid.z / cluster_blocks;
     std::fegetenv(&state.fenv);
-    const unsigned helpers = static_cast<unsigned>(std::min<uint64_t>(workers() - 1, state.blocks - 1));
-    caller_.reserve(state.threads, smem_bytes);
-    start_helpers(helpers, state.threads, smem_bytes);
+    const unsigned helpers = static_cast<unsigned>(std::min<uint64_t>(workers() - 1, state.clusters - 1));
+    caller_.reserve(state);
+    start_helpers(helpers, state);
     ++launch_count_;
     last_grid_ = grid;
     last_block_ = block;
     last_smem_ = smem_bytes;
+    last_cluster_blocks_ = cluster_blocks;
 
     if (helpers > 0) {
       std::lock_guard<std::mutex> lock(pool_mutex_);
@@ -638,7 +762,7 @@ class Runtime {
       ++generation_;
     }
     if (helpers > 0) wake_.notify_all();
-    caller_.run_blocks(state, read_bytes_, write_bytes_);
+    caller_.run_clusters(state, read_bytes_, write_bytes_);
     if (helpers > 0) {
       std::unique_lock<std::mutex> lock(pool_mutex_);
       active_ = nullptr;  // helpers that wake up late do not join
@@ -685,12 +809,18 @@ class Runtime {
     return {{last_grid_.x, last_grid_.y, last_grid_.z}, {last_block_.x, last_block_.y, last_block_.z}, last_smem_};
   }
 
+  unsigned last_cluster_blocks() {
+    std::lock_guard<std::mutex> lock(launch_mutex_);
+    return last_cluster_blocks_;
+  }
+
  private:
-  void validate(const KernelCall& call, dim3 grid, dim3 block, size_t smem_bytes) {
+  void validate(const KernelCall& call, dim3 grid, dim3 block, size_t smem_bytes, unsigned cluster_blocks) {
     auto reject = [&](const std::string& why) {
+      const std::string clusters = cluster_blocks != 1 ? format(", clusters of %u blocks", cluster_blocks) : "";
       throw std::runtime_error("emu: invalid launch of " + kernel_name(call.kernel) + " with grid " + dims(grid) +
-                               ", block " + dims(block) + format(", %zu bytes of shared memory: ", smem_bytes) +
-                               why);
+                               ", block " + dims(block) + clusters +
+                               format(", %zu bytes of shared memory: ", smem_bytes) + why);
     };
     if (!block.x || !block.y || !block.z) reject("a block dimension is 0");
     if (block.x > 1024 || block.y > 1024 || block.z > 64) reject("blockDim is limited to (1024, 1024, 64)");
@@ -699,6 +829,9 @@ class Runtime {
     if (grid.x > 2147483647u || grid.y > 65535 || grid.z > 65535) reject("gridDim is limited to (2^31-1, 65535, 65535)");
     const size_t limit = config().max_dynamic_smem;
     if (smem_bytes > limit) reject(format("more dynamic shared memory than the %zu bytes allowed", limit));
+    if (cluster_blocks < 1 || cluster_blocks > kMaxClusterBlocks)
+      reject(format("a cluster has 1 to %u blocks", kMaxClusterBlocks));
+    if (grid.x % cluster_blocks) reject("gridDim.x is not a multiple of the cluster size");
   }
 
   struct Helper {
@@ -708,7 +841,7 @@ class Runtime {
 
   // Helper threads (created on first need, detached, never destroyed: the runtime outlives the
   // interpreter's teardown) get their stacks and shared memory here, while they are idle.
-  void start_helpers(unsigned count, unsigned threads, size_t smem_bytes) {
+  void start_helpers(unsigned count, const Launch& launch) {
     while (helpers_.size() < count) {
       helpers_.push_back(std::make_unique<Helper>());
       Helper& helper = *helpers_.back();
@@ -716,7 +849,7 @@ class Runtime {
       helper.thread = std::thread([this, &helper, index] { helper_loop(helper.worker, index); });
       helper.thread.detach();
     }
-    for (unsigned i = 0; i < count; ++i) helpers_[i]->worker.reserve(threads, smem_bytes);
+    for (unsigned i = 0; i < count; ++i) helpers_[i]->worker.reserve(launch);
   }
 
   void helper_loop(Worker& worker, unsigned index) {
@@ -731,7 +864,7 @@ class Runtime {
         launch = active_;
         ++joined_;
       }
-      worker.run_blocks(*launch, read_bytes_, write_bytes_);
+      worker.run_clusters(*launch, read_bytes_, write_bytes_);
       std::lock_guard<std::mutex> lock(pool_mutex_);
       if (--joined_ == 0) done_.notify_all();
     }
@@ -752,6 +885,7 @@ class Runtime {
   std::atomic<uint64_t> read_bytes_{0}, write_bytes_{0}, launch_count_{0};
   dim3 last_grid_{0, 0, 0}, last_block_{0, 0, 0};
   size_t last_smem_ = 0;
+  unsigned last_cluster_blocks_ = 0;
 };
 
 Runtime& runtime() {
@@ -780,6 +914,12 @@ void outside_kernel(const char* what) { throw std::logic_error(std::string("emu:
 
 void syncthreads(const char* file, int line) { running_worker("__syncthreads").sync_block(file, line); }
 
+void cluster_sync(const char* file, int line) { running_worker("cluster_sync").sync_cluster(file, line); }
+
+void bad_cluster_smem(const void* address, unsigned rank) {
+  running_worker("cluster_smem").bad_cluster_smem(address, rank);
+}
+
 void warp_op(WarpOp op, unsigned mask, int lane_arg, int width, void* data, unsigned bytes, const char* file,
              int line) {
   running_worker(op_name(op)).warp_op(op, mask, lane_arg, width, data, bytes, file, line);
@@ -787,8 +927,8 @@ void warp_op(WarpOp op, unsigned mask, int lane_arg, int width, void* data, unsi
 
 void count_outside_kernel(uint64_t bytes, bool write) { runtime().count_outside(bytes, write); }
 
-void launch(const KernelCall& call, dim3 grid, dim3 block, size_t smem_bytes) {
-  runtime().launch(call, grid, block, smem_bytes);
+void launch(const KernelCall& call, dim3 grid, dim3 block, size_t smem_bytes, unsigned cluster_blocks) {
+  runtime().launch(call, grid, block, smem_bytes, cluster_blocks);
 }
 
 }  // namespace detail
@@ -814,4 +954,6 @@ void bind_runtime(pybind11::module_& m) {
   }, "OS threads that run a launch's blocks; 0: min(hardware threads, 4)");
   m.def("launch_count", [] { return emu::runtime().launch_count(); }, "kernel launches so far");
   m.def("last_launch", [] { return emu::runtime().last_launch(); }, "((grid), (block), smem_bytes) of the last launch");
+  m.def("last_cluster_blocks", [] { return emu::runtime().last_cluster_blocks(); },
+        "blocks per cluster of the last launch (1: a plain launch)");
 }

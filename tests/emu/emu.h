@@ -5,22 +5,40 @@
 // Execution model (emu.cpp): every thread of a block is a fiber (a cooperative user-level thread
 // with its own stack); all fibers of a block run on one OS thread, one at a time, starting in
 // thread-index order. A fiber runs until it reaches a barrier (__syncthreads, __syncwarp, a
-// shuffle) or returns, then the next runnable fiber runs; the schedule of a block is
-// deterministic. Blocks of a launch may run on several OS threads (Config::workers), each running
-// one block at a time, so no two running blocks share an OS thread.
+// shuffle, cluster_sync) or returns, then the next runnable fiber runs; a barrier's last arrival
+// continues and releases the others in thread order. The schedule is deterministic. Blocks of a
+// launch may run on several OS threads (Config::workers), each running one block at a time, so no
+// two running blocks share an OS thread.
+//
+// Thread-block clusters (launch_cluster, sm_90): the blocks of a cluster must run concurrently, so
+// they run together as ONE scheduler's fibers on one OS thread (rank 0's threads first, then rank
+// 1's, ...); different clusters may run on different OS threads. __syncthreads and warp operations
+// stay per block; cluster_sync() is a barrier over every thread of the cluster (any cluster_sync
+// call counts, as on the GPU, which has one such barrier per cluster). cluster_smem(p, rank) maps
+// an address inside the caller's dynamic shared memory to the same offset in block `rank`'s (CUDA's
+// map_shared_rank); those accesses are not counted as traffic (they stay on chip). A plain launch
+// is a launch in clusters of one block (as in CUDA): cluster_rank() 0, cluster_blocks() 1,
+// cluster_sync() a barrier over the block, cluster_smem(p, 0) == p.
 //
 // Shared memory: `__shared__` is `static thread_local`. The block's fibers share their OS thread,
 // hence one copy per block; blocks running on other OS threads have their own. Static shared
 // arrays keep their content from the previous block on the same OS thread (CUDA leaves it
-// undefined). Dynamic shared memory (SMOOTHCE_DYNAMIC_SMEM) is a per-block buffer, 16-byte
-// aligned, filled with 0xFF bytes at the start of every block, so reading before writing yields
-// NaNs (or -1), not zeros.
+// undefined). The blocks of a cluster share an OS thread, hence ONE copy of every static
+// `__shared__` array for the whole cluster (wrong, and not detected): kernels launched in clusters
+// must use dynamic shared memory only. Dynamic shared memory (SMOOTHCE_DYNAMIC_SMEM) is a
+// per-block buffer, 16-byte aligned, filled with 0xFF bytes at the start of every block, so
+// reading before writing yields NaNs (or -1), not zeros. In a cluster launch a block's buffer is
+// filled with 0xFF again when its last thread exits: a block that reads another block's shared
+// memory after that block exited (a missing final cluster_sync, undefined on a GPU) reads NaNs.
 //
 // Errors raise from emu::launch, after the launch stopped (no hang, no later block runs):
 //   - std::runtime_error: an invalid launch configuration; a __syncthreads() that not every thread
-//     reaches (a thread exited, or threads wait at different __syncthreads() calls); a warp
-//     operation whose mask omits the caller or names lanes that exited or do not exist, or whose
-//     lanes call different operations; a width that is not a power of two; a deadlock.
+//     reaches (a thread exited, or threads wait at different __syncthreads() calls); a
+//     cluster_sync() that not every thread of the cluster reaches (a thread exited); a
+//     cluster_smem() of an address outside the caller's dynamic shared memory or of a rank outside
+//     the cluster; a warp operation whose mask omits the caller or names lanes that exited or do
+//     not exist, or whose lanes call different operations; a width that is not a power of two; a
+//     deadlock (its message lists the barriers the threads wait at).
 //   - c10::IndexError: SMOOTHCE_DEVICE_INDEX_ERROR (the first one, by block then thread).
 //   - a C++ exception thrown by a kernel, as thrown.
 // A shuffle whose source lane is outside the mask (undefined on a GPU) returns 0xFF bytes.
@@ -74,8 +92,12 @@ namespace detail {
 
 struct BlockView {
   dim3 block_idx, block_dim, grid_dim;
-  void* dynamic_smem = nullptr;
-  uint64_t read_bytes = 0, write_bytes = 0;  // this OS thread's share of the launch's traffic
+  unsigned char* dynamic_smem = nullptr;
+  size_t smem_bytes = 0;
+  // The blocks of a cluster have their dynamic shared memory `smem_stride` bytes apart, by rank.
+  size_t smem_stride = 0;
+  unsigned cluster_rank = 0, cluster_blocks = 1;
+  uint64_t read_bytes = 0, write_bytes = 0;  // this block's share of the launch's traffic
 };
 
 struct ThreadView {
@@ -94,7 +116,14 @@ inline ThreadView& current_thread() {
   return *current;
 }
 
+inline BlockView& current_block(const char* what) {
+  if (__builtin_expect(current == nullptr, 0)) outside_kernel(what);
+  return *current->block;
+}
+
 void syncthreads(const char* file, int line);
+void cluster_sync(const char* file, int line);
+[[noreturn]] void bad_cluster_smem(const void* address, unsigned rank);
 
 enum class WarpOp : uint8_t { sync, shfl_xor, shfl_down, shfl_idx };
 // A warp barrier over the lanes of `mask`; a shuffle also replaces the 16 bytes at `data` (the
@@ -133,11 +162,44 @@ struct BoundKernel {
   }
 };
 
-void launch(const KernelCall& call, dim3 grid, dim3 block, size_t smem_bytes);
+void launch(const KernelCall& call, dim3 grid, dim3 block, size_t smem_bytes, unsigned cluster_blocks);
+
+template <typename... Params, typename... Args>
+void bind_and_launch(void (*kernel)(Params...), dim3 grid, dim3 block, size_t smem_bytes, unsigned cluster_blocks,
+                     Args&&... args) {
+  static_assert(sizeof...(Params) == sizeof...(Args), "emu::launch: wrong number of kernel arguments");
+  using Bound = BoundKernel<Params...>;
+  const Bound bound{kernel, decltype(Bound::args)(std::forward<Args>(args)...)};
+  launch({&Bound::run, &bound, reinterpret_cast<const void*>(kernel)}, grid, block, smem_bytes, cluster_blocks);
+}
 
 }  // namespace detail
 
 inline void* dynamic_smem() { return detail::current_thread().block->dynamic_smem; }
+
+// --- thread-block clusters (see the execution model above) ---
+
+// The calling block's rank in its cluster (blockIdx.x % cluster_blocks()), and the cluster's size.
+inline unsigned cluster_rank() { return detail::current_block("cluster_rank").cluster_rank; }
+inline unsigned cluster_blocks() { return detail::current_block("cluster_blocks").cluster_blocks; }
+
+// A barrier over every thread of every block of the caller's cluster. The call site's file and
+// line name the barrier in error messages.
+inline void cluster_sync(const char* file = __builtin_FILE(), int line = __builtin_LINE()) {
+  detail::cluster_sync(file, line);
+}
+
+// The address at the same offset as `address` (inside the caller's dynamic shared memory) in the
+// dynamic shared memory of block `rank` of the caller's cluster: CUDA's map_shared_rank.
+inline void* cluster_smem(void* address, unsigned rank) {
+  const detail::BlockView& block = detail::current_block("cluster_smem");
+  // Unsigned: an address below the buffer wraps to a huge offset.
+  const uintptr_t offset = reinterpret_cast<uintptr_t>(address) - reinterpret_cast<uintptr_t>(block.dynamic_smem);
+  if (__builtin_expect(offset >= block.smem_bytes || rank >= block.cluster_blocks, 0))
+    detail::bad_cluster_smem(address, rank);
+  unsigned char* rank0 = block.dynamic_smem - block.cluster_rank * block.smem_stride;
+  return rank0 + rank * block.smem_stride + offset;
+}
 
 inline void count_read(size_t bytes) {
   if (__builtin_expect(detail::current != nullptr, 1)) detail::current->block->read_bytes += bytes;
@@ -156,10 +218,16 @@ void index_error(long long value, long long classes, long long ignore_index);
 // Runs kernel<<<grid, block, smem_bytes>>>(args...) to completion on the CPU.
 template <typename... Params, typename... Args>
 void launch(void (*kernel)(Params...), dim3 grid, dim3 block, size_t smem_bytes, Args&&... args) {
-  static_assert(sizeof...(Params) == sizeof...(Args), "emu::launch: wrong number of kernel arguments");
-  using Bound = detail::BoundKernel<Params...>;
-  const Bound bound{kernel, decltype(Bound::args)(std::forward<Args>(args)...)};
-  detail::launch({&Bound::run, &bound, reinterpret_cast<const void*>(kernel)}, grid, block, smem_bytes);
+  detail::bind_and_launch(kernel, grid, block, smem_bytes, 1, std::forward<Args>(args)...);
+}
+
+// The same in clusters of `cluster_blocks` consecutive blocks along x (cudaLaunchKernelEx with a
+// cluster dimension of (cluster_blocks, 1, 1)): grid.x must be a multiple of cluster_blocks, which
+// is 1 to 8 (the portable cluster size).
+template <typename... Params, typename... Args>
+void launch_cluster(void (*kernel)(Params...), dim3 grid, dim3 block, size_t smem_bytes, unsigned cluster_blocks,
+                    Args&&... args) {
+  detail::bind_and_launch(kernel, grid, block, smem_bytes, cluster_blocks, std::forward<Args>(args)...);
 }
 
 }  // namespace emu

@@ -15,7 +15,8 @@ using smoothce::cuda::DeviceLimits;
 using smoothce::cuda::Plan;
 using smoothce::cuda::Variant;
 
-// An A100-like device by default (opt-in shared memory), with few SMs so that grids stay small.
+// An A100-like device by default (opt-in shared memory, no clusters), with few SMs so that grids
+// stay small.
 DeviceLimits& limits() {
   static DeviceLimits value{2, 163 * 1024 - 2048, 8192};
   return value;
@@ -41,7 +42,7 @@ void scale_grad_emu(at::Tensor& grad, const at::Tensor& grad_output) {
 }
 
 pybind11::dict plan_dict(const Plan& plan) {
-  static const char* names[] = {"rows", "split_rows", "strided"};
+  static const char* names[] = {"rows", "split_rows", "strided", "cluster_rows"};
   pybind11::dict d;
   d["variant"] = names[static_cast<int>(plan.variant)];
   d["threads"] = plan.threads;
@@ -72,17 +73,18 @@ TORCH_LIBRARY_IMPL(smoothce_emu, CPU, m) {
 void bind_ops(pybind11::module_& m) {
   m.def(
       "set_limits",
-      [](int64_t sm_count, int64_t max_smem, int64_t split_chunk) {
-        limits() = DeviceLimits{sm_count, max_smem, split_chunk};
+      [](int64_t sm_count, int64_t max_smem, int64_t split_chunk, int64_t max_cluster_blocks) {
+        limits() = DeviceLimits{sm_count, max_smem, split_chunk, max_cluster_blocks};
       },
       "Device limits the launch plans are made for (the emulator enforces its own max_dynamic_smem)",
-      pybind11::arg("sm_count"),
-      pybind11::arg("max_smem"), pybind11::arg("split_chunk"));
+      pybind11::arg("sm_count"), pybind11::arg("max_smem"), pybind11::arg("split_chunk"),
+      pybind11::arg("max_cluster_blocks") = 0);
   m.def("limits", [] {
     pybind11::dict d;
     d["sm_count"] = limits().sm_count;
     d["max_smem"] = limits().max_smem;
     d["split_chunk"] = limits().split_chunk;
+    d["max_cluster_blocks"] = limits().max_cluster_blocks;
     return d;
   });
   m.def("last_plan", [] { return plan_dict(last_plan()); }, "The plan of the last emulated forward");

@@ -7,10 +7,14 @@
 
 #include "cuda/compat.cuh"
 
+#include <optional>
 #include <stdexcept>
 
 namespace emu_selftest {
 
+using smoothce::cuda::cluster_rank;
+using smoothce::cuda::cluster_smem;
+using smoothce::cuda::cluster_sync;
 using smoothce::cuda::kFullMask;
 
 // The sum of each block's blockDim.x elements (a multiple of 32): warp sums by xor shuffles, the
@@ -180,6 +184,53 @@ __global__ void throwing_kernel(int* __restrict__ out, int thrower) {
   out[threadIdx.x] = 1;
 }
 
+// Thread-block clusters with distributed shared memory (dynamic shared memory only, as cluster
+// kernels must). Block `rank` of a cluster keeps its row of `in` (blockDim.x values, one per
+// thread) in its shared memory; after a cluster barrier, thread t sums (r + 1) * element
+// (t + r) % n of every other rank r's row (`sums`); after a second barrier (no block overwrites a
+// row another may still read) it stores 2 * its element into the next rank's shared memory, and
+// after a third reads what the previous rank stored (`shifted`). Per thread, `info` gets
+// cluster_rank(), cluster_blocks(), whether cluster_smem maps the block's own memory to itself and
+// whether the thread's word held the 0xFF fill before the block wrote it.
+// Misuses on purpose (mode 0 is the correct kernel): 1: block rank `arg` returns before the first
+// barrier; 2: every block returns after reading the others, without a barrier before leaving;
+// 3: cluster_smem of global memory; 4: cluster_smem of rank `arg`; 5: in block rank `arg`, thread
+// 0 waits at the cluster barrier and the others at __syncthreads().
+__global__ void cluster_kernel(const float* __restrict__ in, float* __restrict__ sums, float* __restrict__ shifted,
+                               int* __restrict__ info, int mode, int arg) {
+  SMOOTHCE_DYNAMIC_SMEM(float, row);
+  const unsigned tid = threadIdx.x, n = blockDim.x, rank = cluster_rank();
+  const unsigned blocks = ::emu::cluster_blocks();  // the emulator's own query (compat.cuh has none)
+  const int64_t i = static_cast<int64_t>(blockIdx.x) * n + tid;
+  uint32_t fill;
+  std::memcpy(&fill, &row[tid], sizeof(fill));
+  int* const my_info = info + 4 * i;
+  my_info[0] = static_cast<int>(rank);
+  my_info[1] = static_cast<int>(blocks);
+  my_info[2] = cluster_smem(row, rank) == row;
+  my_info[3] = fill == 0xffffffffu;
+  SMOOTHCE_COUNT_READ(sizeof(float));
+  const float x = in[i];
+  row[tid] = x;
+  const bool chosen = static_cast<int>(rank) == arg;
+  if (mode == 1 && chosen) return;
+  if (mode == 3) cluster_smem(sums, 0);
+  if (mode == 4) cluster_smem(row, static_cast<unsigned>(arg));
+  if (mode == 5 && chosen && tid != 0) __syncthreads();
+  cluster_sync();
+  float sum = 0.0f;
+  for (unsigned r = 0; r < blocks; ++r)
+    if (r != rank) sum += static_cast<float>(r + 1) * cluster_smem(row, r)[(tid + r) % n];
+  SMOOTHCE_COUNT_WRITE(sizeof(float));
+  sums[i] = sum;
+  if (mode == 2) return;
+  cluster_sync();
+  cluster_smem(row, (rank + 1) % blocks)[tid] = 2.0f * x;
+  cluster_sync();
+  SMOOTHCE_COUNT_WRITE(sizeof(float));
+  shifted[i] = row[tid];
+}
+
 namespace {
 
 dim3 to_dim3(const std::vector<int64_t>& d) {
@@ -264,6 +315,22 @@ torch::Tensor copy(const torch::Tensor& in, int64_t blocks, int64_t threads) {
   return out;
 }
 
+// No cluster_blocks: a plain launch.
+std::vector<torch::Tensor> cluster(const torch::Tensor& in, int64_t threads, std::optional<int64_t> cluster_blocks,
+                                   int64_t mode, int64_t arg) {
+  TORCH_CHECK(in.dim() == 1 && in.is_contiguous() && in.scalar_type() == torch::kFloat && in.numel() % threads == 0);
+  const int64_t blocks = in.numel() / threads, smem_bytes = threads * static_cast<int64_t>(sizeof(float));
+  torch::Tensor sums = like(in, in.numel()), shifted = torch::full_like(in, -7.0f);
+  torch::Tensor info = torch::full({in.numel(), 4}, -1, torch::kInt);
+  if (!cluster_blocks)
+    SMOOTHCE_LAUNCH(cluster_kernel, blocks, threads, smem_bytes, in.data_ptr<float>(), sums.data_ptr<float>(),
+                    shifted.data_ptr<float>(), info.data_ptr<int>(), mode, arg);
+  else
+    SMOOTHCE_LAUNCH_CLUSTER(cluster_kernel, blocks, threads, smem_bytes, *cluster_blocks, in.data_ptr<float>(),
+                            sums.data_ptr<float>(), shifted.data_ptr<float>(), info.data_ptr<int>(), mode, arg);
+  return {sums, shifted, info};
+}
+
 torch::Tensor throw_in_kernel(int64_t threads, int64_t thrower) {
   torch::Tensor out = torch::zeros({threads}, torch::kInt);
   SMOOTHCE_LAUNCH(throwing_kernel, 1, threads, 0, out.data_ptr<int>(), thrower);
@@ -287,4 +354,7 @@ void bind_selftests(pybind11::module_& m) {
   s.def("targets", &targets, "copies class-index targets to out; raises IndexError on an out-of-range one");
   s.def("copy", &copy, "grid-stride copy counting its traffic");
   s.def("throw_in_kernel", &throw_in_kernel, "thread `thrower` throws between two barriers");
+  s.def("cluster", &cluster, "(sums, shifted, info) of a cluster launch (cluster_blocks None: plain); mode 0 correct, "
+                             "1 rank arg returns early, 2 no barrier before leaving, 3 cluster_smem of global "
+                             "memory, 4 cluster_smem of rank arg, 5 rank arg's threads split between barriers");
 }
