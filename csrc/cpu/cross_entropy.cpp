@@ -278,22 +278,16 @@ void rows_kernel(const Params<scalar_t>& p, int64_t pos_begin, int64_t pos_end) 
       }
     }
     const RowState<acc_t> state = row_state<scalar_t, kMass>(p, x, prob, exps, origins);
-    const acc_t log_sum = std::log(state.sum_exp);
-    p.lse[pos] = state.max + log_sum;
-    if constexpr (kSoft) {
-      p.position_loss[pos] = mass_nll(state, log_sum);
-      if (g)
-        row_grad<scalar_t, true>(p, x, prob, g, state.max, log_sum, p.scale_at(pos) * state.mass, p.scale_at(pos),
-                                 exps, origins);
-    } else {
-      const acc_t w_t = p.weight_at(t), x_t = static_cast<acc_t>(x[t]);
-      p.position_loss[pos] = index_target_loss(state, log_sum, x_t, w_t, p.tv);
-      if (g) {
-        const auto k = index_grad_coefs(p.scale_at(pos), p.weight_sum, w_t, p.tv);
-        row_grad<scalar_t, false>(p, x, nullptr, g, state.max, log_sum, k.softmax_coef, k.off_coef, exps,
-                                  origins);
-        g[t] = static_cast<scalar_t>(index_target_class_grad(k, std::exp(log_prob(state, log_sum, x_t)), w_t));
-      }
+    const acc_t w_t = kSoft ? acc_t(0) : p.weight_at(t), x_t = kSoft ? acc_t(0) : static_cast<acc_t>(x[t]);
+    const PositionResult<acc_t> r = kSoft ? soft_target_position(state, p.scale_at(pos))
+                                          : index_target_position(state, x_t, w_t, p.weight_sum, p.scale_at(pos), p.tv);
+    p.lse[pos] = r.lse;
+    p.position_loss[pos] = r.loss;
+    if (g) {
+      row_grad<scalar_t, kSoft>(p, x, prob, g, state.max, r.log_sum, r.coefs.softmax_coef, r.coefs.off_coef, exps,
+                                origins);
+      // The target element with the exact exp (p_t − 1 cancels).
+      if (!kSoft) g[t] = static_cast<scalar_t>(grad_element(r.coefs, std::exp(log_prob(state, r.log_sum, x_t)), w_t, true));
     }
   }
 }
@@ -362,23 +356,20 @@ void tile_kernel(const Params<scalar_t>& p, const scalar_t* x, const scalar_t* p
     if constexpr (kMass != Mass::kNone) state.mass_dx = lane_mass_dx[l];
     if constexpr (kMass == Mass::kUnit || kMass == Mass::kWeighted) state.mass = p.weight_sum;
     if constexpr (kSoft) state.mass = lane_mass[l];
-    const acc_t log_sum = std::log(state.sum_exp);
-    p.lse[pos0 + l] = state.max + log_sum;
-    lane_log_sum[l] = log_sum;
+    const acc_t scale = p.scale_at(pos0 + l);
+    PositionResult<acc_t> r;
     if constexpr (kSoft) {
-      p.position_loss[pos0 + l] = mass_nll(state, log_sum);
-      lane_coef[l] = p.scale_at(pos0 + l) * state.mass;
-      lane_off[l] = p.scale_at(pos0 + l);
+      r = soft_target_position(state, scale);
     } else {
       const int64_t t = targets[l];
-      const acc_t w_t = p.weight_at(t);
-      const acc_t x_t = static_cast<acc_t>(x[t * sc + l]);
-      p.position_loss[pos0 + l] = index_target_loss(state, log_sum, x_t, w_t, p.tv);
-      const auto k = index_grad_coefs(p.scale_at(pos0 + l), p.weight_sum, w_t, p.tv);
-      lane_coef[l] = k.softmax_coef;
-      lane_off[l] = k.off_coef;
-      lane_peak[l] = k.peak_coef;
+      r = index_target_position(state, static_cast<acc_t>(x[t * sc + l]), p.weight_at(t), p.weight_sum, scale, p.tv);
     }
+    p.lse[pos0 + l] = r.lse;
+    p.position_loss[pos0 + l] = r.loss;
+    lane_log_sum[l] = r.log_sum;
+    lane_coef[l] = r.coefs.softmax_coef;
+    lane_off[l] = r.coefs.off_coef;
+    lane_peak[l] = r.coefs.peak_coef;
   }
   if (!g) return;
 
@@ -402,7 +393,7 @@ void tile_kernel(const Params<scalar_t>& p, const scalar_t* x, const scalar_t* p
       const int64_t t = targets[l];
       const acc_t p_t = std::exp((static_cast<acc_t>(x[t * sc + l]) - lane_max[l]) - lane_log_sum[l]);
       const IndexGradCoefs<acc_t> k{lane_coef[l], lane_off[l], lane_peak[l]};
-      g[t * sc + l] = static_cast<scalar_t>(index_target_class_grad(k, p_t, p.weight_at(t)));
+      g[t * sc + l] = static_cast<scalar_t>(grad_element(k, p_t, p.weight_at(t), true));
     }
   }
 }

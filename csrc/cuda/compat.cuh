@@ -71,24 +71,42 @@ inline void allow_smem(Kernel kernel, size_t smem_bytes) {
 
 namespace smoothce::cuda {
 
-// Clusters of `cluster_blocks` consecutive blocks along x, on the current stream (sm_90 and newer).
+// A launch in clusters of `cluster_blocks` consecutive blocks along x, on the current stream.
+struct ClusterLaunch {
+  cudaLaunchConfig_t config = {};
+  cudaLaunchAttribute attribute[1];
+
+  ClusterLaunch(dim3 grid, dim3 block, size_t smem_bytes, unsigned cluster_blocks) {
+    config.gridDim = grid;
+    config.blockDim = block;
+    config.dynamicSmemBytes = smem_bytes;
+    config.stream = ::at::cuda::getCurrentCUDAStream();
+    attribute[0].id = cudaLaunchAttributeClusterDimension;
+    attribute[0].val.clusterDim.x = cluster_blocks;
+    attribute[0].val.clusterDim.y = 1;
+    attribute[0].val.clusterDim.z = 1;
+    config.attrs = attribute;
+    config.numAttrs = 1;
+  }
+  ClusterLaunch(const ClusterLaunch&) = delete;  // config.attrs points into this object
+};
+
+// Whether the device can run such clusters at all (the blocks of a cluster must fit on one GPC at
+// once); the launcher falls back to a plan without clusters when it cannot.
+template <typename... Params>
+inline bool cluster_fits(void (*kernel)(Params...), dim3 grid, dim3 block, size_t smem_bytes, unsigned cluster_blocks) {
+  allow_smem(kernel, smem_bytes);
+  const ClusterLaunch launch(grid, block, smem_bytes, cluster_blocks);
+  int clusters = 0;
+  return cudaOccupancyMaxActiveClusters(&clusters, kernel, &launch.config) == cudaSuccess && clusters > 0;
+}
+
 template <typename... Params, typename... Args>
 inline void launch_cluster(void (*kernel)(Params...), dim3 grid, dim3 block, size_t smem_bytes,
                            unsigned cluster_blocks, Args&&... args) {
   allow_smem(kernel, smem_bytes);
-  cudaLaunchConfig_t config = {};
-  config.gridDim = grid;
-  config.blockDim = block;
-  config.dynamicSmemBytes = smem_bytes;
-  config.stream = ::at::cuda::getCurrentCUDAStream();
-  cudaLaunchAttribute attribute[1];
-  attribute[0].id = cudaLaunchAttributeClusterDimension;
-  attribute[0].val.clusterDim.x = cluster_blocks;
-  attribute[0].val.clusterDim.y = 1;
-  attribute[0].val.clusterDim.z = 1;
-  config.attrs = attribute;
-  config.numAttrs = 1;
-  C10_CUDA_CHECK(cudaLaunchKernelEx(&config, kernel, std::forward<Args>(args)...));
+  const ClusterLaunch launch(grid, block, smem_bytes, cluster_blocks);
+  C10_CUDA_CHECK(cudaLaunchKernelEx(&launch.config, kernel, std::forward<Args>(args)...));
 }
 
 // The cluster kernels run only where the plan asked for clusters (sm_90 and newer); the sm_80 build
@@ -143,6 +161,10 @@ __device__ __forceinline__ T* cluster_smem(T* ptr, unsigned rank) {
                         static_cast<unsigned>(cluster_blocks), __VA_ARGS__)
 
 namespace smoothce::cuda {
+template <typename Kernel>
+inline bool cluster_fits(Kernel, dim3, dim3, size_t, unsigned) {
+  return true;  // the emulator runs every cluster emu::launch_cluster accepts
+}
 // (the caller's file and line name the barrier in the emulator's messages)
 inline void cluster_sync(const char* file = __builtin_FILE(), int line = __builtin_LINE()) {
   ::emu::cluster_sync(file, line);

@@ -33,10 +33,12 @@ inline PlanInput plan_input(const Problem& p) {
 
 inline Plan plan_for(const Problem& p, const DeviceLimits& limits) { return make_plan(plan_input(p), limits); }
 
+// Launches the plan's kernels; returns the plan launched: `plan`, or `fallback` (made without
+// clusters) when the device cannot schedule the plan's clusters.
 template <typename scalar_t>
-void launch_main(const KernelArgs<scalar_t>& args, const Plan& plan, const at::Tensor& input) {
+Plan launch_main(const KernelArgs<scalar_t>& args, const Plan& plan, const Plan& fallback, const at::Tensor& input) {
   using acc_t = acc_type<scalar_t>;
-  if (plan.work == 0) return;
+  if (plan.work == 0) return plan;
   const dim3 grid(static_cast<unsigned>(plan.blocks)), block(static_cast<unsigned>(plan.threads));
   switch (plan.variant) {
     case Variant::kRows: {
@@ -46,7 +48,10 @@ void launch_main(const KernelArgs<scalar_t>& args, const Plan& plan, const at::T
     }
     case Variant::kClusterRows: {
       auto kernel = &cluster_rows_kernel<scalar_t>;
-      SMOOTHCE_LAUNCH_CLUSTER(kernel, grid, block, plan.smem_bytes, plan.chunks, args, plan);
+      const auto blocks_per_cluster = static_cast<unsigned>(plan.chunks);
+      if (!cluster_fits(kernel, grid, block, plan.smem_bytes, blocks_per_cluster))
+        return launch_main(args, fallback, fallback, input);
+      SMOOTHCE_LAUNCH_CLUSTER(kernel, grid, block, plan.smem_bytes, blocks_per_cluster, args, plan);
       break;
     }
     case Variant::kStrided: {
@@ -70,6 +75,7 @@ void launch_main(const KernelArgs<scalar_t>& args, const Plan& plan, const at::T
       break;
     }
   }
+  return plan;
 }
 
 // The op smoothce::forward on the device (see csrc/ops.cpp); `used_plan` reports the plan.
@@ -103,7 +109,9 @@ inline std::tuple<at::Tensor, at::Tensor, at::Tensor> forward(
   auto* device_scalars = reinterpret_cast<DeviceScalars*>(scalars.mutable_data_ptr<double>());
 
   const Plan plan = plan_for(prob, limits);
-  if (used_plan) *used_plan = plan;
+  DeviceLimits without_clusters = limits;
+  without_clusters.max_cluster_blocks = 0;
+  const Plan fallback = plan.variant == Variant::kClusterRows ? plan_for(prob, without_clusters) : plan;
 
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, dtype, "smoothce_forward_cuda", [&] {
     using acc_t = acc_type<scalar_t>;
@@ -142,7 +150,8 @@ inline std::tuple<at::Tensor, at::Tensor, at::Tensor> forward(
     static_cast<PositionLayout&>(a) = prob.layout();
     static_cast<Smoothing<acc_t>&>(a) = Smoothing<acc_t>::uniform(label_smoothing, prob.classes);
     a.mass = mass_kind(prob.soft_target, a.tv.off, weight_ptr != nullptr);
-    launch_main(a, plan, prob.input);
+    const Plan launched = launch_main(a, plan, fallback, prob.input);
+    if (used_plan) *used_plan = launched;
   });
 
   if (!kernel_grad.is_same(grad)) grad.copy_(kernel_grad);

@@ -156,7 +156,8 @@ SMOOTHCE_HOST_DEVICE acc_t index_target_loss(const RowState<acc_t>& state, acc_t
 
 // Gradient of one position, index target: ∂ℓ/∂x_j = scale·[Σq_w·p_j − w_j·q_j], where
 // Σq_w = off·Σ_c w_c + (on − off)·w_t. The kernels evaluate it as
-//   softmax_coef·exp(log_prob(x_j)) − off_coef·w_j      for j ≠ t, and subtract peak_coef at j = t.
+//   softmax_coef·exp(log_prob(x_j)) − off_coef·w_j      for j ≠ t, and subtract peak_coef at j = t
+// (grad_element below; at j = t with p_t = exp(log_prob(x_t)) computed exactly, as p_t − 1 cancels).
 template <typename acc_t>
 struct IndexGradCoefs {
   acc_t softmax_coef;  // scale·Σq_w
@@ -169,12 +170,6 @@ SMOOTHCE_HOST_DEVICE IndexGradCoefs<acc_t> index_grad_coefs(acc_t scale, acc_t w
                                                             TargetValues<acc_t> tv) {
   const acc_t peak = (tv.on - tv.off) * w_target;
   return {scale * (tv.off * weight_sum + peak), scale * tv.off, scale * peak};
-}
-
-// The gradient at the target class itself, p_t = exp(log_prob(x_t)) computed exactly (p_t − 1 cancels).
-template <typename acc_t>
-SMOOTHCE_HOST_DEVICE acc_t index_target_class_grad(const IndexGradCoefs<acc_t>& k, acc_t p_target, acc_t w_target) {
-  return k.softmax_coef * p_target - k.off_coef * w_target - k.peak_coef;
 }
 
 // One gradient element ∂ℓ/∂x_j from the position's coefficients (index targets: class_mass = w_j;
