@@ -74,6 +74,18 @@ def _on_cuda(impl):
     return call
 
 
+def _load_emulated_ops():
+    """torch.ops.smoothce_emu.*, with the fake kernels of torch.ops.smoothce.* (opcheck, compile)."""
+    import emulator
+    from smoothce import _function
+
+    emulator.load()
+    if not getattr(_load_emulated_ops, "faked", False):
+        torch.library.register_fake("smoothce_emu::forward")(_function._forward_fake)
+        torch.library.register_fake("smoothce_emu::scale_grad_")(_function._scale_grad_fake)
+        _load_emulated_ops.faked = True
+
+
 @pytest.fixture(autouse=True)
 def backend(request, monkeypatch):
     """Routes smoothce's calls to the chosen kernels for every test not marked cpu_only."""
@@ -84,9 +96,7 @@ def backend(request, monkeypatch):
     from smoothce import _function
 
     if BACKEND == "emu":
-        import emulator
-
-        emulator.load()
+        _load_emulated_ops()
         monkeypatch.setattr(_function, "_ops", torch.ops.smoothce_emu)
     else:
         if not torch.cuda.is_available():

@@ -1,4 +1,5 @@
-"""The raw ops torch.ops.smoothce.forward / scale_grad_: values and torch.library.opcheck."""
+"""The raw ops torch.ops.smoothce.forward / scale_grad_: values and torch.library.opcheck (on the
+emulated CUDA kernels, torch.ops.smoothce_emu, under SMOOTHCE_TEST_BACKEND=emu)."""
 import pytest
 import torch
 
@@ -6,6 +7,14 @@ import smoothce  # noqa: F401  (loads the ops)
 from conftest import (DTYPES, REDUCTION_CODE, REDUCTIONS, assert_close_to_truth, dtype_id,
                       make_index_target, make_logits, make_prob_target, make_weight,
                       positions_shape, ref)
+
+
+@pytest.fixture
+def ops(backend):
+    """The ops smoothce calls on this backend (after the backend fixture has chosen them)."""
+    from smoothce import _function
+
+    return _function._ops
 
 
 def _truth(x, target, weight, ignore_index, reduction, eps):
@@ -52,10 +61,10 @@ def _make(case, dtype=torch.float32, seed=0):
 @pytest.mark.parametrize("dtype", DTYPES, ids=dtype_id)
 @pytest.mark.parametrize("reduction", REDUCTIONS)
 @pytest.mark.parametrize("case", sorted(OP_CASES))
-def test_forward_op_values(case, reduction, dtype):
+def test_forward_op_values(ops, case, reduction, dtype):
     x, target, weight, ignore_index = _make(case, dtype)
     eps = 0.1
-    loss, lse, grad = torch.ops.smoothce.forward(x, target, weight, ignore_index,
+    loss, lse, grad = ops.forward(x, target, weight, ignore_index,
                                                  REDUCTION_CODE[reduction], eps, True, False)
     t_loss, t_lse, t_grad = _truth(x, target, weight, ignore_index, reduction, eps)
     acc = torch.float64 if dtype == torch.float64 else torch.float32
@@ -69,7 +78,7 @@ def test_forward_op_values(case, reduction, dtype):
     assert_close_to_truth(lse[valid], t_lse[valid], None, acc, "lse")
     assert_close_to_truth(grad, t_grad, None, dtype, "grad")
 
-    loss2, lse2, grad2 = torch.ops.smoothce.forward(x, target, weight, ignore_index,
+    loss2, lse2, grad2 = ops.forward(x, target, weight, ignore_index,
                                                     REDUCTION_CODE[reduction], eps, False, False)
     assert grad2.numel() == 0, "compute_grad=False must return an empty gradient"
     torch.testing.assert_close(loss2, loss, rtol=0, atol=0, equal_nan=True)
@@ -77,7 +86,7 @@ def test_forward_op_values(case, reduction, dtype):
 
 
 @pytest.mark.parametrize("case", ["2d", "nchw", "unbatched"])
-def test_forward_op_lse_at_ignored_positions(case):
+def test_forward_op_lse_at_ignored_positions(ops, case):
     """The op's contract: lse is the log-sum-exp of every valid position and exactly 0 at ignored
     ones (their logits are never read)."""
     x, target, weight, ignore_index = _make(case)
@@ -85,7 +94,7 @@ def test_forward_op_lse_at_ignored_positions(case):
         target = torch.tensor(ignore_index)
     ignored = target == ignore_index
     assert ignored.any()
-    _, lse, _ = torch.ops.smoothce.forward(x, target, weight, ignore_index, 1, 0.1, True, False)
+    _, lse, _ = ops.forward(x, target, weight, ignore_index, 1, 0.1, True, False)
     _, t_lse, _ = _truth(x, target, weight, ignore_index, "sum", 0.1)
     assert torch.equal(lse[ignored], torch.zeros_like(lse[ignored]))
     assert_close_to_truth(lse[~ignored], t_lse[~ignored], None, torch.float32, "lse")
@@ -93,10 +102,10 @@ def test_forward_op_lse_at_ignored_positions(case):
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=dtype_id)
 @pytest.mark.parametrize("reduction", REDUCTIONS)
-def test_forward_op_float32_loss(dtype, reduction):
+def test_forward_op_float32_loss(ops, dtype, reduction):
     """float32_loss=True (autocast): the loss comes back in fp32 at fp32 accuracy."""
     x, target, weight, ignore_index = _make("nchw", dtype)
-    loss, lse, grad = torch.ops.smoothce.forward(x, target, weight, ignore_index,
+    loss, lse, grad = ops.forward(x, target, weight, ignore_index,
                                                  REDUCTION_CODE[reduction], 0.1, True, True)
     assert loss.dtype == torch.float32 and grad.dtype == dtype
     t_loss, _, t_grad = _truth(x, target, weight, ignore_index, reduction, 0.1)
@@ -107,13 +116,13 @@ def test_forward_op_float32_loss(dtype, reduction):
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16], ids=dtype_id)
 @pytest.mark.parametrize("reduction", REDUCTIONS)
 @pytest.mark.parametrize("case", ["2d_weight", "nchw", "soft_weight_nchw", "unbatched"])
-def test_forward_op_grad_output(case, reduction, dtype):
+def test_forward_op_grad_output(ops, case, reduction, dtype):
     """grad_output scales the gradient inside the kernel: the gradient of sum(grad_output * loss)."""
     x, target, weight, ignore_index = _make(case, dtype)
     positions = positions_shape(x.shape)
     per_position = reduction == "none" and len(positions) > 0
     go = make_logits(positions, dtype, seed=8) if per_position else torch.tensor(-1.75, dtype=dtype)
-    _, _, grad = torch.ops.smoothce.forward(x, target, weight, ignore_index, REDUCTION_CODE[reduction], 0.1,
+    _, _, grad = ops.forward(x, target, weight, ignore_index, REDUCTION_CODE[reduction], 0.1,
                                             True, False, go)
     x64 = x.detach().double().requires_grad_(True)
     t64 = target.double() if target.is_floating_point() else target
@@ -125,13 +134,13 @@ def test_forward_op_grad_output(case, reduction, dtype):
 
 
 @pytest.mark.parametrize("bad", ["without_compute_grad", "per_position_with_mean", "wrong_shape", "integer"])
-def test_forward_op_grad_output_errors(bad):
+def test_forward_op_grad_output_errors(ops, bad):
     x, target, weight, ignore_index = _make("2d")
     go = {"without_compute_grad": torch.tensor(2.0), "per_position_with_mean": torch.ones(6),
           "wrong_shape": torch.ones(5), "integer": torch.tensor(2)}[bad]
     reduction = 1 if bad == "per_position_with_mean" else 0
     with pytest.raises((ValueError, TypeError), match="grad_output"):
-        torch.ops.smoothce.forward(x, target, weight, ignore_index, reduction, 0.1,
+        ops.forward(x, target, weight, ignore_index, reduction, 0.1,
                                    bad != "without_compute_grad", False, go)
 
 
@@ -140,7 +149,7 @@ def test_forward_op_grad_output_errors(bad):
 @pytest.mark.parametrize("dtype", DTYPES, ids=dtype_id)
 @pytest.mark.parametrize("shape", [(5, 7), (7,), (2, 7, 3, 4), (2, 7, 3)], ids=str)
 @pytest.mark.parametrize("kind", ["scalar", "scalar_one", "per_position"])
-def test_scale_grad_values(shape, kind, dtype):
+def test_scale_grad_values(ops, shape, kind, dtype):
     grad = make_logits(shape, dtype)
     before = grad.clone()
     pos = positions_shape(shape)
@@ -150,7 +159,7 @@ def test_scale_grad_values(shape, kind, dtype):
         go = torch.tensor(1.0, dtype=dtype)
     else:
         go = make_logits(pos, dtype, seed=9)
-    out = torch.ops.smoothce.scale_grad_(grad, go)
+    out = ops.scale_grad_(grad, go)
     assert out is None
     class_dim = 0 if len(shape) == 1 else 1
     expected = before.double() * (go.double() if go.dim() == 0 else go.double().unsqueeze(class_dim))
@@ -160,24 +169,24 @@ def test_scale_grad_values(shape, kind, dtype):
 
 
 @pytest.mark.parametrize("grad_dtype", [torch.bfloat16, torch.float16], ids=dtype_id)
-def test_scale_grad_fp32_grad_output_on_half_grad(grad_dtype):
+def test_scale_grad_fp32_grad_output_on_half_grad(ops, grad_dtype):
     """Under autocast the loss (so grad_output) is fp32 while the gradient is half."""
     grad = make_logits((2, 7, 3), grad_dtype)
     before = grad.clone()
     for go in (torch.tensor(0.37), make_logits((2, 3), seed=5)):
         g = before.clone()
-        torch.ops.smoothce.scale_grad_(g, go)
+        ops.scale_grad_(g, go)
         factor = go.double() if go.dim() == 0 else go.double().unsqueeze(1)
         torch.testing.assert_close(g.double(), (before.double() * factor).to(grad_dtype).double(),
                                    rtol=torch.finfo(grad_dtype).eps, atol=0)
 
 
-def test_scale_grad_non_contiguous_grad():
+def test_scale_grad_non_contiguous_grad(ops):
     base = make_logits((7, 5))
     grad = base.t()  # (5, 7) with strided classes
     before = grad.clone()
     go = make_logits((5,), seed=3)
-    torch.ops.smoothce.scale_grad_(grad, go)
+    ops.scale_grad_(grad, go)
     torch.testing.assert_close(grad, before * go[:, None], rtol=1e-6, atol=0)
 
 
@@ -211,16 +220,16 @@ def _forward_arg_sets():
 
 
 @pytest.mark.parametrize("args", _forward_arg_sets())
-def test_opcheck_forward(args):
-    torch.library.opcheck(torch.ops.smoothce.forward.default, args)
+def test_opcheck_forward(ops, args):
+    torch.library.opcheck(ops.forward.default, args)
 
 
 @pytest.mark.parametrize("shape", [(5, 7), (7,), (2, 7, 3, 4)], ids=str)
 @pytest.mark.parametrize("kind", ["scalar", "scalar_one", "per_position"])
-def test_opcheck_scale_grad(shape, kind):
+def test_opcheck_scale_grad(ops, shape, kind):
     grad = make_logits(shape)
     if kind == "per_position":
         go = make_logits(positions_shape(shape), seed=4)
     else:
         go = torch.tensor(2.5 if kind == "scalar" else 1.0)
-    torch.library.opcheck(torch.ops.smoothce.scale_grad_.default, (grad, go))
+    torch.library.opcheck(ops.scale_grad_.default, (grad, go))
