@@ -64,11 +64,14 @@ def test_cuda_probability_targets(case, dtype):
     check_all(mine, theirs, truth, dtype, check_target_grad=True)
 
 
-def test_no_host_synchronisation():
-    """Forward with the gradient and both backward paths (upstream 1 and a scaled one) never sync."""
-    x = make_logits((512, 32000), torch.bfloat16).cuda().requires_grad_(True)
-    target = make_index_target((512,), 32000).cuda()
-    weight = make_weight(32000, torch.bfloat16).cuda()
+@pytest.mark.parametrize("shape", [(512, 32000), (16, 128256), (4, 21, 64, 64)], ids=str)
+def test_no_host_synchronisation(shape):
+    """Forward with the gradient and both backward paths (upstream 1 and a scaled one) never sync
+    (rows, cluster or split rows, strided)."""
+    C = shape[1]
+    x = make_logits(shape, torch.bfloat16).cuda().requires_grad_(True)
+    target = make_index_target(positions_shape(shape), C).cuda()
+    weight = make_weight(C, torch.bfloat16).cuda()
     smoothce.cross_entropy(x, target, weight, label_smoothing=0.1).backward()  # warm-up (caches)
     torch.cuda.synchronize()
     torch.cuda.set_sync_debug_mode("error")
