@@ -5,7 +5,9 @@
 //   rows (classes contiguous, row on chip): 1 read + 1 write; inference: 1 read
 //   strided (classes strided):  staged tile 1 read + 1 write; unstaged 2 reads (the second mostly
 //                               from L2) + 1 write
-//   split rows (row too long):  2 reads + 1 write (the finishing kernel re-reads its chunk); inference 1 read
+//   cluster rows (row too long for one block, sm_90): 1 read + 1 write
+//   split rows (no clusters, or longer still):  2 reads + 1 write (the finishing kernel re-reads its
+//                               chunk); inference 1 read
 // Probability targets add their own reads (once where staged); per-position values (target, loss, lse)
 // and class weights (served from L1/L2) are small next to C elements.
 #pragma once
