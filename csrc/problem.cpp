@@ -197,18 +197,35 @@ Problem make_problem(const at::Tensor& input_arg, const at::Tensor& target_arg,
   return p;
 }
 
-void check_forward_grad_output(const Problem& p, const c10::optional<at::Tensor>& grad_output) {
-  if (!grad_output.has_value() || !grad_output->defined()) return;
-  const at::Tensor& g = *grad_output;
-  TORCH_CHECK_VALUE(p.compute_grad, "smoothce.forward: grad_output is only used with compute_grad=True");
-  TORCH_CHECK(g.device() == p.input.device(), "smoothce.forward: grad_output must be on the input's device (",
-              p.input.device(), "), got ", g.device());
-  TORCH_CHECK_TYPE(at::isFloatingType(g.scalar_type()), "smoothce.forward: grad_output must be floating, got ",
-                   g.scalar_type());
-  TORCH_CHECK_VALUE(g.dim() == 0 || (p.reduction == kNone && g.sizes() == at::IntArrayRef(p.position_shape)),
-                    "smoothce.forward: grad_output must be a scalar",
-                    p.reduction == kNone ? " or have shape " + shape_str(p.position_shape) : std::string(),
-                    ", got shape ", shape_str(g.sizes()));
+ForwardBuffers make_forward_buffers(const Problem& p, const at::Tensor& input, bool float32_loss,
+                                    const c10::optional<at::Tensor>& grad_output,
+                                    at::Tensor (*allocate_grad)(const at::Tensor&)) {
+  const bool scaled = grad_output.has_value() && grad_output->defined();
+  if (scaled) {
+    const at::Tensor& g = *grad_output;
+    TORCH_CHECK_VALUE(p.compute_grad, "smoothce.forward: grad_output is only used with compute_grad=True");
+    TORCH_CHECK(g.device() == p.input.device(), "smoothce.forward: grad_output must be on the input's device (",
+                p.input.device(), "), got ", g.device());
+    TORCH_CHECK_TYPE(at::isFloatingType(g.scalar_type()), "smoothce.forward: grad_output must be floating, got ",
+                     g.scalar_type());
+    TORCH_CHECK_VALUE(g.dim() == 0 || (p.reduction == kNone && g.sizes() == at::IntArrayRef(p.position_shape)),
+                      "smoothce.forward: grad_output must be a scalar",
+                      p.reduction == kNone ? " or have shape " + shape_str(p.position_shape) : std::string(),
+                      ", got shape ", shape_str(g.sizes()));
+  }
+  const auto dtype = p.input.scalar_type();
+  ForwardBuffers b;
+  b.acc_dtype = dtype == at::kDouble ? at::kDouble : at::kFloat;
+  b.loss_dtype = (float32_loss && (dtype == at::kHalf || dtype == at::kBFloat16)) ? at::kFloat : dtype;
+  const auto acc_options = p.input.options().dtype(b.acc_dtype);
+  b.lse = at::empty(p.position_shape, acc_options);
+  b.position_loss = at::empty(p.position_shape, acc_options);
+  b.grad = p.compute_grad ? allocate_grad(input) : at::empty({0}, input.options());
+  b.kernel_grad = b.grad;
+  if (p.compute_grad && !b.grad.strides().equals(p.input.strides())) b.kernel_grad = at::empty_like(p.input);
+  if (p.weight.has_value()) b.weight = p.weight->to(b.acc_dtype).contiguous();
+  if (scaled) b.upstream = grad_output->to(b.acc_dtype).contiguous();
+  return b;
 }
 
 void check_scale_grad_args(const at::Tensor& grad, const at::Tensor& grad_output) {

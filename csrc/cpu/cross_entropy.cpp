@@ -582,26 +582,12 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> forward_cpu(const at::Tensor& inp
                                                            const c10::optional<at::Tensor>& grad_output) {
   const Problem prob =
       make_problem(input, target, weight, ignore_index, reduction, label_smoothing, compute_grad, float32_loss);
-  check_forward_grad_output(prob, grad_output);
-  const auto dtype = prob.input.scalar_type();
-  const auto acc_dtype = dtype == at::kDouble ? at::kDouble : at::kFloat;
-  const auto loss_dtype = (float32_loss && (dtype == at::kHalf || dtype == at::kBFloat16)) ? at::kFloat : dtype;
-  const auto acc_options = prob.input.options().dtype(acc_dtype);
-
-  at::Tensor lse = at::empty(prob.position_shape, acc_options);
-  at::Tensor position_loss = at::empty(prob.position_shape, acc_options);
-  // The gradient has the layout of the caller's input (empty_like), which the fake kernel mirrors;
-  // when the checks had to make the input contiguous, the kernel writes a contiguous twin first.
-  at::Tensor grad = compute_grad ? allocate_grad(input) : at::empty({0}, input.options());
-  at::Tensor kernel_grad = grad;
-  if (compute_grad && !grad.strides().equals(prob.input.strides())) kernel_grad = at::empty_like(prob.input);
-  at::Tensor weight_acc;
-  if (prob.weight.has_value()) weight_acc = prob.weight->to(acc_dtype).contiguous();
-  const bool scaled = grad_output.has_value() && grad_output->defined();
-  const at::Tensor upstream = scaled ? grad_output->to(acc_dtype).contiguous() : at::Tensor();
+  const ForwardBuffers out = make_forward_buffers(prob, input, float32_loss, grad_output, &allocate_grad);
+  const at::Tensor& weight_acc = out.weight;
+  const at::Tensor& upstream = out.upstream;
 
   double denominator = 1.0;
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, dtype, "smoothce_forward_cpu", [&] {
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, prob.input.scalar_type(), "smoothce_forward_cpu", [&] {
     using acc_t = acc_type<scalar_t>;
     Params<scalar_t> p{};
     p.input = prob.input.const_data_ptr<scalar_t>();
@@ -613,9 +599,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> forward_cpu(const at::Tensor& inp
       p.target8 = prob.target.const_data_ptr<uint8_t>();
     }
     p.weight = weight_acc.defined() ? weight_acc.const_data_ptr<acc_t>() : nullptr;
-    p.grad = compute_grad ? kernel_grad.mutable_data_ptr<scalar_t>() : nullptr;
-    p.position_loss = position_loss.mutable_data_ptr<acc_t>();
-    p.lse = lse.mutable_data_ptr<acc_t>();
+    p.grad = compute_grad ? out.kernel_grad.mutable_data_ptr<scalar_t>() : nullptr;
+    p.position_loss = out.position_loss.mutable_data_ptr<acc_t>();
+    p.lse = out.lse.mutable_data_ptr<acc_t>();
     static_cast<PositionLayout&>(p) = prob.layout();
     static_cast<Smoothing<acc_t>&>(p) = Smoothing<acc_t>::uniform(label_smoothing, prob.classes);
     p.weight_sum = weight_acc.defined() ? static_cast<acc_t>(weight_acc.sum().item<double>())
@@ -623,8 +609,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> forward_cpu(const at::Tensor& inp
 
     denominator = prob.soft_target ? static_cast<double>(prob.positions()) : index_target_total_weight(p);
     p.grad_scale = reduction == kMean ? static_cast<acc_t>(1.0 / denominator) : acc_t(1);
-    if (scaled && upstream.dim() == 0) p.grad_scale *= *upstream.const_data_ptr<acc_t>();
-    p.position_scale = scaled && upstream.dim() > 0 ? upstream.const_data_ptr<acc_t>() : nullptr;
+    if (upstream.defined() && upstream.dim() == 0) p.grad_scale *= *upstream.const_data_ptr<acc_t>();
+    p.position_scale = upstream.defined() && upstream.dim() > 0 ? upstream.const_data_ptr<acc_t>() : nullptr;
 
     switch (p.mass()) {
       case Mass::kNone: run_kernel<scalar_t, Mass::kNone>(p); break;
@@ -634,17 +620,16 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> forward_cpu(const at::Tensor& inp
     }
   });
 
-  if (!kernel_grad.is_same(grad)) grad.copy_(kernel_grad);
-
+  out.copy_back();
   at::Tensor loss;
   if (reduction == kNone) {
-    loss = position_loss.to(loss_dtype);
+    loss = out.position_loss.to(out.loss_dtype);
   } else {
-    const double total = sum_positions(position_loss);
+    const double total = sum_positions(out.position_loss);
     const double value = reduction == kMean ? total / denominator : total;
-    loss = at::scalar_tensor(value, prob.input.options().dtype(loss_dtype));
+    loss = at::scalar_tensor(value, prob.input.options().dtype(out.loss_dtype));
   }
-  return {loss, lse, grad};
+  return {loss, out.lse, out.grad};
 }
 
 void scale_grad_cpu(at::Tensor& grad, const at::Tensor& grad_output) {

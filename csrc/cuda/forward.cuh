@@ -87,24 +87,12 @@ inline std::tuple<at::Tensor, at::Tensor, at::Tensor> forward(
   const at::Tensor target = target_arg.scalar_type() == at::kByte ? target_arg.to(at::kLong) : target_arg;
   const Problem prob =
       make_problem(input, target, weight, ignore_index, reduction, label_smoothing, compute_grad, float32_loss);
-  const auto dtype = prob.input.scalar_type();
-  const auto acc_dtype = dtype == at::kDouble ? at::kDouble : at::kFloat;
-  const auto loss_dtype = (float32_loss && (dtype == at::kHalf || dtype == at::kBFloat16)) ? at::kFloat : dtype;
   const auto options = prob.input.options();
   const int64_t positions = prob.positions();
-  check_forward_grad_output(prob, grad_output);
-  const bool scaled = grad_output.has_value() && grad_output->defined();
-  const at::Tensor upstream = scaled ? grad_output->to(acc_dtype).contiguous() : at::Tensor();
-
-  at::Tensor lse = at::empty(prob.position_shape, options.dtype(acc_dtype));
-  at::Tensor position_loss = at::empty(prob.position_shape, options.dtype(acc_dtype));
-  // The gradient has the caller's layout (empty_like, mirrored by the fake kernel); when the checks
-  // made the input contiguous, the kernels write a contiguous twin that is copied over.
-  at::Tensor grad = compute_grad ? at::empty_like(input) : at::empty({0}, input.options());
-  at::Tensor kernel_grad = grad;
-  if (compute_grad && !grad.strides().equals(prob.input.strides())) kernel_grad = at::empty_like(prob.input);
-  at::Tensor weight_acc;
-  if (prob.weight.has_value()) weight_acc = prob.weight->to(acc_dtype).contiguous();
+  const ForwardBuffers out = make_forward_buffers(prob, input, float32_loss, grad_output,
+                                                  [](const at::Tensor& like) { return at::empty_like(like); });
+  const at::Tensor& weight_acc = out.weight;
+  const at::Tensor& upstream = out.upstream;
   at::Tensor scalars = at::empty({static_cast<int64_t>(sizeof(DeviceScalars) / sizeof(double))}, options.dtype(at::kDouble));
   auto* device_scalars = reinterpret_cast<DeviceScalars*>(scalars.mutable_data_ptr<double>());
 
@@ -113,7 +101,7 @@ inline std::tuple<at::Tensor, at::Tensor, at::Tensor> forward(
   without_clusters.max_cluster_blocks = 0;
   const Plan fallback = plan.variant == Variant::kClusterRows ? plan_for(prob, without_clusters) : plan;
 
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, dtype, "smoothce_forward_cuda", [&] {
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, prob.input.scalar_type(), "smoothce_forward_cuda", [&] {
     using acc_t = acc_type<scalar_t>;
     const acc_t* weight_ptr = weight_acc.defined() ? weight_acc.const_data_ptr<acc_t>() : nullptr;
 
@@ -134,7 +122,8 @@ inline std::tuple<at::Tensor, at::Tensor, at::Tensor> forward(
       SMOOTHCE_LAUNCH(kernel, dim3(1), dim3(kPrologueThreads), 0,
                       partial.defined() ? static_cast<const double*>(partial.const_data_ptr<double>()) : nullptr,
                       partials, fixed_denominator, weight_ptr, prob.classes, reduction,
-                      scaled && upstream.dim() == 0 ? upstream.const_data_ptr<acc_t>() : nullptr, device_scalars);
+                      upstream.defined() && upstream.dim() == 0 ? upstream.const_data_ptr<acc_t>() : nullptr,
+                      device_scalars);
     }
 
     KernelArgs<scalar_t> a{};
@@ -142,11 +131,11 @@ inline std::tuple<at::Tensor, at::Tensor, at::Tensor> forward(
     a.soft_target = prob.soft_target ? prob.target.const_data_ptr<scalar_t>() : nullptr;
     a.target = prob.soft_target ? nullptr : prob.target.const_data_ptr<int64_t>();
     a.weight = weight_ptr;
-    a.grad = compute_grad ? kernel_grad.mutable_data_ptr<scalar_t>() : nullptr;
-    a.position_loss = position_loss.mutable_data_ptr<acc_t>();
-    a.lse = lse.mutable_data_ptr<acc_t>();
+    a.grad = compute_grad ? out.kernel_grad.mutable_data_ptr<scalar_t>() : nullptr;
+    a.position_loss = out.position_loss.mutable_data_ptr<acc_t>();
+    a.lse = out.lse.mutable_data_ptr<acc_t>();
     a.scalars = device_scalars;
-    a.position_scale = scaled && upstream.dim() > 0 ? upstream.const_data_ptr<acc_t>() : nullptr;
+    a.position_scale = upstream.defined() && upstream.dim() > 0 ? upstream.const_data_ptr<acc_t>() : nullptr;
     static_cast<PositionLayout&>(a) = prob.layout();
     static_cast<Smoothing<acc_t>&>(a) = Smoothing<acc_t>::uniform(label_smoothing, prob.classes);
     a.mass = mass_kind(prob.soft_target, a.tv.off, weight_ptr != nullptr);
@@ -154,16 +143,16 @@ inline std::tuple<at::Tensor, at::Tensor, at::Tensor> forward(
     if (used_plan) *used_plan = launched;
   });
 
-  if (!kernel_grad.is_same(grad)) grad.copy_(kernel_grad);
+  out.copy_back();
   at::Tensor loss;
   if (reduction == kNone) {
-    loss = position_loss.to(loss_dtype);
+    loss = out.position_loss.to(out.loss_dtype);
   } else {
-    at::Tensor total = position_loss.sum(at::kDouble);
+    at::Tensor total = out.position_loss.sum(at::kDouble);
     if (reduction == kMean) total = total / scalars.select(0, 0);  // a plain division: 0/0 is NaN, as torch
-    loss = total.to(loss_dtype);
+    loss = total.to(out.loss_dtype);
   }
-  return {loss, lse, grad};
+  return {loss, out.lse, out.grad};
 }
 
 // The op smoothce::scale_grad_ on the device: grad *= grad_output.

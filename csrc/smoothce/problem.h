@@ -47,9 +47,27 @@ Problem make_problem(const at::Tensor& input, const at::Tensor& target, const c1
                      int64_t ignore_index, int64_t reduction, double label_smoothing, bool compute_grad,
                      bool autocast);
 
-// Checks forward's grad_output: defined only with compute_grad, on the input's device, floating,
-// a scalar or (reduction 'none') one value per position.
-void check_forward_grad_output(const Problem& p, const c10::optional<at::Tensor>& grad_output);
+// The tensors a forward writes, and its inputs converted for the kernels, made alike by every backend.
+struct ForwardBuffers {
+  at::ScalarType acc_dtype, loss_dtype;
+  at::Tensor lse, position_loss;  // per position, accumulation type
+  at::Tensor grad;                // the caller's input layout (as the fake kernel); empty without compute_grad
+  at::Tensor kernel_grad;         // grad, or a twin with the problem input's strides (see copy_back)
+  at::Tensor weight;              // class weights in the accumulation type (undefined without weights)
+  at::Tensor upstream;            // grad_output in the accumulation type, contiguous (undefined without)
+
+  // When the checks had to make the input contiguous, the kernels wrote a contiguous twin.
+  void copy_back() const {
+    if (!kernel_grad.is_same(grad)) grad.copy_(kernel_grad);
+  }
+};
+
+// Checks forward's grad_output (defined only with compute_grad, on the input's device, floating, a
+// scalar or, for reduction 'none', one value per position) and allocates the outputs; the gradient
+// with `allocate_grad(input)`, which must lay it out as at::empty_like(input).
+ForwardBuffers make_forward_buffers(const Problem& p, const at::Tensor& input, bool float32_loss,
+                                    const c10::optional<at::Tensor>& grad_output,
+                                    at::Tensor (*allocate_grad)(const at::Tensor&));
 
 // Checks grad_output for scale_grad_ against the gradient it scales.
 void check_scale_grad_args(const at::Tensor& grad, const at::Tensor& grad_output);
