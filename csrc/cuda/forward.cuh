@@ -66,9 +66,8 @@ Plan launch_main(const KernelArgs<scalar_t>& args, const Plan& plan, const Plan&
       auto* states = reinterpret_cast<RowState<acc_t>*>(partial.mutable_data_ptr<uint8_t>());
       auto state_kernel = &split_state_kernel<scalar_t>;
       SMOOTHCE_LAUNCH(state_kernel, grid, block, 0, args, plan, states);
-      const int64_t items = args.grad ? plan.work : plan.work / plan.chunks;
-      const int64_t per_sm = std::max<int64_t>(1, 2048 / plan.threads);
-      const dim3 finish_grid(static_cast<unsigned>(std::max<int64_t>(1, std::min(items, plan.blocks * per_sm))));
+      const int64_t items = args.grad ? plan.work : plan.work / plan.chunks;  // (position, chunk) or position
+      const dim3 finish_grid(static_cast<unsigned>(std::min(items, plan.blocks)));
       auto finish_kernel = &split_finish_kernel<scalar_t>;
       SMOOTHCE_LAUNCH(finish_kernel, finish_grid, block, 0, args, plan, items,
                       static_cast<const RowState<acc_t>*>(states));
