@@ -6,6 +6,8 @@
 #include <c10/util/Exception.h>
 
 #include <cmath>
+#include <cstdint>
+#include <limits>
 #include <sstream>
 
 namespace smoothce {
@@ -54,11 +56,75 @@ void check_floating_input(const at::Tensor& input) {
                     "(N, C, d1, ...), got a 0-d tensor");
 }
 
+// The §7 options: target values, z-loss and the mixup partner (SEMANTICS §7). Fills p's fields.
+void check_extensions(Problem& p, const at::Tensor& input, const at::Tensor& target,
+                      const std::vector<int64_t>& position_shape, const Extensions& ext) {
+  if (ext.target_values.has_value()) {
+    const c10::ArrayRef<double> tv = *ext.target_values;
+    TORCH_CHECK_VALUE(tv.size() == 2, "smoothce.cross_entropy: target_values must be a pair (on, off), got ", tv.size(),
+                      " values");
+    TORCH_CHECK_VALUE(std::isfinite(tv[0]) && std::isfinite(tv[1]) && tv[0] >= 0.0 && tv[1] >= 0.0,
+                      "smoothce.cross_entropy: target_values must be finite and non-negative, got (", tv[0], ", ",
+                      tv[1], ")");
+    TORCH_CHECK_VALUE(!p.soft_target,
+                      "smoothce.cross_entropy: target_values apply to class-index targets only, got a probability "
+                      "(floating) target");
+    TORCH_CHECK_VALUE(p.label_smoothing == 0.0,
+                      "smoothce.cross_entropy: target_values replace label_smoothing; got both (label_smoothing=",
+                      p.label_smoothing, ")");
+    p.has_target_values = true;
+    p.target_values[0] = tv[0];
+    p.target_values[1] = tv[1];
+  }
+  TORCH_CHECK_VALUE(std::isfinite(ext.z_loss) && ext.z_loss >= 0.0,
+                    "smoothce.cross_entropy: z_loss must be a finite float >= 0, got ", ext.z_loss);
+  p.z_loss = ext.z_loss;
+
+  const bool mixup = ext.target_b.has_value() && ext.target_b->defined();
+  const bool lam_tensor = ext.lam.has_value() && ext.lam->defined();
+  TORCH_CHECK_VALUE(!std::isnan(ext.lam_value) && ext.lam_value >= 0.0 && ext.lam_value <= 1.0,
+                    "smoothce.mixup_cross_entropy: lam must be in [0, 1], got ", ext.lam_value);
+  TORCH_CHECK_VALUE(mixup || (!lam_tensor && ext.lam_value == 1.0),
+                    "smoothce.forward: lam is only used with a mixup target_b");
+  p.lam_value = ext.lam_value;
+  if (!mixup) return;
+  const at::Tensor& tb = *ext.target_b;
+  TORCH_CHECK_VALUE(!p.soft_target && !at::isFloatingType(tb.scalar_type()),
+                    "smoothce.mixup_cross_entropy: target_a and target_b must hold class indices (int64 or uint8), "
+                    "got ", target.scalar_type(), " and ", tb.scalar_type());
+  TORCH_CHECK_TYPE(tb.scalar_type() == target.scalar_type(),
+                   "smoothce.mixup_cross_entropy: target_b must have target_a's dtype (", target.scalar_type(),
+                   "), got ", tb.scalar_type());
+  TORCH_CHECK_VALUE(tb.sizes() == target.sizes(), "smoothce.mixup_cross_entropy: target_b must have target_a's shape ",
+                    shape_str(target.sizes()), ", got ", shape_str(tb.sizes()));
+  TORCH_CHECK(tb.device() == input.device(), "smoothce.mixup_cross_entropy: target_b must be on the input's device (",
+              input.device(), "), got ", tb.device());
+  p.target_b = tb;
+  if (!lam_tensor) return;
+  const at::Tensor& lam = *ext.lam;
+  TORCH_CHECK_TYPE(at::isFloatingType(lam.scalar_type()),
+                   "smoothce.mixup_cross_entropy: lam must be a float or a floating tensor, got dtype ",
+                   lam.scalar_type());
+  TORCH_CHECK_VALUE(lam.sizes() == at::IntArrayRef(position_shape),
+                    "smoothce.mixup_cross_entropy: a lam tensor must have one value per position, shape ",
+                    shape_str(position_shape), ", got ", shape_str(lam.sizes()));
+  TORCH_CHECK(lam.device() == input.device(), "smoothce.mixup_cross_entropy: lam must be on the input's device (",
+              input.device(), "), got ", lam.device());
+  const at::Tensor in_range = at::logical_and(lam >= 0, lam <= 1).all();
+  if (lam.device().is_cpu()) {
+    TORCH_CHECK_VALUE(in_range.item<bool>(), "smoothce.mixup_cross_entropy: lam values must be in [0, 1], got ",
+                      lam.masked_select(at::logical_not(at::logical_and(lam >= 0, lam <= 1))).flatten()[0].item<double>());
+  } else {
+    at::_assert_async(in_range, "smoothce.mixup_cross_entropy: lam values must be in [0, 1]");  // no host sync
+  }
+  p.lam = lam.to(input.scalar_type() == at::kDouble ? at::kDouble : at::kFloat).contiguous();
+}
+
 }  // namespace
 
 Problem make_problem(const at::Tensor& input_arg, const at::Tensor& target_arg,
                      const c10::optional<at::Tensor>& weight_arg, int64_t ignore_index, int64_t reduction,
-                     double label_smoothing, bool compute_grad, bool autocast) {
+                     double label_smoothing, bool compute_grad, bool autocast, const Extensions& ext) {
   check_floating_input(input_arg);
   TORCH_CHECK_VALUE(reduction == kNone || reduction == kMean || reduction == kSum,
                     "smoothce.cross_entropy: reduction must be 0 (none), 1 (mean) or 2 (sum), got ", reduction);
@@ -78,6 +144,8 @@ Problem make_problem(const at::Tensor& input_arg, const at::Tensor& target_arg,
   const int64_t ndim = input_arg.dim();
   const int64_t class_dim = ndim == 1 ? 0 : 1;
   p.classes = input_arg.size(class_dim);
+  TORCH_CHECK_VALUE(p.classes <= std::numeric_limits<int32_t>::max(),
+                    "smoothce.cross_entropy: at most 2^31 - 1 classes are supported, got ", p.classes);
   const std::vector<int64_t> position_shape = positions_of(input_arg.sizes());
   p.position_shape = position_shape;
 
@@ -103,6 +171,8 @@ Problem make_problem(const at::Tensor& input_arg, const at::Tensor& target_arg,
                       " (the input's shape ", shape_str(input_arg.sizes()), " without the class dimension ",
                       class_dim, "), got ", shape_str(target_arg.sizes()));
   }
+
+  check_extensions(p, input_arg, target_arg, position_shape, ext);
 
   if (weight_arg.has_value() && weight_arg->defined()) {
     const auto& w = *weight_arg;
@@ -168,6 +238,11 @@ Problem make_problem(const at::Tensor& input_arg, const at::Tensor& target_arg,
   p.stride_class = s_class;
   p.stride_inner = s_inner;
 
+  if (p.target_b.defined() && !p.target_b.strides().equals(target.strides())) {
+    // The kernels read both targets with one set of strides.
+    target = target.contiguous();
+    p.target_b = p.target_b.contiguous();
+  }
   if (!p.soft_target) {
     if (target.dim() == 0) {
       p.target_stride_outer = 0;

@@ -34,17 +34,17 @@ def _check_kernel_device(input):
         )
 
 
-def _check_devices(where: str, input, target, weight):
+def _check_devices(where: str, input, target, weight, target_b=None):
     """Before dispatch: a CUDA or meta tensor among CPU ones would otherwise pick that backend's kernel."""
-    for name, tensor in (("target", target), ("weight", weight)):
+    for name, tensor in (("target", target), ("weight", weight), ("target_b", target_b)):
         if tensor is not None and tensor.device != input.device:
             raise ValueError(f"{where}: {name} must be on the input's device ({input.device}), got {tensor.device}")
 
 
 @torch.library.register_fake("smoothce::forward")
 def _forward_fake(input, target, weight, ignore_index, reduction, label_smoothing, compute_grad, float32_loss,
-                  grad_output=None):
-    _check_devices("smoothce.forward", input, target, weight)  # this is also the Meta kernel
+                  grad_output=None, target_values=None, z_loss=0.0, target_b=None, lam=None, lam_value=1.0):
+    _check_devices("smoothce.forward", input, target, weight, target_b)  # this is also the Meta kernel
     positions = _position_shape(input)
     acc_dtype = torch.float64 if input.dtype == torch.float64 else torch.float32
     loss_dtype = torch.float32 if float32_loss and input.dtype in _HALF_DTYPES else input.dtype
@@ -59,6 +59,13 @@ def _scale_grad_fake(grad, grad_output):
     return None
 
 
+@torch.library.register_fake("smoothce::grad_")
+def _grad_fake(input, target, weight, ignore_index, reduction, label_smoothing, float32_loss, grad_output,
+               target_values=None, z_loss=0.0, target_b=None, lam=None, lam_value=1.0):
+    _check_devices("smoothce.grad_", input, target, weight, target_b)
+    return None
+
+
 class CrossEntropyFunction(torch.autograd.Function):
     """Forward runs the fused kernel; for mean and sum, when the input needs a gradient, the kernel
     writes it too, for an upstream gradient of 1, and the first backward only rescales it in place (a
@@ -70,12 +77,18 @@ class CrossEntropyFunction(torch.autograd.Function):
     # The forward(ctx, ...) form: the setup_context form makes every apply() bind its arguments
     # through inspect.signature, which costs more than the whole kernel on small inputs.
     @staticmethod
-    def forward(ctx, input, target, weight, ignore_index, reduction, label_smoothing, compute_grad, float32_loss):
-        fuse = compute_grad and reduction != REDUCTIONS["none"]
-        loss, lse, grad = _ops.forward(input, target, weight, ignore_index, reduction, label_smoothing, fuse, float32_loss)
+    def forward(ctx, input, target, weight, ignore_index, reduction, label_smoothing, compute_grad, float32_loss,
+                target_values, z_loss, target_b, lam, lam_value, inplace):
+        ext = dict(target_values=target_values, z_loss=z_loss, target_b=target_b, lam=lam, lam_value=lam_value)
+        # inplace_backward: nothing fused; backward writes the gradient over the logits.
+        fuse = compute_grad and reduction != REDUCTIONS["none"] and not inplace
+        loss, lse, grad = _ops.forward(input, target, weight, ignore_index, reduction, label_smoothing, fuse, float32_loss,
+                                       **ext)
         ctx.mark_non_differentiable(lse, grad)
         ctx.set_materialize_grads(False)  # no zero-filled N×C gradient for the `grad` output
         ctx.args = (ignore_index, reduction, label_smoothing, float32_loss)
+        ctx.ext = ext
+        ctx.inplace = inplace
         # Eager: the forward's gradient is handed out once (not a saved tensor: it is consumed in place
         # and may become input.grad); the logits are saved for a second backward and soft-target
         # gradients. Compiled graphs are functional: there the gradient is a saved tensor and backward
@@ -90,24 +103,38 @@ class CrossEntropyFunction(torch.autograd.Function):
         ignore_index, reduction, label_smoothing, float32_loss = ctx.args
         grad_input = grad_target = None
         if grad_loss is None:  # the loss did not reach the graph's outputs: its gradient is zero
-            return None, None, None, None, None, None, None, None
+            return (None,) * _APPLY_ARGS
         if torch.is_grad_enabled():  # create_graph=True: differentiable gradients for higher orders
             return _differentiable_backward(ctx, grad_loss)
+        if ctx.needs_input_grad[1]:  # before an in-place gradient overwrites the logits it needs
+            input, _, weight, lse, _ = ctx.saved_tensors
+            grad_target = _soft_target_grad(grad_loss, input, lse, weight, reduction, label_smoothing)
         if ctx.needs_input_grad[0]:
             grad_input, ctx.fused_grad = ctx.fused_grad, None
             if grad_input is not None:
                 _ops.scale_grad_(grad_input, grad_loss)
             elif ctx.saved_tensors[4] is not None:  # compiled
                 grad_input = _scaled(ctx.saved_tensors[4], grad_loss)
+            elif ctx.inplace and not torch.compiler.is_compiling():
+                # The gradient over the logits. Bumping their version makes any other user of them in
+                # the graph (a saved tensor, or this graph's own second backward) raise autograd's
+                # "modified by an inplace operation" error instead of reading the gradient.
+                input, target, weight = ctx.saved_tensors[:3]
+                _ops.grad_(input, target, weight, ignore_index, reduction, label_smoothing, float32_loss,
+                           grad_loss, **ctx.ext)
+                torch.autograd.graph.increment_version(input)
+                grad_input = input
             else:  # reduction 'none', or a second backward (the fused gradient was consumed)
                 input, target, weight = ctx.saved_tensors[:3]
                 _, _, grad_input = _ops.forward(
-                    input, target, weight, ignore_index, reduction, label_smoothing, True, float32_loss, grad_loss
+                    input, target, weight, ignore_index, reduction, label_smoothing, True, float32_loss, grad_loss,
+                    **ctx.ext
                 )
-        if ctx.needs_input_grad[1]:
-            input, _, weight, lse, _ = ctx.saved_tensors
-            grad_target = _soft_target_grad(grad_loss, input, lse, weight, reduction, label_smoothing)
-        return grad_input, grad_target, None, None, None, None, None, None
+        return (grad_input, grad_target) + (None,) * (_APPLY_ARGS - 2)
+
+
+_APPLY_ARGS = 14  # CrossEntropyFunction.forward's arguments after ctx
+
 
 
 def _differentiable_backward(ctx, grad_loss):
@@ -118,12 +145,14 @@ def _differentiable_backward(ctx, grad_loss):
     ignore_index, reduction, label_smoothing, _ = ctx.args
     input, target, weight = ctx.saved_tensors[:3]
     wanted = [t for t, needed in zip((input, target), ctx.needs_input_grad[:2]) if needed]
+    ext = ctx.ext
     with torch.enable_grad():
-        loss = reference.cross_entropy(input, target, weight, ignore_index, _REDUCTION_NAMES[reduction], label_smoothing)
+        loss = reference.loss_with_options(input, target, weight, ignore_index, _REDUCTION_NAMES[reduction],
+                                           label_smoothing, **ext)
         grads = iter(torch.autograd.grad(loss, wanted, grad_loss, create_graph=True))
     grad_input = next(grads) if ctx.needs_input_grad[0] else None
     grad_target = next(grads) if ctx.needs_input_grad[1] else None
-    return grad_input, grad_target, None, None, None, None, None, None
+    return (grad_input, grad_target) + (None,) * (_APPLY_ARGS - 2)
 
 
 def _scaled(grad, grad_loss):
@@ -150,10 +179,71 @@ def _soft_target_grad(grad_loss, input, lse, weight, reduction, label_smoothing)
     return out.to(input.dtype)
 
 
-def _check_number(name: str, value, kind):
+def _check_number(name: str, value, kind, where="smoothce.cross_entropy"):
     if isinstance(value, bool) or not isinstance(value, kind):
         expected = "an int" if kind is numbers.Integral else "a float"
-        raise TypeError(f"smoothce.cross_entropy: {name} must be {expected}, got {value!r} ({type(value).__name__})")
+        raise TypeError(f"{where}: {name} must be {expected}, got {value!r} ({type(value).__name__})")
+
+
+def _check_tensor(where, name, value, optional=False):
+    if not isinstance(value, torch.Tensor) and not (optional and value is None):
+        expected = "a torch.Tensor or None" if optional else "a torch.Tensor"
+        raise TypeError(f"{where}: {name} must be {expected}, got {type(value).__name__}")
+
+
+def _extension_args(where, input, target, label_smoothing, smoothing, target_values, z_loss, inplace_backward):
+    """Checks the SEMANTICS §7 keywords; returns (label_smoothing, target_values) for the op: "others"
+    and explicit values become (on, off) for index targets."""
+    if not isinstance(smoothing, str) or smoothing not in ("uniform", "others"):
+        raise ValueError(f"{where}: smoothing must be 'uniform' or 'others', got {smoothing!r}")
+    _check_number("z_loss", z_loss, numbers.Real, where)
+    if not (math.isfinite(z_loss) and z_loss >= 0):
+        raise ValueError(f"{where}: z_loss must be a finite float >= 0, got {z_loss}")
+    if not isinstance(inplace_backward, bool):
+        raise TypeError(f"{where}: inplace_backward must be a bool, got {inplace_backward!r}")
+    if target_values is not None:
+        if not isinstance(target_values, (tuple, list)) or len(target_values) != 2:
+            raise ValueError(f"{where}: target_values must be a pair (on, off), got {target_values!r}")
+        for value in target_values:
+            _check_number("target_values", value, numbers.Real, where)
+        if not all(math.isfinite(v) and v >= 0 for v in target_values):
+            raise ValueError(f"{where}: target_values must be finite and non-negative, got {tuple(target_values)}")
+        if label_smoothing != 0.0 or smoothing != "uniform":
+            raise ValueError(
+                f"{where}: target_values=(on, off) set the target distribution themselves; they cannot be combined "
+                f"with label_smoothing={label_smoothing} or smoothing={smoothing!r}"
+            )
+    if (smoothing == "others" or target_values is not None) and target.is_floating_point():
+        option = "smoothing='others'" if target_values is None else "target_values"
+        raise ValueError(
+            f"{where}: {option} applies to class-index targets only; got a probability (floating) target "
+            f"(mix the smoothing into the probabilities instead)"
+        )
+    if target_values is not None:
+        return 0.0, [float(target_values[0]), float(target_values[1])]
+    if smoothing == "others":
+        num_classes = input.shape[0] if input.dim() == 1 else input.shape[1]
+        off = label_smoothing / (num_classes - 1) if num_classes > 1 else 0.0  # C = 1: no other class
+        return 0.0, [1.0 - label_smoothing, off]
+    return label_smoothing, None
+
+
+def _check_inplace(where, input, target):
+    """inplace_backward writes the gradient over the logits: refuse where autograd itself forbids an
+    in-place write (a leaf that requires grad, or a view of one) and where the gradient of the target
+    needs the logits after they are overwritten."""
+    base = input._base if input._base is not None else input
+    if base.is_leaf and base.requires_grad:
+        raise RuntimeError(
+            f"{where}: inplace_backward=True would write the gradient over the logits, but they are "
+            f"{'a view of ' if base is not input else ''}a leaf tensor that requires grad (its .grad and its values "
+            f"would share memory); pass the output of a layer, or use inplace_backward=False"
+        )
+    if target.requires_grad and target.is_floating_point():
+        raise RuntimeError(
+            f"{where}: inplace_backward=True cannot be combined with a target that requires grad (its gradient "
+            f"needs the logits that the in-place gradient overwrites)"
+        )
 
 
 def cross_entropy_impl(
@@ -163,25 +253,32 @@ def cross_entropy_impl(
     ignore_index: int,
     reduction: str,
     label_smoothing: float,
+    smoothing: str = "uniform",
+    target_values=None,
+    z_loss: float = 0.0,
+    inplace_backward: bool = False,
+    target_b: Optional[torch.Tensor] = None,
+    lam=None,
+    where: str = "smoothce.cross_entropy",
 ) -> torch.Tensor:
-    if not isinstance(input, torch.Tensor):
-        raise TypeError(f"smoothce.cross_entropy: input must be a torch.Tensor, got {type(input).__name__}")
-    if not isinstance(target, torch.Tensor):
-        raise TypeError(f"smoothce.cross_entropy: target must be a torch.Tensor, got {type(target).__name__}")
-    if weight is not None and not isinstance(weight, torch.Tensor):
-        raise TypeError(f"smoothce.cross_entropy: weight must be a torch.Tensor or None, got {type(weight).__name__}")
-    _check_number("ignore_index", ignore_index, numbers.Integral)
-    _check_number("label_smoothing", label_smoothing, numbers.Real)
+    _check_tensor(where, "input", input)
+    _check_tensor(where, "target" if target_b is None else "target_a", target)
+    _check_tensor(where, "weight", weight, optional=True)
+    _check_number("ignore_index", ignore_index, numbers.Integral, where)
+    _check_number("label_smoothing", label_smoothing, numbers.Real, where)
     if not isinstance(reduction, str) or reduction not in REDUCTIONS:
-        raise ValueError(f"smoothce.cross_entropy: reduction must be one of 'none', 'mean', 'sum', got {reduction!r}")
+        raise ValueError(f"{where}: reduction must be one of 'none', 'mean', 'sum', got {reduction!r}")
     label_smoothing = float(label_smoothing)
     if not 0.0 <= label_smoothing <= 1.0:  # also rejects NaN (torch silently uses 0 for ε < 0: ★)
-        raise ValueError(
-            f"smoothce.cross_entropy: label_smoothing must be a float in [0, 1], got {label_smoothing}"
-        )
+        raise ValueError(f"{where}: label_smoothing must be a float in [0, 1], got {label_smoothing}")
+    label_smoothing, op_target_values = _extension_args(
+        where, input, target, label_smoothing, smoothing, target_values, z_loss, inplace_backward
+    )
+    z_loss = float(z_loss)
+    lam_tensor, lam_value = (None, 1.0) if target_b is None else _mixup_lam(where, input, target, target_b, lam)
 
     _check_kernel_device(input)
-    _check_devices("smoothce.cross_entropy", input, target, weight)
+    _check_devices(where, input, target, weight, target_b)
     # Under autocast the loss is fp32 (as torch's cross_entropy), read straight from the half logits;
     # fp32 class weights are used as they are. Only probability targets in another dtype than the
     # logits need both in fp32 (torch's autocast copies the logits to fp32 in every case).
@@ -189,13 +286,58 @@ def cross_entropy_impl(
     if float32_loss and target.is_floating_point() and input.is_floating_point() and target.dtype != input.dtype:
         input, target = input.float(), target.float()
     compute_grad = torch.is_grad_enabled() and input.requires_grad
+    ext = (op_target_values, z_loss, target_b, lam_tensor, lam_value)
     if not (compute_grad or (target.requires_grad and torch.is_grad_enabled())):
         # Inference: nothing to differentiate, so skip autograd.Function's bookkeeping.
         loss, _, _ = _ops.forward(
-            input, target, weight, int(ignore_index), REDUCTIONS[reduction], label_smoothing, False, float32_loss
+            input, target, weight, int(ignore_index), REDUCTIONS[reduction], label_smoothing, False, float32_loss,
+            target_values=op_target_values, z_loss=z_loss, target_b=target_b, lam=lam_tensor, lam_value=lam_value,
         )
         return loss
+    inplace = inplace_backward and compute_grad
+    if inplace:
+        _check_inplace(where, input, target)
     loss, _, _ = CrossEntropyFunction.apply(
-        input, target, weight, int(ignore_index), REDUCTIONS[reduction], label_smoothing, compute_grad, float32_loss
+        input, target, weight, int(ignore_index), REDUCTIONS[reduction], label_smoothing, compute_grad, float32_loss,
+        *ext, inplace
     )
     return loss
+
+
+def _mixup_lam(where, input, target_a, target_b, lam):
+    """mixup's lam: a float in [0, 1] (→ lam_value), or a tensor broadcast to one value per position
+    (its values are checked by the kernels' driver: on CPU at once, on CUDA without a host sync)."""
+    _check_tensor(where, "target_b", target_b)
+    for name, t in (("target_a", target_a), ("target_b", target_b)):
+        if t.is_floating_point():
+            raise ValueError(
+                f"{where}: {name} must hold class indices (int64 or uint8); mixup of probability targets is "
+                f"their weighted sum, pass it to smoothce.cross_entropy"
+            )
+    if target_b.shape != target_a.shape:
+        raise ValueError(
+            f"{where}: target_b must have target_a's shape {tuple(target_a.shape)}, got {tuple(target_b.shape)}"
+        )
+    if isinstance(lam, torch.Tensor):
+        positions = _position_shape(input)
+        if not lam.is_floating_point():
+            raise TypeError(f"{where}: lam must be a float or a floating tensor, got dtype {lam.dtype}")
+        if lam.requires_grad and torch.is_grad_enabled():
+            raise ValueError(f"{where}: lam is a mixing constant; the loss is not differentiated with respect to it "
+                             f"(pass lam.detach())")
+        try:
+            fits = torch.broadcast_shapes(lam.shape, positions) == positions
+        except RuntimeError:
+            fits = False
+        if not fits:
+            raise ValueError(
+                f"{where}: lam must be a float or a tensor broadcastable to the positions' shape {tuple(positions)} "
+                f"(one value per position), got shape {tuple(lam.shape)}"
+            )
+        if lam.device != input.device:
+            raise ValueError(f"{where}: lam must be on the input's device ({input.device}), got {lam.device}")
+        return lam.expand(positions), 1.0
+    _check_number("lam", lam, numbers.Real, where)
+    if not 0.0 <= lam <= 1.0:
+        raise ValueError(f"{where}: lam must be in [0, 1], got {lam}")
+    return None, float(lam)

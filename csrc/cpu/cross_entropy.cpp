@@ -99,6 +99,10 @@ struct Params : PositionLayout, Smoothing<acc_type<scalar_t>> {
   const scalar_t* soft_target;  // probability targets, input's strides
   const int64_t* target64;      // index targets (one of target64 / target8)
   const uint8_t* target8;
+  const int64_t* target_b64;    // mixup partner targets (target's dtype and strides), or null
+  const uint8_t* target_b8;
+  const acc_t* lam;             // mixup share per position, or null: lam_value everywhere
+  acc_t lam_value;
   const acc_t* weight;  // nullptr when unweighted
   scalar_t* grad;       // nullptr when no gradient is wanted
   acc_t* position_loss;
@@ -108,8 +112,37 @@ struct Params : PositionLayout, Smoothing<acc_type<scalar_t>> {
   const acc_t* position_scale;  // per-position upstream gradient (reduction 'none'), or null
 
   int64_t target_at_offset(int64_t off) const { return target64 ? target64[off] : static_cast<int64_t>(target8[off]); }
-  int64_t target_at(int64_t n, int64_t s) const { return target_at_offset(target_offset(n, s)); }
-  int64_t target_of(int64_t pos) const { return target_at_offset(target_offset_of(pos)); }
+  int64_t target_b_at_offset(int64_t off) const {
+    if (target_b64) return target_b64[off];
+    return target_b8 ? static_cast<int64_t>(target_b8[off]) : ignore_index;
+  }
+  // The targets of position `pos` whose targets sit at `off` (target_offset_of(pos)).
+  PositionTargets<acc_t> targets_at(int64_t off, int64_t pos) const {
+    return position_targets<acc_t>(target_at_offset(off), target_b_at_offset(off), lam ? lam[pos] : lam_value,
+                                   ignore_index, classes);
+  }
+  PositionTargets<acc_t> targets_of(int64_t pos) const { return targets_at(target_offset_of(pos), pos); }
+  // Logits (class stride sc from x) and weights at the targets; read before any gradient is written,
+  // as the gradient may be written over the logits (inplace_backward).
+  TargetLogits<acc_t> target_logits(const scalar_t* x, int64_t sc, const PositionTargets<acc_t>& t) const {
+    TargetLogits<acc_t> out{acc_t(0), acc_t(0), acc_t(0), acc_t(0)};
+    if (t.a >= 0) out = {static_cast<acc_t>(x[t.a * sc]), acc_t(0), weight_at(t.a), acc_t(0)};
+    if (t.b >= 0) {
+      out.x_b = static_cast<acc_t>(x[t.b * sc]);
+      out.w_b = weight_at(t.b);
+    }
+    return out;
+  }
+  // The target elements of a position's gradient, with the exact exp (p − 1 cancels there):
+  // written after the dense part.
+  void write_target_grads(scalar_t* g, int64_t sc, acc_t row_max, acc_t log_sum, const IndexGradCoefs<acc_t>& k,
+                          const PositionTargets<acc_t>& t, const TargetLogits<acc_t>& x) const {
+    auto write = [&](int64_t c, acc_t x_c, acc_t w_c) {
+      g[c * sc] = static_cast<scalar_t>(grad_element(k, std::exp((x_c - row_max) - log_sum), w_c, c == t.a, c == t.b));
+    };
+    if (t.a >= 0) write(t.a, x.x_a, x.w_a);
+    if (t.b >= 0 && t.b != t.a) write(t.b, x.x_b, x.w_b);
+  }
   acc_t weight_at(int64_t c) const { return weight ? weight[c] : acc_t(1); }
   acc_t scale_at(int64_t pos) const { return position_scale ? grad_scale * position_scale[pos] : grad_scale; }
   // soft_target_q (row_math.h) on a vector of probabilities.
@@ -259,15 +292,17 @@ void rows_kernel(const Params<scalar_t>& p, int64_t pos_begin, int64_t pos_end) 
     const scalar_t* x = p.input + offset;
     const scalar_t* prob = kSoft ? p.soft_target + offset : nullptr;
     scalar_t* g = p.grad ? p.grad + offset : nullptr;
-    int64_t t = 0;
+    PositionTargets<acc_t> t{};
+    TargetLogits<acc_t> xt{};
     if constexpr (!kSoft) {
-      t = p.target_of(pos);
-      if (t == p.ignore_index) {
+      t = p.targets_of(pos);
+      if (!t.valid()) {
         p.position_loss[pos] = acc_t(0);
         p.lse[pos] = acc_t(0);
         if (g) std::fill_n(g, p.classes, scalar_t(0));
         continue;
       }
+      xt = p.target_logits(x, 1, t);
     }
     acc_t* exps = nullptr;
     if (g) {
@@ -278,16 +313,14 @@ void rows_kernel(const Params<scalar_t>& p, int64_t pos_begin, int64_t pos_end) 
       }
     }
     const RowState<acc_t> state = row_state<scalar_t, kMass>(p, x, prob, exps, origins);
-    const acc_t w_t = kSoft ? acc_t(0) : p.weight_at(t), x_t = kSoft ? acc_t(0) : static_cast<acc_t>(x[t]);
-    const PositionResult<acc_t> r = kSoft ? soft_target_position(state, p.scale_at(pos))
-                                          : index_target_position(state, x_t, w_t, p.weight_sum, p.scale_at(pos), p.tv);
+    const PositionResult<acc_t> r = kSoft ? soft_target_position(state, p.scale_at(pos), p.z_loss)
+                                          : index_target_position(state, t, xt, p.weight_sum, p.scale_at(pos), p);
     p.lse[pos] = r.lse;
     p.position_loss[pos] = r.loss;
     if (g) {
       row_grad<scalar_t, kSoft>(p, x, prob, g, state.max, r.log_sum, r.coefs.softmax_coef, r.coefs.off_coef, exps,
                                 origins);
-      // The target element with the exact exp (p_t − 1 cancels).
-      if (!kSoft) g[t] = static_cast<scalar_t>(grad_element(r.coefs, std::exp(log_prob(state, r.log_sum, x_t)), w_t, true));
+      if (!kSoft) p.write_target_grads(g, 1, state.max, r.log_sum, r.coefs, t, xt);
     }
   }
 }
@@ -298,10 +331,12 @@ void rows_kernel(const Params<scalar_t>& p, int64_t pos_begin, int64_t pos_end) 
 // class-major buffer first. The tile's C×V logits are read from memory once (pass 1: max) and
 // re-read from cache (pass 2: sums, pass 3: gradient).
 // `targets` holds the lanes' index targets (unused for soft targets); `exps` (C·V values, may be
-// null) keeps pass 2's exp(x − max) for pass 3.
+// null) keeps pass 2's exp(x − max) for pass 3. g may be x (inplace_backward): every logit is read
+// before its gradient element is written.
 template <typename scalar_t, Mass kMass>
 void tile_kernel(const Params<scalar_t>& p, const scalar_t* x, const scalar_t* prob, scalar_t* g, int64_t sc,
-                 int64_t pos0, int64_t count, const int64_t* targets, acc_type<scalar_t>* exps) {
+                 int64_t pos0, int64_t count, const PositionTargets<acc_type<scalar_t>>* targets,
+                 acc_type<scalar_t>* exps) {
   using acc_t = acc_type<scalar_t>;
   using Vec = Vectorized<acc_t>;
   constexpr int64_t V = Vec::size();
@@ -312,7 +347,7 @@ void tile_kernel(const Params<scalar_t>& p, const scalar_t* x, const scalar_t* p
   bool valid[V];
   bool any_valid = false;
   for (int64_t l = 0; l < V; ++l) {
-    valid[l] = l < count && (kSoft || targets[l] != p.ignore_index);
+    valid[l] = l < count && (kSoft || targets[l].valid());
     any_valid |= valid[l];
   }
   for (int64_t l = 0; l < count; ++l) p.position_loss[pos0 + l] = p.lse[pos0 + l] = acc_t(0);
@@ -343,14 +378,16 @@ void tile_kernel(const Params<scalar_t>& p, const scalar_t* x, const scalar_t* p
     }
   }
   alignas(64) acc_t lane_max[V], lane_sum[V], lane_mass_dx[V], lane_mass[V];
-  alignas(64) acc_t lane_log_sum[V], lane_coef[V], lane_off[V], lane_peak[V];
+  alignas(64) acc_t lane_log_sum[V], lane_coef[V], lane_off[V];
+  IndexGradCoefs<acc_t> lane_k[V];
+  TargetLogits<acc_t> lane_x[V];
   vorigin.store(lane_max);
   vsum.store(lane_sum);
   vmass_dx.store(lane_mass_dx);
   vmass.store(lane_mass);
 
   for (int64_t l = 0; l < V; ++l) {
-    lane_log_sum[l] = lane_coef[l] = lane_off[l] = lane_peak[l] = acc_t(0);
+    lane_log_sum[l] = lane_coef[l] = lane_off[l] = acc_t(0);
     if (!valid[l]) continue;
     RowState<acc_t> state{lane_max[l], lane_sum[l], acc_t(0), acc_t(0)};
     if constexpr (kMass != Mass::kNone) state.mass_dx = lane_mass_dx[l];
@@ -359,17 +396,17 @@ void tile_kernel(const Params<scalar_t>& p, const scalar_t* x, const scalar_t* p
     const acc_t scale = p.scale_at(pos0 + l);
     PositionResult<acc_t> r;
     if constexpr (kSoft) {
-      r = soft_target_position(state, scale);
+      r = soft_target_position(state, scale, p.z_loss);
     } else {
-      const int64_t t = targets[l];
-      r = index_target_position(state, static_cast<acc_t>(x[t * sc + l]), p.weight_at(t), p.weight_sum, scale, p.tv);
+      lane_x[l] = p.target_logits(x + l, sc, targets[l]);
+      r = index_target_position(state, targets[l], lane_x[l], p.weight_sum, scale, p);
     }
     p.lse[pos0 + l] = r.lse;
     p.position_loss[pos0 + l] = r.loss;
     lane_log_sum[l] = r.log_sum;
     lane_coef[l] = r.coefs.softmax_coef;
     lane_off[l] = r.coefs.off_coef;
-    lane_peak[l] = r.coefs.peak_coef;
+    lane_k[l] = r.coefs;
   }
   if (!g) return;
 
@@ -387,14 +424,8 @@ void tile_kernel(const Params<scalar_t>& p, const scalar_t* x, const scalar_t* p
     store_acc(g + c * sc, Vec::blendv(out, Vec(0), vinvalid), count);
   }
   if constexpr (!kSoft) {
-    // The target element, with std::exp: p_t − 1 cancels, so it gets the exact exp.
-    for (int64_t l = 0; l < count; ++l) {
-      if (!valid[l]) continue;
-      const int64_t t = targets[l];
-      const acc_t p_t = std::exp((static_cast<acc_t>(x[t * sc + l]) - lane_max[l]) - lane_log_sum[l]);
-      const IndexGradCoefs<acc_t> k{lane_coef[l], lane_off[l], lane_peak[l]};
-      g[t * sc + l] = static_cast<scalar_t>(grad_element(k, p_t, p.weight_at(t), true));
-    }
+    for (int64_t l = 0; l < count; ++l)
+      if (valid[l]) p.write_target_grads(g + l, sc, lane_max[l], lane_log_sum[l], lane_k[l], targets[l], lane_x[l]);
   }
 }
 
@@ -411,13 +442,13 @@ void across_kernel(const Params<scalar_t>& p, int64_t tile_begin, int64_t tile_e
   constexpr int64_t V = Vectorized<acc_type<scalar_t>>::size();
   const int64_t tiles_per_outer = (p.inner + V - 1) / V;
   std::vector<acc_type<scalar_t>> exps(tile_exps_size<scalar_t>(p));
-  int64_t targets[V] = {};
+  PositionTargets<acc_type<scalar_t>> targets[V] = {};
   for (int64_t tile = tile_begin; tile < tile_end; ++tile) {
     const int64_t n = tile / tiles_per_outer, s0 = (tile % tiles_per_outer) * V;
     const int64_t offset = n * p.stride_outer + s0 * p.stride_inner;
     const int64_t count = std::min(V, p.inner - s0);
     if (kMass != Mass::kSoft)
-      for (int64_t l = 0; l < count; ++l) targets[l] = p.target_at(n, s0 + l);
+      for (int64_t l = 0; l < count; ++l) targets[l] = p.targets_at(p.target_offset(n, s0 + l), n * p.inner + s0 + l);
     tile_kernel<scalar_t, kMass>(p, p.input + offset, kMass == Mass::kSoft ? p.soft_target + offset : nullptr,
                                  p.grad ? p.grad + offset : nullptr, p.stride_class, n * p.inner + s0, count,
                                  targets, exps.empty() ? nullptr : exps.data());
@@ -435,13 +466,14 @@ void small_rows_kernel(const Params<scalar_t>& p, int64_t tile_begin, int64_t ti
   scalar_t x_buf[kSmallClasses * V], prob_buf[kSmallClasses * V], g_buf[kSmallClasses * V];
   acc_type<scalar_t> exp_buf[kSmallClasses * V];
   acc_type<scalar_t>* exps = p.grad ? exp_buf : nullptr;
-  int64_t offsets[V], targets[V] = {};
+  int64_t offsets[V];
+  PositionTargets<acc_type<scalar_t>> targets[V] = {};
   for (int64_t tile = tile_begin; tile < tile_end; ++tile) {
     const int64_t pos0 = tile * V, count = std::min(V, positions - pos0);
     for (int64_t l = 0; l < count; ++l) {
       const int64_t pos = pos0 + l;
       offsets[l] = p.offset_of(pos);
-      if (kMass != Mass::kSoft) targets[l] = p.target_of(pos);
+      if (kMass != Mass::kSoft) targets[l] = p.targets_of(pos);
       for (int64_t c = 0; c < C; ++c) {
         x_buf[c * V + l] = p.input[offsets[l] + c];
         if constexpr (kMass == Mass::kSoft) prob_buf[c * V + l] = p.soft_target[offsets[l] + c];
@@ -457,34 +489,35 @@ void small_rows_kernel(const Params<scalar_t>& p, int64_t tile_begin, int64_t ti
 // ---------------------------------------------------------------- driver
 constexpr int64_t kReduceChunk = 16384;  // fixed chunks: sums do not depend on the thread count
 
-// D = Σ_valid w[t] for index targets; also the range check (reports the first bad value).
+// D = Σ_valid w[t] for index targets (mixup: Σ k_a·w[a] + k_b·w[b]); also the range check (reports the
+// first bad value).
 template <typename scalar_t>
 double index_target_total_weight(const Params<scalar_t>& p) {
+  using acc_t = acc_type<scalar_t>;
   const int64_t positions = p.outer * p.inner;
   const int64_t chunks = (positions + kReduceChunk - 1) / kReduceChunk;
   std::vector<double> partial(chunks, 0.0);
-  std::vector<int64_t> first_bad(chunks, -1);
+  std::vector<c10::optional<int64_t>> first_bad(chunks);
   at::parallel_for(0, chunks, 1, [&](int64_t chunk_begin, int64_t chunk_end) {
     for (int64_t chunk = chunk_begin; chunk < chunk_end; ++chunk) {
       double total = 0.0;
       const int64_t end = std::min(positions, (chunk + 1) * kReduceChunk);
-      for (int64_t pos = chunk * kReduceChunk; pos < end; ++pos) {
-        const int64_t t = p.target_of(pos);
-        if (t == p.ignore_index) continue;
-        if (t < 0 || t >= p.classes) {
-          first_bad[chunk] = pos;
-          break;
+      for (int64_t pos = chunk * kReduceChunk; pos < end && !first_bad[chunk].has_value(); ++pos) {
+        const int64_t off = p.target_offset_of(pos);
+        for (const int64_t t : {p.target_at_offset(off), p.target_b_at_offset(off)}) {
+          if (t != p.ignore_index && (t < 0 || t >= p.classes)) first_bad[chunk] = t;
         }
-        total += p.weight ? static_cast<double>(p.weight[t]) : 1.0;
+        const PositionTargets<acc_t> k = p.targets_at(off, pos);
+        if (k.k_a != acc_t(0)) total += static_cast<double>(k.k_a) * static_cast<double>(p.weight_at(k.a));
+        if (k.k_b != acc_t(0)) total += static_cast<double>(k.k_b) * static_cast<double>(p.weight_at(k.b));
       }
       partial[chunk] = total;
     }
   });
   double total = 0.0;
   for (int64_t chunk = 0; chunk < chunks; ++chunk) {
-    if (first_bad[chunk] >= 0) {
-      const int64_t pos = first_bad[chunk];
-      TORCH_CHECK_INDEX(false, "smoothce.cross_entropy: target value ", p.target_of(pos),
+    if (first_bad[chunk].has_value()) {
+      TORCH_CHECK_INDEX(false, "smoothce.cross_entropy: target value ", *first_bad[chunk],
                         " is out of bounds: expected class indices in [0, ", p.classes, ") or ignore_index (",
                         p.ignore_index, ")");
     }
@@ -574,18 +607,10 @@ at::Tensor allocate_grad(const at::Tensor& like) {
   return at::empty({0}, like.options()).set_(cache.storage, 0, like.sizes(), like.strides());
 }
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor> forward_cpu(const at::Tensor& input, const at::Tensor& target,
-                                                           const c10::optional<at::Tensor>& weight,
-                                                           int64_t ignore_index, int64_t reduction,
-                                                           double label_smoothing, bool compute_grad,
-                                                           bool float32_loss,
-                                                           const c10::optional<at::Tensor>& grad_output) {
-  const Problem prob =
-      make_problem(input, target, weight, ignore_index, reduction, label_smoothing, compute_grad, float32_loss);
-  const ForwardBuffers out = make_forward_buffers(prob, input, float32_loss, grad_output, &allocate_grad);
+// Runs the kernels on a checked problem into `out`; returns the reduced (or per-position) loss.
+at::Tensor run_forward(const Problem& prob, const ForwardBuffers& out) {
   const at::Tensor& weight_acc = out.weight;
   const at::Tensor& upstream = out.upstream;
-
   double denominator = 1.0;
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, prob.input.scalar_type(), "smoothce_forward_cpu", [&] {
     using acc_t = acc_type<scalar_t>;
@@ -595,20 +620,24 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> forward_cpu(const at::Tensor& inp
       p.soft_target = prob.target.const_data_ptr<scalar_t>();
     } else if (prob.target.scalar_type() == at::kLong) {
       p.target64 = prob.target.const_data_ptr<int64_t>();
+      p.target_b64 = prob.target_b.defined() ? prob.target_b.const_data_ptr<int64_t>() : nullptr;
     } else {
       p.target8 = prob.target.const_data_ptr<uint8_t>();
+      p.target_b8 = prob.target_b.defined() ? prob.target_b.const_data_ptr<uint8_t>() : nullptr;
     }
+    p.lam = prob.lam.defined() ? prob.lam.const_data_ptr<acc_t>() : nullptr;
+    p.lam_value = static_cast<acc_t>(prob.lam_value);
     p.weight = weight_acc.defined() ? weight_acc.const_data_ptr<acc_t>() : nullptr;
-    p.grad = compute_grad ? out.kernel_grad.mutable_data_ptr<scalar_t>() : nullptr;
+    p.grad = prob.compute_grad ? out.kernel_grad.mutable_data_ptr<scalar_t>() : nullptr;
     p.position_loss = out.position_loss.mutable_data_ptr<acc_t>();
     p.lse = out.lse.mutable_data_ptr<acc_t>();
     static_cast<PositionLayout&>(p) = prob.layout();
-    static_cast<Smoothing<acc_t>&>(p) = Smoothing<acc_t>::uniform(label_smoothing, prob.classes);
+    static_cast<Smoothing<acc_t>&>(p) = prob.smoothing<acc_t>();
     p.weight_sum = weight_acc.defined() ? static_cast<acc_t>(weight_acc.sum().item<double>())
                                         : static_cast<acc_t>(prob.classes);
 
     denominator = prob.soft_target ? static_cast<double>(prob.positions()) : index_target_total_weight(p);
-    p.grad_scale = reduction == kMean ? static_cast<acc_t>(1.0 / denominator) : acc_t(1);
+    p.grad_scale = prob.reduction == kMean ? static_cast<acc_t>(1.0 / denominator) : acc_t(1);
     if (upstream.defined() && upstream.dim() == 0) p.grad_scale *= *upstream.const_data_ptr<acc_t>();
     p.position_scale = upstream.defined() && upstream.dim() > 0 ? upstream.const_data_ptr<acc_t>() : nullptr;
 
@@ -621,15 +650,30 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> forward_cpu(const at::Tensor& inp
   });
 
   out.copy_back();
-  at::Tensor loss;
-  if (reduction == kNone) {
-    loss = out.position_loss.to(out.loss_dtype);
-  } else {
-    const double total = sum_positions(out.position_loss);
-    const double value = reduction == kMean ? total / denominator : total;
-    loss = at::scalar_tensor(value, prob.input.options().dtype(out.loss_dtype));
-  }
+  if (prob.reduction == kNone) return out.position_loss.to(out.loss_dtype);
+  const double total = sum_positions(out.position_loss);
+  const double value = prob.reduction == kMean ? total / denominator : total;
+  return at::scalar_tensor(value, prob.input.options().dtype(out.loss_dtype));
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> forward_cpu(
+    const at::Tensor& input, const at::Tensor& target, const c10::optional<at::Tensor>& weight, int64_t ignore_index,
+    int64_t reduction, double label_smoothing, bool compute_grad, bool float32_loss,
+    const c10::optional<at::Tensor>& grad_output, SMOOTHCE_EXTENSION_PARAMS) {
+  const Problem prob = make_problem(input, target, weight, ignore_index, reduction, label_smoothing, compute_grad,
+                                    float32_loss, SMOOTHCE_EXTENSIONS);
+  const ForwardBuffers out = make_forward_buffers(prob, input, float32_loss, grad_output, &allocate_grad);
+  at::Tensor loss = run_forward(prob, out);
   return {loss, out.lse, out.grad};
+}
+
+// smoothce::grad_: the gradient for grad_output written over the logits (inplace_backward).
+void grad_cpu_(at::Tensor& input, const at::Tensor& target, const c10::optional<at::Tensor>& weight,
+               int64_t ignore_index, int64_t reduction, double label_smoothing, bool float32_loss,
+               const at::Tensor& grad_output, SMOOTHCE_EXTENSION_PARAMS) {
+  const Problem prob = make_problem(input, target, weight, ignore_index, reduction, label_smoothing, true,
+                                    float32_loss, SMOOTHCE_EXTENSIONS);
+  run_forward(prob, make_forward_buffers(prob, input, float32_loss, grad_output, &grad_over_input));
 }
 
 void scale_grad_cpu(at::Tensor& grad, const at::Tensor& grad_output) {
@@ -660,6 +704,7 @@ void empty_grad_cache() {
 TORCH_LIBRARY_IMPL(smoothce, CPU, m) {
   m.impl("forward", &forward_cpu);
   m.impl("scale_grad_", &scale_grad_cpu);
+  m.impl("grad_", &grad_cpu_);
 }
 
 }  // namespace cpu

@@ -23,10 +23,19 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> forward_cuda(const at::Tensor& in
                                                             int64_t ignore_index, int64_t reduction,
                                                             double label_smoothing, bool compute_grad,
                                                             bool float32_loss,
-                                                            const c10::optional<at::Tensor>& grad_output) {
+                                                            const c10::optional<at::Tensor>& grad_output,
+                                                            SMOOTHCE_EXTENSION_PARAMS) {
   const c10::cuda::CUDAGuard guard(input.device());
   return forward(input, target, weight, ignore_index, reduction, label_smoothing, compute_grad, float32_loss,
-                 grad_output, limits_of(input.device()));
+                 grad_output, SMOOTHCE_EXTENSIONS, false, limits_of(input.device()));
+}
+
+void grad_cuda_(at::Tensor& input, const at::Tensor& target, const c10::optional<at::Tensor>& weight,
+                int64_t ignore_index, int64_t reduction, double label_smoothing, bool float32_loss,
+                const at::Tensor& grad_output, SMOOTHCE_EXTENSION_PARAMS) {
+  const c10::cuda::CUDAGuard guard(input.device());
+  forward(input, target, weight, ignore_index, reduction, label_smoothing, true, float32_loss, grad_output,
+          SMOOTHCE_EXTENSIONS, true, limits_of(input.device()));
 }
 
 void scale_grad_cuda(at::Tensor& grad, const at::Tensor& grad_output) {
@@ -39,6 +48,7 @@ void scale_grad_cuda(at::Tensor& grad, const at::Tensor& grad_output) {
 TORCH_LIBRARY_IMPL(smoothce, CUDA, m) {
   m.impl("forward", &forward_cuda);
   m.impl("scale_grad_", &scale_grad_cuda);
+  m.impl("grad_", &grad_cuda_);
 }
 
 }  // namespace smoothce::cuda

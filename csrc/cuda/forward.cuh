@@ -64,32 +64,42 @@ Plan launch_main(const KernelArgs<scalar_t>& args, const Plan& plan, const Plan&
       const at::Tensor partial =
           at::empty({plan.work * static_cast<int64_t>(sizeof(RowState<acc_t>))}, input.options().dtype(at::kByte));
       auto* states = reinterpret_cast<RowState<acc_t>*>(partial.mutable_data_ptr<uint8_t>());
+      const at::Tensor target_x = at::empty({args.target ? 2 * args.outer * args.inner : 0},
+                                            input.options().dtype(c10::CppTypeToScalarType<acc_t>::value));
+      acc_t* target_x_ptr = target_x.mutable_data_ptr<acc_t>();
       auto state_kernel = &split_state_kernel<scalar_t>;
-      SMOOTHCE_LAUNCH(state_kernel, grid, block, 0, args, plan, states);
+      SMOOTHCE_LAUNCH(state_kernel, grid, block, 0, args, plan, states, target_x_ptr);
       const int64_t items = args.grad ? plan.work : plan.work / plan.chunks;  // (position, chunk) or position
       const dim3 finish_grid(static_cast<unsigned>(std::min(items, plan.blocks)));
       auto finish_kernel = &split_finish_kernel<scalar_t>;
       SMOOTHCE_LAUNCH(finish_kernel, finish_grid, block, 0, args, plan, items,
-                      static_cast<const RowState<acc_t>*>(states));
+                      static_cast<const RowState<acc_t>*>(states), static_cast<const acc_t*>(target_x_ptr));
       break;
     }
   }
   return plan;
 }
 
-// The op smoothce::forward on the device (see csrc/ops.cpp); `used_plan` reports the plan.
+// The op smoothce::forward on the device (see csrc/ops.cpp); with grad_over_logits, smoothce::grad_
+// (the gradient written over the input). `used_plan` reports the plan.
 inline std::tuple<at::Tensor, at::Tensor, at::Tensor> forward(
     const at::Tensor& input, const at::Tensor& target_arg, const c10::optional<at::Tensor>& weight,
     int64_t ignore_index, int64_t reduction, double label_smoothing, bool compute_grad, bool float32_loss,
-    const c10::optional<at::Tensor>& grad_output, const DeviceLimits& limits, Plan* used_plan = nullptr) {
+    const c10::optional<at::Tensor>& grad_output, const Extensions& ext_arg, bool grad_over_logits,
+    const DeviceLimits& limits, Plan* used_plan = nullptr) {
   // One target type in the kernels: uint8 class indices are widened (N bytes, no N×C work).
-  const at::Tensor target = target_arg.scalar_type() == at::kByte ? target_arg.to(at::kLong) : target_arg;
+  auto widened = [](const at::Tensor& t) { return t.scalar_type() == at::kByte ? t.to(at::kLong) : t; };
+  const at::Tensor target = widened(target_arg);
+  Extensions ext = ext_arg;
+  if (ext.target_b.has_value() && ext.target_b->defined() && ext.target_b->scalar_type() == target_arg.scalar_type())
+    ext.target_b = widened(*ext.target_b);
   const Problem prob =
-      make_problem(input, target, weight, ignore_index, reduction, label_smoothing, compute_grad, float32_loss);
+      make_problem(input, target, weight, ignore_index, reduction, label_smoothing, compute_grad, float32_loss, ext);
   const auto options = prob.input.options();
   const int64_t positions = prob.positions();
-  const ForwardBuffers out = make_forward_buffers(prob, input, float32_loss, grad_output,
-                                                  [](const at::Tensor& like) { return at::empty_like(like); });
+  at::Tensor (*allocate_grad)(const at::Tensor&) =
+      grad_over_logits ? &grad_over_input : +[](const at::Tensor& like) { return at::empty_like(like); };
+  const ForwardBuffers out = make_forward_buffers(prob, input, float32_loss, grad_output, allocate_grad);
   const at::Tensor& weight_acc = out.weight;
   const at::Tensor& upstream = out.upstream;
   at::Tensor scalars = at::empty({static_cast<int64_t>(sizeof(DeviceScalars) / sizeof(double))}, options.dtype(at::kDouble));
@@ -103,6 +113,22 @@ inline std::tuple<at::Tensor, at::Tensor, at::Tensor> forward(
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, prob.input.scalar_type(), "smoothce_forward_cuda", [&] {
     using acc_t = acc_type<scalar_t>;
     const acc_t* weight_ptr = weight_acc.defined() ? weight_acc.const_data_ptr<acc_t>() : nullptr;
+    KernelArgs<scalar_t> a{};
+    a.input = prob.input.const_data_ptr<scalar_t>();
+    a.soft_target = prob.soft_target ? prob.target.const_data_ptr<scalar_t>() : nullptr;
+    a.target = prob.soft_target ? nullptr : prob.target.const_data_ptr<int64_t>();
+    a.target_b = prob.target_b.defined() ? prob.target_b.const_data_ptr<int64_t>() : nullptr;
+    a.lam = prob.lam.defined() ? prob.lam.const_data_ptr<acc_t>() : nullptr;
+    a.lam_value = static_cast<acc_t>(prob.lam_value);
+    a.weight = weight_ptr;
+    a.grad = compute_grad ? out.kernel_grad.mutable_data_ptr<scalar_t>() : nullptr;
+    a.position_loss = out.position_loss.mutable_data_ptr<acc_t>();
+    a.lse = out.lse.mutable_data_ptr<acc_t>();
+    a.scalars = device_scalars;
+    a.position_scale = upstream.defined() && upstream.dim() > 0 ? upstream.const_data_ptr<acc_t>() : nullptr;
+    static_cast<PositionLayout&>(a) = prob.layout();
+    static_cast<Smoothing<acc_t>&>(a) = prob.smoothing<acc_t>();
+    a.mass = mass_kind(prob.soft_target, a.tv.off, weight_ptr != nullptr);
 
     // Prologue: D (and the range check) over the targets, then the DeviceScalars.
     int64_t partials = 0;
@@ -110,9 +136,8 @@ inline std::tuple<at::Tensor, at::Tensor, at::Tensor> forward(
     if (!prob.soft_target && positions > 0) {
       partials = std::min<int64_t>(ceil_div(positions, kPrologueThreads * 8), limits.sm_count * 4);
       partial = at::empty({partials}, options.dtype(at::kDouble));
-      auto kernel = &target_weight_kernel<acc_t>;
-      SMOOTHCE_LAUNCH(kernel, dim3(static_cast<unsigned>(partials)), dim3(kPrologueThreads), 0,
-                      prob.target.const_data_ptr<int64_t>(), weight_ptr, prob.layout(),
+      auto kernel = &target_weight_kernel<scalar_t>;
+      SMOOTHCE_LAUNCH(kernel, dim3(static_cast<unsigned>(partials)), dim3(kPrologueThreads), 0, a,
                       partial.mutable_data_ptr<double>());
     }
     {
@@ -124,20 +149,6 @@ inline std::tuple<at::Tensor, at::Tensor, at::Tensor> forward(
                       upstream.defined() && upstream.dim() == 0 ? upstream.const_data_ptr<acc_t>() : nullptr,
                       device_scalars);
     }
-
-    KernelArgs<scalar_t> a{};
-    a.input = prob.input.const_data_ptr<scalar_t>();
-    a.soft_target = prob.soft_target ? prob.target.const_data_ptr<scalar_t>() : nullptr;
-    a.target = prob.soft_target ? nullptr : prob.target.const_data_ptr<int64_t>();
-    a.weight = weight_ptr;
-    a.grad = compute_grad ? out.kernel_grad.mutable_data_ptr<scalar_t>() : nullptr;
-    a.position_loss = out.position_loss.mutable_data_ptr<acc_t>();
-    a.lse = out.lse.mutable_data_ptr<acc_t>();
-    a.scalars = device_scalars;
-    a.position_scale = upstream.defined() && upstream.dim() > 0 ? upstream.const_data_ptr<acc_t>() : nullptr;
-    static_cast<PositionLayout&>(a) = prob.layout();
-    static_cast<Smoothing<acc_t>&>(a) = Smoothing<acc_t>::uniform(label_smoothing, prob.classes);
-    a.mass = mass_kind(prob.soft_target, a.tv.off, weight_ptr != nullptr);
     const Plan launched = launch_main(a, plan, fallback, prob.input);
     if (used_plan) *used_plan = launched;
   });

@@ -32,6 +32,9 @@ struct KernelArgs : PositionLayout, Smoothing<acc_type<scalar_t>> {
   const scalar_t* input;
   const scalar_t* soft_target;  // probability targets (input's strides), or null
   const int64_t* target;        // index targets, or null
+  const int64_t* target_b;      // mixup partner targets (target's strides), or null
+  const acc_t* lam;             // mixup share per position, or null: lam_value everywhere
+  acc_t lam_value;
   const acc_t* weight;          // null when unweighted
   scalar_t* grad;               // null when no gradient is wanted
   acc_t* position_loss;
@@ -40,9 +43,33 @@ struct KernelArgs : PositionLayout, Smoothing<acc_type<scalar_t>> {
   const acc_t* position_scale;  // per-position upstream gradient (reduction 'none'), or null
   Mass mass;
 
-  // `counted`: see load_broadcast (the threads of a row's group read its target together).
-  __device__ int64_t target_of(int64_t pos, bool counted = true) const {
-    return load_broadcast(target + target_offset_of(pos), counted);
+  // `counted`: see load_broadcast (the threads of a row's group read its targets together).
+  // `raw` (optional) receives the two target values as stored (target_b: ignore_index when absent).
+  __device__ PositionTargets<acc_t> targets_of(int64_t pos, bool counted = true, int64_t* raw = nullptr) const {
+    const int64_t off = target_offset_of(pos);
+    const int64_t t_a = load_broadcast(target + off, counted);
+    const int64_t t_b = target_b ? load_broadcast(target_b + off, counted) : ignore_index;
+    const acc_t share = lam ? load_broadcast(lam + pos, counted) : lam_value;
+    if (raw) {
+      raw[0] = t_a;
+      raw[1] = t_b;
+    }
+    return position_targets<acc_t>(t_a, t_b, share, ignore_index, classes);
+  }
+  // The logits (x_at(c)) and weights at a position's targets. Read before any gradient element of the
+  // row is written: the gradient may go over the logits (inplace_backward).
+  template <typename XAt>
+  __device__ TargetLogits<acc_t> target_logits(const PositionTargets<acc_t>& t, const XAt& x_at, bool counted) const {
+    TargetLogits<acc_t> out{acc_t(0), acc_t(0), acc_t(0), acc_t(0)};
+    if (t.a >= 0) {
+      out.x_a = x_at(t.a);
+      out.w_a = weight ? load_broadcast(weight + t.a, counted) : acc_t(1);
+    }
+    if (t.b >= 0) {
+      out.x_b = x_at(t.b);
+      out.w_b = weight ? load_broadcast(weight + t.b, counted) : acc_t(1);
+    }
+    return out;
   }
   __device__ acc_t weight_at(int64_t c) const { return weight ? load_global(weight + c) : acc_t(1); }
   // v_c of RowState for class c (prob: the probability target of c; unused for index targets).
@@ -58,9 +85,6 @@ struct KernelArgs : PositionLayout, Smoothing<acc_type<scalar_t>> {
   __device__ acc_t grad_mass(int64_t c, acc_t prob) const {
     return mass == Mass::kSoft ? class_mass(c, prob) : weight_at(c);
   }
-  // An index target of a valid position (a value out of range is reported by the prologue kernel,
-  // and is never used as an index here).
-  __device__ bool valid_target(int64_t t) const { return t != ignore_index && t >= 0 && t < classes; }
 };
 
 // Per-position values a block shares for its gradient write.
@@ -68,7 +92,7 @@ template <typename acc_t>
 struct RowScalars {
   acc_t max, log_sum;
   IndexGradCoefs<acc_t> coefs;
-  int64_t target;  // -1 for probability targets
+  int32_t a, b;  // the index targets (−1: none; probability targets: −1); C < 2^31 (problem.cpp)
   int valid;
 };
 static_assert(sizeof(RowScalars<double>) <= kRowScalarsBytes, "plan.h reserves kRowScalarsBytes per row");
@@ -219,14 +243,17 @@ __device__ void map_run(const T* src, T* dst, int64_t n, int thread, int nthread
 }
 
 // The loss and lse of one position, and what its gradient needs (a zero RowScalars when invalid).
+// `targets`/`x`: the index targets and their logits (unused for probability targets).
+// `write`: this thread stores loss and lse (and is the one counted for the per-position reads).
 template <typename scalar_t>
-// `write`: this thread stores loss and lse (and is the one counted for the target's weight).
 __device__ RowScalars<acc_type<scalar_t>> finish_position(const KernelArgs<scalar_t>& a, const RowState<acc_type<scalar_t>>& state,
-                                                          int64_t pos, int64_t target, bool valid, acc_type<scalar_t> x_target,
+                                                          int64_t pos, const PositionTargets<acc_type<scalar_t>>& targets,
+                                                          bool valid, const TargetLogits<acc_type<scalar_t>>& x,
                                                           const DeviceScalars& scalars, bool write) {
   using acc_t = acc_type<scalar_t>;
   RowScalars<acc_t> out{};
-  out.target = target;
+  out.a = -1;
+  out.b = -1;
   out.valid = valid;
   acc_t loss = acc_t(0), lse = acc_t(0);
   if (valid) {
@@ -234,12 +261,15 @@ __device__ RowScalars<acc_type<scalar_t>> finish_position(const KernelArgs<scala
     if (a.position_scale) scale *= load_broadcast(a.position_scale + pos, write);
     const PositionResult<acc_t> r =
         a.mass == Mass::kSoft
-            ? soft_target_position(state, scale)
-            : index_target_position(state, x_target, a.weight ? load_broadcast(a.weight + target, write) : acc_t(1),
-                                    static_cast<acc_t>(scalars.weight_sum), scale, a.tv);
+            ? soft_target_position(state, scale, a.z_loss)
+            : index_target_position(state, targets, x, static_cast<acc_t>(scalars.weight_sum), scale, a);
     out.max = state.max;
     out.log_sum = r.log_sum;
     out.coefs = r.coefs;
+    if (a.mass != Mass::kSoft) {
+      out.a = static_cast<int32_t>(targets.a);
+      out.b = static_cast<int32_t>(targets.b);
+    }
     loss = r.loss;
     lse = r.lse;
   }
@@ -253,25 +283,31 @@ __device__ RowScalars<acc_type<scalar_t>> finish_position(const KernelArgs<scala
 template <typename acc_t>
 __device__ __forceinline__ acc_t grad_value(const RowScalars<acc_t>& r, acc_t x, acc_t class_mass, int64_t c) {
   if (!r.valid) return acc_t(0);
-  return grad_element(r.coefs, std::exp((x - r.max) - r.log_sum), class_mass, c == r.target);
+  return grad_element(r.coefs, std::exp((x - r.max) - r.log_sum), class_mass, c == r.a, c == r.b);
 }
 
 // ---------------------------------------------------------------- prologue: D, Σw, the range check
-// Per-block partial sums of D = Σ_valid w[t] over index targets (and the range check: torch's
-// behaviour, a device-side assert, naming the value).
-template <typename acc_t>
-__global__ void target_weight_kernel(const int64_t* target, const acc_t* weight, PositionLayout layout, double* partial) {
+// Per-block partial sums of D = Σ_valid w[t] over index targets (mixup: Σ k_a·w[a] + k_b·w[b]), and the
+// range check (torch's behaviour, a device-side assert, naming the value).
+template <typename scalar_t>
+__global__ void target_weight_kernel(KernelArgs<scalar_t> a, double* partial) {
+  using acc_t = acc_type<scalar_t>;
   double total = 0.0;
-  const int64_t positions = layout.outer * layout.inner;
+  const int64_t positions = a.outer * a.inner;
   for (int64_t pos = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; pos < positions;
        pos += static_cast<int64_t>(gridDim.x) * blockDim.x) {
-    const int64_t t = load_global(target + layout.target_offset_of(pos));
-    if (t == layout.ignore_index) continue;
-    if (t < 0 || t >= layout.classes) {
-      SMOOTHCE_DEVICE_INDEX_ERROR(t, layout.classes, layout.ignore_index);
-      continue;
+    int64_t raw[2];
+    const PositionTargets<acc_t> t = a.targets_of(pos, true, raw);
+    bool in_range = true;
+    for (int i = 0; i < 2; ++i) {
+      if (raw[i] != a.ignore_index && (raw[i] < 0 || raw[i] >= a.classes)) {
+        SMOOTHCE_DEVICE_INDEX_ERROR(raw[i], a.classes, a.ignore_index);
+        in_range = false;
+      }
     }
-    total += weight ? static_cast<double>(load_global(weight + t)) : 1.0;
+    if (!in_range) continue;
+    if (t.k_a != acc_t(0)) total += static_cast<double>(t.k_a) * static_cast<double>(a.weight_at(t.a));
+    if (t.k_b != acc_t(0)) total += static_cast<double>(t.k_b) * static_cast<double>(a.weight_at(t.b));
   }
   __shared__ double scratch[kWarp];
   total = group_reduce(Fields<double, 1>{{total}}, blockDim.x, AddOp(), scratch).v[0];
@@ -348,11 +384,11 @@ __global__ void __launch_bounds__(512, 1) rows_kernel(KernelArgs<scalar_t> a, Pl
       x = x_row + x_shift;
       prob = p_row + p_shift;
     }
-    int64_t target = -1;
+    PositionTargets<acc_t> targets{-1, -1, acc_t(0), acc_t(0)};
     bool valid = active;
     if (active && !soft) {
-      target = a.target_of(pos, lane == 0);
-      valid = a.valid_target(target);
+      targets = a.targets_of(pos, lane == 0);
+      valid = targets.valid();
     }
     __syncthreads();
 
@@ -376,8 +412,9 @@ __global__ void __launch_bounds__(512, 1) rows_kernel(KernelArgs<scalar_t> a, Pl
     if (a.mass == Mass::kWeighted) state.mass = static_cast<acc_t>(scalars.weight_sum);
 
     // 3. loss and lse; 4. the gradient from shared memory
-    const acc_t x_target = valid && !soft ? static_cast<acc_t>(x[target]) : acc_t(0);
-    const RowScalars<acc_t> row = finish_position(a, state, pos, target, valid, x_target, scalars, active && lane == 0);
+    const TargetLogits<acc_t> x_targets =
+        a.target_logits(targets, [&](int64_t c) { return static_cast<acc_t>(x[c]); }, lane == 0);
+    const RowScalars<acc_t> row = finish_position(a, state, pos, targets, valid, x_targets, scalars, active && lane == 0);
     if (a.grad) {
       if (plan.cooperative) {
         if (lane == 0) row_scalars[row_in_tile] = row;
@@ -430,8 +467,13 @@ __global__ void __launch_bounds__(512, 1) cluster_rows_kernel(KernelArgs<scalar_
     const int p_shift = soft ? stage_run(a.soft_target + a.offset_of(pos) + c0, n, p_smem, threadIdx.x, blockDim.x) : 0;
     const scalar_t* x = x_smem + x_shift;
     const scalar_t* prob = p_smem + p_shift;
-    const int64_t target = soft ? -1 : a.target_of(pos, threadIdx.x == 0);
-    const bool valid = soft || a.valid_target(target);
+    const PositionTargets<acc_t> targets =
+        soft ? PositionTargets<acc_t>{-1, -1, acc_t(0), acc_t(0)} : a.targets_of(pos, threadIdx.x == 0);
+    const bool valid = soft || targets.valid();
+    // Target logits from global memory now: other blocks of the cluster write their gradient chunks
+    // after the second cluster barrier, possibly over the logits (inplace_backward).
+    const TargetLogits<acc_t> x_targets = a.target_logits(
+        targets, [&](int64_t c) { return static_cast<acc_t>(load_broadcast(row + c, leader)); }, leader);
     __syncthreads();
 
     acc_t row_max = -std::numeric_limits<acc_t>::infinity();
@@ -465,8 +507,7 @@ __global__ void __launch_bounds__(512, 1) cluster_rows_kernel(KernelArgs<scalar_
     }
     if (a.mass == Mass::kWeighted) state.mass = static_cast<acc_t>(scalars.weight_sum);
 
-    const acc_t x_target = valid && !soft ? static_cast<acc_t>(load_broadcast(row + target, leader)) : acc_t(0);
-    const RowScalars<acc_t> result = finish_position(a, state, pos, target, valid, x_target, scalars, leader);
+    const RowScalars<acc_t> result = finish_position(a, state, pos, targets, valid, x_targets, scalars, leader);
     if (a.grad)
       write_run(a.grad + a.offset_of(pos) + c0, n, threadIdx.x, blockDim.x, [&](int64_t c) {
         const acc_t class_mass = a.grad_mass(c0 + c, soft ? static_cast<acc_t>(prob[c]) : acc_t(0));
@@ -479,10 +520,13 @@ __global__ void __launch_bounds__(512, 1) cluster_rows_kernel(KernelArgs<scalar_
 
 // ---------------------------------------------------------------- split rows: C too long for shared memory
 // Work item = (position, chunk of plan.chunk classes). Pass 1: each block folds its chunk into one
-// online-softmax state, written to `partial` (one read of the logits).
+// online-softmax state, written to `partial` (one read of the logits); the block whose chunk holds an
+// index target also copies that logit to target_x[2·pos] (target) or [2·pos + 1] (mixup partner), so
+// that pass 2 never reads a logit another block may already have overwritten (inplace_backward).
 template <typename scalar_t>
 __global__ void __launch_bounds__(512, 1) split_state_kernel(KernelArgs<scalar_t> a, Plan plan,
-                                                          RowState<acc_type<scalar_t>>* partial) {
+                                                          RowState<acc_type<scalar_t>>* partial,
+                                                          acc_type<scalar_t>* target_x) {
   using acc_t = acc_type<scalar_t>;
   const bool soft = a.mass == Mass::kSoft;
   for (int64_t item = blockIdx.x; item < plan.work; item += gridDim.x) {
@@ -499,7 +543,14 @@ __global__ void __launch_bounds__(512, 1) split_state_kernel(KernelArgs<scalar_t
       }
     });
     state = block_merge(state);
-    if (threadIdx.x == 0) store_global(partial + item, state);
+    if (threadIdx.x == 0) {
+      store_global(partial + item, state);
+      if (!soft) {
+        const PositionTargets<acc_t> t = a.targets_of(pos);
+        if (t.a >= c0 && t.a < c0 + n) store_global(target_x + 2 * pos, static_cast<acc_t>(load_global(a.input + offset + (t.a - c0))));
+        if (t.b >= c0 && t.b < c0 + n) store_global(target_x + 2 * pos + 1, static_cast<acc_t>(load_global(a.input + offset + (t.b - c0))));
+      }
+    }
   }
 }
 
@@ -508,7 +559,8 @@ __global__ void __launch_bounds__(512, 1) split_state_kernel(KernelArgs<scalar_t
 // chunks; positions alone without a gradient).
 template <typename scalar_t>
 __global__ void __launch_bounds__(512, 1) split_finish_kernel(KernelArgs<scalar_t> a, Plan plan, int64_t items,
-                                                           const RowState<acc_type<scalar_t>>* partial) {
+                                                           const RowState<acc_type<scalar_t>>* partial,
+                                                           const acc_type<scalar_t>* target_x) {
   using acc_t = acc_type<scalar_t>;
   __shared__ RowScalars<acc_t> shared_row;
   const bool soft = a.mass == Mass::kSoft;
@@ -521,10 +573,11 @@ __global__ void __launch_bounds__(512, 1) split_finish_kernel(KernelArgs<scalar_
       for (int64_t k = 1; k < plan.chunks; ++k) state = merge(state, load_global(partial + pos * plan.chunks + k));
       if (a.mass == Mass::kUnit) state.mass = static_cast<acc_t>(a.classes);
       if (a.mass == Mass::kWeighted) state.mass = static_cast<acc_t>(scalars.weight_sum);
-      const int64_t target = soft ? -1 : a.target_of(pos);
-      const bool valid = soft || a.valid_target(target);
-      const acc_t x_target = valid && !soft ? static_cast<acc_t>(load_global(a.input + a.offset_of(pos) + target)) : acc_t(0);
-      shared_row = finish_position(a, state, pos, target, valid, x_target, scalars, chunk == 0);
+      const PositionTargets<acc_t> targets = soft ? PositionTargets<acc_t>{-1, -1, acc_t(0), acc_t(0)} : a.targets_of(pos);
+      const bool valid = soft || targets.valid();
+      const TargetLogits<acc_t> x_targets = a.target_logits(
+          targets, [&](int64_t c) { return load_global(target_x + 2 * pos + (c == targets.a ? 0 : 1)); }, true);
+      shared_row = finish_position(a, state, pos, targets, valid, x_targets, scalars, chunk == 0);
     }
     __syncthreads();
     if (a.grad) {
@@ -561,8 +614,8 @@ __global__ void __launch_bounds__(256, 1) strided_kernel(KernelArgs<scalar_t> a,
     if (s >= a.inner) continue;
     const int64_t pos = n * a.inner + s;
     const int64_t base = n * a.stride_outer + s * a.stride_inner;
-    const int64_t target = soft ? -1 : a.target_of(pos);
-    const bool valid = soft || a.valid_target(target);
+    const PositionTargets<acc_t> targets = soft ? PositionTargets<acc_t>{-1, -1, acc_t(0), acc_t(0)} : a.targets_of(pos);
+    const bool valid = soft || targets.valid();
     RowState<acc_t> state = RowState<acc_t>::empty();
     auto consume = [&](int64_t c, scalar_t x) {
       if (plan.staged) x_tile[c * T] = x;
@@ -593,7 +646,8 @@ __global__ void __launch_bounds__(256, 1) strided_kernel(KernelArgs<scalar_t> a,
       if (!soft) return acc_t(0);
       return static_cast<acc_t>(plan.staged ? p_tile[c * T] : load_global(a.soft_target + base + c * a.stride_class));
     };
-    const RowScalars<acc_t> row = finish_position(a, state, pos, target, valid, valid && !soft ? x_at(target) : acc_t(0), scalars, true);
+    const RowScalars<acc_t> row =
+        finish_position(a, state, pos, targets, valid, a.target_logits(targets, x_at, true), scalars, true);
     if (a.grad)
       for (int64_t c = 0; c < C; ++c)
         store_global(a.grad + base + c * a.stride_class,

@@ -16,6 +16,24 @@ namespace smoothce {
 // inner = N) when its classes are strided, so that one kernel family covers class-contiguous rows
 // and another vectorizes across positions. The gradient and a probability target share the
 // input's strides (the checks make sure of it).
+// The §7 options of the forward op (its keyword arguments): explicit target values (on, off) for
+// index targets, the z-loss weight, and a mixup partner target with its share lam (a per-position
+// tensor, or lam_value for every position).
+struct Extensions {
+  c10::optional<c10::ArrayRef<double>> target_values;
+  double z_loss = 0.0;
+  c10::optional<at::Tensor> target_b;
+  c10::optional<at::Tensor> lam;
+  double lam_value = 1.0;
+};
+
+// The op implementations' parameters for the schema's extension arguments (SMOOTHCE_EXTENSION_ARGS in
+// schema.h), and the Extensions they make.
+#define SMOOTHCE_EXTENSION_PARAMS                                                                          \
+  c10::optional<c10::ArrayRef<double>> target_values, double z_loss, const c10::optional<at::Tensor>&target_b, \
+      const c10::optional<at::Tensor>&lam, double lam_value
+#define SMOOTHCE_EXTENSIONS ::smoothce::Extensions{target_values, z_loss, target_b, lam, lam_value}
+
 struct Problem {
   at::Tensor input;
   at::Tensor target;                 // index: int64/uint8 positions; soft: same strides as input
@@ -29,11 +47,21 @@ struct Problem {
   int64_t reduction = 1;
   double label_smoothing = 0.0;
   bool compute_grad = false;
+  bool has_target_values = false;
+  double target_values[2] = {0.0, 0.0};  // (on, off) when has_target_values
+  double z_loss = 0.0;
+  at::Tensor target_b;  // mixup partner: the target's dtype and strides; undefined without mixup
+  at::Tensor lam;       // mixup share per position (contiguous, accumulation type), or undefined
+  double lam_value = 1.0;
 
   int64_t positions() const { return outer * inner; }
   PositionLayout layout() const {
     return {classes, outer, inner, stride_outer, stride_class, stride_inner, target_stride_outer, target_stride_inner,
             ignore_index};
+  }
+  template <typename acc_t>
+  Smoothing<acc_t> smoothing() const {
+    return Smoothing<acc_t>::make(label_smoothing, classes, has_target_values ? target_values : nullptr, z_loss);
   }
   // Classes contiguous in memory: the per-row kernel; otherwise positions are (the across-rows kernel).
   bool class_contiguous() const { return stride_class == 1 || classes == 1; }
@@ -45,7 +73,7 @@ struct Problem {
 // described by the view; never copies a dense input or an expanded forward-only input.
 Problem make_problem(const at::Tensor& input, const at::Tensor& target, const c10::optional<at::Tensor>& weight,
                      int64_t ignore_index, int64_t reduction, double label_smoothing, bool compute_grad,
-                     bool autocast);
+                     bool autocast, const Extensions& extensions = {});
 
 // The tensors a forward writes, and its inputs converted for the kernels, made alike by every backend.
 struct ForwardBuffers {
@@ -68,6 +96,9 @@ struct ForwardBuffers {
 ForwardBuffers make_forward_buffers(const Problem& p, const at::Tensor& input, bool float32_loss,
                                     const c10::optional<at::Tensor>& grad_output,
                                     at::Tensor (*allocate_grad)(const at::Tensor&));
+
+// allocate_grad for smoothce::grad_: the gradient goes over the logits themselves.
+inline at::Tensor grad_over_input(const at::Tensor& input) { return input; }
 
 // Checks grad_output for scale_grad_ against the gradient it scales.
 void check_scale_grad_args(const at::Tensor& grad, const at::Tensor& grad_output);

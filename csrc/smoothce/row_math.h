@@ -45,16 +45,23 @@ SMOOTHCE_HOST_DEVICE TargetValues<acc_t> uniform_smoothing(acc_t eps, int64_t nu
   return {acc_t(1) - eps + off, off};
 }
 
-// The smoothing constants a kernel needs: ε, ε/C (probability targets) and (on, off) (index targets).
+// The constants a kernel needs: ε, ε/C (probability targets), (on, off) (index targets: uniform
+// smoothing, "others" or explicit target values, §7) and the z-loss weight α.
 template <typename acc_t>
 struct Smoothing {
   acc_t eps, eps_over_c;
   TargetValues<acc_t> tv;
+  acc_t z_loss;
 
-  static Smoothing uniform(double label_smoothing, int64_t num_classes) {
+  // target_values: explicit (on, off) for index targets, or null for uniform smoothing by ε.
+  static Smoothing make(double label_smoothing, int64_t num_classes, const double* target_values, double z_loss) {
     const int64_t C = num_classes > 0 ? num_classes : 1;
     const acc_t eps = static_cast<acc_t>(label_smoothing);
-    return {eps, static_cast<acc_t>(label_smoothing / static_cast<double>(C)), uniform_smoothing<acc_t>(eps, C)};
+    const TargetValues<acc_t> tv = target_values == nullptr
+                                       ? uniform_smoothing<acc_t>(eps, C)
+                                       : TargetValues<acc_t>{static_cast<acc_t>(target_values[0]),
+                                                             static_cast<acc_t>(target_values[1])};
+    return {eps, static_cast<acc_t>(label_smoothing / static_cast<double>(C)), tv, static_cast<acc_t>(z_loss)};
   }
 };
 
@@ -141,46 +148,58 @@ SMOOTHCE_HOST_DEVICE acc_t mass_nll(const RowState<acc_t>& s, acc_t log_sum_exp)
   return s.mass * log_sum_exp - s.mass_dx;
 }
 
-// Loss of one valid position with an index target t (§2, §7):
-//   ℓ = off·Σ_c w_c·(lse − x_c) + (on − off)·w_t·(lse − x_t),
-// where `state.mass` = Σ w_c (the smoothing mass) when off ≠ 0 and the row state carries it.
+// The index targets of one position (§7): its target a and, for mixup, a second target b, with
+// q = k_a·q(a) + k_b·q(b), k_a = lam·valid_a, k_b = (1 − lam)·valid_b (plain targets: lam = 1, no b).
+// An ignored (or absent) target has index −1 and k = 0. The position counts k_a·w_a + k_b·w_b in the
+// mean's denominator; with k_a + k_b = 0 it contributes nothing at all.
 template <typename acc_t>
-SMOOTHCE_HOST_DEVICE acc_t index_target_loss(const RowState<acc_t>& state, acc_t log_sum_exp, acc_t x_target,
-                                             acc_t w_target, TargetValues<acc_t> tv) {
-  acc_t loss = acc_t(0);
-  if (tv.off != acc_t(0)) loss += tv.off * mass_nll(state, log_sum_exp);
-  const acc_t peak = (tv.on - tv.off) * w_target;
-  if (peak != acc_t(0)) loss -= peak * log_prob(state, log_sum_exp, x_target);
-  return loss;
-}
+struct PositionTargets {
+  int64_t a, b;
+  acc_t k_a, k_b;
 
-// Gradient of one position, index target: ∂ℓ/∂x_j = scale·[Σq_w·p_j − w_j·q_j], where
-// Σq_w = off·Σ_c w_c + (on − off)·w_t. The kernels evaluate it as
-//   softmax_coef·exp(log_prob(x_j)) − off_coef·w_j      for j ≠ t, and subtract peak_coef at j = t
-// (grad_element below; at j = t with p_t = exp(log_prob(x_t)) computed exactly, as p_t − 1 cancels).
-template <typename acc_t>
-struct IndexGradCoefs {
-  acc_t softmax_coef;  // scale·Σq_w
-  acc_t off_coef;      // scale·off
-  acc_t peak_coef;     // scale·(on − off)·w_t
+  SMOOTHCE_HOST_DEVICE acc_t mass() const { return k_a + k_b; }
+  SMOOTHCE_HOST_DEVICE bool valid() const { return k_a + k_b > acc_t(0); }
 };
 
+// t_b < 0 with no mixup partner: pass ignore_index (or any invalid value) and lam = 1. Values out of
+// range must have been rejected before (they are treated as ignored here, never used as an index).
 template <typename acc_t>
-SMOOTHCE_HOST_DEVICE IndexGradCoefs<acc_t> index_grad_coefs(acc_t scale, acc_t weight_sum, acc_t w_target,
-                                                            TargetValues<acc_t> tv) {
-  const acc_t peak = (tv.on - tv.off) * w_target;
-  return {scale * (tv.off * weight_sum + peak), scale * tv.off, scale * peak};
+SMOOTHCE_HOST_DEVICE PositionTargets<acc_t> position_targets(int64_t t_a, int64_t t_b, acc_t lam, int64_t ignore_index,
+                                                             int64_t classes) {
+  const bool va = t_a != ignore_index && t_a >= 0 && t_a < classes;
+  const bool vb = t_b != ignore_index && t_b >= 0 && t_b < classes;
+  PositionTargets<acc_t> t{va ? t_a : -1, vb ? t_b : -1, va ? lam : acc_t(0), vb ? acc_t(1) - lam : acc_t(0)};
+  if (t.k_a == acc_t(0)) t.a = -1;
+  if (t.k_b == acc_t(0)) t.b = -1;
+  return t;
 }
 
-// One gradient element ∂ℓ/∂x_j from the position's coefficients (index targets: class_mass = w_j;
-// probability targets: class_mass = w_j·q_j with softmax_coef = scale·Σ w·q, off_coef = scale and
-// peak_coef = 0). A zero off_coef contributes nothing (no 0·inf).
+// The logits and class weights at a position's targets (0 where a target is absent).
 template <typename acc_t>
-SMOOTHCE_HOST_DEVICE acc_t grad_element(const IndexGradCoefs<acc_t>& k, acc_t prob, acc_t class_mass,
-                                        bool is_target) {
+struct TargetLogits {
+  acc_t x_a, x_b, w_a, w_b;
+};
+
+// Gradient of one position: ∂ℓ/∂x_j = scale·[Σq_w·p_j − w_j·q_j] (+ the z-loss term). The kernels
+// evaluate it as softmax_coef·exp(log_prob(x_j)) − off_coef·w_j, less peak_a at j = a and peak_b at
+// j = b (grad_element below; at a target, p is computed exactly, as p − 1 cancels).
+template <typename acc_t>
+struct IndexGradCoefs {
+  acc_t softmax_coef;  // scale·(Σq_w + 2α·v·lse)
+  acc_t off_coef;      // scale·off·v (index targets), scale (probability targets)
+  acc_t peak_a;        // scale·(on − off)·k_a·w_a
+  acc_t peak_b;        // scale·(on − off)·k_b·w_b
+};
+
+// One gradient element ∂ℓ/∂x_j from the position's coefficients (index targets: class_mass = w_j;
+// probability targets: class_mass = w_j·q_j). A zero off_coef contributes nothing (no 0·inf).
+template <typename acc_t>
+SMOOTHCE_HOST_DEVICE acc_t grad_element(const IndexGradCoefs<acc_t>& k, acc_t prob, acc_t class_mass, bool is_a,
+                                        bool is_b) {
   acc_t g = k.softmax_coef * prob;
   if (k.off_coef != acc_t(0)) g -= k.off_coef * class_mass;
-  if (is_target) g -= k.peak_coef;
+  if (is_a) g -= k.peak_a;
+  if (is_b) g -= k.peak_b;
   return g;
 }
 
@@ -193,21 +212,45 @@ struct PositionResult {
   IndexGradCoefs<acc_t> coefs;
 };
 
-// Probability targets: `state.mass` = Σ w·q of the row (§3).
+// PaLM's z-loss α·v·lse² and its gradient coefficient 2α·v·lse (v: the position's target mass);
+// α = 0 adds exactly nothing (no 0·inf for an all −inf row).
 template <typename acc_t>
-SMOOTHCE_HOST_DEVICE PositionResult<acc_t> soft_target_position(const RowState<acc_t>& state, acc_t scale) {
-  const acc_t log_sum = std::log(state.sum_exp);
-  return {state.max + log_sum, log_sum, mass_nll(state, log_sum), {scale * state.mass, scale, acc_t(0)}};
+SMOOTHCE_HOST_DEVICE void add_z_loss(PositionResult<acc_t>& r, acc_t z_loss, acc_t v, acc_t scale) {
+  if (z_loss == acc_t(0)) return;
+  r.loss += z_loss * v * r.lse * r.lse;
+  r.coefs.softmax_coef += scale * acc_t(2) * z_loss * v * r.lse;
 }
 
-// Index targets: `state.mass` = Σ_c w_c when tv.off ≠ 0 (§2, §7).
+// Probability targets: `state.mass` = Σ w·q of the row (§3).
 template <typename acc_t>
-SMOOTHCE_HOST_DEVICE PositionResult<acc_t> index_target_position(const RowState<acc_t>& state, acc_t x_target,
-                                                                 acc_t w_target, acc_t weight_sum, acc_t scale,
-                                                                 TargetValues<acc_t> tv) {
+SMOOTHCE_HOST_DEVICE PositionResult<acc_t> soft_target_position(const RowState<acc_t>& state, acc_t scale,
+                                                                acc_t z_loss) {
   const acc_t log_sum = std::log(state.sum_exp);
-  return {state.max + log_sum, log_sum, index_target_loss(state, log_sum, x_target, w_target, tv),
-          index_grad_coefs(scale, weight_sum, w_target, tv)};
+  PositionResult<acc_t> r{state.max + log_sum, log_sum, mass_nll(state, log_sum),
+                          {scale * state.mass, scale, acc_t(0), acc_t(0)}};
+  add_z_loss(r, z_loss, acc_t(1), scale);
+  return r;
+}
+
+// Index targets (§2, §7): `state.mass` = Σ_c w_c when tv.off ≠ 0. With v = k_a + k_b,
+//   ℓ = off·v·Σ_c w_c·(lse − x_c) + (on − off)·[k_a·w_a·(lse − x_a) + k_b·w_b·(lse − x_b)] + α·v·lse².
+template <typename acc_t>
+SMOOTHCE_HOST_DEVICE PositionResult<acc_t> index_target_position(const RowState<acc_t>& state,
+                                                                 const PositionTargets<acc_t>& t,
+                                                                 const TargetLogits<acc_t>& x, acc_t weight_sum,
+                                                                 acc_t scale, const Smoothing<acc_t>& s) {
+  const acc_t log_sum = std::log(state.sum_exp);
+  const acc_t v = t.mass(), off = s.tv.off;
+  const acc_t peak_a = (s.tv.on - off) * t.k_a * x.w_a, peak_b = (s.tv.on - off) * t.k_b * x.w_b;
+  acc_t loss = acc_t(0);
+  if (off != acc_t(0)) loss += off * v * mass_nll(state, log_sum);
+  if (peak_a != acc_t(0)) loss -= peak_a * log_prob(state, log_sum, x.x_a);
+  if (peak_b != acc_t(0)) loss -= peak_b * log_prob(state, log_sum, x.x_b);
+  PositionResult<acc_t> r{state.max + log_sum, log_sum, loss,
+                          {scale * (off * v * weight_sum + peak_a + peak_b), scale * off * v, scale * peak_a,
+                           scale * peak_b}};
+  add_z_loss(r, s.z_loss, v, scale);
+  return r;
 }
 
 // Adds one logit x with mass v to a state kept relative to its running max (the online softmax of

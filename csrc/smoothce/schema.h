@@ -7,10 +7,21 @@ namespace smoothce {
 // Loss, per-position log-sum-exp (fp32; fp64 for fp64 input) and, when compute_grad, the gradient
 // for the upstream gradient grad_output (a scalar, or one value per position for reduction 'none';
 // None: 1, all ones for 'none'), scaled inside the kernel; an empty tensor otherwise.
+// The SEMANTICS §7 options: target_values (on, off) replace uniform smoothing for index targets;
+// z_loss adds α·lse²; target_b (with lam, one value per position, or lam_value) mixes a second
+// index target in: q = lam·q(target) + (1 − lam)·q(target_b).
+#define SMOOTHCE_EXTENSION_ARGS \
+  "float[]? target_values=None, float z_loss=0., Tensor? target_b=None, Tensor? lam=None, float lam_value=1."
 constexpr const char* kForwardSchema =
     "forward(Tensor input, Tensor target, Tensor? weight, int ignore_index, int reduction, "
-    "float label_smoothing, bool compute_grad, bool float32_loss, Tensor? grad_output=None) "
-    "-> (Tensor loss, Tensor lse, Tensor grad)";
+    "float label_smoothing, bool compute_grad, bool float32_loss, Tensor? grad_output=None, " SMOOTHCE_EXTENSION_ARGS
+    ") -> (Tensor loss, Tensor lse, Tensor grad)";
+
+// forward's gradient for grad_output, written over the logits (inplace_backward): nothing allocated
+// for it. Every logit is read before its gradient element is written.
+constexpr const char* kGradSchema =
+    "grad_(Tensor(a!) input, Tensor target, Tensor? weight, int ignore_index, int reduction, "
+    "float label_smoothing, bool float32_loss, Tensor grad_output, " SMOOTHCE_EXTENSION_ARGS ") -> ()";
 
 // grad *= grad_output (a scalar, or one value per position broadcast over the classes); a no-op
 // when a scalar grad_output is 1, decided by the kernel without a host round trip.

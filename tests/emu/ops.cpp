@@ -32,9 +32,17 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> forward_emu(const at::Tensor& inp
                                                            int64_t ignore_index, int64_t reduction,
                                                            double label_smoothing, bool compute_grad,
                                                            bool float32_loss,
-                                                           const c10::optional<at::Tensor>& grad_output) {
+                                                           const c10::optional<at::Tensor>& grad_output,
+                                                           SMOOTHCE_EXTENSION_PARAMS) {
   return smoothce::cuda::forward(input, target, weight, ignore_index, reduction, label_smoothing, compute_grad,
-                                 float32_loss, grad_output, limits(), &last_plan());
+                                 float32_loss, grad_output, SMOOTHCE_EXTENSIONS, false, limits(), &last_plan());
+}
+
+void grad_emu_(at::Tensor& input, const at::Tensor& target, const c10::optional<at::Tensor>& weight,
+               int64_t ignore_index, int64_t reduction, double label_smoothing, bool float32_loss,
+               const at::Tensor& grad_output, SMOOTHCE_EXTENSION_PARAMS) {
+  smoothce::cuda::forward(input, target, weight, ignore_index, reduction, label_smoothing, true, float32_loss,
+                          grad_output, SMOOTHCE_EXTENSIONS, true, limits(), &last_plan());
 }
 
 void scale_grad_emu(at::Tensor& grad, const at::Tensor& grad_output) {
@@ -63,11 +71,13 @@ pybind11::dict plan_dict(const Plan& plan) {
 TORCH_LIBRARY(smoothce_emu, m) {
   m.def(smoothce::kForwardSchema);
   m.def(smoothce::kScaleGradSchema);
+  m.def(smoothce::kGradSchema);
 }
 
 TORCH_LIBRARY_IMPL(smoothce_emu, CPU, m) {
   m.impl("forward", &forward_emu);
   m.impl("scale_grad_", &scale_grad_emu);
+  m.impl("grad_", &grad_emu_);
 }
 
 void bind_ops(pybind11::module_& m) {
