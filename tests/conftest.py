@@ -66,10 +66,11 @@ def pytest_configure(config):
 def _on_cuda(impl):
     """cross_entropy_impl on CUDA copies of the tensor arguments; the loss comes back to the caller's
     device through autograd (so backward runs the CUDA gradient and scale kernels too)."""
-    def call(input, target, weight, *args):
+    def call(input, target, weight, *args, **kwargs):
         def move(t):
             return t.to("cuda") if isinstance(t, torch.Tensor) and t.device.type == "cpu" else t
-        loss = impl(move(input), move(target), move(weight), *args)
+        kwargs = {name: move(value) for name, value in kwargs.items()}  # mixup's target_b and lam
+        loss = impl(move(input), move(target), move(weight), *args, **kwargs)
         return loss.to(input.device) if isinstance(input, torch.Tensor) else loss
     return call
 
@@ -83,6 +84,7 @@ def _load_emulated_ops():
     if not getattr(_load_emulated_ops, "faked", False):
         torch.library.register_fake("smoothce_emu::forward")(_function._forward_fake)
         torch.library.register_fake("smoothce_emu::scale_grad_")(_function._scale_grad_fake)
+        torch.library.register_fake("smoothce_emu::grad_")(_function._grad_fake)
         _load_emulated_ops.faked = True
 
 
