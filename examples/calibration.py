@@ -48,10 +48,9 @@ N_BINS = 15  # calibration bins, for the ECE and the diagram alike (torchmetrics
 DEFAULT_EPS = (0.0, 0.1, 0.2)
 DEFAULT_OUT = Path(__file__).resolve().parent / "results"
 LOSSES = ("smoothce", "torch")
-# How the ε mass is spread. "uniform" (ε/C on every class, torch's definition) is the only one today.
-# Hook: an "others" variant (ε/(C-1) on the C-1 wrong classes only) will come to smoothce later; add it
-# here and map it to its loss in make_loss() -- nothing else in this file needs to change.
-SMOOTHING_VARIANTS = ("uniform",)
+# How the ε mass is spread: "uniform" (ε/C on every class, torch's definition) or "others" (ε/(C-1) on
+# the C-1 wrong classes only; smoothce's smoothing="others", which torch does not have).
+SMOOTHING_VARIANTS = ("uniform", "others")
 
 
 @dataclass
@@ -113,11 +112,12 @@ def make_model() -> nn.Module:
 
 def make_loss(loss: str, eps: float, smoothing: str = "uniform") -> nn.Module:
     """The training criterion: smoothce's fused loss, or torch's for comparison (same numbers)."""
-    if smoothing != "uniform":
-        # Hook for the "others" variant (see SMOOTHING_VARIANTS): return its loss module here.
-        raise NotImplementedError(f"smoothing variant {smoothing!r} is not available yet")
+    if smoothing not in SMOOTHING_VARIANTS:
+        raise ValueError(f"smoothing must be one of {SMOOTHING_VARIANTS}, got {smoothing!r}")
     if loss == "smoothce":
-        return smoothce.CrossEntropyLoss(label_smoothing=eps)
+        return smoothce.CrossEntropyLoss(label_smoothing=eps, smoothing=smoothing)
+    if smoothing != "uniform":
+        raise ValueError(f"torch's cross_entropy has no smoothing={smoothing!r}; use --loss smoothce")
     if loss == "torch":
         return nn.CrossEntropyLoss(label_smoothing=eps)
     raise ValueError(f"loss must be one of {LOSSES}, got {loss!r}")

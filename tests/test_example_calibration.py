@@ -112,3 +112,20 @@ def test_quick_run_end_to_end(tmp_path):
         assert math.isfinite(nll) and nll >= 0.0
         assert math.isfinite(train_loss) and train_loss >= 0.0
     assert "| 0.1 |" in result.stdout, "the table is printed too"
+
+
+def test_others_smoothing_variant(example):
+    """--smoothing others trains with smoothce's smoothing='others' (torch has no such option)."""
+    import smoothce
+    import smoothce.reference as ref
+
+    criterion = example.make_loss("smoothce", 0.2, "others")
+    assert isinstance(criterion, smoothce.CrossEntropyLoss) and criterion.smoothing == "others"
+    logits = torch.randn(16, example.NUM_CLASSES, dtype=torch.float64)
+    target = torch.randint(0, example.NUM_CLASSES, (16,))
+    expected = ref.cross_entropy(logits, target, label_smoothing=0.2, smoothing="others")
+    assert_close(criterion(logits, target), expected)
+    assert not torch.allclose(expected, ref.cross_entropy(logits, target, label_smoothing=0.2)), \
+        "'others' must differ from uniform smoothing"
+    with pytest.raises(ValueError, match="smoothing"):
+        example.make_loss("torch", 0.2, "others")
