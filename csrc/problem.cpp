@@ -3,6 +3,7 @@
 #include "smoothce/row_math.h"
 
 #include <ATen/ATen.h>
+#include <ATen/MemoryOverlap.h>
 #include <c10/util/Exception.h>
 
 #include <cmath>
@@ -301,6 +302,13 @@ ForwardBuffers make_forward_buffers(const Problem& p, const at::Tensor& input, b
   if (p.weight.has_value()) b.weight = p.weight->to(b.acc_dtype).contiguous();
   if (scaled) b.upstream = grad_output->to(b.acc_dtype).contiguous();
   return b;
+}
+
+at::Tensor grad_over_input(const at::Tensor& input) {
+  TORCH_CHECK_VALUE(at::has_internal_overlap(input) != at::MemOverlap::Yes,
+                    "smoothce.grad_: the gradient cannot be written over logits whose elements share memory (an "
+                    "expanded tensor); pass a tensor with its own storage, or use inplace_backward=False");
+  return input;
 }
 
 void check_scale_grad_args(const at::Tensor& grad, const at::Tensor& grad_output) {

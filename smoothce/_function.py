@@ -239,6 +239,11 @@ def _check_inplace(where, input, target):
             f"{'a view of ' if base is not input else ''}a leaf tensor that requires grad (its .grad and its values "
             f"would share memory); pass the output of a layer, or use inplace_backward=False"
         )
+    if torch._debug_has_internal_overlap(input) == 1:
+        raise RuntimeError(
+            f"{where}: inplace_backward=True cannot write the gradient over logits whose elements share memory "
+            f"(an expanded tensor); use inplace_backward=False"
+        )
     if target.requires_grad and target.is_floating_point():
         raise RuntimeError(
             f"{where}: inplace_backward=True cannot be combined with a target that requires grad (its gradient "

@@ -364,3 +364,105 @@ def test_emulated_op_matches_cpu_op(on_emu, reduction):
     for got, want in zip(torch.ops.smoothce_emu.forward(*args), torch.ops.smoothce.forward(*args)):
         assert got.shape == want.shape and got.dtype == want.dtype and got.stride() == want.stride()
         torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+
+
+# ---------------------------------------------------------------- SEMANTICS §7 variants on every plan
+VARIANT_TOL = {torch.float64: 1e-10, torch.float32: 2e-5, torch.float16: 2e-2, torch.bfloat16: 6e-2}
+
+
+def _variant_args(option, shape, C, dtype):
+    """(kwargs of smoothce.mixup_cross_entropy / cross_entropy, mixup?) for one §7 option set."""
+    pos = positions_shape(shape)
+    if option == "mixup":  # per-position lam, weights, ignored targets in a and b, target values, z-loss
+        lam = torch.rand(pos, generator=torch.Generator().manual_seed(7), dtype=torch.float64)
+        target_b = make_index_target(pos, C, seed=9, ignore_every=5)
+        return dict(target_b=target_b, lam=lam.to(dtype), weight=make_weight(C, dtype), target_values=(0.8, 0.03),
+                    z_loss=1e-3, reduction="none"), True
+    if option == "mixup_scalar":
+        return dict(target_b=make_index_target(pos, C, seed=9), lam=0.35, label_smoothing=0.1, reduction="mean"), True
+    return dict(smoothing="others", label_smoothing=0.2, z_loss=1e-2, reduction="sum"), False
+
+
+def _variant_loss(fn_ref, x, target, kwargs, mixup):
+    kwargs = dict(kwargs)
+    if mixup:
+        target_b, lam = kwargs.pop("target_b"), kwargs.pop("lam")
+        lam = lam.double() if isinstance(lam, torch.Tensor) else lam
+        return fn_ref.mixup_cross_entropy(x, target, target_b, lam, **kwargs)
+    return fn_ref.cross_entropy(x, target, **kwargs)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=dtype_id)
+@pytest.mark.parametrize("option", ["others_z", "mixup", "mixup_scalar"])
+@pytest.mark.parametrize("case", sorted(CASES))
+def test_plans_variants(on_emu, case, option, dtype):
+    """Every plan computes the §7 options (target values, z-loss, mixup pairs) as the reference does."""
+    leaf_shape, view, limits, expected = CASES[case]
+    on_emu.set_limits(**limits)
+    leaf = make_logits(leaf_shape, dtype, seed=len(case)).requires_grad_(True)
+    x = view(leaf) if view is not None else leaf
+    C = x.shape[0] if x.dim() == 1 else x.shape[1]
+    if x.dim() == 1 and option != "others_z":
+        pytest.skip("mixup pairs of an unbatched input: one position, covered by (N, C)")
+    target = make_index_target(positions_shape(x.shape), C, seed=3, ignore_every=3 if x.dim() > 1 else 0)
+    kwargs, mixup = _variant_args(option, x.shape, C, dtype)
+    loss = _variant_loss(smoothce, x, target, kwargs, mixup)
+    _check_plan(on_emu, expected)
+    upstream = torch.rand(loss.shape, generator=torch.Generator().manual_seed(4), dtype=torch.float64) + 0.5
+    loss.backward(upstream.to(loss.dtype))
+
+    leaf64 = leaf.detach().double().requires_grad_(True)
+    x64 = view(leaf64) if view is not None else leaf64
+    kwargs64 = dict(kwargs, weight=kwargs["weight"].double()) if "weight" in kwargs else kwargs
+    truth = _variant_loss(ref, x64, target, kwargs64, mixup)
+    truth.backward(upstream)
+    tol = VARIANT_TOL[dtype]
+    for name, mine, exact in (("loss", loss, truth), ("grad", leaf.grad, leaf64.grad)):
+        scale = exact.abs().max().clamp_min(1e-30)
+        err = ((mine.double() - exact).abs() / scale).max()
+        assert err <= tol, f"{name}: relative error {err:.3g} > {tol:g}"
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=dtype_id)
+@pytest.mark.parametrize("option", ["plain", "others_z", "mixup"])
+@pytest.mark.parametrize("case", sorted(CASES))
+def test_plans_grad_over_logits(on_emu, case, option, dtype):
+    """grad_ (inplace_backward) on every plan: the gradient written over the logits equals the one the
+    same kernels write into a new tensor, bit for bit (every logit is read before it is overwritten,
+    including the target logits other blocks of a cluster or split row need)."""
+    leaf_shape, view, limits, _ = CASES[case]
+    on_emu.set_limits(**limits)
+    leaf = make_logits(leaf_shape, dtype, seed=len(case))
+    x = view(leaf) if view is not None else leaf
+    C = x.shape[0] if x.dim() == 1 else x.shape[1]
+    if x.dim() == 1 and option == "mixup":
+        pytest.skip("mixup pairs of an unbatched input: one position, covered by (N, C)")
+    target = make_index_target(positions_shape(x.shape), C, seed=3, ignore_every=3 if x.dim() > 1 else 0)
+    ext, label_smoothing, weight, reduction = {}, 0.1, None, 1
+    if option != "plain":
+        kwargs, _ = _variant_args(option, x.shape, C, dtype)
+        weight = kwargs.get("weight")
+        label_smoothing = kwargs.get("label_smoothing", 0.0)
+        reduction = REDUCTION_CODE[kwargs["reduction"]]
+        if kwargs.get("smoothing") == "others":
+            ext["target_values"] = [1.0 - label_smoothing, label_smoothing / (C - 1)]
+            label_smoothing = 0.0
+        if "target_values" in kwargs:
+            ext["target_values"] = list(kwargs["target_values"])
+        ext["z_loss"] = kwargs.get("z_loss", 0.0)
+        if "target_b" in kwargs:
+            ext["target_b"] = kwargs["target_b"]
+            ext["lam"] = kwargs["lam"].float()
+    upstream = torch.tensor(0.75) if reduction != 0 else torch.rand(positions_shape(x.shape)) + 0.5
+    ops = torch.ops.smoothce_emu
+    _, _, expected = ops.forward(x, target, weight, -100, reduction, label_smoothing, True, False, upstream, **ext)
+    storage = leaf.clone()
+    logits = view(storage) if view is not None else storage
+    if torch._debug_has_internal_overlap(logits) == 1:
+        pytest.skip("logits sharing memory cannot take an in-place gradient")
+    ops.grad_(logits, target, weight, -100, reduction, label_smoothing, False, upstream, **ext)
+    assert torch.equal(logits, expected)
+    if view is not None:  # elements outside the view are untouched
+        untouched = torch.ones_like(storage, dtype=torch.bool)
+        (view(untouched)).fill_(False)
+        assert torch.equal(storage[untouched], leaf[untouched])

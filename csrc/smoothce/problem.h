@@ -97,8 +97,9 @@ ForwardBuffers make_forward_buffers(const Problem& p, const at::Tensor& input, b
                                     const c10::optional<at::Tensor>& grad_output,
                                     at::Tensor (*allocate_grad)(const at::Tensor&));
 
-// allocate_grad for smoothce::grad_: the gradient goes over the logits themselves.
-inline at::Tensor grad_over_input(const at::Tensor& input) { return input; }
+// allocate_grad for smoothce::grad_: the gradient goes over the logits themselves (refused when
+// elements share memory, as an expanded tensor's do).
+at::Tensor grad_over_input(const at::Tensor& input);
 
 // Checks grad_output for scale_grad_ against the gradient it scales.
 void check_scale_grad_args(const at::Tensor& grad, const at::Tensor& grad_output);
