@@ -17,7 +17,8 @@ import torch
 import torch.nn.functional as F
 
 import smoothce
-from conftest import DTYPES, REDUCTIONS, dtype_id, make_index_target, make_logits, make_weight, positions_shape, ref, run, run_truth
+from conftest import (DTYPES, REDUCTIONS, dtype_id, make_index_target, make_logits, make_weight, positions_shape,
+                      ref, run, run_truth)
 
 # max|error| allowed, relative to max|truth| of the tensor compared. Observed errors (CPU and emulated
 # CUDA kernels): fp64 ~5e-16, fp32 ~2e-7, fp16 ~4e-4, bf16 ~3e-3 (the output's own rounding: ½ ulp of
@@ -165,6 +166,32 @@ def test_option_uint8_targets_and_unbatched(option, dtype):
     check(mine, run_truth(x[2], t[2], **kwargs), dtype)
 
 
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16], ids=dtype_id)
+@pytest.mark.parametrize("layout", ["transposed", "channels_last"])
+@pytest.mark.parametrize("option", ["others", "zloss_values", "inplace_all"])
+def test_option_non_contiguous_logits(option, layout, dtype):
+    """Strided logits (a transposed (N, C), a channels_last (N, C, H, W)), the in-place gradient included."""
+    kwargs = OPTIONS[option]
+    C = 11
+    inplace = kwargs.get("inplace_backward", False)
+    if layout == "transposed":
+        leaf_x = make_logits((C, 9), dtype)  # the leaf is (C, N); the input its transpose
+        t = make_index_target((9,), C, ignore_every=4)
+
+        def view(leaf):
+            return leaf.t() * 1 if inplace else leaf.t()
+    else:
+        leaf_x = make_logits((2, C, 3, 4), dtype)
+        t = make_index_target((2, 3, 4), C, ignore_every=4)
+
+        def view(leaf):
+            out = leaf.contiguous(memory_format=torch.channels_last)
+            return out * 1 if inplace else out
+    w = make_weight(C, dtype)
+    mine = run(smoothce.cross_entropy, leaf_x, t, weight=w, view=view, reduction="sum", **kwargs)
+    check(mine, run_truth(leaf_x, t, weight=w, view=view, reduction="sum", **kwargs), dtype)
+
+
 def test_options_change_the_result():
     """Each keyword is actually applied: the results differ from plain smoothing."""
     x = make_logits((8, 10))
@@ -204,44 +231,55 @@ def _plain_loss(x, q, weight=None, z_loss=0.0, mass=None, denom=None, reduction=
 
 
 def _formula_pair(kind, dtype):
-    """(smoothce fn, correct plain-PyTorch fn, wrong plain-PyTorch fn, x, t) for a wrong-formula kind."""
+    """(smoothce's loss, the right plain-PyTorch formula, a plausible wrong one, x, t): functions of
+    (input, target) for a wrong-formula kind."""
     C, N = 5, 12
+    eps = 0.4
     x = make_logits((N, C), dtype, seed=21)
     t = make_index_target((N,), C, seed=22)
-    w = make_weight(C, dtype, seed=23).double()  # the weights smoothce sees, in float64
-    eps = 0.4
-    ones = torch.ones(N, dtype=torch.float64)
+    if kind == "others_as_uniform":
+        t = x.double().argmax(dim=1)  # confident predictions: there the two formulas' values differ clearly
+    w = make_weight(C, dtype, seed=23)
+    w64 = w.double()  # the weights smoothce sees, in float64
+
+    def others(inp, tgt):
+        return smoothce.cross_entropy(inp, tgt, smoothing="others", label_smoothing=eps)
+
+    def others_right(inp, tgt):
+        return _plain_loss(inp, _plain_q(tgt, C, 1 - eps, eps / (C - 1)), denom=N)
+
     if kind == "others_eps_over_C":
-        fn = lambda inp, tgt, weight=None: smoothce.cross_entropy(inp, tgt, smoothing="others", label_smoothing=eps)  # noqa: E731
-        good = lambda inp, tgt, weight=None: _plain_loss(inp, _plain_q(tgt, C, 1 - eps, eps / (C - 1)), denom=N)  # noqa: E731
-        bad = lambda inp, tgt, weight=None: _plain_loss(inp, _plain_q(tgt, C, 1 - eps, eps / C), denom=N)  # noqa: E731
-    elif kind == "others_as_uniform":
-        fn = lambda inp, tgt, weight=None: smoothce.cross_entropy(inp, tgt, smoothing="others", label_smoothing=eps)  # noqa: E731
-        good = lambda inp, tgt, weight=None: _plain_loss(inp, _plain_q(tgt, C, 1 - eps, eps / (C - 1)), denom=N)  # noqa: E731
-        bad = lambda inp, tgt, weight=None: F.cross_entropy(inp, tgt, label_smoothing=eps)  # noqa: E731
-    elif kind == "z_loss_forgotten":
-        fn = lambda inp, tgt, weight=None: smoothce.cross_entropy(inp, tgt, z_loss=0.05)  # noqa: E731
-        good = lambda inp, tgt, weight=None: _plain_loss(inp, _plain_q(tgt, C, 1, 0), z_loss=0.05, mass=ones, denom=N)  # noqa: E731
-        bad = lambda inp, tgt, weight=None: F.cross_entropy(inp, tgt)  # noqa: E731
-    elif kind in ("mixup_mean_over_positions", "mixup_lam_swapped"):
-        b = t.flip(0)
-        lam = 0.3
-        wd = w.to(dtype)
-        fn = lambda inp, tgt, weight=None: smoothce.mixup_cross_entropy(inp, tgt, b, lam, wd, label_smoothing=0.1)  # noqa: E731
+        def others_eps_over_C(inp, tgt):
+            return _plain_loss(inp, _plain_q(tgt, C, 1 - eps, eps / C), denom=N)
+        return others, others_right, others_eps_over_C, x, t
+    if kind == "others_as_uniform":
+        return others, others_right, lambda inp, tgt: F.cross_entropy(inp, tgt, label_smoothing=eps), x, t
+    if kind == "z_loss_forgotten":
+        def z_right(inp, tgt):
+            mass = torch.ones(N, dtype=torch.float64)
+            return _plain_loss(inp, _plain_q(tgt, C, 1, 0), z_loss=0.05, mass=mass, denom=N)
+        return lambda inp, tgt: smoothce.cross_entropy(inp, tgt, z_loss=0.05), z_right, F.cross_entropy, x, t
 
-        def mix(inp, tgt, lam_, denom_of):
-            q = lam_ * _plain_q(tgt, C, 0.9 + 0.02, 0.02) + (1 - lam_) * _plain_q(b, C, 0.92, 0.02)
-            return _plain_loss(inp, q, weight=w, denom=denom_of(lam_))
+    b, lam, off = t.flip(0), 0.3, 0.1 / C  # mixup with uniform smoothing ε = 0.1: (on, off) = (0.9 + off, off)
 
-        true_denom = lambda lam_: (lam_ * w[t] + (1 - lam_) * w[b]).sum()  # noqa: E731
-        good = lambda inp, tgt, weight=None: mix(inp, tgt, lam, true_denom)  # noqa: E731
-        if kind == "mixup_mean_over_positions":
-            bad = lambda inp, tgt, weight=None: mix(inp, tgt, lam, lambda _: N)  # noqa: E731
-        else:
-            bad = lambda inp, tgt, weight=None: mix(inp, tgt, 1 - lam, true_denom)  # noqa: E731
-    else:
-        raise AssertionError(kind)
-    return fn, good, bad, x, t
+    def mix(inp, tgt, lam_, denom):
+        q = lam_ * _plain_q(tgt, C, 0.9 + off, off) + (1 - lam_) * _plain_q(b, C, 0.9 + off, off)
+        return _plain_loss(inp, q, weight=w64, denom=denom)
+
+    def mixup(inp, tgt):
+        return smoothce.mixup_cross_entropy(inp, tgt, b, lam, w, label_smoothing=0.1)
+
+    def mix_right(inp, tgt):
+        return mix(inp, tgt, lam, (lam * w64[tgt] + (1 - lam) * w64[b]).sum())
+
+    def mix_swapped(inp, tgt):
+        return mix(inp, tgt, 1 - lam, ((1 - lam) * w64[tgt] + lam * w64[b]).sum())
+
+    if kind == "mixup_mean_over_positions":
+        return mixup, mix_right, lambda inp, tgt: mix(inp, tgt, lam, N), x, t
+    if kind == "mixup_lam_swapped":
+        return mixup, mix_right, mix_swapped, x, t
+    raise AssertionError(kind)
 
 
 WRONG_FORMULAS = ["others_eps_over_C", "others_as_uniform", "z_loss_forgotten", "mixup_mean_over_positions",
@@ -254,9 +292,13 @@ def test_tolerance_rejects_wrong_formula(kind, dtype):
     """The tests can fail: the RTOL check passes the right plain-PyTorch formula and fails a plausible
     wrong one (on the value and on the gradient separately), in every dtype."""
     fn, good, bad, x, t = _formula_pair(kind, dtype)
-    mine = run(fn, x, t)
-    check(mine, run(good, x.double(), t), dtype)
-    wrong = run(bad, x.double(), t)
+
+    def as_run(f):
+        return lambda inp, tgt, weight=None: f(inp, tgt)
+
+    mine = run(as_run(fn), x, t)
+    check(mine, run(as_run(good), x.double(), t), dtype)
+    wrong = run(as_run(bad), x.double(), t)
     with pytest.raises(AssertionError, match="max .error."):
         assert_near(mine[0], wrong[0], dtype, "loss vs wrong formula")
     with pytest.raises(AssertionError, match="max .error."):
@@ -486,7 +528,8 @@ def test_mixup_matches_reference(option, shape, ignore_index, lam_kind, reductio
 
 
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16], ids=dtype_id)
-@pytest.mark.parametrize("kwargs", [dict(label_smoothing=0.1), dict(smoothing="others", label_smoothing=0.1, z_loss=1e-3)],
+@pytest.mark.parametrize("kwargs", [dict(label_smoothing=0.1),
+                                    dict(smoothing="others", label_smoothing=0.1, z_loss=1e-3)],
                          ids=["eps", "others_zloss"])
 def test_mixup_large_C(kwargs, dtype):
     C = 2003
@@ -569,7 +612,9 @@ def test_mixup_is_linear_in_lam(lam_kind, shape, ignore_index, kwargs, weighted,
 
     wd = torch.ones(C, dtype=torch.float64) if w is None else w.double()
     va, vb = a != ignore_index, b != ignore_index
-    D = (lam_full * torch.where(va, wd[a.clamp(0, C - 1)], 0) + (1 - lam_full) * torch.where(vb, wd[b.clamp(0, C - 1)], 0)).sum()
+    w_a = torch.where(va, wd[a.clamp(0, C - 1)], 0)
+    w_b = torch.where(vb, wd[b.clamp(0, C - 1)], 0)
+    D = (lam_full * w_a + (1 - lam_full) * w_b).sum()
     _, g_a, _ = run(_ce, x, a, reduction="none", upstream=lam_full / D, **common)
     _, g_b, _ = run(_ce, x, b, reduction="none", upstream=(1 - lam_full) / D, **common)
     mine = run_mixup(x, a, b, lam, reduction="mean", **common)
@@ -680,7 +725,8 @@ def test_others_two_classes(eps, reduction, dtype):
     check(mine, run_truth(x, t, smoothing="others", label_smoothing=eps, **kwargs), dtype)
     check(mine, run_truth(x, t, label_smoothing=2 * eps, **kwargs), dtype)
     valid = t != -100
-    soft = torch.stack([torch.where(t == 0, 1 - eps, eps), torch.where(t == 1, 1 - eps, eps)], dim=1).double()
+    onehot = F.one_hot(t.clamp(min=0), 2).double()
+    soft = onehot * (1 - eps) + (1 - onehot) * eps  # [1 − ε, ε] at class (t, other)
 
     def published(inp, tgt, weight=None):
         loss = F.cross_entropy(inp[valid], soft[valid], reduction="none")
@@ -783,7 +829,8 @@ def test_gradgradcheck_options(mixup):
     w = make_weight(4, torch.float64)
     kwargs = dict(smoothing="others", label_smoothing=0.2, z_loss=0.05)
     if mixup:
-        fn = lambda inp: smoothce.mixup_cross_entropy(inp, t, t.flip(0), torch.tensor([0.2, 0.5, 1.0], dtype=torch.float64), w, **kwargs)  # noqa: E731,E501
+        lam = torch.tensor([0.2, 0.5, 1.0], dtype=torch.float64)
+        fn = lambda inp: smoothce.mixup_cross_entropy(inp, t, t.flip(0), lam, w, **kwargs)  # noqa: E731
     else:
         fn = lambda inp: smoothce.cross_entropy(inp, t, w, target_values=(0.7, 0.1), z_loss=0.05)  # noqa: E731
     assert torch.autograd.gradgradcheck(fn, (x,), eps=1e-6, atol=1e-8, rtol=1e-6)
@@ -812,60 +859,85 @@ def test_inplace_backward_finite_differences():
 
 # --------------------------------------------------------------------------------- 6. torch.compile
 
-def _all_options(h, t, t2, lam_t, w):
-    return (
+def _all_options(h, t, t2, lam_t, w, with_inplace=True):
+    losses = (
         smoothce.cross_entropy(h, t, w, smoothing="others", label_smoothing=0.2),
         smoothce.cross_entropy(h, t, target_values=(0.8, 0.02), reduction="sum"),
         smoothce.cross_entropy(h, t, w, label_smoothing=0.1, z_loss=1e-2, reduction="none").sum(),
-        smoothce.cross_entropy(h * 1, t, w, smoothing="others", label_smoothing=0.1, z_loss=1e-3,
-                               inplace_backward=True),
         smoothce.mixup_cross_entropy(h, t, t2, 0.3, w, label_smoothing=0.1),
         smoothce.mixup_cross_entropy(h, t, t2, lam_t, smoothing="others", label_smoothing=0.1, z_loss=1e-2,
                                      reduction="none").sum(),
         smoothce.mixup_cross_entropy(h, t, t2, lam_t, w, target_values=(0.9, 0.01), reduction="sum"),
     )
+    if with_inplace:
+        losses += (
+            smoothce.cross_entropy(h * 1, t, w, smoothing="others", label_smoothing=0.1, z_loss=1e-3,
+                                   inplace_backward=True),
+            smoothce.mixup_cross_entropy(h * 1, t, t2, lam_t, w, label_smoothing=0.1, inplace_backward=True),
+        )
+    return losses
 
 
-def _run_all_options(fn, x, t, t2, lam, w):
+def _all_options_truth(x, t, t2, lam, w, with_inplace):
+    """The float64 reference of sum(_all_options(...)): (loss, grad)."""
+    x64 = x.double().requires_grad_(True)
+    w64 = w.double()
+    lam64 = lam.double()
+    total = (
+        ref.cross_entropy(x64, t, w64, smoothing="others", label_smoothing=0.2)
+        + ref.cross_entropy(x64, t, target_values=(0.8, 0.02), reduction="sum")
+        + ref.cross_entropy(x64, t, w64, label_smoothing=0.1, z_loss=1e-2, reduction="none").sum()
+        + ref.mixup_cross_entropy(x64, t, t2, 0.3, w64, label_smoothing=0.1)
+        + ref.mixup_cross_entropy(x64, t, t2, lam64, smoothing="others", label_smoothing=0.1, z_loss=1e-2,
+                                  reduction="none").sum()
+        + ref.mixup_cross_entropy(x64, t, t2, lam64, w64, target_values=(0.9, 0.01), reduction="sum"))
+    if with_inplace:
+        total = (total + ref.cross_entropy(x64, t, w64, smoothing="others", label_smoothing=0.1, z_loss=1e-3)
+                 + ref.mixup_cross_entropy(x64, t, t2, lam64, w64, label_smoothing=0.1))
+    total.backward()
+    return total.detach(), x64.grad
+
+
+def _run_all_options(fn, x, t, t2, lam, w, with_inplace):
     leaf = x.clone().requires_grad_(True)
-    losses = fn(leaf, t, t2, lam, w)
+    losses = fn(leaf, t, t2, lam, w, with_inplace)
     sum(losses).backward()
     return [loss.detach() for loss in losses], leaf.grad
 
 
-@pytest.mark.slow
-@pytest.mark.parametrize("compile_backend", ["eager", "aot_eager"])
-def test_compile_fullgraph_all_options(compile_backend):
+def _check_compiled_all_options(compile_backend, with_inplace):
     torch._dynamo.reset()
     C = 23
     x = make_logits((8, C))
     t = make_index_target((8,), C, ignore_every=3)
     t2 = make_index_target((8,), C, seed=5, ignore_every=5)
-    lam = torch.linspace(0, 1, 8)
     w = make_weight(C)
     compiled = torch.compile(_all_options, fullgraph=True, backend=compile_backend)
-    for step in range(2):  # the second call reuses the compiled graph
-        losses_c, grad_c = _run_all_options(compiled, x, t, t2, lam * (1 - 0.1 * step), w)
-        losses_e, grad_e = _run_all_options(_all_options, x, t, t2, lam * (1 - 0.1 * step), w)
+    for step in range(2):  # the second call (another lam tensor) reuses the compiled graph
+        lam = torch.linspace(0, 1, 8) * (1 - 0.1 * step)
+        losses_c, grad_c = _run_all_options(compiled, x, t, t2, lam, w, with_inplace)
+        losses_e, grad_e = _run_all_options(_all_options, x, t, t2, lam, w, with_inplace)
         for i, (lc, le) in enumerate(zip(losses_c, losses_e)):
             torch.testing.assert_close(lc, le, rtol=1e-6, atol=1e-7, msg=f"loss {i} (step {step})")
         torch.testing.assert_close(grad_c, grad_e, rtol=1e-6, atol=1e-7)
-    # and the eager result is right: each term against the float64 reference
-    x64 = x.double().requires_grad_(True)
-    w64 = w.double()
-    lam64 = lam.double() * 0.9
-    truth = (
-        ref.cross_entropy(x64, t, w64, smoothing="others", label_smoothing=0.2)
-        + ref.cross_entropy(x64, t, target_values=(0.8, 0.02), reduction="sum")
-        + ref.cross_entropy(x64, t, w64, label_smoothing=0.1, z_loss=1e-2, reduction="none").sum()
-        + ref.cross_entropy(x64, t, w64, smoothing="others", label_smoothing=0.1, z_loss=1e-3)
-        + ref.mixup_cross_entropy(x64, t, t2, 0.3, w64, label_smoothing=0.1)
-        + ref.mixup_cross_entropy(x64, t, t2, lam64, smoothing="others", label_smoothing=0.1, z_loss=1e-2,
-                                  reduction="none").sum()
-        + ref.mixup_cross_entropy(x64, t, t2, lam64, w64, target_values=(0.9, 0.01), reduction="sum"))
-    truth.backward()
-    assert_near(sum(losses_c), truth.detach(), torch.float32, "compiled loss")
-    assert_near(grad_c, x64.grad, torch.float32, "compiled grad")
+        # and both are right: against the float64 reference
+        truth_loss, truth_grad = _all_options_truth(x, t, t2, lam, w, with_inplace)
+        assert_near(sum(losses_c), truth_loss, torch.float32, "compiled loss")
+        assert_near(grad_c, truth_grad, torch.float32, "compiled grad")
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("compile_backend", ["eager", "aot_eager"])
+def test_compile_fullgraph_options_and_mixup(compile_backend):
+    """others, target_values, z_loss, mixup with a float and a tensor lam under torch.compile(fullgraph=True)."""
+    _check_compiled_all_options(compile_backend, with_inplace=False)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("compile_backend", ["eager", "aot_eager"])
+def test_compile_fullgraph_inplace_backward(compile_backend):
+    """As above plus inplace_backward=True on a non-leaf (h * 1), for cross_entropy and mixup."""
+    _check_compiled_all_options(compile_backend, with_inplace=True)
 
 
 # ------------------------------------------------------------------------------ 7. CrossEntropyLoss
