@@ -42,15 +42,21 @@ def _layout(shape, layout):
     return leaf, lambda t: t.movedim(-1, 1)
 
 
+def _inputs(p):
+    """(C, generator, view, logits, positions' shape) of a drawn problem."""
+    shape = p["shape"]
+    leaf_shape, view = _layout(shape, p["layout"])
+    x = make_logits(leaf_shape, p["dtype"], seed=p["seed"])
+    C = shape[0] if len(shape) == 1 else shape[1]
+    pos = shape[1:] if len(shape) == 1 else shape[:1] + shape[2:]
+    return C, torch.Generator().manual_seed(p["seed"]), view, x, pos
+
+
 @settings(max_examples=60, deadline=None)
 @given(problems())
 def test_random_problems(p):
     shape, dtype = p["shape"], p["dtype"]
-    C = shape[0] if len(shape) == 1 else shape[1]
-    g = torch.Generator().manual_seed(p["seed"])
-    leaf_shape, view = _layout(shape, p["layout"])
-    x = make_logits(leaf_shape, dtype, seed=p["seed"])
-    pos = shape[1:] if len(shape) == 1 else shape[:1] + shape[2:]
+    C, g, view, x, pos = _inputs(p)
     kwargs = dict(reduction=p["reduction"], label_smoothing=p["eps"])
     if p["soft"]:
         target = make_prob_target(shape, dtype, seed=p["seed"] + 1)
@@ -90,12 +96,8 @@ def variant_problems(draw):
 @given(variant_problems())
 def test_random_variants(p):
     """Loss and input gradient of random option sets against the float64 reference (in-place or not)."""
-    shape, dtype = p["shape"], p["dtype"]
-    C = shape[0] if len(shape) == 1 else shape[1]
-    g = torch.Generator().manual_seed(p["seed"])
-    leaf_shape, view = _layout(shape, p["layout"])
-    x = make_logits(leaf_shape, dtype, seed=p["seed"])
-    pos = shape[1:] if len(shape) == 1 else shape[:1] + shape[2:]
+    dtype = p["dtype"]
+    C, g, view, x, pos = _inputs(p)
 
     def index_target():
         t = torch.randint(0, C, pos, generator=g)
