@@ -3,13 +3,15 @@
 #include "smoothce/row_math.h"
 
 #include <ATen/ATen.h>
-#include <ATen/MemoryOverlap.h>
 #include <c10/util/Exception.h>
 
+#include <algorithm>
 #include <cmath>
 #include <cstdint>
 #include <limits>
 #include <sstream>
+#include <utility>
+#include <vector>
 
 namespace smoothce {
 namespace {
@@ -305,9 +307,19 @@ ForwardBuffers make_forward_buffers(const Problem& p, const at::Tensor& input, b
 }
 
 at::Tensor grad_over_input(const at::Tensor& input) {
-  TORCH_CHECK_VALUE(at::has_internal_overlap(input) != at::MemOverlap::Yes,
-                    "smoothce.grad_: the gradient cannot be written over logits whose elements share memory (an "
-                    "expanded tensor); pass a tensor with its own storage, or use inplace_backward=False");
+  // No two elements may share memory: with the dimensions ordered by stride, each stride must exceed
+  // the span of the smaller ones (smoothce/_function.py's _elements_apart checks the same).
+  std::vector<std::pair<int64_t, int64_t>> dims;  // (stride, size) of the dimensions of size > 1
+  for (int64_t d = 0; d < input.dim(); ++d)
+    if (input.size(d) > 1) dims.emplace_back(input.stride(d), input.size(d));
+  std::sort(dims.begin(), dims.end());
+  int64_t span = 0;
+  for (const auto& [stride, size] : dims) {
+    TORCH_CHECK_VALUE(stride > span, "smoothce.grad_: the gradient cannot be written over logits whose elements may "
+                      "share memory (strides ", input.strides(), " for shape ", input.sizes(),
+                      ", e.g. expand or unfold); pass a tensor with its own storage, or use inplace_backward=False");
+    span += (size - 1) * stride;
+  }
   return input;
 }
 

@@ -81,7 +81,7 @@ def mixup_cross_entropy(
     Σ lam·w[a]·valid_a + (1 − lam)·w[b]·valid_b. Other arguments as ``cross_entropy``.
     """
     return cross_entropy_impl(input, target_a, weight, ignore_index, reduction, label_smoothing, smoothing,
-                              target_values, z_loss, inplace_backward, target_b=target_b, lam=lam,
+                              target_values, z_loss, inplace_backward, mixup=True, target_b=target_b, lam=lam,
                               where="smoothce.mixup_cross_entropy")
 
 

@@ -228,22 +228,35 @@ def _extension_args(where, input, target, label_smoothing, smoothing, target_val
     return label_smoothing, None
 
 
+def _elements_apart(tensor) -> bool:
+    """True when no two elements of `tensor` can share memory: with its dimensions ordered by stride,
+    each stride exceeds the span of the smaller ones (slices, transposes, channels_last pass; expand,
+    unfold and some exotic as_strided layouts do not). The C++ op checks the same (grad_over_input)."""
+    span = 0
+    for stride, size in sorted((st, s) for s, st in zip(tensor.shape, tensor.stride()) if s > 1):
+        if stride <= span:
+            return False
+        span += (size - 1) * stride
+    return True
+
+
 def _check_inplace(where, input, target):
     """inplace_backward writes the gradient over the logits: refuse where autograd itself forbids an
     in-place write (a leaf that requires grad, or a view of one) and where the gradient of the target
     needs the logits after they are overwritten."""
     base = input._base if input._base is not None else input
+    # (compiled graphs compute the gradient out of place: see CrossEntropyFunction.backward)
+    if not torch.compiler.is_compiling() and not _elements_apart(input):
+        raise RuntimeError(
+            f"{where}: inplace_backward=True cannot write the gradient over logits whose elements may share memory "
+            f"(strides {tuple(input.stride())} for shape {tuple(input.shape)}, e.g. expand or unfold); use "
+            f"inplace_backward=False"
+        )
     if base.is_leaf and base.requires_grad:
         raise RuntimeError(
             f"{where}: inplace_backward=True would write the gradient over the logits, but they are "
             f"{'a view of ' if base is not input else ''}a leaf tensor that requires grad (its .grad and its values "
             f"would share memory); pass the output of a layer, or use inplace_backward=False"
-        )
-    # (compiled graphs compute the gradient out of place: see CrossEntropyFunction.backward)
-    if not torch.compiler.is_compiling() and torch._debug_has_internal_overlap(input) == 1:
-        raise RuntimeError(
-            f"{where}: inplace_backward=True cannot write the gradient over logits whose elements share memory "
-            f"(an expanded tensor); use inplace_backward=False"
         )
     if target.requires_grad and target.is_floating_point():
         raise RuntimeError(
@@ -263,12 +276,13 @@ def cross_entropy_impl(
     target_values=None,
     z_loss: float = 0.0,
     inplace_backward: bool = False,
+    mixup: bool = False,
     target_b: Optional[torch.Tensor] = None,
     lam=None,
     where: str = "smoothce.cross_entropy",
 ) -> torch.Tensor:
     _check_tensor(where, "input", input)
-    _check_tensor(where, "target" if target_b is None else "target_a", target)
+    _check_tensor(where, "target_a" if mixup else "target", target)
     _check_tensor(where, "weight", weight, optional=True)
     _check_number("ignore_index", ignore_index, numbers.Integral, where)
     _check_number("label_smoothing", label_smoothing, numbers.Real, where)
@@ -281,7 +295,7 @@ def cross_entropy_impl(
         where, input, target, label_smoothing, smoothing, target_values, z_loss, inplace_backward
     )
     z_loss = float(z_loss)
-    lam_tensor, lam_value = (None, 1.0) if target_b is None else _mixup_lam(where, input, target, target_b, lam)
+    lam_tensor, lam_value = _mixup_lam(where, input, target, target_b, lam) if mixup else (None, 1.0)
 
     _check_kernel_device(input)
     _check_devices(where, input, target, weight, target_b)

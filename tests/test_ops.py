@@ -233,3 +233,234 @@ def test_opcheck_scale_grad(ops, shape, kind):
     else:
         go = torch.tensor(2.5 if kind == "scalar" else 1.0)
     torch.library.opcheck(ops.scale_grad_.default, (grad, go))
+
+
+# ------------------------------------------------------------------ the §7 extension arguments, grad_
+
+EXT_KINDS = ["plain", "target_values", "z_loss", "mixup_lam", "mixup_lam_expanded", "mixup_lam_value", "all"]
+
+
+def _ext(kind, x, target):
+    """(label_smoothing, keyword arguments) of the forward / grad_ ops for one extension kind."""
+    positions = positions_shape(x.shape)
+    g = torch.Generator().manual_seed(13)
+    if kind == "plain":
+        return 0.1, {}
+    if kind == "target_values":
+        return 0.0, dict(target_values=[0.8, 0.02])
+    if kind == "z_loss":
+        return 0.1, dict(z_loss=0.05)
+    target_b = target.flip(0) if target.dim() else target.clone()
+    if kind == "mixup_lam":
+        return 0.1, dict(target_b=target_b, lam=torch.rand(positions, generator=g))
+    if kind == "mixup_lam_expanded":  # one value per sample, broadcast as smoothce passes it (stride 0)
+        lead = positions[:1]
+        lam = torch.rand(lead, generator=g).reshape(lead + (1,) * (len(positions) - 1))
+        return 0.1, dict(target_b=target_b, lam=lam.expand(positions))
+    if kind == "mixup_lam_value":
+        return 0.1, dict(target_b=target_b, lam_value=0.3)
+    assert kind == "all"
+    return 0.0, dict(target_values=[0.9, 0.01], z_loss=0.02, target_b=target_b,
+                     lam=torch.rand(positions, generator=g))
+
+
+def _ext_truth(x, target, weight, ignore_index, reduction, eps, kwargs, grad_output=None):
+    """float64 loss and gradient of the op's arguments (grad_output: None = ones)."""
+    x64 = x.detach().double().requires_grad_(True)
+    w64 = weight.double() if weight is not None else None
+    kwargs = dict(kwargs)
+    if kwargs.get("lam") is not None:
+        kwargs["lam"] = kwargs["lam"].double()
+    loss = ref.loss_with_options(x64, target, w64, ignore_index, reduction, eps, **kwargs).double()
+    up = torch.ones_like(loss) if grad_output is None else grad_output.double().expand_as(loss)
+    loss.backward(up)
+    return loss.detach(), x64.grad
+
+
+def _index_cases():
+    return ["2d_weight", "2d_ignore_pos", "unbatched", "nchw", "empty"]
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16], ids=dtype_id)
+@pytest.mark.parametrize("reduction", REDUCTIONS)
+@pytest.mark.parametrize("kind", EXT_KINDS)
+@pytest.mark.parametrize("case", ["2d_ignore_pos", "unbatched", "nchw"])
+def test_forward_op_extension_values(ops, case, kind, reduction, dtype):
+    """forward with the §7 arguments against the float64 reference (loss and gradient for grad_output)."""
+    x, target, weight, ignore_index = _make(case, dtype)
+    eps, kwargs = _ext(kind, x, target)
+    positions = positions_shape(x.shape)
+    go = (make_logits(positions, dtype, seed=8) if reduction == "none" and positions
+          else torch.tensor(-1.75, dtype=dtype))
+    loss, _, grad = ops.forward(x, target, weight, ignore_index, REDUCTION_CODE[reduction], eps, True, False, go,
+                                **kwargs)
+    t_loss, t_grad = _ext_truth(x, target, weight, ignore_index, reduction, eps, kwargs, go)
+    assert loss.dtype == dtype and grad.dtype == dtype and grad.shape == x.shape
+    assert_close_to_truth(loss, t_loss, None, dtype, "loss")
+    assert_close_to_truth(grad, t_grad, None, dtype, "grad")
+
+
+GRAD_VALUE_CASES = [(case, kind) for case in ("2d_weight", "unbatched", "nchw", "empty") for kind in EXT_KINDS] + [
+    ("soft_weight_nchw", "plain"), ("soft_weight_nchw", "z_loss"), ("soft", "plain")]
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=dtype_id)
+@pytest.mark.parametrize("reduction", REDUCTIONS)
+@pytest.mark.parametrize("case,kind", GRAD_VALUE_CASES, ids=[f"{c}-{k}" for c, k in GRAD_VALUE_CASES])
+def test_grad_op_values(ops, case, kind, reduction, dtype):
+    """grad_ writes, over its input, forward(compute_grad=True, grad_output)'s gradient; it returns
+    nothing and leaves every other argument alone."""
+    x, target, weight, ignore_index = _make(case, dtype)
+    eps, kwargs = _ext(kind, x, target)
+    positions = positions_shape(x.shape)
+    go = (make_logits(positions, dtype, seed=8) if reduction == "none" and positions
+          else torch.tensor(0.625, dtype=dtype))
+    _, _, expected = ops.forward(x, target, weight, ignore_index, REDUCTION_CODE[reduction], eps, True, False, go,
+                                 **kwargs)
+    snapshot = [t.clone() for t in (target, go) + tuple(v for v in (weight, kwargs.get("target_b"),
+                                                                    kwargs.get("lam")) if v is not None)]
+    inp = x.clone()
+    assert ops.grad_(inp, target, weight, ignore_index, REDUCTION_CODE[reduction], eps, False, go, **kwargs) is None
+    after = [t for t in (target, go) + tuple(v for v in (weight, kwargs.get("target_b"), kwargs.get("lam"))
+                                             if v is not None)]
+    assert all(torch.equal(a, b) for a, b in zip(after, snapshot)), "grad_ modified an argument other than input"
+    eps_dtype = torch.finfo(dtype).eps
+    scale = expected.abs().max().item() if expected.numel() else 1.0
+    torch.testing.assert_close(inp, expected, rtol=2 * eps_dtype, atol=2 * eps_dtype * scale)
+    if dtype != torch.bfloat16 and not target.is_floating_point():
+        _, t_grad = _ext_truth(x, target, weight, ignore_index, reduction, eps, kwargs, go)
+        assert_close_to_truth(inp, t_grad, None, dtype, "grad_")
+
+
+@pytest.mark.parametrize("layout", ["transposed", "channels_last", "row_window", "strided_rows"])
+@pytest.mark.parametrize("reduction", REDUCTIONS)
+def test_grad_op_non_contiguous_input(ops, layout, reduction):
+    """grad_ writes the gradient into the input's own strides; memory outside the view is untouched."""
+    C = 11
+    if layout == "transposed":
+        base = make_logits((C, 6))
+        view = base.t()
+    elif layout == "channels_last":
+        base = make_logits((2, C, 3, 4)).contiguous(memory_format=torch.channels_last)
+        view = base
+    elif layout == "row_window":
+        base = make_logits((6, C + 4))
+        view = base[:, 2:C + 2]
+    else:
+        base = make_logits((12, C))
+        view = base[1::2]
+    target = make_index_target(positions_shape(view.shape), C, ignore_every=3)
+    weight = make_weight(C)
+    eps, kwargs = _ext("all", view, target)
+    positions = positions_shape(view.shape)
+    go = make_logits(positions, seed=8) if reduction == "none" else torch.tensor(2.5)
+    _, _, expected = ops.forward(view.contiguous(), target, weight, -100, REDUCTION_CODE[reduction], eps, True,
+                                 False, go, **kwargs)
+    before = base.clone()
+    ops.grad_(view, target, weight, -100, REDUCTION_CODE[reduction], eps, False, go, **kwargs)
+    torch.testing.assert_close(view, expected, rtol=1e-6, atol=1e-6 * expected.abs().max().item())
+    outside = torch.ones_like(base, dtype=torch.bool)
+    if layout == "transposed" or layout == "channels_last":
+        outside.zero_()
+    elif layout == "row_window":
+        outside[:, 2:C + 2] = False
+    else:
+        outside[1::2] = False
+    assert torch.equal(base[outside], before[outside]), "grad_ wrote outside its input"
+
+
+def test_grad_op_refuses_expanded_input(ops):
+    x = make_logits((1, 7)).expand(5, 7)
+    target = make_index_target((5,), 7)
+    with pytest.raises((RuntimeError, ValueError), match="share memory"):
+        ops.grad_(x, target, None, -100, 1, 0.1, False, torch.tensor(1.0))
+
+
+@pytest.mark.parametrize("bad", ["per_position_with_mean", "wrong_shape", "integer"])
+def test_grad_op_grad_output_errors(ops, bad):
+    x, target, weight, ignore_index = _make("2d")
+    go = {"per_position_with_mean": torch.ones(6), "wrong_shape": torch.ones(5), "integer": torch.tensor(2)}[bad]
+    reduction = 1 if bad == "per_position_with_mean" else 0
+    inp = x.clone()
+    with pytest.raises((ValueError, TypeError), match="grad_output"):
+        ops.grad_(inp, target, weight, ignore_index, reduction, 0.1, False, go)
+    assert torch.equal(inp, x), "a refused grad_ must not write"
+
+
+def test_grad_op_scalar_grad_output_for_none(ops):
+    """A scalar upstream gradient for reduction 'none' scales every position alike."""
+    x, target, weight, ignore_index = _make("2d_weight")
+    inp = x.clone()
+    ops.grad_(inp, target, weight, ignore_index, 0, 0.1, False, torch.tensor(1.5))
+    _, _, expected = ops.forward(x, target, weight, ignore_index, 0, 0.1, True, False, torch.full((6,), 1.5))
+    torch.testing.assert_close(inp, expected, rtol=1e-6, atol=1e-7)
+
+
+def _extension_forward_arg_sets():
+    sets = []
+    for case in ("2d_weight", "unbatched", "nchw", "empty"):
+        for kind in EXT_KINDS[1:]:
+            for reduction in REDUCTIONS:
+                if case == "empty" and reduction == "mean":
+                    continue  # NaN loss (opcheck compares with equal_nan=False)
+                x, target, weight, ignore_index = _make(case)
+                eps, kwargs = _ext(kind, x, target)
+                compute_grad = reduction != "sum"
+                sets.append(pytest.param((x, target, weight, ignore_index, REDUCTION_CODE[reduction], eps,
+                                          compute_grad, False), kwargs,
+                                         id=f"{case}-{kind}-{reduction}-grad{int(compute_grad)}"))
+    # z_loss with probability targets; the options with an upstream gradient; bf16 with an fp32 loss.
+    x, target, weight, ignore_index = _make("soft_weight_nchw")
+    sets.append(pytest.param((x, target, weight, ignore_index, 1, 0.1, True, False), dict(z_loss=0.1),
+                             id="soft-z_loss"))
+    for kind in ("all", "mixup_lam_value"):
+        x, target, weight, ignore_index = _make("nchw")
+        eps, kwargs = _ext(kind, x, target)
+        go = make_logits(positions_shape(x.shape), seed=6)
+        sets.append(pytest.param((x, target, weight, ignore_index, 0, eps, True, False, go), kwargs,
+                                 id=f"nchw-{kind}-none-grad_output"))
+        sets.append(pytest.param((x, target, weight, ignore_index, 2, eps, True, False, torch.tensor(-0.5)), kwargs,
+                                 id=f"nchw-{kind}-sum-grad_output"))
+    x, target, weight, ignore_index = _make("nchw", torch.bfloat16)
+    eps, kwargs = _ext("all", x, target)
+    sets.append(pytest.param((x, target, weight, ignore_index, 1, eps, True, True), kwargs, id="bf16-all-float32_loss"))
+    return sets
+
+
+@pytest.mark.parametrize("args,kwargs", _extension_forward_arg_sets())
+def test_opcheck_forward_extensions(ops, args, kwargs):
+    torch.library.opcheck(ops.forward.default, args, kwargs)
+
+
+def _grad_arg_sets():
+    sets = []
+    for case in ("2d_weight", "2d_ignore_pos", "unbatched", "nchw", "soft_weight_nchw", "empty"):
+        for kind in ("plain", "target_values", "z_loss", "mixup_lam", "mixup_lam_value", "all"):
+            if case == "soft_weight_nchw" and kind not in ("plain", "z_loss"):
+                continue
+            for reduction in REDUCTIONS:
+                x, target, weight, ignore_index = _make(case)
+                eps, kwargs = _ext(kind, x, target)
+                positions = positions_shape(x.shape)
+                go = (make_logits(positions, seed=6) if reduction == "none" and positions
+                      else torch.tensor(1.0 if reduction == "mean" else -2.5))
+                sets.append(pytest.param((x, target, weight, ignore_index, REDUCTION_CODE[reduction], eps, False, go),
+                                         kwargs, id=f"{case}-{kind}-{reduction}"))
+    x, target, weight, ignore_index = _make("nchw", torch.bfloat16)
+    eps, kwargs = _ext("all", x, target)
+    sets.append(pytest.param((x, target, weight, ignore_index, 0, eps, True,
+                              make_logits(positions_shape(x.shape), seed=6)), kwargs,
+                             id="bf16-float32_loss-fp32-grad_output"))
+    x, target, weight, ignore_index = _make("2d_weight", torch.float64)
+    sets.append(pytest.param((x, target, weight, ignore_index, 1, 0.2, False, torch.tensor(3.0, dtype=torch.float64)),
+                             {}, id="fp64-mean"))
+    base = make_logits((11, 6))
+    target = make_index_target((6,), 11)
+    sets.append(pytest.param((base.t(), target, None, -100, 2, 0.1, False, torch.tensor(0.5)), dict(z_loss=0.1),
+                             id="transposed"))
+    return sets
+
+
+@pytest.mark.parametrize("args,kwargs", _grad_arg_sets())
+def test_opcheck_grad(ops, args, kwargs):
+    torch.library.opcheck(ops.grad_.default, args, kwargs)
