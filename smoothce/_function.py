@@ -136,7 +136,6 @@ class CrossEntropyFunction(torch.autograd.Function):
 _APPLY_ARGS = 14  # CrossEntropyFunction.forward's arguments after ctx
 
 
-
 def _differentiable_backward(ctx, grad_loss):
     """Gradients that autograd can differentiate again (second order: Hessian-vector products,
     meta-learning), from the reference implementation's graph; only used under create_graph=True."""
