@@ -6,10 +6,13 @@ Run from the repository root:
     python bench/bench.py --device all
     python -m bench --shapes 4096x32000,8x21x256x256 --dtypes bf16 --runs 50
     python -m bench --quick --no-compile --out /tmp/bench
+    python -m bench --variants-only        # only the label-smoothing variants (bench/variants.py)
 
 All contenders run in one process, round-robin: every repetition runs each contender once, in an
 order rotated by one per repetition, so machine noise hits them all alike. Results go to
-<out>/<device>-<dtypes>.json, from which bench/report.py draws the .md table and the .png plot.
+<out>/<device>-<dtypes>.json, from which bench/report.py draws the .md table and the .png plot. The
+label-smoothing variants (bench/variants.py: smoothce's keywords against the plain-PyTorch code users
+run for them) follow in the same process and the same files unless --no-variants.
 """
 from __future__ import annotations
 
@@ -252,10 +255,12 @@ def make_contenders(cell: Cell, inputs: Inputs, device: str, libs: Libraries,
 
 @dataclass
 class Task:
-    """One contender in one mode: prepare() runs untimed before each timed step()."""
+    """One contender in one mode: prepare() runs untimed before each timed step() (memory_prepare(),
+    when given, instead of it before the call whose peak memory is measured)."""
     name: str
     prepare: Callable[[], None]
     step: Callable[[], None]
+    memory_prepare: Optional[Callable[[], None]] = None
 
 
 def contender_task(contender: Contender, mode: str, inputs: Inputs) -> Task:
@@ -416,7 +421,7 @@ def cpu_peak_extra_bytes(step: Callable[[], None]) -> Optional[int]:
 
 def peak_extra_bytes(task: Task, device: str) -> Optional[int]:
     """Memory one call of the task allocates at its peak, above what was allocated before it."""
-    task.prepare()
+    (task.memory_prepare or task.prepare)()
     if device != "cuda":
         return cpu_peak_extra_bytes(task.step)
     torch.cuda.synchronize()
@@ -546,6 +551,12 @@ def benchmark_device(device: str, cells: list[Cell], args: argparse.Namespace) -
         if device == "cuda":
             torch.cuda.empty_cache()
 
+    variant_section = None
+    if args.variants:
+        from bench import variants  # imports this module: loaded here, not at the top
+
+        variant_section = variants.run(device, args, libs.smoothce, libs.reasons.get("smoothce"))
+
     elapsed = time.perf_counter() - started
     reduced = sum(1 for row in measurements if row["reduced_runs"])
     notes = []
@@ -566,6 +577,8 @@ def benchmark_device(device: str, cells: list[Cell], args: argparse.Namespace) -
         "skipped": skipped,
         "measurements": sorted(measurements, key=lambda row: cells.index(Cell(tuple(row["shape"]), row["dtype"]))),
     }
+    if variant_section is not None:
+        data["variants"] = variant_section
     return report.derive(data)
 
 
@@ -596,6 +609,8 @@ def run_metadata(device: str, name: str, args: argparse.Namespace, libs: Librari
         "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
         "command": "python -m bench " + " ".join(args.argv),
         "quick": args.quick,
+        "variants": args.variants,
+        "variants_only": args.variants_only,
         "dtypes": list(dict.fromkeys(args.dtypes_for[device])),
         "label_smoothing": LABEL_SMOOTHING,
         "grad_scale": GRAD_SCALE,
@@ -650,7 +665,16 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
                         help="seconds for the whole adaptive run per device (default: "
                              + ", ".join(f"{d} {s:.0f}" for d, s in DEFAULT_BUDGET_S.items()) + ")")
     parser.add_argument("--no-compile", action="store_true", help="leave torch.compile out")
+    parser.add_argument("--variants", action=argparse.BooleanOptionalAction, default=True,
+                        help="after the table, time the label-smoothing variants (smoothing='others', target_values, "
+                             "mixup, z_loss, inplace_backward) against their plain-PyTorch versions (default: on)")
+    parser.add_argument("--variants-only", action="store_true",
+                        help="only the variants; writes <device>-variants.json (.md, .png)")
+    parser.add_argument("--variant-budget", type=float,
+                        help="seconds for the adaptive variant rows per device (default: cpu 100, cuda 120)")
     args = parser.parse_args(argv)
+    if args.variants_only and not args.variants:
+        parser.error("--variants-only and --no-variants exclude each other")
     if args.runs is not None and args.runs < 1:
         parser.error(f"--runs: expected at least 1, got {args.runs}")
     if args.device == "cuda" and not torch.cuda.is_available():
@@ -668,6 +692,8 @@ def devices_for(choice: Optional[str]) -> list[str]:
 
 
 def cells_for(device: str, args: argparse.Namespace) -> list[Cell]:
+    if args.variants_only:
+        return []
     if args.shapes:
         shapes = args.shapes
     elif args.quick:
@@ -685,19 +711,27 @@ def main(argv: Optional[list[str]] = None) -> int:
     if args.device == "all" and "cuda" not in devices:
         print("   no CUDA device: measuring cpu only", flush=True)
     args.dtypes_for = {device: args.dtypes or list(DEFAULT_DTYPES[device]) for device in devices}
+    failed_checks = 0
     for device in devices:
         data = benchmark_device(device, cells_for(device, args), args)
-        stem = "-".join([device] + data["meta"]["dtypes"]) + ("-quick" if args.quick else "")
-        json_path = out / f"{stem}.json"
+        stem = "-".join([device] + (["variants"] if args.variants_only else data["meta"]["dtypes"]))
+        json_path = out / f"{stem}{'-quick' if args.quick else ''}.json"
         json_path.write_text(json.dumps(data, indent=1) + "\n", encoding="utf-8")
         md_path, png_path = report.write_reports(data, json_path)
         print("\n".join(summary_lines_with_notes(data)), flush=True)
         print(f"wrote {json_path}, {md_path.name}, {png_path.name} in {data['meta']['elapsed_s']:.0f} s", flush=True)
+        failed_checks += sum(1 for check in data.get("variants", {}).get("checks", []) if not check["passed"])
+    if failed_checks:
+        print(f"error: {failed_checks} variant check(s) failed: smoothce and the plain-PyTorch version disagree "
+              f"(see 'CHECK FAILED' above); those pairs were not timed", flush=True)
+        return 1
     return 0
 
 
 def summary_lines_with_notes(data: dict) -> list[str]:
-    lines = report.summary_lines(data["summary"])
+    lines = report.summary_lines(data["summary"]) if data["measurements"] else []
+    if data.get("variants"):
+        lines += report.variant_summary_lines(data["variants"])
     lines += [f"note: {note}" for note in data["meta"]["notes"]]
     return lines
 

@@ -3,7 +3,9 @@
     python -m bench.report bench/results/cpu-fp32-bf16.json
 
 writes cpu-fp32-bf16.md and cpu-fp32-bf16.png beside the JSON. Every number shown is derived here
-from the raw per-run times the JSON stores, so a JSON alone regenerates its table and plot.
+from the raw per-run times the JSON stores, so a JSON alone regenerates its table and plot. The
+label-smoothing variants (bench/variants.py) live in the JSON's "variants" section and get a section
+of the table and a row of the plot.
 """
 from __future__ import annotations
 
@@ -32,6 +34,14 @@ CONTENDERS = {
     "copy": "copy (floor)",
 }
 DTYPE_ORDER = ("fp32", "bf16", "fp16")
+# The variant rows (bench/variants.py): contender name -> title; the first is every group's baseline.
+VARIANT_BASELINE = "plain"
+VARIANT_CONTENDERS = {
+    "plain": "plain PyTorch",
+    "smoothce": "smoothce",
+    "smoothce_inplace": "smoothce, inplace_backward=True",
+}
+VARIANT_MODES = ("fwd+bwd", "fwd")
 
 
 def minimal_bytes(numel: int, itemsize: int, mode: str) -> int:
@@ -72,7 +82,44 @@ def derive(data: dict) -> dict:
             row["speedup_vs_eager"] = eager["median_ms"] / row["median_ms"] if eager else None
             row["pct_of_copy"] = 100.0 * row["gbps"] / copy["gbps"] if copy else None
     data["summary"] = summarize(data["measurements"])
+    if data.get("variants"):
+        derive_variants(data["variants"])
     return data
+
+
+def derive_variants(section: dict) -> dict:
+    """The variant rows' statistics and speed-up over the plain-PyTorch version measured in the same
+    group (variant, shape, dtype, mode); with the section's checks, its summary too. Idempotent."""
+    for row in section["measurements"]:
+        row.update(time_stats(row["times_ms"]))
+    for group in variant_groups(section["measurements"]).values():
+        plain = group.get(VARIANT_BASELINE)
+        for row in group.values():
+            row["speedup_vs_plain"] = plain["median_ms"] / row["median_ms"] if plain else None
+    if "checks" in section:
+        section["summary"] = summarize_variants(section["measurements"])
+    return section
+
+
+def variant_groups(rows: list[dict]) -> dict[tuple[str, str, str, str], dict[str, dict]]:
+    """(variant, shape_str, dtype, mode) -> {contender: row}, in the rows' order."""
+    groups: dict[tuple[str, str, str, str], dict[str, dict]] = {}
+    for row in rows:
+        groups.setdefault((row["variant"], row["shape_str"], row["dtype"], row["mode"]), {})[row["contender"]] = row
+    return groups
+
+
+def summarize_variants(rows: list[dict]) -> dict:
+    """variant -> mode -> contender -> geometric mean over shapes of its speed-up vs the plain version."""
+    ratios: dict[str, dict[str, dict[str, list[float]]]] = {}
+    for (variant, _, _, mode), group in variant_groups(rows).items():
+        for name, row in group.items():
+            if name != VARIANT_BASELINE and row["speedup_vs_plain"] is not None:
+                ratios.setdefault(variant, {}).setdefault(mode, {}).setdefault(name, []).append(row["speedup_vs_plain"])
+    return {variant: {mode: {name: {"geomean": geometric_mean(values), "cells": len(values)}
+                             for name, values in by_name.items()}
+                      for mode, by_name in by_mode.items()}
+            for variant, by_mode in ratios.items()}
 
 
 def geometric_mean(values: list[float]) -> float | None:
@@ -112,6 +159,21 @@ def summary_lines(summary: dict, mode: str = HEADLINE_MODE) -> list[str]:
         value = entry[key]
         shown = f"{value['geomean']:.2f}x" if value["geomean"] is not None else "n/a"
         lines.append(f"  {text:<36} {shown:>8}   ({value['cells']} cells)")
+    return lines
+
+
+def variant_summary_lines(section: dict) -> list[str]:
+    """The variants' end-of-run summary in words (plain ASCII, for the console)."""
+    summary = section.get("summary") or {}
+    if not summary:
+        return ["variants: none measured"]
+    lines = ["variants (fwd+bwd, speed-up vs the plain-PyTorch version, geometric mean over shapes):"]
+    for variant, by_mode in summary.items():
+        for name, value in by_mode.get("fwd+bwd", {}).items():
+            lines.append(f"  {variant:<17} {name:<17} {value['geomean']:>6.2f}x   ({value['cells']} shapes)")
+    failed = [c for c in section.get("checks", []) if not c["passed"]]
+    if failed:
+        lines.append(f"  {len(failed)} check(s) FAILED: those pairs were not timed")
     return lines
 
 
@@ -180,7 +242,7 @@ def to_markdown(data: dict) -> str:
     groups = group_rows(rows)
     contenders = contenders_present(rows)
     keys = ordered_keys(data)
-    title_dtypes = " + ".join(meta.get("dtypes", []))
+    title_dtypes = " + ".join(meta.get("dtypes", [])) if rows else "label-smoothing variants"
     lines = [
         f"# smoothce benchmark: {meta['device']}, {title_dtypes}",
         "",
@@ -188,19 +250,42 @@ def to_markdown(data: dict) -> str:
         f"smoothce {meta.get('smoothce_version') or 'not installed'} · {meta['date']} · "
         f"`{meta.get('command', 'python -m bench')}`",
         "",
-        f"- Loss: label smoothing {meta['label_smoothing']}, reduction `mean`; "
-        f"segmentation shapes (more than 2 dims) use ignore_index {meta['segmentation_ignore_index']} "
-        f"on {meta['ignored_fraction']:.0%} of the positions, other shapes ignore nothing.",
-        f"- Timing: {meta['timing_method']}",
-        f"- Runs: {meta['runs_policy']}",
-        f"- GB/s: minimal bytes (N·C·itemsize read, plus as much written for the gradient when there "
-        f"is a backward) / median time; % of copy: that over the bandwidth of `dst.copy_(src)` of "
-        f"the same N·C tensor, measured in the same round-robin.",
-        f"- Peak extra memory: {meta['memory_method']}",
     ]
+    if rows:  # the standard table's set-up (the variants' section describes its own)
+        lines += [
+            f"- Loss: label smoothing {meta['label_smoothing']}, reduction `mean`; "
+            f"segmentation shapes (more than 2 dims) use ignore_index {meta['segmentation_ignore_index']} "
+            f"on {meta['ignored_fraction']:.0%} of the positions, other shapes ignore nothing.",
+            f"- Timing: {meta['timing_method']}",
+            f"- Runs: {meta['runs_policy']}",
+            f"- GB/s: minimal bytes (N·C·itemsize read, plus as much written for the gradient when there "
+            f"is a backward) / median time; % of copy: that over the bandwidth of `dst.copy_(src)` of "
+            f"the same N·C tensor, measured in the same round-robin.",
+            f"- Peak extra memory: {meta['memory_method']}",
+            ]
     lines += [f"- Note: {note}" for note in meta.get("notes", [])]
+    if rows:
+        lines += main_tables(data, groups, contenders, keys)
+    if data.get("variants"):
+        lines += variants_markdown(data["variants"], meta)
 
-    lines += ["", "## Summary (geometric mean over shape × dtype)", ""]
+    if data.get("skipped"):
+        lines += ["", "## Skipped", ""]
+        for skip in data["skipped"]:
+            where = f"{skip['shape_str']} {skip['dtype']}" if skip.get("shape_str") else "all shapes"
+            lines.append(f"- {CONTENDERS.get(skip['contender'], skip['contender'])} ({where}): {skip['reason']}")
+    notes = sorted({(row["contender"], row["note"]) for row in rows if row.get("note")})
+    if notes:
+        lines += ["", "## Contender notes", ""]
+        lines += [f"- {CONTENDERS.get(name, name)}: {note}" for name, note in notes]
+    if rows:
+        lines += all_measurements_table(groups, contenders, keys)
+    return "\n".join(lines) + "\n"
+
+
+def main_tables(data: dict, groups: dict, contenders: list[str], keys: list[tuple[str, str]]) -> list[str]:
+    """The summary and one table per mode of the standard shapes."""
+    lines = ["", "## Summary (geometric mean over shape × dtype)", ""]
     summary_rows = []
     for mode in MODES:
         entry = data["summary"].get(mode)
@@ -226,18 +311,11 @@ def to_markdown(data: dict) -> str:
             group = groups.get((shape_str, dtype, mode), {})
             table.append([shape_str, dtype] + [compact_cell(group.get(c)) for c in contenders])
         lines += markdown_table(["shape", "dtype"] + [CONTENDERS.get(c, c) for c in contenders], table)
+    return lines
 
-    if data.get("skipped"):
-        lines += ["", "## Skipped", ""]
-        for skip in data["skipped"]:
-            where = f"{skip['shape_str']} {skip['dtype']}" if skip.get("shape_str") else "all shapes"
-            lines.append(f"- {CONTENDERS.get(skip['contender'], skip['contender'])} ({where}): {skip['reason']}")
-    notes = sorted({(row["contender"], row["note"]) for row in rows if row.get("note")})
-    if notes:
-        lines += ["", "## Contender notes", ""]
-        lines += [f"- {CONTENDERS.get(name, name)}: {note}" for name, note in notes]
 
-    lines += ["", "## All measurements", ""]
+def all_measurements_table(groups: dict, contenders: list[str], keys: list[tuple[str, str]]) -> list[str]:
+    lines = ["", "## All measurements", ""]
     table = []
     for shape_str, dtype in keys:
         for mode in MODES:
@@ -255,13 +333,95 @@ def to_markdown(data: dict) -> str:
                               fmt_ratio(row["speedup_vs_eager"]), fmt_bytes(row["peak_extra_bytes"])])
     lines += markdown_table(["shape", "dtype", "mode", "contender", "runs", "median ms", "IQR ms",
                              "min–max ms", "GB/s", "% of copy", "vs eager", "peak extra"], table)
-    return "\n".join(lines) + "\n"
+    return lines
+
+
+def fmt_rel(value: float | None) -> str:
+    return "n/a" if value is None else ("0" if value == 0 else f"{value:.1e}")
+
+
+def variants_markdown(section: dict, meta: dict) -> list[str]:
+    """The variants' section: how each pair was built, the headline table, every measurement."""
+    settings = section.get("settings", {})
+    method = section.get("method", {})
+    rows = section.get("measurements", [])
+    groups = variant_groups(rows)
+    checks = {(c["variant"], c["shape_str"], c["contender"]): c for c in section.get("checks", [])}
+    lines = ["", f"## Label-smoothing variants ({section.get('dtype', 'fp32')}): smoothce against the plain-PyTorch version",
+             "",
+             f"{meta['device_name']} · {meta['threads']} threads · torch {meta['torch_version']} · "
+             f"ε = {settings.get('label_smoothing')}, mixup lam = {settings.get('lam')}, z-loss α = {settings.get('z_loss')}, "
+             f"target values {tuple(settings.get('target_values', ()))}, segmentation ignore_index "
+             f"{settings.get('ignore_index')} on {settings.get('ignored_fraction', 0):.0%} of the positions.",
+             ""]
+    lines += [f"- Timing: {method['timing']}" if method.get("timing") else None,
+              f"- Runs: {section['runs_policy']}" if section.get("runs_policy") else None,
+              f"- Peak extra memory: {method['memory']}" if method.get("memory") else None,
+              f"- Check: {method['check']}" if method.get("check") else None]
+    lines = [line for line in lines if line is not None]
+    if section.get("elapsed_s") is not None:
+        lines.append(f"- The variant rows took {section['elapsed_s']:.0f} s of this run.")
+    lines.append("- What each timed call runs (plain PyTorch: eager, as users write it):")
+    for definition in section.get("definitions", []):
+        lines.append(f"  - **{definition['variant']}** — {definition['title']}"
+                     + (f"; {definition['setup']}" if definition.get("setup") else "") + ":")
+        for name, code in definition["contenders"].items():
+            lines.append(f"    {VARIANT_CONTENDERS.get(name, name)}: `{code}`")
+
+    table = []
+    for (variant, shape_str, dtype, mode), group in groups.items():
+        if mode != VARIANT_MODES[0]:
+            continue
+        plain = group.get(VARIANT_BASELINE)
+        fwd = groups.get((variant, shape_str, dtype, "fwd"), {})
+        for name, row in group.items():
+            if name == VARIANT_BASELINE:
+                continue
+            check = checks.get((variant, shape_str, name), {})
+            table.append([variant, VARIANT_CONTENDERS.get(name, name), shape_str,
+                          fmt_ms(plain["median_ms"]) if plain else "—", f"**{fmt_ms(row['median_ms'])}**",
+                          f"**{fmt_ratio(row['speedup_vs_plain'])}**",
+                          fmt_ratio(fwd[name]["speedup_vs_plain"]) if name in fwd else "—",
+                          fmt_bytes(plain["peak_extra_bytes"]) if plain else "—", fmt_bytes(row["peak_extra_bytes"]),
+                          f"{fmt_rel(check.get('loss_rel_diff'))} / {fmt_rel(check.get('grad_rel_diff'))}"])
+    lines += ["", "fwd+bwd: forward + loss.backward(); fwd: forward under torch.no_grad(). Ratios: plain PyTorch's "
+                  "median time / this row's, in the same round-robin.", ""]
+    if table:
+        lines += markdown_table(["variant", "contender", "shape", "plain ms (fwd+bwd)", "ms (fwd+bwd)",
+                                 "speed-up fwd+bwd", "speed-up fwd", "peak extra, plain", "peak extra",
+                                 "check: loss / grad rel. diff"], table)
+    else:
+        lines.append("No variant was measured.")
+    for (variant, shape_str, dtype, mode), group in groups.items():
+        if variant == "inplace_backward" and {"smoothce", "smoothce_inplace"} <= set(group):
+            off, on = group["smoothce"], group["smoothce_inplace"]
+            lines.append(f"\ninplace_backward {shape_str} {mode}: time with / without "
+                         f"{on['median_ms'] / off['median_ms']:.2f}× ({fmt_ms(on['median_ms'])} vs "
+                         f"{fmt_ms(off['median_ms'])} ms); peak extra memory {fmt_bytes(on['peak_extra_bytes'])} with, "
+                         f"{fmt_bytes(off['peak_extra_bytes'])} without.")
+    for skip in section.get("skipped", []):
+        where = skip["shape_str"] or "all shapes"
+        lines.append(f"\n- Not measured: {skip['variant']} ({where}): {skip['reason']}")
+
+    lines += ["", "### Variant measurements", ""]
+    table = []
+    for (variant, shape_str, dtype, mode), group in groups.items():
+        for name, row in group.items():
+            table.append([variant, shape_str, dtype, mode, name,
+                          f"{row['runs']}{' (reduced)' if row.get('reduced_runs') else ''}",
+                          fmt_ms(row["median_ms"]), f"{fmt_ms(row['q1_ms'])}–{fmt_ms(row['q3_ms'])}",
+                          f"{fmt_ms(row['min_ms'])}–{fmt_ms(row['max_ms'])}", fmt_ratio(row["speedup_vs_plain"]),
+                          fmt_bytes(row["peak_extra_bytes"])])
+    lines += markdown_table(["variant", "shape", "dtype", "mode", "contender", "runs", "median ms", "IQR ms",
+                             "min–max ms", "vs plain", "peak extra"], table)
+    return lines
 
 
 # ----------------------------------------------------------------------------- plot
 
 def plot(data: dict, path: Path) -> None:
-    """Per dtype: speed-up vs eager and % of copy bandwidth (fwd+bwd), shapes ordered by C."""
+    """Per dtype: speed-up vs eager and % of copy bandwidth (fwd+bwd), shapes ordered by C; then, when
+    the variants were measured, their speed-up over the plain-PyTorch version and their peak memory."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -271,8 +431,9 @@ def plot(data: dict, path: Path) -> None:
     present = {row["dtype"] for row in rows}
     dtypes = [d for d in DTYPE_ORDER if d in present] + sorted(present - set(DTYPE_ORDER))
     contenders = contenders_present(rows)
-    fig, axes = plt.subplots(max(len(dtypes), 1), 2, figsize=(13, 4.2 * max(len(dtypes), 1)),
-                             squeeze=False)
+    variant_rows = [row for row in (data.get("variants") or {}).get("measurements", []) if row["mode"] == HEADLINE_MODE]
+    panel_rows = max(len(dtypes) + (1 if variant_rows else 0), 1)
+    fig, axes = plt.subplots(panel_rows, 2, figsize=(13, 4.2 * panel_rows), squeeze=False)
     for axes_row, dtype in zip(axes, dtypes):
         mine = [row for row in rows if row["dtype"] == dtype]
         # Several shapes can share C, so the axis is categorical: shapes sorted by (C, size).
@@ -294,6 +455,8 @@ def plot(data: dict, path: Path) -> None:
         axes_row[0].set_yscale("log")
         axes_row[0].axhline(1.0, color="black", linewidth=0.8)
         axes_row[0].legend(fontsize=8)
+    if variant_rows:
+        plot_variants(axes[len(dtypes)], variant_rows)
     meta = data["meta"]
     fig.suptitle(f"smoothce {meta.get('smoothce_version') or '(not installed)'} vs alternatives: "
                  f"{meta['device']} ({meta['device_name']}, {meta['threads']} threads), "
@@ -301,6 +464,37 @@ def plot(data: dict, path: Path) -> None:
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
+
+
+VARIANT_COLORS = {"plain": "0.6", "smoothce": "C0", "smoothce_inplace": "C1"}
+
+
+def plot_variants(axes_row, rows: list[dict]) -> None:
+    """Bars per (variant, shape): speed-up over the plain version; peak extra memory of each contender."""
+    groups = variant_groups(rows)
+    labels = [f"{variant}\n{shape_str}" for variant, shape_str, _, _ in groups]
+    for ax, metric, title in ((axes_row[0], "speedup_vs_plain", "speed-up vs plain PyTorch (×)"),
+                              (axes_row[1], "peak_extra_bytes", "peak extra memory (MiB)")):
+        labelled = set()
+        for position, group in enumerate(groups.values()):
+            names = [n for n in VARIANT_CONTENDERS if n in group
+                     and (metric != "speedup_vs_plain" or n != VARIANT_BASELINE)]
+            width = 0.8 / max(len(names), 1)
+            for index, name in enumerate(names):
+                value = group[name].get(metric)
+                if value is None:
+                    continue
+                if metric == "peak_extra_bytes":
+                    value /= 2**20
+                ax.bar(position + (index - (len(names) - 1) / 2) * width, value, width, color=VARIANT_COLORS.get(name),
+                       label=None if name in labelled else VARIANT_CONTENDERS[name])
+                labelled.add(name)
+        ax.set_xticks(range(len(labels)))
+        ax.set_xticklabels(labels, rotation=30, ha="right", fontsize=7)
+        ax.set_title(f"label-smoothing variants, fp32, {HEADLINE_MODE}: {title}")
+        ax.grid(True, axis="y", alpha=0.3)
+        ax.legend(fontsize=8)
+    axes_row[0].axhline(1.0, color="black", linewidth=0.8)
 
 
 def write_reports(data: dict, json_path: Path) -> tuple[Path, Path]:
@@ -319,7 +513,9 @@ def main(argv: list[str] | None = None) -> int:
     for json_path in args.json:
         data = derive(json.loads(json_path.read_text(encoding="utf-8")))
         md_path, png_path = write_reports(data, json_path)
-        print("\n".join(summary_lines(data["summary"])))
+        print("\n".join(summary_lines(data["summary"]) if data["measurements"] else []))
+        if data.get("variants"):
+            print("\n".join(variant_summary_lines(data["variants"])))
         print(f"wrote {md_path} and {png_path}")
     return 0
 

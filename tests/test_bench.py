@@ -17,6 +17,8 @@ ROOT = Path(__file__).resolve().parents[1]
 META_KEYS = {"torch_version", "smoothce_version", "device", "device_name", "threads", "date",
              "timing_method", "memory_method", "runs_policy", "dtypes"}
 MODES = {"fwd", "fwd+bwd", "fwd+bwd scaled"}
+VARIANT_MODES = {"others": {"fwd+bwd", "fwd"}, "z_loss": {"fwd+bwd", "fwd"}, "mixup": {"fwd+bwd", "fwd"},
+                 "target_values": {"fwd+bwd", "fwd"}, "inplace_backward": {"fwd+bwd"}}
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 
 
@@ -41,11 +43,50 @@ def run_quick(out, *extra):
     return stdout, json_files[0]
 
 
-def md_measurement_rows(md):
-    """The rows of the 'All measurements' table, as lists of cells."""
-    table = md.split("## All measurements", 1)[1]
+def md_measurement_rows(md, heading="## All measurements"):
+    """The rows of the table under heading (up to the next heading), as lists of cells."""
+    table = md.split(heading, 1)[1].split("\n#", 1)[0]
     lines = [line for line in table.splitlines() if line.startswith("| ")]
     return [[cell.strip() for cell in line.strip("|").split("|")] for line in lines[1:]]  # skip header
+
+
+def check_variants(data, md):
+    """The variant rows: every variant checked before it was timed, its groups complete, ratios taken
+    against the plain version of the same group, memory of both in-place settings, all shown in the .md."""
+    section = data["variants"]
+    rows = section["measurements"]
+    assert {row["variant"] for row in rows} == set(VARIANT_MODES)
+    checks = section["checks"]
+    assert checks and all(check["passed"] for check in checks), checks
+    for check in checks:
+        assert check["loss_rel_diff"] <= check["rtol"] and check["grad_rel_diff"] <= check["rtol"]
+    checked = {(check["variant"], check["shape_str"], check["contender"]) for check in checks}
+    groups = {}
+    for row in rows:
+        assert row["dtype"] == "fp32"
+        assert row["runs"] == len(row["times_ms"]) >= 1 and all(t > 0 for t in row["times_ms"])
+        assert row["min_ms"] <= row["q1_ms"] <= row["median_ms"] <= row["q3_ms"] <= row["max_ms"]
+        assert row["peak_extra_bytes"] is not None
+        if row["contender"] != "plain":
+            assert (row["variant"], row["shape_str"], row["contender"]) in checked, f"timed unchecked: {row}"
+        groups.setdefault((row["variant"], row["shape_str"], row["mode"]), {})[row["contender"]] = row
+    for variant, modes in VARIANT_MODES.items():
+        assert {mode for (v, _, mode) in groups if v == variant} == modes, variant
+    for (variant, shape_str, mode), group in groups.items():
+        assert {"plain", "smoothce"} <= set(group), (variant, shape_str, mode)
+        for row in group.values():
+            assert row["speedup_vs_plain"] == pytest.approx(group["plain"]["median_ms"] / row["median_ms"])
+        assert (len(group["plain"]["shape"]) == 4) == (variant == "target_values")
+        if variant == "inplace_backward":  # allocation counts, not timings: the gradient is no allocation
+            assert group["smoothce_inplace"]["peak_extra_bytes"] < group["smoothce"]["peak_extra_bytes"]
+    assert all(section["summary"][variant]["fwd+bwd"]["smoothce"]["geomean"] > 0 for variant in VARIANT_MODES)
+
+    assert "## Label-smoothing variants" in md and data["meta"]["device_name"] in md
+    table = md_measurement_rows(md, "### Variant measurements")
+    assert len(table) == len(rows), "the variants' markdown table and the JSON disagree"
+    shown = {tuple(cells[:5]) for cells in table}
+    for row in rows:
+        assert (row["variant"], row["shape_str"], row["dtype"], row["mode"], row["contender"]) in shown, row
 
 
 def check_results(json_path):
@@ -86,6 +127,8 @@ def check_results(json_path):
     for row in rows:
         assert (row["shape_str"], row["dtype"], row["mode"], row["contender"]) in shown, row
     assert data["meta"]["torch_version"] in md
+    if data["meta"].get("variants"):
+        check_variants(data, md)
 
     png = json_path.with_suffix(".png").read_bytes()
     assert png.startswith(PNG_SIGNATURE), "not a PNG file"
@@ -102,11 +145,13 @@ def quick_run(tmp_path_factory):
 def test_quick_run_writes_consistent_results(quick_run):
     stdout, json_path = quick_run
     data = check_results(json_path)
+    assert data["meta"]["variants"] and "variants" in data, "the variants run by default"
     assert any(s["contender"] == "compile" and s["reason"] == "--no-compile" for s in data["skipped"])
     # Progress: a header line per measurement group, as it goes, and the summary at the end.
     groups = len({(r["shape_str"], r["dtype"], r["mode"]) for r in data["measurements"]})
     assert stdout.count(f"/{groups}] cpu ") == groups
     assert "summary (fwd+bwd" in stdout
+    assert stdout.count("variants [") == sum(len(modes) for modes in VARIANT_MODES.values())
 
 
 def test_smoothce_is_measured_when_importable(quick_run):
@@ -130,7 +175,42 @@ def test_report_regenerates_the_same_markdown_from_the_json(quick_run, tmp_path)
 
 
 def test_script_entry_point_parses_its_options():
-    assert "--no-compile" in run_python("bench/bench.py", "--help")
+    assert "--no-variants" in run_python("bench/bench.py", "--help")
+
+
+def test_variant_options():
+    from bench import bench
+
+    assert bench.parse_args([]).variants and not bench.parse_args([]).variants_only
+    assert not bench.parse_args(["--no-variants"]).variants
+    args = bench.parse_args(["--variants-only", "--quick"])
+    assert args.variants and bench.cells_for("cpu", args) == []
+    with pytest.raises(SystemExit):
+        bench.parse_args(["--variants-only", "--no-variants"])
+
+
+def test_a_variant_that_disagrees_is_not_timed(monkeypatch, capsys):
+    """A smoothce call that computes another loss than the plain version fails its check and is not timed."""
+    import argparse
+
+    import smoothce
+    from bench import variants
+
+    right = variants.contenders_for
+
+    def wrong(variant, inputs, library):
+        plain, mine = right(variant, inputs, library)
+        x, target = inputs.leaves[0], inputs.target  # 'uniform' where the plain version spreads ε over C−1
+        return [plain, variants.Contender(mine.name, mine.code,
+                                          lambda: smoothce.cross_entropy(x, target, label_smoothing=0.1))]
+
+    monkeypatch.setattr(variants, "VARIANTS", tuple(v for v in variants.VARIANTS if v.name == "others"))
+    monkeypatch.setattr(variants, "contenders_for", wrong)
+    section = variants.run("cpu", argparse.Namespace(quick=True, runs=None, variant_budget=None), smoothce, None)
+    assert section["measurements"] == []
+    assert section["checks"] and not any(check["passed"] for check in section["checks"])
+    assert "check failed" in section["skipped"][0]["reason"]
+    assert "CHECK FAILED" in capsys.readouterr().out
 
 
 def test_derived_numbers():
@@ -149,6 +229,21 @@ def test_derived_numbers():
     assert summary["smoothce_vs_eager"]["geomean"] == pytest.approx(2.0)
     assert summary["smoothce_time_over_copy"]["geomean"] == pytest.approx(4.0)
     assert summary["smoothce_vs_compile"]["cells"] == 0
+
+    variant_rows = [{"variant": "mixup", "shape": shape, "shape_str": "x".join(map(str, shape)), "dtype": "fp32",
+                     "mode": "fwd+bwd", "contender": name, "times_ms": times, "runs": len(times),
+                     "peak_extra_bytes": 0}
+                    for shape in ([8, 10], [8, 20])
+                    for name, times in (("plain", [8.0, 9.0, 10.0]), ("smoothce", [100.0 / shape[1]] * 2))]
+    section = report.derive_variants({"measurements": variant_rows, "checks": []})
+    assert [row["speedup_vs_plain"] for row in variant_rows] == pytest.approx([1.0, 9 / 10, 1.0, 9 / 5])
+    assert section["summary"]["mixup"]["fwd+bwd"]["smoothce"]["geomean"] == pytest.approx((9 / 10 * 9 / 5) ** 0.5)
+    # A variants-only document: the variants' section, no empty standard table.
+    meta = {"device": "cpu", "device_name": "test CPU", "threads": 1, "torch_version": "9.9", "date": "today",
+            "dtypes": ["fp32"]}
+    md = report.to_markdown(report.derive({"meta": meta, "measurements": [], "variants": section}))
+    assert "## Label-smoothing variants" in md and "## All measurements" not in md
+    assert len(md_measurement_rows(md, "### Variant measurements")) == len(variant_rows)
 
 
 @pytest.mark.slow
