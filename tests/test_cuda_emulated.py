@@ -318,6 +318,36 @@ def test_none_reduction_traffic(on_emu):
     _assert_traffic(measured, _model(x, 2, 1))
 
 
+@pytest.mark.parametrize("plan", ["rows", "cluster", "strided"])
+def test_inplace_backward_traffic(on_emu, plan):
+    """inplace_backward: forward reads the logits, backward reads them again and writes the gradient
+    over them: 2 reads + 1 write, and no N×C buffer (the per-position values come twice)."""
+    shape = {"rows": (64, 1000), "cluster": (8, 6000), "strided": (4, 21, 16, 16)}[plan]
+    if plan == "cluster":
+        on_emu.set_limits(**CLUSTER_LIMITS)
+    leaf = make_logits(shape).requires_grad_(True)
+    target = make_index_target(positions_shape(shape), shape[1])
+
+    def train_step():
+        smoothce.cross_entropy(leaf * 1, target, label_smoothing=0.1, inplace_backward=True).backward()
+
+    measured = _traffic(on_emu, train_step)
+    read, write = _model(leaf, 2, 1)
+    positions = leaf.numel() // shape[1]  # two launches: the targets read twice more, loss and lse written again
+    _assert_traffic(measured, (read + 16 * positions, write + 8 * positions))
+
+
+def test_mixup_traffic(on_emu):
+    """mixup with a per-position lam: 1 read + 1 write of the logits; per position the second int64
+    target (read twice, as the first) and the lam value (twice) come on top."""
+    x = make_logits((64, 1000)).requires_grad_(True)
+    target, target_b = make_index_target((64,), 1000), make_index_target((64,), 1000, seed=2)
+    lam = torch.rand(64)
+    measured = _traffic(on_emu, lambda: smoothce.mixup_cross_entropy(x, target, target_b, lam, z_loss=1e-4).backward())
+    read, write = _model(x, 1, 1)
+    _assert_traffic(measured, (read + (16 + 8) * 64, write))
+
+
 def test_cluster_traffic(on_emu):
     """A row held by a cluster of blocks: 1 read + 1 write however long the row."""
     on_emu.set_limits(**CLUSTER_LIMITS)
