@@ -118,8 +118,12 @@ struct Params : PositionLayout, Smoothing<acc_type<scalar_t>> {
   }
   // The targets of position `pos` whose targets sit at `off` (target_offset_of(pos)).
   PositionTargets<acc_t> targets_at(int64_t off, int64_t pos) const {
-    return position_targets<acc_t>(target_at_offset(off), target_b_at_offset(off), lam ? lam[pos] : lam_value,
-                                   ignore_index, classes);
+    const int64_t t = target_at_offset(off);
+    if (target_b64 == nullptr && target_b8 == nullptr) {  // no mixup (lam = 1): the common case, kept short
+      const bool valid = t != ignore_index && t >= 0 && t < classes;
+      return {valid ? t : -1, -1, valid ? acc_t(1) : acc_t(0), acc_t(0)};
+    }
+    return position_targets<acc_t>(t, target_b_at_offset(off), lam ? lam[pos] : lam_value, ignore_index, classes);
   }
   PositionTargets<acc_t> targets_of(int64_t pos) const { return targets_at(target_offset_of(pos), pos); }
   // Logits (class stride sc from x) and weights at the targets; read before any gradient is written,
@@ -313,8 +317,10 @@ void rows_kernel(const Params<scalar_t>& p, int64_t pos_begin, int64_t pos_end) 
       }
     }
     const RowState<acc_t> state = row_state<scalar_t, kMass>(p, x, prob, exps, origins);
-    const PositionResult<acc_t> r = kSoft ? soft_target_position(state, p.scale_at(pos), p.z_loss)
-                                          : index_target_position(state, t, xt, p.weight_sum, p.scale_at(pos), p);
+    const acc_t log_sum = std::log(state.sum_exp);
+    const PositionResult<acc_t> r =
+        kSoft ? soft_target_position(state, log_sum, p.scale_at(pos), p.z_loss)
+              : index_target_position(state, log_sum, t, xt, p.weight_sum, p.scale_at(pos), p);
     p.lse[pos] = r.lse;
     p.position_loss[pos] = r.loss;
     if (g) {
@@ -326,6 +332,47 @@ void rows_kernel(const Params<scalar_t>& p, int64_t pos_begin, int64_t pos_end) 
 }
 
 // ---------------------------------------------------------------- tiles: one SIMD lane per position
+// The per-lane (per-position) values of a tile: its online-softmax sums, then each lane's results.
+template <typename acc_t, int64_t V>
+struct TileLanes {
+  alignas(64) acc_t max[V], sum[V], mass_dx[V], mass[V];
+  alignas(64) acc_t log_sum[V], coef[V], off[V];
+  IndexGradCoefs<acc_t> k[V];
+  TargetLogits<acc_t> x[V];
+};
+
+// Loss, lse and gradient coefficients of a tile's valid lanes, from their sums and log Σexp (invalid
+// lanes: zeros). Scalar work kept out
+// of line, away from the tile's vector loops (inlined, it cost them ~10% on (N, 21, H, W)).
+template <typename scalar_t, Mass kMass, typename acc_t, int64_t V>
+[[gnu::noinline]] void tile_lane_results(const Params<scalar_t>& p, const scalar_t* x, int64_t sc, int64_t pos0,
+                                         const bool* valid, const PositionTargets<acc_t>* targets,
+                                         TileLanes<acc_t, V>& lanes) {
+  for (int64_t l = 0; l < V; ++l) {
+    if (!valid[l]) {
+      lanes.log_sum[l] = lanes.coef[l] = lanes.off[l] = acc_t(0);
+      continue;
+    }
+    RowState<acc_t> state{lanes.max[l], lanes.sum[l], acc_t(0), acc_t(0)};
+    if constexpr (kMass != Mass::kNone) state.mass_dx = lanes.mass_dx[l];
+    if constexpr (kMass == Mass::kUnit || kMass == Mass::kWeighted) state.mass = p.weight_sum;
+    if constexpr (kMass == Mass::kSoft) state.mass = lanes.mass[l];
+    const acc_t scale = p.scale_at(pos0 + l);
+    PositionResult<acc_t> r;
+    if constexpr (kMass == Mass::kSoft) {
+      r = soft_target_position(state, lanes.log_sum[l], scale, p.z_loss);
+    } else {
+      lanes.x[l] = p.target_logits(x + l, sc, targets[l]);
+      r = index_target_position(state, lanes.log_sum[l], targets[l], lanes.x[l], p.weight_sum, scale, p);
+    }
+    p.lse[pos0 + l] = r.lse;
+    p.position_loss[pos0 + l] = r.loss;
+    lanes.coef[l] = r.coefs.softmax_coef;
+    lanes.off[l] = r.coefs.off_coef;
+    lanes.k[l] = r.coefs;
+  }
+}
+
 // A tile is up to V positions pos0 .. pos0+count, lane l of class c at x[c*sc + l] (and P, g alike).
 // Strided layouts ((N, C, H, W), x.t()) are walked in place; small-C rows are gathered into a
 // class-major buffer first. The tile's C×V logits are read from memory once (pass 1: max) and
@@ -377,43 +424,19 @@ void tile_kernel(const Params<scalar_t>& p, const scalar_t* x, const scalar_t* p
       vmass += v;
     }
   }
-  alignas(64) acc_t lane_max[V], lane_sum[V], lane_mass_dx[V], lane_mass[V];
-  alignas(64) acc_t lane_log_sum[V], lane_coef[V], lane_off[V];
-  IndexGradCoefs<acc_t> lane_k[V];
-  TargetLogits<acc_t> lane_x[V];
-  vorigin.store(lane_max);
-  vsum.store(lane_sum);
-  vmass_dx.store(lane_mass_dx);
-  vmass.store(lane_mass);
-
-  for (int64_t l = 0; l < V; ++l) {
-    lane_log_sum[l] = lane_coef[l] = lane_off[l] = acc_t(0);
-    if (!valid[l]) continue;
-    RowState<acc_t> state{lane_max[l], lane_sum[l], acc_t(0), acc_t(0)};
-    if constexpr (kMass != Mass::kNone) state.mass_dx = lane_mass_dx[l];
-    if constexpr (kMass == Mass::kUnit || kMass == Mass::kWeighted) state.mass = p.weight_sum;
-    if constexpr (kSoft) state.mass = lane_mass[l];
-    const acc_t scale = p.scale_at(pos0 + l);
-    PositionResult<acc_t> r;
-    if constexpr (kSoft) {
-      r = soft_target_position(state, scale, p.z_loss);
-    } else {
-      lane_x[l] = p.target_logits(x + l, sc, targets[l]);
-      r = index_target_position(state, targets[l], lane_x[l], p.weight_sum, scale, p);
-    }
-    p.lse[pos0 + l] = r.lse;
-    p.position_loss[pos0 + l] = r.loss;
-    lane_log_sum[l] = r.log_sum;
-    lane_coef[l] = r.coefs.softmax_coef;
-    lane_off[l] = r.coefs.off_coef;
-    lane_k[l] = r.coefs;
-  }
+  TileLanes<acc_t, V> lanes;
+  vorigin.store(lanes.max);
+  vsum.store(lanes.sum);
+  vmass_dx.store(lanes.mass_dx);
+  vmass.store(lanes.mass);
+  vsum.log().store(lanes.log_sum);  // one vector log for the tile's lanes
+  tile_lane_results<scalar_t, kMass>(p, x, sc, pos0, valid, targets, lanes);
   if (!g) return;
 
   alignas(64) acc_t invalid_bits[V];  // blendv mask: all bits set in ignored / padding lanes
   for (int64_t l = 0; l < V; ++l) std::memset(&invalid_bits[l], valid[l] ? 0 : 0xFF, sizeof(acc_t));
   const Vec vinvalid = Vec::loadu(invalid_bits);
-  const Vec vlog_sum = Vec::loadu(lane_log_sum), vcoef = Vec::loadu(lane_coef), voff = Vec::loadu(lane_off);
+  const Vec vlog_sum = Vec::loadu(lanes.log_sum), vcoef = Vec::loadu(lanes.coef), voff = Vec::loadu(lanes.off);
   const Vec vinv_sum = Vec(acc_t(1)) / vsum;  // p = exp(x − max) / Σexp (garbage lanes are blended out)
   for (int64_t c = 0; c < C; ++c) {
     Vec sub = voff;
@@ -425,7 +448,7 @@ void tile_kernel(const Params<scalar_t>& p, const scalar_t* x, const scalar_t* p
   }
   if constexpr (!kSoft) {
     for (int64_t l = 0; l < count; ++l)
-      if (valid[l]) p.write_target_grads(g + l, sc, lane_max[l], lane_log_sum[l], lane_k[l], targets[l], lane_x[l]);
+      if (valid[l]) p.write_target_grads(g + l, sc, lanes.max[l], lanes.log_sum[l], lanes.k[l], targets[l], lanes.x[l]);
   }
 }
 
@@ -501,11 +524,25 @@ double index_target_total_weight(const Params<scalar_t>& p) {
   at::parallel_for(0, chunks, 1, [&](int64_t chunk_begin, int64_t chunk_end) {
     for (int64_t chunk = chunk_begin; chunk < chunk_end; ++chunk) {
       double total = 0.0;
-      const int64_t end = std::min(positions, (chunk + 1) * kReduceChunk);
-      for (int64_t pos = chunk * kReduceChunk; pos < end && !first_bad[chunk].has_value(); ++pos) {
+      const int64_t begin = chunk * kReduceChunk, end = std::min(positions, (chunk + 1) * kReduceChunk);
+      auto out_of_range = [&](int64_t t) { return t != p.ignore_index && (t < 0 || t >= p.classes); };
+      const bool mixup = p.target_b64 != nullptr || p.target_b8 != nullptr;
+      for (int64_t pos = begin; pos < end; ++pos) {
         const int64_t off = p.target_offset_of(pos);
-        for (const int64_t t : {p.target_at_offset(off), p.target_b_at_offset(off)}) {
-          if (t != p.ignore_index && (t < 0 || t >= p.classes)) first_bad[chunk] = t;
+        const int64_t t = p.target_at_offset(off);
+        if (!mixup) {  // the common case, kept tight
+          if (t == p.ignore_index) continue;
+          if (out_of_range(t)) {
+            first_bad[chunk] = t;
+            break;
+          }
+          total += p.weight ? static_cast<double>(p.weight[t]) : 1.0;
+          continue;
+        }
+        const int64_t t_b = p.target_b_at_offset(off);
+        if (out_of_range(t) || out_of_range(t_b)) {
+          first_bad[chunk] = out_of_range(t) ? t : t_b;
+          break;
         }
         const PositionTargets<acc_t> k = p.targets_at(off, pos);
         if (k.k_a != acc_t(0)) total += static_cast<double>(k.k_a) * static_cast<double>(p.weight_at(k.a));

@@ -261,8 +261,9 @@ __device__ RowScalars<acc_type<scalar_t>> finish_position(const KernelArgs<scala
     if (a.position_scale) scale *= load_broadcast(a.position_scale + pos, write);
     const PositionResult<acc_t> r =
         a.mass == Mass::kSoft
-            ? soft_target_position(state, scale, a.z_loss)
-            : index_target_position(state, targets, x, static_cast<acc_t>(scalars.weight_sum), scale, a);
+            ? soft_target_position(state, std::log(state.sum_exp), scale, a.z_loss)
+            : index_target_position(state, std::log(state.sum_exp), targets, x, static_cast<acc_t>(scalars.weight_sum),
+                                    scale, a);
     out.max = state.max;
     out.log_sum = r.log_sum;
     out.coefs = r.coefs;

@@ -221,11 +221,11 @@ SMOOTHCE_HOST_DEVICE void add_z_loss(PositionResult<acc_t>& r, acc_t z_loss, acc
   r.coefs.softmax_coef += scale * acc_t(2) * z_loss * v * r.lse;
 }
 
-// Probability targets: `state.mass` = Σ w·q of the row (§3).
+// Probability targets: `state.mass` = Σ w·q of the row (§3). log_sum = log(state.sum_exp) (passed in:
+// the CPU tiles take it for all their lanes with one vector log).
 template <typename acc_t>
-SMOOTHCE_HOST_DEVICE PositionResult<acc_t> soft_target_position(const RowState<acc_t>& state, acc_t scale,
-                                                                acc_t z_loss) {
-  const acc_t log_sum = std::log(state.sum_exp);
+SMOOTHCE_HOST_DEVICE PositionResult<acc_t> soft_target_position(const RowState<acc_t>& state, acc_t log_sum,
+                                                                acc_t scale, acc_t z_loss) {
   PositionResult<acc_t> r{state.max + log_sum, log_sum, mass_nll(state, log_sum),
                           {scale * state.mass, scale, acc_t(0), acc_t(0)}};
   add_z_loss(r, z_loss, acc_t(1), scale);
@@ -235,11 +235,10 @@ SMOOTHCE_HOST_DEVICE PositionResult<acc_t> soft_target_position(const RowState<a
 // Index targets (§2, §7): `state.mass` = Σ_c w_c when tv.off ≠ 0. With v = k_a + k_b,
 //   ℓ = off·v·Σ_c w_c·(lse − x_c) + (on − off)·[k_a·w_a·(lse − x_a) + k_b·w_b·(lse − x_b)] + α·v·lse².
 template <typename acc_t>
-SMOOTHCE_HOST_DEVICE PositionResult<acc_t> index_target_position(const RowState<acc_t>& state,
+SMOOTHCE_HOST_DEVICE PositionResult<acc_t> index_target_position(const RowState<acc_t>& state, acc_t log_sum,
                                                                  const PositionTargets<acc_t>& t,
                                                                  const TargetLogits<acc_t>& x, acc_t weight_sum,
                                                                  acc_t scale, const Smoothing<acc_t>& s) {
-  const acc_t log_sum = std::log(state.sum_exp);
   const acc_t v = t.mass(), off = s.tv.off;
   const acc_t peak_a = (s.tv.on - off) * t.k_a * x.w_a, peak_b = (s.tv.on - off) * t.k_b * x.w_b;
   acc_t loss = acc_t(0);
