@@ -10,12 +10,6 @@
 
 namespace smoothce {
 
-// The input seen as x[n, c, s] = data[n*stride_outer + c*stride_class + s*stride_inner] with
-// n < outer, c < classes, s < inner. (N, C, d1..dk) collapses d1..dk into `inner` without a copy
-// whenever their strides allow it; (N, C) has inner = 1 and is then turned around (outer = 1,
-// inner = N) when its classes are strided, so that one kernel family covers class-contiguous rows
-// and another vectorizes across positions. The gradient and a probability target share the
-// input's strides (the checks make sure of it).
 // The §7 options of the forward op (its keyword arguments): explicit target values (on, off) for
 // index targets, the z-loss weight, and a mixup partner target with its share lam (a per-position
 // tensor, or lam_value for every position).
@@ -34,6 +28,12 @@ struct Extensions {
       const c10::optional<at::Tensor>&lam, double lam_value
 #define SMOOTHCE_EXTENSIONS ::smoothce::Extensions{target_values, z_loss, target_b, lam, lam_value}
 
+// The input seen as x[n, c, s] = data[n*stride_outer + c*stride_class + s*stride_inner] with
+// n < outer, c < classes, s < inner. (N, C, d1..dk) collapses d1..dk into `inner` without a copy
+// whenever their strides allow it; (N, C) has inner = 1 and is then turned around (outer = 1,
+// inner = N) when its classes are strided, so that one kernel family covers class-contiguous rows
+// and another vectorizes across positions. The gradient and a probability target share the
+// input's strides (the checks make sure of it).
 struct Problem {
   at::Tensor input;
   at::Tensor target;                 // index: int64/uint8 positions; soft: same strides as input
@@ -98,7 +98,7 @@ ForwardBuffers make_forward_buffers(const Problem& p, const at::Tensor& input, b
                                     at::Tensor (*allocate_grad)(const at::Tensor&));
 
 // allocate_grad for smoothce::grad_: the gradient goes over the logits themselves (refused when
-// elements share memory, as an expanded tensor's do).
+// elements may share memory: expand, unfold).
 at::Tensor grad_over_input(const at::Tensor& input);
 
 // Checks grad_output for scale_grad_ against the gradient it scales.
