@@ -342,12 +342,11 @@ struct TileLanes {
 };
 
 // Loss, lse and gradient coefficients of a tile's valid lanes, from their sums and log Σexp (invalid
-// lanes: zeros). Scalar work kept out
-// of line, away from the tile's vector loops (inlined, it cost them ~10% on (N, 21, H, W)).
-template <typename scalar_t, Mass kMass, typename acc_t, int64_t V>
-[[gnu::noinline]] void tile_lane_results(const Params<scalar_t>& p, const scalar_t* x, int64_t sc, int64_t pos0,
-                                         const bool* valid, const PositionTargets<acc_t>* targets,
-                                         TileLanes<acc_t, V>& lanes) {
+// lanes: zeros). kMixup = false (no second target) lets the compiler drop the second target's terms:
+// with them the per-lane scalar work cost the (N, 21, H, W) tiles ~10%.
+template <typename scalar_t, Mass kMass, bool kMixup, typename acc_t, int64_t V>
+inline void tile_lane_results(const Params<scalar_t>& p, const scalar_t* x, int64_t sc, int64_t pos0,
+                              const bool* valid, const PositionTargets<acc_t>* targets, TileLanes<acc_t, V>& lanes) {
   for (int64_t l = 0; l < V; ++l) {
     if (!valid[l]) {
       lanes.log_sum[l] = lanes.coef[l] = lanes.off[l] = acc_t(0);
@@ -362,8 +361,10 @@ template <typename scalar_t, Mass kMass, typename acc_t, int64_t V>
     if constexpr (kMass == Mass::kSoft) {
       r = soft_target_position(state, lanes.log_sum[l], scale, p.z_loss);
     } else {
-      lanes.x[l] = p.target_logits(x + l, sc, targets[l]);
-      r = index_target_position(state, lanes.log_sum[l], targets[l], lanes.x[l], p.weight_sum, scale, p);
+      // Without mixup the second target is known absent: its terms fold away.
+      const PositionTargets<acc_t> t = kMixup ? targets[l] : PositionTargets<acc_t>{targets[l].a, -1, acc_t(1), acc_t(0)};
+      lanes.x[l] = p.target_logits(x + l, sc, t);
+      r = index_target_position(state, lanes.log_sum[l], t, lanes.x[l], p.weight_sum, scale, p);
     }
     p.lse[pos0 + l] = r.lse;
     p.position_loss[pos0 + l] = r.loss;
@@ -430,7 +431,11 @@ void tile_kernel(const Params<scalar_t>& p, const scalar_t* x, const scalar_t* p
   vmass_dx.store(lanes.mass_dx);
   vmass.store(lanes.mass);
   vsum.log().store(lanes.log_sum);  // one vector log for the tile's lanes
-  tile_lane_results<scalar_t, kMass>(p, x, sc, pos0, valid, targets, lanes);
+  if (p.target_b64 || p.target_b8) {
+    tile_lane_results<scalar_t, kMass, true>(p, x, sc, pos0, valid, targets, lanes);
+  } else {
+    tile_lane_results<scalar_t, kMass, false>(p, x, sc, pos0, valid, targets, lanes);
+  }
   if (!g) return;
 
   alignas(64) acc_t invalid_bits[V];  // blendv mask: all bits set in ignored / padding lanes
@@ -526,20 +531,22 @@ double index_target_total_weight(const Params<scalar_t>& p) {
       double total = 0.0;
       const int64_t begin = chunk * kReduceChunk, end = std::min(positions, (chunk + 1) * kReduceChunk);
       auto out_of_range = [&](int64_t t) { return t != p.ignore_index && (t < 0 || t >= p.classes); };
-      const bool mixup = p.target_b64 != nullptr || p.target_b8 != nullptr;
-      for (int64_t pos = begin; pos < end; ++pos) {
-        const int64_t off = p.target_offset_of(pos);
-        const int64_t t = p.target_at_offset(off);
-        if (!mixup) {  // the common case, kept tight
+      if (p.target_b64 == nullptr && p.target_b8 == nullptr) {  // no mixup: the common case, kept tight
+        for (int64_t pos = begin; pos < end; ++pos) {
+          const int64_t t = p.target_at_offset(p.target_offset_of(pos));
           if (t == p.ignore_index) continue;
-          if (out_of_range(t)) {
+          if (t < 0 || t >= p.classes) {
             first_bad[chunk] = t;
             break;
           }
           total += p.weight ? static_cast<double>(p.weight[t]) : 1.0;
-          continue;
         }
-        const int64_t t_b = p.target_b_at_offset(off);
+        partial[chunk] = total;
+        continue;
+      }
+      for (int64_t pos = begin; pos < end; ++pos) {
+        const int64_t off = p.target_offset_of(pos);
+        const int64_t t = p.target_at_offset(off), t_b = p.target_b_at_offset(off);
         if (out_of_range(t) || out_of_range(t_b)) {
           first_bad[chunk] = out_of_range(t) ? t : t_b;
           break;
