@@ -117,13 +117,10 @@ struct Params : PositionLayout, Smoothing<acc_type<scalar_t>> {
     return target_b8 ? static_cast<int64_t>(target_b8[off]) : ignore_index;
   }
   // The targets of position `pos` whose targets sit at `off` (target_offset_of(pos)).
+  // (Without mixup target_b_at_offset gives ignore_index and lam_value is 1: the plain target.)
   PositionTargets<acc_t> targets_at(int64_t off, int64_t pos) const {
-    const int64_t t = target_at_offset(off);
-    if (target_b64 == nullptr && target_b8 == nullptr) {  // no mixup (lam = 1): the common case, kept short
-      const bool valid = t != ignore_index && t >= 0 && t < classes;
-      return {valid ? t : -1, -1, valid ? acc_t(1) : acc_t(0), acc_t(0)};
-    }
-    return position_targets<acc_t>(t, target_b_at_offset(off), lam ? lam[pos] : lam_value, ignore_index, classes);
+    return position_targets<acc_t>(target_at_offset(off), target_b_at_offset(off), lam ? lam[pos] : lam_value,
+                                   ignore_index, classes);
   }
   PositionTargets<acc_t> targets_of(int64_t pos) const { return targets_at(target_offset_of(pos), pos); }
   // Logits (class stride sc from x) and weights at the targets; read before any gradient is written,
