@@ -509,9 +509,11 @@ def benchmark_device(device: str, cells: list[Cell], args: argparse.Namespace) -
     if device == "cpu":
         # Compile in this process: a pool of compile workers starting up would compete with the
         # timed calls for the CPU cores.
-        import torch._inductor.config
+        # (not `import torch._inductor.config`: that would make `torch` a local name of this
+        # function, unbound on the cuda path)
+        from torch._inductor import config as inductor_config
 
-        torch._inductor.config.compile_threads = 1
+        inductor_config.compile_threads = 1
     name = device_name(device)
     load_before = load_average()
     print(f"== {device}: {name}, {torch.get_num_threads()} threads, torch {torch.__version__}, "
