@@ -37,11 +37,15 @@ build: $(BUILD_STAMP)
 # (test_cuda_emulated.py: 32 s spinning, 2.5 s passive). Tests only: the benchmark keeps the default.
 test test-fast test-emu test-gpu: export OMP_WAIT_POLICY = passive
 
-# The suite on the CPU kernels (with tests/test_cuda_emulated.py: every CUDA launch plan on the
-# emulator), then the whole suite again on the emulated CUDA kernels, and on a GPU when one is visible.
+# The suite on the CPU kernels (with tests/test_cuda_emulated.py and tests/test_sanitizer.py: every
+# CUDA launch plan on the emulator, threads resumed first in first out), the emulated plans again with
+# released threads running on at once (lifo), then the whole suite on the emulated CUDA kernels with
+# the device's fast-math arithmetic and a seeded random schedule, and on a GPU when one is visible.
 test: $(BUILD_STAMP)
 	$(PY) -m pytest tests -q -ra
-	SMOOTHCE_TEST_BACKEND=emu $(PY) -m pytest tests -q -ra -m "not slow"
+	SMOOTHCE_EMU_SCHEDULE=lifo $(PY) -m pytest tests/test_cuda_emulated.py tests/test_sanitizer.py -q -ra
+	SMOOTHCE_TEST_BACKEND=emu SMOOTHCE_EMU_ARITH=device SMOOTHCE_EMU_SCHEDULE=random:1 \
+		$(PY) -m pytest tests -q -ra -m "not slow"
 	@if $(PY) -c "import sys, torch; sys.exit(0 if torch.cuda.is_available() else 1)"; then \
 		SMOOTHCE_TEST_BACKEND=cuda $(PY) -m pytest tests -q -ra; \
 	else echo "make test: no GPU visible, the CUDA kernels were tested on the emulator only"; fi
@@ -51,7 +55,8 @@ test-fast: $(BUILD_STAMP)
 
 # The whole suite on the CUDA kernels' source run on CPU by the emulator (tests/emu).
 test-emu: $(BUILD_STAMP)
-	SMOOTHCE_TEST_BACKEND=emu $(PY) -m pytest tests -q -ra -m "not slow"
+	SMOOTHCE_TEST_BACKEND=emu SMOOTHCE_EMU_ARITH=device SMOOTHCE_EMU_SCHEDULE=random:1 \
+		$(PY) -m pytest tests -q -ra -m "not slow"
 
 # On a machine with a GPU: the whole suite on the CUDA kernels (plus tests/test_cuda.py).
 test-gpu: $(BUILD_STAMP)
@@ -70,3 +75,19 @@ cuda-check: $(DEPS_STAMP)
 
 clean:
 	rm -rf build dist *.egg-info smoothce/*.so $(BUILD_STAMP)
+
+# On a machine with a GPU, one command (~8 min on one H100): build for the visible GPU's architecture,
+# tests/test_cuda.py, one shape per launch plan (also under compute-sanitizer memcheck, racecheck,
+# synccheck, initcheck when installed), a short benchmark, then the suite on CUDA in the time left; each
+# step time-limited, results and summary.txt in build/gpu-check/<time>/ (.ci/gpu_check.sh). Without a
+# GPU it says so and stops before building.
+gpu-check: $(DEPS_STAMP)
+	BUILD_STAMP=$(BUILD_STAMP) PY=$(PY) bash .ci/gpu_check.sh
+
+# Deletes each barrier statement of csrc/cuda in turn and runs the emulated tests on the mutated copy
+# under several emulator schedules: is every deletion caught? (tools/barrier_mutation.py; slow: the
+# emulator's kernels are recompiled per deletion. MUTATION_ARGS="--list", "--only 3", "--json FILE".)
+barrier-mutation: $(BUILD_STAMP)
+	$(PY) tools/barrier_mutation.py $(MUTATION_ARGS)
+
+.PHONY: gpu-check barrier-mutation

@@ -33,6 +33,20 @@ inline PlanInput plan_input(const Problem& p) {
 
 inline Plan plan_for(const Problem& p, const DeviceLimits& limits) { return make_plan(plan_input(p), limits); }
 
+// The limits a problem's plan is made for: clusters only where the device has them AND the binary's
+// cluster kernel was compiled for sm_90 or newer (its code for older architectures traps: a build for
+// "8.0+PTX" runs JIT-compiled sm_80 code on an H100). Prepares the kernels that may take more than
+// 48 KiB of shared memory (prepare_kernel).
+template <typename scalar_t>
+DeviceLimits limits_for(const DeviceLimits& device) {
+  DeviceLimits limits = device;
+  prepare_kernel(&rows_kernel<scalar_t>, limits.max_smem);
+  prepare_kernel(&strided_kernel<scalar_t>, limits.max_smem);
+  if (limits.max_cluster_blocks > 0 && prepare_kernel(&cluster_rows_kernel<scalar_t>, limits.max_smem).ptx_arch < 90)
+    limits.max_cluster_blocks = 0;
+  return limits;
+}
+
 // Launches the plan's kernels; returns the plan launched: `plan`, or `fallback` (made without
 // clusters) when the device cannot schedule the plan's clusters.
 template <typename scalar_t>
@@ -105,13 +119,13 @@ inline std::tuple<at::Tensor, at::Tensor, at::Tensor> forward(
   at::Tensor scalars = at::empty({static_cast<int64_t>(sizeof(DeviceScalars) / sizeof(double))}, options.dtype(at::kDouble));
   auto* device_scalars = reinterpret_cast<DeviceScalars*>(scalars.mutable_data_ptr<double>());
 
-  const Plan plan = plan_for(prob, limits);
-  DeviceLimits without_clusters = limits;
-  without_clusters.max_cluster_blocks = 0;
-  const Plan fallback = plan.variant == Variant::kClusterRows ? plan_for(prob, without_clusters) : plan;
-
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, prob.input.scalar_type(), "smoothce_forward_cuda", [&] {
     using acc_t = acc_type<scalar_t>;
+    const DeviceLimits plan_limits = limits_for<scalar_t>(limits);
+    const Plan plan = plan_for(prob, plan_limits);
+    DeviceLimits without_clusters = plan_limits;
+    without_clusters.max_cluster_blocks = 0;
+    const Plan fallback = plan.variant == Variant::kClusterRows ? plan_for(prob, without_clusters) : plan;
     const acc_t* weight_ptr = weight_acc.defined() ? weight_acc.const_data_ptr<acc_t>() : nullptr;
     KernelArgs<scalar_t> a{};
     a.input = prob.input.const_data_ptr<scalar_t>();

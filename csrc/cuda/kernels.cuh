@@ -121,11 +121,11 @@ __device__ Fields<T, N> group_reduce(Fields<T, N> f, int group, Op op, T* scratc
   const int warp = threadIdx.x / kWarp, warps = blockDim.x / kWarp;
   __syncthreads();  // the previous reduction's readers are done with scratch
   if (threadIdx.x % kWarp == 0)
-    for (int i = 0; i < N; ++i) scratch[i * kWarp + warp] = f.v[i];
+    for (int i = 0; i < N; ++i) store_shared(scratch + i * kWarp + warp, f.v[i]);
   __syncthreads();
   for (int i = 0; i < N; ++i) {
-    T total = scratch[i * kWarp];
-    for (int w = 1; w < warps; ++w) total = op(total, scratch[i * kWarp + w]);
+    T total = load_shared(scratch + i * kWarp);
+    for (int w = 1; w < warps; ++w) total = op(total, load_shared(scratch + i * kWarp + w));
     f.v[i] = total;
   }
   return f;
@@ -153,13 +153,13 @@ __device__ RowState<acc_t> block_merge(RowState<acc_t> s) {
                                 __shfl_xor_sync(kFullMask, s.mass_dx, offset), __shfl_xor_sync(kFullMask, s.mass, offset)};
     s = merge(s, other);
   }
-  __shared__ RowState<acc_t> scratch[kWarp];
+  SMOOTHCE_SHARED(RowState<acc_t>, scratch, kWarp);
   const int warp = threadIdx.x / kWarp, warps = blockDim.x / kWarp;
+  __syncthreads();  // the previous merge's readers are done with scratch
+  if (threadIdx.x % kWarp == 0) store_shared(scratch + warp, s);
   __syncthreads();
-  if (threadIdx.x % kWarp == 0) scratch[warp] = s;
-  __syncthreads();
-  RowState<acc_t> total = scratch[0];
-  for (int w = 1; w < warps; ++w) total = merge(total, scratch[w]);
+  RowState<acc_t> total = load_shared(scratch);
+  for (int w = 1; w < warps; ++w) total = merge(total, load_shared(scratch + w));
   return total;
 }
 
@@ -205,8 +205,8 @@ __device__ int stage_run(const T* src, int64_t n, T* dst, int thread, int nthrea
   const int head = static_cast<int>(misaligned_head(src) < n ? misaligned_head(src) : n);
   const int shift = head == 0 ? 0 : P - head;
   read_packs(
-      src, n, thread, nthreads, [&](int64_t e, T value) { dst[shift + e] = value; },
-      [&](int64_t e0, const Pack<T>& pack) { *reinterpret_cast<Pack<T>*>(dst + shift + e0) = pack; });
+      src, n, thread, nthreads, [&](int64_t e, T value) { store_shared(dst + shift + e, value); },
+      [&](int64_t e0, const Pack<T>& pack) { store_shared(reinterpret_cast<Pack<T>*>(dst + shift + e0), pack); });
   return shift;
 }
 
@@ -261,8 +261,8 @@ __device__ RowScalars<acc_type<scalar_t>> finish_position(const KernelArgs<scala
     if (a.position_scale) scale *= load_broadcast(a.position_scale + pos, write);
     const PositionResult<acc_t> r =
         a.mass == Mass::kSoft
-            ? soft_target_position(state, std::log(state.sum_exp), scale, a.z_loss)
-            : index_target_position(state, std::log(state.sum_exp), targets, x, static_cast<acc_t>(scalars.weight_sum),
+            ? soft_target_position(state, math::log(state.sum_exp), scale, a.z_loss)
+            : index_target_position(state, math::log(state.sum_exp), targets, x, static_cast<acc_t>(scalars.weight_sum),
                                     scale, a);
     out.max = state.max;
     out.log_sum = r.log_sum;
@@ -284,7 +284,7 @@ __device__ RowScalars<acc_type<scalar_t>> finish_position(const KernelArgs<scala
 template <typename acc_t>
 __device__ __forceinline__ acc_t grad_value(const RowScalars<acc_t>& r, acc_t x, acc_t class_mass, int64_t c) {
   if (!r.valid) return acc_t(0);
-  return grad_element(r.coefs, std::exp((x - r.max) - r.log_sum), class_mass, c == r.a, c == r.b);
+  return grad_element(r.coefs, math::exp((x - r.max) - r.log_sum), class_mass, c == r.a, c == r.b);
 }
 
 // ---------------------------------------------------------------- prologue: D, Σw, the range check
@@ -310,7 +310,7 @@ __global__ void target_weight_kernel(KernelArgs<scalar_t> a, double* partial) {
     if (t.k_a != acc_t(0)) total += static_cast<double>(t.k_a) * static_cast<double>(a.weight_at(t.a));
     if (t.k_b != acc_t(0)) total += static_cast<double>(t.k_b) * static_cast<double>(a.weight_at(t.b));
   }
-  __shared__ double scratch[kWarp];
+  SMOOTHCE_SHARED(double, scratch, kWarp);
   total = group_reduce(Fields<double, 1>{{total}}, blockDim.x, AddOp(), scratch).v[0];
   if (threadIdx.x == 0) store_global(partial + blockIdx.x, total);
 }
@@ -324,7 +324,7 @@ __global__ void scalars_kernel(const double* partial, int64_t partials, double f
   Fields<double, 2> sums{{0.0, 0.0}};
   for (int64_t i = threadIdx.x; i < partials; i += blockDim.x) sums.v[0] += load_global(partial + i);
   for (int64_t c = threadIdx.x; weight && c < classes; c += blockDim.x) sums.v[1] += static_cast<double>(load_global(weight + c));
-  __shared__ double scratch[2 * kWarp];
+  SMOOTHCE_SHARED(double, scratch, 2 * kWarp);
   sums = group_reduce(sums, blockDim.x, AddOp(), scratch);
   if (threadIdx.x == 0) {
     const double denominator = fixed_denominator >= 0.0 ? fixed_denominator : sums.v[0];
@@ -354,7 +354,7 @@ __global__ void __launch_bounds__(512, 1) rows_kernel(KernelArgs<scalar_t> a, Pl
   scalar_t* x_smem = reinterpret_cast<scalar_t*>(smem);
   scalar_t* p_smem = reinterpret_cast<scalar_t*>(smem + staged);
   RowScalars<acc_t>* row_scalars = reinterpret_cast<RowScalars<acc_t>*>(smem + (soft ? 2 : 1) * staged);
-  __shared__ acc_t reduce_scratch[3 * kWarp];
+  SMOOTHCE_SHARED(acc_t, reduce_scratch, 3 * kWarp);
   const DeviceScalars scalars = load_broadcast(a.scalars, threadIdx.x == 0);
   const int64_t positions = a.outer * a.inner;
   const int64_t tiles = ceil_div(positions, R);
@@ -395,15 +395,15 @@ __global__ void __launch_bounds__(512, 1) rows_kernel(KernelArgs<scalar_t> a, Pl
 
     // 2. max, then Σexp and the mass sums relative to it
     acc_t row_max = -std::numeric_limits<acc_t>::infinity();
-    for (int64_t c = lane; c < C; c += G) row_max = nan_max(row_max, static_cast<acc_t>(x[c]));
+    for (int64_t c = lane; c < C; c += G) row_max = nan_max(row_max, static_cast<acc_t>(load_shared(x + c)));
     row_max = group_reduce(Fields<acc_t, 1>{{row_max}}, G, MaxOp(), reduce_scratch).v[0];
     const acc_t origin = shift_origin(row_max);
     Fields<acc_t, 3> sums{{acc_t(0), acc_t(0), acc_t(0)}};  // Σexp, Σv·(x − origin), Σv
     for (int64_t c = lane; c < C; c += G) {
-      const acc_t d = static_cast<acc_t>(x[c]) - origin;
-      sums.v[0] += std::exp(d);
+      const acc_t d = static_cast<acc_t>(load_shared(x + c)) - origin;
+      sums.v[0] += math::exp(d);
       if (a.mass != Mass::kNone) {
-        const acc_t v = a.class_mass(c, soft ? static_cast<acc_t>(prob[c]) : acc_t(0));
+        const acc_t v = a.class_mass(c, soft ? static_cast<acc_t>(load_shared(prob + c)) : acc_t(0));
         sums.v[1] += v * d;
         sums.v[2] += v;
       }
@@ -414,24 +414,24 @@ __global__ void __launch_bounds__(512, 1) rows_kernel(KernelArgs<scalar_t> a, Pl
 
     // 3. loss and lse; 4. the gradient from shared memory
     const TargetLogits<acc_t> x_targets =
-        a.target_logits(targets, [&](int64_t c) { return static_cast<acc_t>(x[c]); }, lane == 0);
+        a.target_logits(targets, [&](int64_t c) { return static_cast<acc_t>(load_shared(x + c)); }, lane == 0);
     const RowScalars<acc_t> row = finish_position(a, state, pos, targets, valid, x_targets, scalars, active && lane == 0);
     if (a.grad) {
       if (plan.cooperative) {
-        if (lane == 0) row_scalars[row_in_tile] = row;
+        if (lane == 0) store_shared(row_scalars + row_in_tile, row);
         __syncthreads();
         const scalar_t* x_run = x_smem + x_shift;
         const scalar_t* p_run = p_smem + p_shift;
         const int row_classes = static_cast<int>(C);
         write_run(a.grad + a.offset_of(row0), rows * C, threadIdx.x, blockDim.x, [&](int64_t e) {
           const int r = static_cast<int>(e) / row_classes, c = static_cast<int>(e) - r * row_classes;
-          const acc_t class_mass = a.grad_mass(c, soft ? static_cast<acc_t>(p_run[e]) : acc_t(0));
-          return grad_value(row_scalars[r], static_cast<acc_t>(x_run[e]), class_mass, c);
+          const acc_t class_mass = a.grad_mass(c, soft ? static_cast<acc_t>(load_shared(p_run + e)) : acc_t(0));
+          return grad_value(load_shared(row_scalars + r), static_cast<acc_t>(load_shared(x_run + e)), class_mass, c);
         });
       } else if (active) {
         write_run(a.grad + a.offset_of(pos), C, lane, G, [&](int64_t c) {
-          const acc_t class_mass = a.grad_mass(c, soft ? static_cast<acc_t>(prob[c]) : acc_t(0));
-          return grad_value(row, static_cast<acc_t>(x[c]), class_mass, c);
+          const acc_t class_mass = a.grad_mass(c, soft ? static_cast<acc_t>(load_shared(prob + c)) : acc_t(0));
+          return grad_value(row, static_cast<acc_t>(load_shared(x + c)), class_mass, c);
         });
       }
     }
@@ -444,7 +444,8 @@ __global__ void __launch_bounds__(512, 1) rows_kernel(KernelArgs<scalar_t> a, Pl
 // [rank·chunk, (rank + 1)·chunk) in its shared memory. Each reduction (max, then the sums) is a
 // block reduction whose result the block publishes in its shared memory, a cluster barrier, and a
 // fixed-order merge of every block's value read through distributed shared memory: the row is read
-// once and its gradient written once, however long it is. Dynamic shared memory only (compat.cuh).
+// once and its gradient written once, however long it is. Peers read only its dynamic shared memory
+// (what cluster_smem maps), where it publishes its partials.
 template <typename scalar_t>
 __global__ void __launch_bounds__(512, 1) cluster_rows_kernel(KernelArgs<scalar_t> a, Plan plan) {
   using acc_t = acc_type<scalar_t>;
@@ -478,41 +479,42 @@ __global__ void __launch_bounds__(512, 1) cluster_rows_kernel(KernelArgs<scalar_
     __syncthreads();
 
     acc_t row_max = -std::numeric_limits<acc_t>::infinity();
-    for (int64_t c = threadIdx.x; c < n; c += blockDim.x) row_max = nan_max(row_max, static_cast<acc_t>(x[c]));
+    for (int64_t c = threadIdx.x; c < n; c += blockDim.x)
+      row_max = nan_max(row_max, static_cast<acc_t>(load_shared(x + c)));
     row_max = group_reduce(Fields<acc_t, 1>{{row_max}}, blockDim.x, MaxOp(), reduce_scratch).v[0];
-    if (threadIdx.x == 0) published[0] = row_max;
+    if (threadIdx.x == 0) store_shared(published, row_max);
     cluster_sync();
-    for (unsigned r = 0; r < blocks; ++r) row_max = nan_max(row_max, cluster_smem(published, r)[0]);
+    for (unsigned r = 0; r < blocks; ++r) row_max = nan_max(row_max, load_shared(cluster_smem(published, r)));
     const acc_t origin = shift_origin(row_max);
 
     Fields<acc_t, 3> sums{{acc_t(0), acc_t(0), acc_t(0)}};  // Σexp, Σv·(x − origin), Σv
     for (int64_t c = threadIdx.x; c < n; c += blockDim.x) {
-      const acc_t d = static_cast<acc_t>(x[c]) - origin;
-      sums.v[0] += std::exp(d);
+      const acc_t d = static_cast<acc_t>(load_shared(x + c)) - origin;
+      sums.v[0] += math::exp(d);
       if (a.mass != Mass::kNone) {
-        const acc_t v = a.class_mass(c0 + c, soft ? static_cast<acc_t>(prob[c]) : acc_t(0));
+        const acc_t v = a.class_mass(c0 + c, soft ? static_cast<acc_t>(load_shared(prob + c)) : acc_t(0));
         sums.v[1] += v * d;
         sums.v[2] += v;
       }
     }
     sums = group_reduce(sums, blockDim.x, AddOp(), reduce_scratch);
     if (threadIdx.x == 0)
-      for (int i = 0; i < 3; ++i) published[1 + i] = sums.v[i];
+      for (int i = 0; i < 3; ++i) store_shared(published + 1 + i, sums.v[i]);
     cluster_sync();  // (published[0] of the next row is written after every block passed this one)
     RowState<acc_t> state{origin, acc_t(0), acc_t(0), acc_t(0)};
     for (unsigned r = 0; r < blocks; ++r) {
       const acc_t* remote = cluster_smem(published, r);
-      state.sum_exp += remote[1];
-      state.mass_dx += remote[2];
-      state.mass += remote[3];
+      state.sum_exp += load_shared(remote + 1);
+      state.mass_dx += load_shared(remote + 2);
+      state.mass += load_shared(remote + 3);
     }
     if (a.mass == Mass::kWeighted) state.mass = static_cast<acc_t>(scalars.weight_sum);
 
     const RowScalars<acc_t> result = finish_position(a, state, pos, targets, valid, x_targets, scalars, leader);
     if (a.grad)
       write_run(a.grad + a.offset_of(pos) + c0, n, threadIdx.x, blockDim.x, [&](int64_t c) {
-        const acc_t class_mass = a.grad_mass(c0 + c, soft ? static_cast<acc_t>(prob[c]) : acc_t(0));
-        return grad_value(result, static_cast<acc_t>(x[c]), class_mass, c0 + c);
+        const acc_t class_mass = a.grad_mass(c0 + c, soft ? static_cast<acc_t>(load_shared(prob + c)) : acc_t(0));
+        return grad_value(result, static_cast<acc_t>(load_shared(x + c)), class_mass, c0 + c);
       });
     __syncthreads();  // the staged chunk is restaged by the next row
   }
@@ -555,34 +557,37 @@ __global__ void __launch_bounds__(512, 1) split_state_kernel(KernelArgs<scalar_t
   }
 }
 
-// Pass 2: each block merges its position's chunk states (fixed order), the chunk-0 block writes loss
-// and lse, and with a gradient every block re-reads its chunk and writes it (items = positions ×
-// chunks; positions alone without a gradient).
+// Pass 2: each block merges its position's chunk states (the whole block, in a fixed order:
+// deterministic; one load per thread, not chunks loads in a row on one thread), the chunk-0 block
+// writes loss and lse, and with a gradient every block re-reads its chunk and writes it (items =
+// positions × chunks; positions alone without a gradient).
 template <typename scalar_t>
 __global__ void __launch_bounds__(512, 1) split_finish_kernel(KernelArgs<scalar_t> a, Plan plan, int64_t items,
                                                            const RowState<acc_type<scalar_t>>* partial,
                                                            const acc_type<scalar_t>* target_x) {
   using acc_t = acc_type<scalar_t>;
-  __shared__ RowScalars<acc_t> shared_row;
+  SMOOTHCE_SHARED(RowScalars<acc_t>, shared_row, 1);
   const bool soft = a.mass == Mass::kSoft;
   const int64_t per_position = a.grad ? plan.chunks : 1;
   const DeviceScalars scalars = load_broadcast(a.scalars, threadIdx.x == 0);
   for (int64_t item = blockIdx.x; item < items; item += gridDim.x) {
     const int64_t pos = item / per_position, chunk = item % per_position;
+    RowState<acc_t> state = RowState<acc_t>::empty();
+    for (int64_t k = threadIdx.x; k < plan.chunks; k += blockDim.x)
+      state = merge(state, load_global(partial + pos * plan.chunks + k));
+    state = block_merge(state);
     if (threadIdx.x == 0) {
-      RowState<acc_t> state = load_global(partial + pos * plan.chunks);
-      for (int64_t k = 1; k < plan.chunks; ++k) state = merge(state, load_global(partial + pos * plan.chunks + k));
       if (a.mass == Mass::kUnit) state.mass = static_cast<acc_t>(a.classes);
       if (a.mass == Mass::kWeighted) state.mass = static_cast<acc_t>(scalars.weight_sum);
       const PositionTargets<acc_t> targets = soft ? PositionTargets<acc_t>{-1, -1, acc_t(0), acc_t(0)} : a.targets_of(pos);
       const bool valid = soft || targets.valid();
       const TargetLogits<acc_t> x_targets = a.target_logits(
           targets, [&](int64_t c) { return load_global(target_x + 2 * pos + (c == targets.a ? 0 : 1)); }, true);
-      shared_row = finish_position(a, state, pos, targets, valid, x_targets, scalars, chunk == 0);
+      store_shared(shared_row, finish_position(a, state, pos, targets, valid, x_targets, scalars, chunk == 0));
     }
     __syncthreads();
     if (a.grad) {
-      const RowScalars<acc_t> row = shared_row;
+      const RowScalars<acc_t> row = load_shared(shared_row);
       const int64_t c0 = chunk * plan.chunk;
       const int64_t n = a.classes - c0 < plan.chunk ? a.classes - c0 : plan.chunk;
       const int64_t offset = a.offset_of(pos) + c0;
@@ -591,7 +596,8 @@ __global__ void __launch_bounds__(512, 1) split_finish_kernel(KernelArgs<scalar_
         return grad_value(row, static_cast<acc_t>(x), a.grad_mass(c0 + e, prob), c0 + e);
       });
     }
-    __syncthreads();  // shared_row is rewritten by the next item
+    // (no barrier here: thread 0 rewrites shared_row in the next item only after block_merge's first
+    // barrier, which every reader of this item's shared_row has passed)
   }
 }
 
@@ -619,14 +625,14 @@ __global__ void __launch_bounds__(256, 1) strided_kernel(KernelArgs<scalar_t> a,
     const bool valid = soft || targets.valid();
     RowState<acc_t> state = RowState<acc_t>::empty();
     auto consume = [&](int64_t c, scalar_t x) {
-      if (plan.staged) x_tile[c * T] = x;
+      if (plan.staged) store_shared(x_tile + c * T, x);
       if (a.mass == Mass::kNone) {
         accumulate<acc_t, false>(state, static_cast<acc_t>(x), acc_t(0));
       } else {
         acc_t prob = acc_t(0);
         if (soft) {
           const scalar_t p = load_global(a.soft_target + base + c * a.stride_class);
-          if (plan.staged) p_tile[c * T] = p;
+          if (plan.staged) store_shared(p_tile + c * T, p);
           prob = static_cast<acc_t>(p);
         }
         accumulate<acc_t, true>(state, static_cast<acc_t>(x), a.class_mass(c, prob));
@@ -641,11 +647,12 @@ __global__ void __launch_bounds__(256, 1) strided_kernel(KernelArgs<scalar_t> a,
     for (; next < C; ++next) consume(next, load_global(a.input + base + next * a.stride_class));
     if (a.mass == Mass::kWeighted) state.mass = static_cast<acc_t>(scalars.weight_sum);
     auto x_at = [&](int64_t c) {
-      return static_cast<acc_t>(plan.staged ? x_tile[c * T] : load_global(a.input + base + c * a.stride_class));
+      return static_cast<acc_t>(plan.staged ? load_shared(x_tile + c * T) : load_global(a.input + base + c * a.stride_class));
     };
     auto p_at = [&](int64_t c) {
       if (!soft) return acc_t(0);
-      return static_cast<acc_t>(plan.staged ? p_tile[c * T] : load_global(a.soft_target + base + c * a.stride_class));
+      return static_cast<acc_t>(plan.staged ? load_shared(p_tile + c * T)
+                                            : load_global(a.soft_target + base + c * a.stride_class));
     };
     const RowScalars<acc_t> row =
         finish_position(a, state, pos, targets, valid, a.target_logits(targets, x_at, true), scalars, true);

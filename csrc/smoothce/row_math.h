@@ -13,6 +13,46 @@
 #define SMOOTHCE_HOST_DEVICE inline
 #endif
 
+// The emulator (tests/emu/arith.h) replaces the kernels' exp, log and division by the device's
+// fast-math versions. A function of this file that calls smoothce::math carries SMOOTHCE_MATH_ABI:
+// under the emulator its symbol differs from the plain build's (the emulator's module links
+// csrc/problem.cpp, which includes this file without the emulator: one name, two bodies otherwise).
+#if defined(SMOOTHCE_EMULATOR)
+#define SMOOTHCE_MATH_ABI __attribute__((abi_tag("emu_arith")))
+#else
+#define SMOOTHCE_MATH_ABI
+#endif
+
+// exp, log and division in the math every backend shares: std::exp, std::log and a / b, or, under the
+// emulator, emu::arith's (exact, or the device's fast-math arithmetic). Device computations here use
+// them; host-only ones (Smoothing::make) keep the plain operators.
+namespace smoothce::math {
+template <typename T>
+SMOOTHCE_HOST_DEVICE SMOOTHCE_MATH_ABI T exp(T x) {
+#if defined(SMOOTHCE_EMULATOR)
+  return ::emu::arith::exp(x);
+#else
+  return std::exp(x);
+#endif
+}
+template <typename T>
+SMOOTHCE_HOST_DEVICE SMOOTHCE_MATH_ABI T log(T x) {
+#if defined(SMOOTHCE_EMULATOR)
+  return ::emu::arith::log(x);
+#else
+  return std::log(x);
+#endif
+}
+template <typename T>
+SMOOTHCE_HOST_DEVICE SMOOTHCE_MATH_ABI T div(T a, T b) {
+#if defined(SMOOTHCE_EMULATOR)
+  return ::emu::arith::div(a, b);
+#else
+  return a / b;
+#endif
+}
+}  // namespace smoothce::math
+
 namespace smoothce {
 
 enum Reduction : int64_t { kNone = 0, kMean = 1, kSum = 2 };  // = at::Reduction values
@@ -39,6 +79,7 @@ struct TargetValues {
   acc_t off;
 };
 
+// (on the host, in Smoothing::make: an exact division, not math::div)
 template <typename acc_t>
 SMOOTHCE_HOST_DEVICE TargetValues<acc_t> uniform_smoothing(acc_t eps, int64_t num_classes) {
   const acc_t off = eps / static_cast<acc_t>(num_classes);
@@ -108,16 +149,16 @@ struct RowState {
 // Rescales a state to a new (larger or equal) max. A state whose max is −inf (all logits −inf)
 // keeps sum_exp = 0; its mass_dx is −inf already when it holds mass, so nothing is lost.
 template <typename acc_t>
-SMOOTHCE_HOST_DEVICE void shift_to(RowState<acc_t>& s, acc_t new_max) {
+SMOOTHCE_HOST_DEVICE SMOOTHCE_MATH_ABI void shift_to(RowState<acc_t>& s, acc_t new_max) {
   if (s.max == new_max) return;
   const acc_t delta = s.max - new_max;  // ≤ 0, or NaN when a NaN logit was seen
-  s.sum_exp *= std::exp(delta);
+  s.sum_exp *= math::exp(delta);
   if (s.mass != acc_t(0)) s.mass_dx += s.mass * delta;
   s.max = new_max;
 }
 
 template <typename acc_t>
-SMOOTHCE_HOST_DEVICE RowState<acc_t> merge(RowState<acc_t> a, RowState<acc_t> b) {
+SMOOTHCE_HOST_DEVICE SMOOTHCE_MATH_ABI RowState<acc_t> merge(RowState<acc_t> a, RowState<acc_t> b) {
   // NaN-propagating max: a NaN logit anywhere must make the row NaN.
   const acc_t m = (a.max != a.max || b.max != b.max) ? a.max + b.max : (a.max > b.max ? a.max : b.max);
   shift_to(a, m);
@@ -255,10 +296,10 @@ SMOOTHCE_HOST_DEVICE PositionResult<acc_t> index_target_position(const RowState<
 // Adds one logit x with mass v to a state kept relative to its running max (the online softmax of
 // one thread walking a strided row): rescales when x raises the max; a NaN poisons the state.
 template <typename acc_t, bool kWithMass>
-SMOOTHCE_HOST_DEVICE void accumulate(RowState<acc_t>& s, acc_t x, acc_t v) {
+SMOOTHCE_HOST_DEVICE SMOOTHCE_MATH_ABI void accumulate(RowState<acc_t>& s, acc_t x, acc_t v) {
   if (!(x <= s.max)) shift_to(s, (x != x || s.max != s.max) ? x + s.max : x);
   const acc_t d = x - shift_origin(s.max);
-  s.sum_exp += std::exp(d);
+  s.sum_exp += math::exp(d);
   if (kWithMass) {
     s.mass_dx += v * d;
     s.mass += v;

@@ -17,6 +17,8 @@
 #include <cstdio>
 #include <cstdlib>
 #include <memory>
+#include <random>
+#include <map>
 #include <mutex>
 #include <stdexcept>
 #include <string>
@@ -35,11 +37,33 @@
 namespace emu {
 namespace detail {
 __thread ThreadView* current = nullptr;
+
+std::string format(const char* fmt, ...) __attribute__((format(printf, 1, 2)));
+std::string format(const char* fmt, ...) {
+  va_list args, again;
+  va_start(args, fmt);
+  va_copy(again, args);
+  std::string text(static_cast<size_t>(std::max(0, vsnprintf(nullptr, 0, fmt, args))), '\0');
+  vsnprintf(text.data(), text.size() + 1, fmt, again);
+  va_end(again);
+  va_end(args);
+  return text;
+}
+
+std::string dims(dim3 d) { return format("(%u,%u,%u)", d.x, d.y, d.z); }
+
+std::string site(const char* file, int line) {
+  const char* slash = std::strrchr(file, '/');
+  return format("%s:%d", slash ? slash + 1 : file, line);
+}
 }  // namespace detail
 
 namespace {
 
 using detail::BlockView;
+using detail::dims;
+using detail::format;
+using detail::site;
 using detail::KernelCall;
 using detail::ThreadView;
 using detail::WarpOp;
@@ -48,6 +72,7 @@ constexpr unsigned kMaxThreads = 1024;
 constexpr unsigned kMaxWarps = kMaxThreads / 32;
 constexpr unsigned kMaxClusterBlocks = 8;  // CUDA's portable cluster size
 constexpr size_t kStackBytes = 64 * 1024;  // kernels use a few hundred bytes; printf a few KiB
+constexpr size_t kStaticArenaBytes = kDefaultSmemBytes;  // static shared memory per block (a GPU's limit)
 
 // ---------------------------------------------------------------------------------------------
 // Context switch
@@ -127,25 +152,6 @@ void prepare_context(Context& context, char* stack, size_t bytes, void (*entry)(
 // ---------------------------------------------------------------------------------------------
 // Messages
 
-std::string format(const char* fmt, ...) __attribute__((format(printf, 1, 2)));
-std::string format(const char* fmt, ...) {
-  va_list args, again;
-  va_start(args, fmt);
-  va_copy(again, args);
-  std::string text(static_cast<size_t>(std::max(0, vsnprintf(nullptr, 0, fmt, args))), '\0');
-  vsnprintf(text.data(), text.size() + 1, fmt, again);
-  va_end(again);
-  va_end(args);
-  return text;
-}
-
-std::string dims(dim3 d) { return format("(%u,%u,%u)", d.x, d.y, d.z); }
-
-std::string site(const char* file, int line) {
-  const char* slash = std::strrchr(file, '/');
-  return format("%s:%d", slash ? slash + 1 : file, line);
-}
-
 bool same_site(const char* file_a, int line_a, const char* file_b, int line_b) {
   return line_a == line_b && (file_a == file_b || std::strcmp(file_a, file_b) == 0);
 }
@@ -185,6 +191,8 @@ std::string kernel_name(const void* kernel) {
     char* demangled = abi::__cxa_demangle(info.dli_sname, nullptr, nullptr, &status);
     std::string name = status == 0 && demangled ? demangled : info.dli_sname;
     std::free(demangled);
+    for (size_t at; (at = name.find("[abi:emu_launch_bounds_")) != std::string::npos;)
+      name.erase(at, name.find(']', at) + 1 - at);
     return name;
   }
   return format("kernel at %p", kernel);
@@ -207,6 +215,12 @@ struct Launch {
   unsigned cluster_blocks = 1;  // a plain launch runs in clusters of one block
   uint64_t clusters = 0;
   std::fenv_t fenv;  // the launching thread's rounding mode, FTZ/DAZ: every block runs with it
+  uint64_t serial = 0;  // detail::launch_serial()
+  Config config;        // the configuration at launch time
+  // Shared memory rules of the kernel (FuncAttributes): dynamic ≤ max_dynamic when opted in, else
+  // static + dynamic ≤ kDefaultSmemBytes; always static + dynamic ≤ config.max_dynamic_smem.
+  bool opted_in = false;
+  size_t max_dynamic = 0;
 
   // Clusters are handed out in increasing order; a failed cluster stops the clusters after it.
   // Every cluster before the lowest failed one was handed out, so the error reported (the lowest
@@ -263,6 +277,33 @@ struct Block : BlockView {
   const char* barrier_file = "";
   int barrier_line = 0;
   unsigned exited = 0;
+  uint32_t sync_serial = 0;  // racecheck: the serial of the block's last __syncthreads release
+  // Static shared memory (emu::static_smem): the sites allocated so far, after the dynamic part.
+  struct StaticSite {
+    const char* file;
+    int line;
+    size_t bytes, offset;
+  };
+  static constexpr unsigned kMaxStaticSites = 16;
+  StaticSite static_sites[kMaxStaticSites];
+  unsigned static_count = 0;
+  size_t static_used = 0;
+  unsigned char* static_base = nullptr;
+};
+
+// racecheck's record of one byte of shared memory: the last write and the reads since, each with the
+// serial (Worker::serial_) at which it happened. Records older than the cluster are stale.
+struct ShadowByte {
+  uint32_t write_serial = 0, read_serial = 0;
+  uint16_t writer = 0;       // thread index in the cluster (rank · threads + index)
+  uint16_t reader_warp = 0;  // warp index in the cluster of the readers (when one warp)
+  uint32_t reader_lanes = 0;
+  uint8_t reader_rank = 0;
+  uint8_t several_warps = 0, several_blocks = 0;
+  int32_t write_line = 0, read_line = 0;
+  const char* write_file = nullptr;
+  const char* read_file = nullptr;
+  uint16_t last_reader = 0;
 };
 
 [[noreturn]] void fiber_main();
@@ -294,7 +335,14 @@ class Worker {
       smem_.reset(static_cast<unsigned char*>(std::aligned_alloc(64, bytes)));
       if (!smem_) throw std::runtime_error("emu: out of memory for shared memory");
       smem_capacity_ = bytes;
+      shadow_.clear();
     }
+    if (launch.config.racecheck && shadow_.size() < smem_capacity_) {
+      shadow_.assign(smem_capacity_, ShadowByte{});
+      serial_ = 1;  // every record is stale
+    }
+    if (launch.config.racecheck && warp_syncs_.empty())
+      warp_syncs_.assign(size_t{kMaxClusterBlocks} * kMaxWarps * 32 * 32, 0);
   }
 
   // Runs clusters of `launch` until none is left (or one failed); adds this thread's traffic.
@@ -311,6 +359,7 @@ class Worker {
       block.smem_bytes = launch.smem_bytes;
       block.smem_stride = smem_stride(launch.smem_bytes);
       block.dynamic_smem = smem_.get() + rank * block.smem_stride;
+      block.static_base = block.dynamic_smem + (launch.smem_bytes + 15) / 16 * 16;
       block.cluster_rank = rank;
       block.cluster_blocks = cluster_blocks_;
       block.read_bytes = block.write_bytes = 0;
@@ -367,6 +416,7 @@ class Worker {
     }
     if (++block.arrived == threads_) {  // every other thread waits here: release them, continue
       block.arrived = 0;
+      block.sync_serial = next_serial();
       for (unsigned i = 0; i < threads_; ++i)
         if (i != me.index) make_ready(block.fibers[i]);
       return;
@@ -390,6 +440,7 @@ class Worker {
     }
     if (++cluster_arrived_ == cluster_threads_) {
       cluster_arrived_ = 0;
+      cluster_sync_serial_ = next_serial();
       for (unsigned i = 0; i < cluster_threads_; ++i)
         if (&fibers_[i] != &me) make_ready(fibers_[i]);
       return;
@@ -466,6 +517,120 @@ class Worker {
     });
   }
 
+  // emu::static_smem for the running fiber's block.
+  void* static_smem(size_t bytes, size_t align, const char* file, int line) {
+    Block& block = block_of(running());
+    for (unsigned i = 0; i < block.static_count; ++i) {
+      const Block::StaticSite& site = block.static_sites[i];
+      if (site.line == line && site.bytes == bytes && (site.file == file || std::strcmp(site.file, file) == 0))
+        return block.static_base + site.offset;
+    }
+    if (block.static_count == Block::kMaxStaticSites)
+      fail(Failure::Kind::usage, [&] { return format("more than %u static shared arrays", Block::kMaxStaticSites); });
+    const size_t boundary = std::max<size_t>(align, 16);
+    const size_t offset = (block.static_used + boundary - 1) / boundary * boundary;
+    const size_t used = offset + bytes;
+    const Launch& launch = *launch_;
+    const size_t dynamic = launch.smem_bytes;
+    std::string refused;
+    if (used > kStaticArenaBytes || used + dynamic > launch.config.max_dynamic_smem)
+      refused = format("static (%zu) + dynamic (%zu) shared memory exceed the device's %zu bytes per block", used,
+                       dynamic, launch.config.max_dynamic_smem);
+    else if (!launch.opted_in && used + dynamic > kDefaultSmemBytes)
+      refused = format("static (%zu) + dynamic (%zu) shared memory exceed the %zu bytes a kernel may use without "
+                       "opting in (cudaFuncAttributeMaxDynamicSharedMemorySize)",
+                       used, dynamic, kDefaultSmemBytes);
+    note_static_smem(launch.call.kernel, used);
+    if (!refused.empty())
+      fail(Failure::Kind::usage, [&] {
+        return "launch refused: " + refused + format(" (static shared array of %zu bytes at %s)", bytes,
+                                                     site(file, line).c_str());
+      });
+    block.static_sites[block.static_count++] = {file, line, bytes, offset};
+    block.static_used = used;
+    std::memset(block.static_base + offset, 0xFF, bytes);  // undefined on a GPU: NaNs, not zeros
+    return block.static_base + offset;
+  }
+
+  // emu::shared_access: bounds and alignment, then racecheck (see ShadowByte).
+  void shared_access(const void* ptr, size_t bytes, size_t align, bool write, const char* file, int line) {
+    const Fiber& me = running();
+    const auto address = reinterpret_cast<uintptr_t>(ptr);
+    const char* what = write ? "write" : "read";
+    if (address % align != 0)
+      fail(Failure::Kind::usage, [&] {
+        return format("misaligned shared-memory %s of %zu bytes at %p (%s): the address must be a multiple of %zu",
+                      what, bytes, ptr, site(file, line).c_str(), align);
+      });
+    const uintptr_t offset = address - reinterpret_cast<uintptr_t>(smem_.get());
+    const size_t stride = blocks_[0].smem_stride;
+    const unsigned rank = offset < cluster_blocks_ * stride ? static_cast<unsigned>(offset / stride) : cluster_blocks_;
+    const size_t in_block = offset - size_t{rank} * stride;
+    const bool inside =
+        rank < cluster_blocks_ &&
+        (in_block + bytes <= blocks_[rank].smem_bytes ||
+         (in_block >= static_cast<size_t>(blocks_[rank].static_base - blocks_[rank].dynamic_smem) &&
+          in_block + bytes <= static_cast<size_t>(blocks_[rank].static_base - blocks_[rank].dynamic_smem) +
+                                  blocks_[rank].static_used));
+    if (!inside)
+      fail(Failure::Kind::usage, [&] {
+        return format("shared-memory %s of %zu bytes at %p (%s) outside the cluster's shared memory (dynamic: %zu "
+                      "bytes per block, static: the arrays allocated so far)",
+                      what, bytes, ptr, site(file, line).c_str(), blocks_[0].smem_bytes);
+      });
+    if (blocks_[rank].exited == threads_)
+      fail(Failure::Kind::usage, [&] {
+        return format("shared-memory %s of %zu bytes at %p (%s) in block %s, which has exited (its shared memory "
+                      "ended with it: a missing cluster_sync before the exit?)",
+                      what, bytes, ptr, site(file, line).c_str(), dims(blocks_[rank].block_idx).c_str());
+      });
+    if (!launch_->config.racecheck) return;
+    const unsigned me_id = static_cast<unsigned>(&me - fibers_.data());
+    for (size_t b = 0; b < bytes; ++b) {
+      ShadowByte& e = shadow_[offset + b];
+      if (e.write_serial >= start_serial_ && e.writer != me_id && !ordered(e.writer, e.write_serial, me_id))
+        race(write ? "write after write" : "read after write", offset + b, me_id, file, line, e.writer, e.write_file,
+             e.write_line, "wrote");
+      if (write) {
+        if (e.read_serial >= start_serial_ && !reads_ordered(e, me_id))
+          race("write after read", offset + b, me_id, file, line, e.last_reader, e.read_file, e.read_line,
+               e.several_warps || e.several_blocks || __builtin_popcount(e.reader_lanes) > 1 ? "read (among others)"
+                                                                                             : "read");
+        e.writer = static_cast<uint16_t>(me_id);
+        e.write_serial = serial_;
+        e.write_file = file;
+        e.write_line = line;
+        e.read_serial = 0;
+      } else {
+        const unsigned my_rank = me_id / threads_, lane = (me_id % threads_) % 32;
+        const uint16_t warp_id = static_cast<uint16_t>(my_rank * kMaxWarps + (me_id % threads_) / 32);
+        if (e.read_serial < start_serial_ || reads_ordered(e, me_id)) {
+          e.reader_warp = warp_id;
+          e.reader_lanes = 1u << lane;
+          e.reader_rank = static_cast<uint8_t>(my_rank);
+          e.several_warps = e.several_blocks = 0;
+        } else {
+          if (e.reader_warp != warp_id) e.several_warps = 1;
+          if (e.reader_rank != my_rank) e.several_blocks = 1;
+          e.reader_lanes |= 1u << lane;
+        }
+        e.last_reader = static_cast<uint16_t>(me_id);
+        e.read_serial = serial_;
+        e.read_file = file;
+        e.read_line = line;
+      }
+    }
+  }
+
+  // detail::sanitizer_failure from the running fiber.
+  [[noreturn]] void sanitizer_failure(const std::string& message) {
+    const Fiber& me = running();
+    fail(Failure::Kind::usage, [&] { return describe(me) + ": " + message; });
+  }
+
+  uint64_t cluster_index() const { return cluster_; }
+  uint64_t launch_serial() const { return launch_->serial; }
+
   [[noreturn]] void index_error(long long value, long long classes, long long ignore_index) {
     fail(
         Failure::Kind::index,
@@ -509,9 +674,12 @@ class Worker {
                         site(other.wait_file, other.wait_line).c_str());
         });
     }
-    // A block's shared memory ends with it: later reads by its cluster see the fill (emu.h).
-    if (block.exited == threads_ && cluster_blocks_ > 1 && block.smem_bytes)
+    // A block's shared memory ends with it: later reads by its cluster see the fill (emu.h), and
+    // racecheck reports the reads by other blocks that no cluster barrier ordered before the exit.
+    if (block.exited == threads_ && cluster_blocks_ > 1 && block.smem_bytes) {
+      if (launch_->config.racecheck) check_reads_before_exit(block, me);
       std::memset(block.dynamic_smem, 0xFF, block.smem_bytes);
+    }
     switch_away(me);
     __builtin_unreachable();
   }
@@ -520,7 +688,80 @@ class Worker {
   static constexpr unsigned kReady = kMaxClusterBlocks * kMaxThreads;
 
   // Shared memory buffers of a cluster's blocks are this far apart (cache-line aligned).
-  static size_t smem_stride(size_t smem_bytes) { return (smem_bytes + 63) / 64 * 64; }
+  // (dynamic shared memory, 16-byte aligned, then the static arena)
+  static size_t smem_stride(size_t smem_bytes) { return ((smem_bytes + 15) / 16 * 16 + kStaticArenaBytes + 63) / 64 * 64; }
+
+  uint32_t next_serial() { return ++serial_; }
+  uint32_t* warp_sync_row(unsigned rank, unsigned warp) { return &warp_syncs_[(size_t{rank} * kMaxWarps + warp) * 32 * 32]; }
+
+  // Whether thread `before`'s access at `serial` happens before thread `now`'s access now: a barrier
+  // both took part in was released since (a cluster barrier, their block's barrier, a __syncwarp of both).
+  bool ordered(unsigned before, uint32_t serial, unsigned now) {
+    if (before == now || cluster_sync_serial_ > serial) return true;
+    const unsigned rank = now / threads_;
+    if (before / threads_ != rank) return false;
+    if (blocks_[rank].sync_serial > serial) return true;
+    const unsigned a = now % threads_, b = before % threads_;
+    if (a / 32 != b / 32) return false;
+    return warp_sync_row(rank, a / 32)[(a % 32) * 32 + b % 32] > serial;
+  }
+
+  // Whether every read recorded in `e` happens before thread `now`'s access now.
+  bool reads_ordered(const ShadowByte& e, unsigned now) {
+    if (cluster_sync_serial_ > e.read_serial) return true;
+    const unsigned rank = now / threads_;
+    if (e.several_blocks || e.reader_rank != rank) return false;
+    if (blocks_[rank].sync_serial > e.read_serial) return true;
+    if (e.several_warps) return false;
+    const unsigned warp = e.reader_warp % kMaxWarps;
+    for (unsigned lanes = e.reader_lanes; lanes; lanes &= lanes - 1)
+      if (!ordered(rank * threads_ + warp * 32 + __builtin_ctz(lanes), e.read_serial, now)) return false;
+    return true;
+  }
+
+  // A racecheck report: the byte at `offset` of the cluster's shared memory.
+  [[noreturn]] void race(const char* hazard, size_t offset, unsigned now, const char* file, int line, unsigned other,
+                         const char* other_file, int other_line, const char* other_did) {
+    fail(Failure::Kind::usage, [&] {
+      const unsigned rank = static_cast<unsigned>(offset / blocks_[0].smem_stride);
+      const size_t in_block = offset - rank * blocks_[0].smem_stride;
+      const Block& owner = blocks_[rank];
+      const size_t static_start = static_cast<size_t>(owner.static_base - owner.dynamic_smem);
+      std::string where = in_block < owner.smem_bytes ? format("dynamic shared memory, byte %zu", in_block)
+                                                      : format("static shared memory, byte %zu", in_block - static_start);
+      for (unsigned i = 0; in_block >= static_start && i < owner.static_count; ++i) {
+        const Block::StaticSite& s = owner.static_sites[i];
+        if (in_block - static_start >= s.offset && in_block - static_start < s.offset + s.bytes)
+          where = format("static shared array of %s, byte %zu", site(s.file, s.line).c_str(),
+                         in_block - static_start - s.offset);
+      }
+      if (cluster_blocks_ > 1) where += format(" of block %s (rank %u)", dims(owner.block_idx).c_str(), rank);
+      return format("racecheck: %s hazard on %s: %s at %s, while %s %s it at %s in the same barrier interval", hazard,
+                    where.c_str(), describe_in_cluster(fibers_[now]).c_str(), site(file, line).c_str(),
+                    describe_in_cluster(fibers_[other]).c_str(), other_did,
+                    other_file ? site(other_file, other_line).c_str() : "?");
+    });
+  }
+
+  // A block of a cluster exits (its last thread `me`): every read of its dynamic shared memory by
+  // another block must be ordered before, by a cluster barrier since the read.
+  void check_reads_before_exit(const Block& block, const Fiber& me) {
+    const size_t base = size_t{block.cluster_rank} * block.smem_stride;
+    for (size_t b = 0; b < block.smem_bytes; ++b) {
+      const ShadowByte& e = shadow_[base + b];
+      if (e.read_serial < start_serial_ || cluster_sync_serial_ > e.read_serial) continue;
+      if (e.reader_rank == block.cluster_rank && !e.several_blocks) continue;
+      const unsigned exiting = static_cast<unsigned>(&me - fibers_.data());
+      race("read before exit", base + b, exiting, "(the block's exit)", 0, e.last_reader, e.read_file, e.read_line,
+           "read");
+    }
+  }
+
+  std::string describe_in_cluster(const Fiber& fiber) const {
+    return describe(fiber) + (cluster_blocks_ > 1 ? " of block " + dims(block_of(fiber).block_idx) : std::string());
+  }
+
+  void note_static_smem(const void* kernel, size_t bytes);
 
   Fiber& running() const { return *static_cast<Fiber*>(detail::current); }
   static Block& block_of(const Fiber& fiber) { return *static_cast<Block*>(fiber.block); }
@@ -545,11 +786,21 @@ class Worker {
     switch_context(me.context, next ? next->context : scheduler_);
   }
 
+  // The next fiber to run, by the launch's schedule (emu::Schedule).
   Fiber* pop_ready() {
     if (ready_count_ == 0) return nullptr;
-    Fiber* next = ready_[ready_head_];
-    ready_head_ = (ready_head_ + 1) % kReady;
+    unsigned pick = 0;  // position in the queue
+    switch (launch_->config.schedule) {
+      case Schedule::fifo: break;
+      case Schedule::lifo: pick = ready_count_ - 1; break;
+      case Schedule::random: pick = static_cast<unsigned>(rng_() % ready_count_); break;
+    }
+    const unsigned head = ready_head_, at = (head + pick) % kReady;
+    Fiber* next = ready_[at];
     --ready_count_;
+    if (pick == ready_count_) return next;  // the tail leaves
+    ready_[at] = ready_[head];               // the head takes the picked one's place
+    ready_head_ = (head + 1) % kReady;
     return next;
   }
 
@@ -609,6 +860,12 @@ class Worker {
       }
     }
     warp.waiting &= ~mask;
+    if (me.op == WarpOp::sync && launch_->config.racecheck) {
+      const uint32_t serial = next_serial();
+      uint32_t* syncs = warp_sync_row(block_of(me).cluster_rank, me.index / 32);
+      for (unsigned a = mask; a; a &= a - 1)
+        for (unsigned b = mask; b; b &= b - 1) syncs[__builtin_ctz(a) * 32 + __builtin_ctz(b)] = serial;
+    }
     for (unsigned lanes = mask & ~(1u << (me.index & 31)); lanes; lanes &= lanes - 1)
       make_ready(warp_fibers[__builtin_ctz(lanes)]);
   }
@@ -623,9 +880,21 @@ class Worker {
                              static_cast<unsigned>(linear / grid.x / grid.y));
       if (block.smem_bytes) std::memset(block.dynamic_smem, 0xFF, block.smem_bytes);
       block.arrived = block.exited = 0;
+      block.static_count = 0;
+      block.static_used = 0;
+      block.sync_serial = 0;
       for (unsigned w = 0; w < kMaxWarps; ++w) block.warps[w].waiting = block.warps[w].exited = 0;
     }
     cluster_arrived_ = cluster_exited_ = 0;
+    cluster_sync_serial_ = 0;
+    cluster_ = cluster;
+    if (serial_ > 0xF0000000u) {  // before the serials wrap: forget every record
+      std::fill(shadow_.begin(), shadow_.end(), ShadowByte{});
+      std::fill(warp_syncs_.begin(), warp_syncs_.end(), 0u);
+      serial_ = 1;
+    }
+    start_serial_ = next_serial();  // records before it are stale
+    rng_.seed(launch_->config.seed * 0x9E3779B97F4A7C15ull + cluster);  // the same whatever the worker
     failure_ = Failure();
     ready_head_ = ready_count_ = 0;
     for (unsigned i = 0; i < cluster_threads_; ++i) {  // rank 0's threads first, in index order
@@ -710,6 +979,12 @@ class Worker {
   int cluster_barrier_line_ = 0;
   unsigned cluster_exited_ = 0;
   Failure failure_;
+  uint64_t cluster_ = 0;  // the running cluster's index in the launch
+  std::mt19937_64 rng_;   // Schedule::random
+  // racecheck: a serial numbers every barrier release of this worker; records are stamped with it
+  std::vector<ShadowByte> shadow_;  // one per byte of smem_
+  std::vector<uint32_t> warp_syncs_;  // [rank][warp][lane][lane]: serial of their last common __syncwarp
+  uint32_t serial_ = 1, start_serial_ = 1, cluster_sync_serial_ = 0;
 };
 
 Worker& running_worker(const char* what) {
@@ -735,9 +1010,21 @@ class Runtime {
  public:
   void launch(const KernelCall& call, dim3 grid, dim3 block, size_t smem_bytes, unsigned cluster_blocks) {
     if (detail::current) throw std::runtime_error("emu: a kernel cannot launch kernels");
+    if (const int pending = get_last_error())  // C10_CUDA_KERNEL_LAUNCH_CHECK reports an earlier error
+      throw std::runtime_error(format("emu: CUDA error %d (emulated) pending from an earlier call, reported by the "
+                                      "launch of %s",
+                                      pending, kernel_name(call.kernel).c_str()));
     validate(call, grid, block, smem_bytes, cluster_blocks);
     std::lock_guard<std::mutex> launch_lock(launch_mutex_);
     Launch state;
+    state.config = config_;
+    state.serial = ++launch_serial_;
+    {
+      const FuncAttributes attributes = func_attributes(call.kernel);
+      std::lock_guard<std::mutex> lock(kernels_mutex_);
+      state.opted_in = record_of(call.kernel).opted_in;
+      state.max_dynamic = attributes.max_dynamic_smem;
+    }
     state.call = call;
     state.grid = grid;
     state.block = block;
@@ -746,6 +1033,9 @@ class Runtime {
     state.cluster_blocks = cluster_blocks;
     state.clusters = uint64_t{grid.x} * grid.y * grid.z / cluster_blocks;
     std::fegetenv(&state.fenv);
+#if defined(__x86_64__) && defined(__GLIBC__)
+    if (arith::flush_to_zero()) state.fenv.__mxcsr |= 0x8040;  // FTZ and DAZ, as nvcc -ftz=true
+#endif
     const unsigned helpers = static_cast<unsigned>(std::min<uint64_t>(workers() - 1, state.clusters - 1));
     caller_.reserve(state);
     start_helpers(helpers, state);
@@ -780,10 +1070,58 @@ class Runtime {
     return config_;
   }
 
+  FuncAttributes func_attributes(const void* kernel) {
+    std::lock_guard<std::mutex> lock(kernels_mutex_);
+    KernelRecord& record = record_of(kernel);
+    if (record.max_threads == 0) record.max_threads = launch_bounds_of(kernel);
+    FuncAttributes attributes;
+    attributes.static_smem = record.static_smem;
+    attributes.max_dynamic_smem =
+        record.opted_in ? record.max_dynamic : kDefaultSmemBytes - std::min(kDefaultSmemBytes, record.static_smem);
+    attributes.max_threads = record.max_threads;
+    attributes.ptx_arch = config_ptx_arch_.load();
+    return attributes;
+  }
+
+  void func_set_max_dynamic_smem(const void* kernel, size_t bytes) {
+    const size_t limit = config().max_dynamic_smem;
+    std::lock_guard<std::mutex> lock(kernels_mutex_);
+    KernelRecord& record = record_of(kernel);
+    if (record.static_smem + bytes > limit)
+      throw std::runtime_error(format("emu: cudaFuncSetAttribute(%s, MaxDynamicSharedMemorySize, %zu): invalid "
+                                      "argument (static %zu + %zu bytes exceed the device's %zu)",
+                                      kernel_name(kernel).c_str(), bytes, record.static_smem, bytes, limit));
+    record.opted_in = true;
+    record.max_dynamic = bytes;
+  }
+
+  void note_static_smem(const void* kernel, size_t bytes) {
+    std::lock_guard<std::mutex> lock(kernels_mutex_);
+    KernelRecord& record = record_of(kernel);
+    record.static_smem = std::max(record.static_smem, bytes);
+  }
+
+  int occupancy_max_active_clusters(int* clusters) {
+    switch (config().cluster_occupancy) {
+      case ClusterOccupancy::fits: *clusters = 1; return 0;
+      case ClusterOccupancy::zero: *clusters = 0; return 0;
+      case ClusterOccupancy::error: break;
+    }
+    *clusters = 0;
+    pending_error_ = kEmulatedClusterError;
+    return kEmulatedClusterError;
+  }
+
+  int get_last_error() { return pending_error_.exchange(0); }
+
+  // cudaErrorInvalidClusterSize's code, for the emulated occupancy failure.
+  static constexpr int kEmulatedClusterError = 912;
+
   void set_config(const Config& config) {
     if (config.workers > 64) throw std::invalid_argument("emu: at most 64 workers");
     std::lock_guard<std::mutex> lock(launch_mutex_);
     config_ = config;
+    config_ptx_arch_ = config.ptx_arch;
   }
 
   unsigned workers() const {
@@ -829,6 +1167,20 @@ class Runtime {
     if (grid.x > 2147483647u || grid.y > 65535 || grid.z > 65535) reject("gridDim is limited to (2^31-1, 65535, 65535)");
     const size_t limit = config().max_dynamic_smem;
     if (smem_bytes > limit) reject(format("more dynamic shared memory than the %zu bytes allowed", limit));
+    const FuncAttributes attributes = func_attributes(call.kernel);
+    const uint64_t threads = uint64_t{block.x} * block.y * block.z;
+    if (threads > attributes.max_threads)
+      reject(format("%llu threads per block, more than the kernel's __launch_bounds__(%u)",
+                    static_cast<unsigned long long>(threads), attributes.max_threads));
+    if (attributes.static_smem + smem_bytes > limit)
+      reject(format("static (%zu) + dynamic shared memory exceed the device's %zu bytes per block",
+                    attributes.static_smem, limit));
+    if (smem_bytes > attributes.max_dynamic_smem)
+      reject(format("more dynamic shared memory than the kernel's limit of %zu bytes (static: %zu; %s)",
+                    attributes.max_dynamic_smem, attributes.static_smem,
+                    attributes.max_dynamic_smem + attributes.static_smem <= kDefaultSmemBytes
+                        ? "no opt-in: cudaFuncAttributeMaxDynamicSharedMemorySize not raised"
+                        : "its cudaFuncAttributeMaxDynamicSharedMemorySize"));
     if (cluster_blocks < 1 || cluster_blocks > kMaxClusterBlocks)
       reject(format("a cluster has 1 to %u blocks", kMaxClusterBlocks));
     if (grid.x % cluster_blocks) reject("gridDim.x is not a multiple of the cluster size");
@@ -870,6 +1222,29 @@ class Runtime {
     }
   }
 
+  // The __launch_bounds__ bound in the kernel's symbol (see emu.h), or 1024.
+  static unsigned launch_bounds_of(const void* kernel) {
+    Dl_info info{};
+    if (!dladdr(kernel, &info) || !info.dli_sname) return kMaxThreads;
+    const char* tag = std::strstr(info.dli_sname, "emu_launch_bounds_");
+    return tag ? static_cast<unsigned>(std::strtoul(tag + std::strlen("emu_launch_bounds_"), nullptr, 10)) : kMaxThreads;
+  }
+
+  struct KernelRecord {
+    size_t static_smem = 0;  // the most a block of it allocated
+    bool opted_in = false;
+    size_t max_dynamic = 0;
+    unsigned max_threads = 0;  // 0: not read yet
+  };
+  std::mutex kernels_mutex_;
+  // By kernel and device: the emulated device is identified by its binary's architecture (ptx_arch),
+  // and CUDA keeps a kernel's attributes per device.
+  std::map<std::pair<const void*, unsigned>, KernelRecord> kernels_;
+  KernelRecord& record_of(const void* kernel) { return kernels_[{kernel, config_ptx_arch_.load()}]; }
+  std::atomic<int> pending_error_{0};
+  std::atomic<unsigned> config_ptx_arch_{90};
+  std::atomic<uint64_t> launch_serial_{0};
+
   std::mutex launch_mutex_;  // one launch at a time; guards the configuration and the caller's worker
   Config config_;
   Worker caller_;  // runs blocks on the launching thread
@@ -895,10 +1270,27 @@ Runtime& runtime() {
 
 }  // namespace
 
+void Worker::note_static_smem(const void* kernel, size_t bytes) { runtime().note_static_smem(kernel, bytes); }
+
 Traffic traffic() { return runtime().traffic(); }
 void reset_traffic() { runtime().reset_traffic(); }
 Config config() { return runtime().config(); }
 void set_config(const Config& config) { runtime().set_config(config); }
+
+void* static_smem(size_t bytes, size_t align, const char* file, int line) {
+  return running_worker("static shared memory").static_smem(bytes, align, file, line);
+}
+
+void shared_access(const void* ptr, size_t bytes, size_t align, bool write, const char* file, int line) {
+  running_worker("shared memory").shared_access(ptr, bytes, align, write, file, line);
+}
+
+FuncAttributes func_attributes(const void* kernel) { return runtime().func_attributes(kernel); }
+void func_set_max_dynamic_smem(const void* kernel, size_t bytes) { runtime().func_set_max_dynamic_smem(kernel, bytes); }
+int occupancy_max_active_clusters(const void*, unsigned, int* clusters) {
+  return runtime().occupancy_max_active_clusters(clusters);
+}
+int get_last_error() { return runtime().get_last_error(); }
 
 void index_error(long long value, long long classes, long long ignore_index) {
   if (!detail::current)
@@ -927,6 +1319,10 @@ void warp_op(WarpOp op, unsigned mask, int lane_arg, int width, void* data, unsi
 
 void count_outside_kernel(uint64_t bytes, bool write) { runtime().count_outside(bytes, write); }
 
+void sanitizer_failure(const std::string& message) { running_worker("a sanitizer check").sanitizer_failure(message); }
+uint64_t launch_serial() { return running_worker("launch_serial").launch_serial(); }
+uint64_t cluster_index() { return running_worker("cluster_index").cluster_index(); }
+
 void launch(const KernelCall& call, dim3 grid, dim3 block, size_t smem_bytes, unsigned cluster_blocks) {
   runtime().launch(call, grid, block, smem_bytes, cluster_blocks);
 }
@@ -953,6 +1349,47 @@ void bind_runtime(pybind11::module_& m) {
     emu::set_config(config);
   }, "OS threads that run a launch's blocks; 0: min(hardware threads, 4)");
   m.def("launch_count", [] { return emu::runtime().launch_count(); }, "kernel launches so far");
+  m.def("set_schedule", [](const std::string& name, uint64_t seed) {
+    emu::Config config = emu::config();
+    if (name == "fifo") config.schedule = emu::Schedule::fifo;
+    else if (name == "lifo") config.schedule = emu::Schedule::lifo;
+    else if (name == "random") config.schedule = emu::Schedule::random;
+    else throw std::invalid_argument("emu.set_schedule: expected 'fifo', 'lifo' or 'random', got '" + name + "'");
+    config.seed = seed;
+    emu::set_config(config);
+  }, "The order in which released threads resume: 'fifo', 'lifo' or 'random' (seeded)", pybind11::arg("name"),
+        pybind11::arg("seed") = 0);
+  m.def("schedule", [] {
+    const emu::Config config = emu::config();
+    static const char* names[] = {"fifo", "lifo", "random"};
+    return std::make_tuple(std::string(names[static_cast<int>(config.schedule)]), config.seed);
+  }, "(name, seed) of the schedule");
+  m.def("set_racecheck", [](bool on) {
+    emu::Config config = emu::config();
+    config.racecheck = on;
+    emu::set_config(config);
+  }, "Shared-memory race detection on (the default) or off");
+  m.def("racecheck", [] { return emu::config().racecheck; });
+  m.def("set_ptx_arch", [](unsigned arch) {
+    emu::Config config = emu::config();
+    config.ptx_arch = arch;
+    emu::set_config(config);
+  }, "The architecture the kernels' code was compiled for, as cudaFuncGetAttributes' ptxVersion reports it "
+     "(90: sm_90 code, 80: only sm_80 code / PTX, as a build for TORCH_CUDA_ARCH_LIST='8.0+PTX' run on an H100)");
+  m.def("ptx_arch", [] { return emu::config().ptx_arch; });
+  m.def("set_cluster_occupancy", [](const std::string& name) {
+    emu::Config config = emu::config();
+    if (name == "fits") config.cluster_occupancy = emu::ClusterOccupancy::fits;
+    else if (name == "zero") config.cluster_occupancy = emu::ClusterOccupancy::zero;
+    else if (name == "error") config.cluster_occupancy = emu::ClusterOccupancy::error;
+    else throw std::invalid_argument("emu.set_cluster_occupancy: expected 'fits', 'zero' or 'error', got '" + name + "'");
+    emu::set_config(config);
+  }, "What cudaOccupancyMaxActiveClusters answers: 'fits', 'zero' (no cluster fits) or 'error'");
+  m.def("cluster_occupancy", [] {
+    static const char* names[] = {"fits", "zero", "error"};
+    return std::string(names[static_cast<int>(emu::config().cluster_occupancy)]);
+  });
+  m.def("get_last_error", &emu::get_last_error, "Returns and clears the pending (emulated) CUDA error code");
   m.def("last_launch", [] { return emu::runtime().last_launch(); }, "((grid), (block), smem_bytes) of the last launch");
   m.def("last_cluster_blocks", [] { return emu::runtime().last_cluster_blocks(); },
         "blocks per cluster of the last launch (1: a plain launch)");

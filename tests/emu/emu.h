@@ -3,12 +3,13 @@
 // header.
 //
 // Execution model (emu.cpp): every thread of a block is a fiber (a cooperative user-level thread
-// with its own stack); all fibers of a block run on one OS thread, one at a time, starting in
-// thread-index order. A fiber runs until it reaches a barrier (__syncthreads, __syncwarp, a
-// shuffle, cluster_sync) or returns, then the next runnable fiber runs; a barrier's last arrival
-// continues and releases the others in thread order. The schedule is deterministic. Blocks of a
-// launch may run on several OS threads (Config::workers), each running one block at a time, so no
-// two running blocks share an OS thread.
+// with its own stack); all fibers of a block run on one OS thread, one at a time. A fiber runs until
+// it reaches a barrier (__syncthreads, __syncwarp, a shuffle, cluster_sync) or returns, then the next
+// ready fiber runs; a barrier's last arrival continues and makes the others ready in thread order.
+// Which ready fiber runs next is the schedule (Config::schedule): first in first out (thread order),
+// last in first out (a released warp runs on at once, ahead of the others) or a seeded random pick;
+// every schedule is deterministic. Blocks of a launch may run on several OS threads
+// (Config::workers), each running one block at a time, so no two running blocks share an OS thread.
 //
 // Thread-block clusters (launch_cluster, sm_90): the blocks of a cluster must run concurrently, so
 // they run together as ONE scheduler's fibers on one OS thread (rank 0's threads first, then rank
@@ -20,16 +21,28 @@
 // is a launch in clusters of one block (as in CUDA): cluster_rank() 0, cluster_blocks() 1,
 // cluster_sync() a barrier over the block, cluster_smem(p, 0) == p.
 //
-// Shared memory: `__shared__` is `static thread_local`. The block's fibers share their OS thread,
-// hence one copy per block; blocks running on other OS threads have their own. Static shared
-// arrays keep their content from the previous block on the same OS thread (CUDA leaves it
-// undefined). The blocks of a cluster share an OS thread, hence ONE copy of every static
-// `__shared__` array for the whole cluster (wrong, and not detected): kernels launched in clusters
-// must use dynamic shared memory only. Dynamic shared memory (SMOOTHCE_DYNAMIC_SMEM) is a
-// per-block buffer, 16-byte aligned, filled with 0xFF bytes at the start of every block, so
-// reading before writing yields NaNs (or -1), not zeros. In a cluster launch a block's buffer is
-// filled with 0xFF again when its last thread exits: a block that reads another block's shared
-// memory after that block exited (a missing final cluster_sync, undefined on a GPU) reads NaNs.
+// Shared memory: dynamic (SMOOTHCE_DYNAMIC_SMEM) and static (SMOOTHCE_SHARED: `__shared__` does not
+// compile here) shared memory are one per-block buffer each, 16-byte aligned; the dynamic buffer is
+// filled with 0xFF bytes at the start of every block and each static array at its first use in the
+// block, so reading before writing yields NaNs (or -1), not zeros nor a previous block's values. In a
+// cluster launch a block's dynamic buffer is filled with 0xFF again when its last thread exits: a
+// block that reads another block's shared memory after that block exited (a missing final
+// cluster_sync, undefined on a GPU) reads NaNs.
+//
+// Sanitizer (every check raises from launch() with the kernel, block, threads and source lines):
+//   - racecheck (Config::racecheck): every shared-memory access through memory.cuh's
+//     load_shared/store_shared is recorded per byte; an access to a byte another thread wrote, or a
+//     write to a byte another thread read, with no barrier both took part in since (__syncthreads for
+//     the block, cluster_sync for the cluster, __syncwarp for lanes of one warp; shuffles exchange
+//     registers and order no memory) is a race. Accesses outside the allocated shared memory and
+//     misaligned ones are reported too.
+//   - memcheck (memcheck.cpp): global accesses checked for alignment, bounds and cross-block races.
+//   - launch rules: a block above the kernel's __launch_bounds__, static + dynamic shared memory above
+//     48 KiB without the kernel's opt-in (func_set_max_dynamic_smem) or above the device's maximum, a
+//     grid or block beyond CUDA's limits: the launch is refused. A kernel's static size is known once
+//     a block of it ran (the first launch is refused when its block allocates past the limit).
+//   - a pending error (occupancy_max_active_clusters failed and was not cleared) fails the next launch.
+//   - device arithmetic (arith.h): exp, log and division as the fast-math device computes them.
 //
 // Errors raise from emu::launch, after the launch stopped (no hang, no later block runs):
 //   - std::runtime_error: an invalid launch configuration; a __syncthreads() that not every thread
@@ -42,13 +55,13 @@
 //   - c10::IndexError: SMOOTHCE_DEVICE_INDEX_ERROR (the first one, by block then thread).
 //   - a C++ exception thrown by a kernel, as thrown.
 // A shuffle whose source lane is outside the mask (undefined on a GPU) returns 0xFF bytes.
-// __expf, __logf and __fdividef are exact. __launch_bounds__ is not checked.
 #pragma once
 
 #include <cmath>
 #include <cstddef>
 #include <cstdint>
 #include <cstring>
+#include <string>
 #include <tuple>
 #include <type_traits>
 #include <utility>
@@ -59,10 +72,13 @@
 #define __device__
 #define __host__
 #define __forceinline__ inline
-#define __launch_bounds__(...)
+// The bound travels in the kernel's symbol (an ABI tag: `..._kernelB21emu_launch_bounds_512...`),
+// where launch() reads it back (dladdr) to refuse a larger block. The bound must be a literal.
+#define __launch_bounds__(max_threads, ...) __attribute__((abi_tag("emu_launch_bounds_" #max_threads)))
 // __restrict__ is a gcc/clang keyword already.
-// One copy per OS thread = per running block (see above).
-#define __shared__ static thread_local
+// Static shared memory only through SMOOTHCE_SHARED (compat.cuh), which the emulator allocates per
+// block, poisons and race-checks.
+#define __shared__ _Pragma("GCC error \"emulated kernels declare static shared memory with SMOOTHCE_SHARED\"")
 
 struct dim3 {
   unsigned x, y, z;
@@ -81,10 +97,27 @@ struct Traffic {
 Traffic traffic();
 void reset_traffic();
 
+// The order in which the fibers that a barrier released (and those ready at a block's start) run:
+// first in first out (thread order), last in first out (a released warp runs on at once), or a
+// seeded random pick among the ready fibers.
+enum class Schedule : uint8_t { fifo, lifo, random };
+
+// What cudaOccupancyMaxActiveClusters answers (emulated): the clusters fit, none fit (0), or an error.
+enum class ClusterOccupancy : uint8_t { fits, zero, error };
+
 struct Config {
-  size_t max_dynamic_smem = 227 * 1024;  // per block, as an H100 with opt-in allows
+  // Shared memory (static + dynamic) one block may have after opting in (sharedMemPerBlockOptin):
+  // 227 KiB as on an H100. Without the kernel's opt-in (func_set_max_dynamic_smem) static + dynamic
+  // may not exceed kDefaultSmemBytes.
+  size_t max_dynamic_smem = 227 * 1024;
   unsigned workers = 0;                  // OS threads running blocks; 0: min(hardware, 4)
+  Schedule schedule = Schedule::fifo;
+  uint64_t seed = 0;                     // Schedule::random
+  bool racecheck = true;                 // shared-memory race detection (shared_access)
+  unsigned ptx_arch = 90;                // the virtual architecture the kernels were "compiled" for
+  ClusterOccupancy cluster_occupancy = ClusterOccupancy::fits;
 };
+constexpr size_t kDefaultSmemBytes = 48 * 1024;
 Config config();
 void set_config(const Config& config);
 
@@ -177,6 +210,31 @@ void bind_and_launch(void (*kernel)(Params...), dim3 grid, dim3 block, size_t sm
 
 inline void* dynamic_smem() { return detail::current_thread().block->dynamic_smem; }
 
+// Static shared memory (SMOOTHCE_SHARED): `bytes` at one address for every thread of the block that
+// executes this declaration site, allocated at the site's first execution in the block and filled
+// with 0xFF bytes (a GPU leaves it undefined). The kernel's static size is what its blocks allocated
+// (the largest seen): a launch whose static + dynamic size exceeds the kernel's limit is refused.
+void* static_smem(size_t bytes, size_t align, const char* file, int line);
+
+// --- function attributes and the runtime's error state, as cudaFuncGetAttributes & co. report them
+
+struct FuncAttributes {
+  size_t static_smem = 0;       // sharedSizeBytes (0 until a block of the kernel ran)
+  size_t max_dynamic_smem = 0;  // maxDynamicSharedSizeBytes: kDefaultSmemBytes − static unless set
+  unsigned max_threads = 1024;  // maxThreadsPerBlock: the __launch_bounds__ bound
+  unsigned ptx_arch = 90;       // ptxVersion × 10 (Config::ptx_arch)
+};
+FuncAttributes func_attributes(const void* kernel);
+// cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, bytes): throws when
+// static + bytes exceed the device's opt-in maximum, as CUDA refuses it.
+void func_set_max_dynamic_smem(const void* kernel, size_t bytes);
+// cudaOccupancyMaxActiveClusters: 0 (success) with *clusters set, or a nonzero error code that also
+// becomes the pending error (Config::cluster_occupancy).
+int occupancy_max_active_clusters(const void* kernel, unsigned cluster_blocks, int* clusters);
+// cudaGetLastError: returns the pending error's code (0: none) and clears it. A launch while an error
+// is pending throws it, as C10_CUDA_KERNEL_LAUNCH_CHECK would after the launch.
+int get_last_error();
+
 // --- thread-block clusters (see the execution model above) ---
 
 // The calling block's rank in its cluster (blockIdx.x % cluster_blocks()), and the cluster's size.
@@ -214,6 +272,30 @@ inline void count_write(size_t bytes) {
 // A device-side assert on an out-of-range target: stops the calling thread and the launch;
 // launch() then throws c10::IndexError with this message (the first one, by block then thread).
 void index_error(long long value, long long classes, long long ignore_index);
+
+// --- sanitizer hooks (compat.cuh / memory.cuh call them from the kernels) ---
+
+// memcheck (memcheck.cpp): every global-memory access of a kernel: `bytes` at `ptr`, which must be
+// aligned to `align` (a power of two up to 16) and lie inside a live tensor; a write is also checked
+// against the other blocks (clusters) of the same launch. `file`, `line`: the access's source site.
+void global_access(const void* ptr, size_t bytes, size_t align, bool write, const char* file, int line);
+
+// racecheck (emu.cpp): every shared-memory access (static, dynamic or a cluster peer's).
+void shared_access(const void* ptr, size_t bytes, size_t align, bool write, const char* file, int line);
+
+namespace detail {
+// Messages: printf into a string; "(x,y,z)"; "file:line" (the file's base name).
+std::string format(const char* fmt, ...) __attribute__((format(printf, 1, 2)));
+std::string dims(dim3 d);
+std::string site(const char* file, int line);
+// Stops the running launch from inside a kernel with `message` (the emulator prefixes the kernel,
+// the block and the calling thread); launch() raises it as std::runtime_error. [[noreturn]].
+[[noreturn]] void sanitizer_failure(const std::string& message);
+// The running launch's serial number (unique per launch, increasing) and the calling thread's
+// cluster (the linear block index / cluster size: the unit of cross-block checks).
+uint64_t launch_serial();
+uint64_t cluster_index();
+}  // namespace detail
 
 // Runs kernel<<<grid, block, smem_bytes>>>(args...) to completion on the CPU.
 template <typename... Params, typename... Args>
@@ -268,7 +350,6 @@ inline T __shfl_sync(unsigned mask, T value, int src_lane, int width = warpSize,
   return ::emu::detail::shuffle(::emu::detail::WarpOp::shfl_idx, mask, value, src_lane, width, file, line);
 }
 
-// Exact versions of CUDA's fast approximations (the kernels' accuracy is tested on CPU with these).
-inline float __expf(float x) { return std::exp(x); }
-inline float __logf(float x) { return std::log(x); }
-inline float __fdividef(float a, float b) { return a / b; }
+// __expf, __logf and __fdividef: arith.h (exact, or the fast-math device versions in device mode).
+
+#include "arith.h"  // the device arithmetic of the kernels' math (exp, log, division)

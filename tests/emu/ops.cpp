@@ -5,9 +5,12 @@
 #include <torch/library.h>
 
 #include "emu.h"  // before any csrc/cuda header
+#include "memcheck.h"
 
 #include "cuda/forward.cuh"
 #include "smoothce/schema.h"
+
+pybind11::dict kernel_attributes_dict(const void* kernel);  // sanitizer_selftest.cpp
 
 namespace {
 
@@ -34,6 +37,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> forward_emu(const at::Tensor& inp
                                                            bool float32_loss,
                                                            const c10::optional<at::Tensor>& grad_output,
                                                            SMOOTHCE_EXTENSION_PARAMS) {
+  emu::MemcheckScope memcheck("smoothce_emu::forward", {{"input", input}, {"target", target}, {"weight", weight},
+                                                        {"grad_output", grad_output}, {"target_b", target_b}, {"lam", lam}});
   return smoothce::cuda::forward(input, target, weight, ignore_index, reduction, label_smoothing, compute_grad,
                                  float32_loss, grad_output, SMOOTHCE_EXTENSIONS, false, limits(), &last_plan());
 }
@@ -41,12 +46,23 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> forward_emu(const at::Tensor& inp
 void grad_emu_(at::Tensor& input, const at::Tensor& target, const c10::optional<at::Tensor>& weight,
                int64_t ignore_index, int64_t reduction, double label_smoothing, bool float32_loss,
                const at::Tensor& grad_output, SMOOTHCE_EXTENSION_PARAMS) {
+  emu::MemcheckScope memcheck("smoothce_emu::grad_", {{"input", input}, {"target", target}, {"weight", weight},
+                                                      {"grad_output", grad_output}, {"target_b", target_b}, {"lam", lam}});
   smoothce::cuda::forward(input, target, weight, ignore_index, reduction, label_smoothing, true, float32_loss,
                           grad_output, SMOOTHCE_EXTENSIONS, true, limits(), &last_plan());
 }
 
 void scale_grad_emu(at::Tensor& grad, const at::Tensor& grad_output) {
+  emu::MemcheckScope memcheck("smoothce_emu::scale_grad_", {{"grad", grad}, {"grad_output", grad_output}});
   smoothce::cuda::scale_grad(grad, grad_output, limits());
+}
+
+at::ScalarType dtype_of(const std::string& name) {
+  if (name == "float64") return at::kDouble;
+  if (name == "float32") return at::kFloat;
+  if (name == "float16") return at::kHalf;
+  if (name == "bfloat16") return at::kBFloat16;
+  TORCH_CHECK(false, "expected a dtype name 'float64', 'float32', 'float16' or 'bfloat16', got '", name, "'");
 }
 
 pybind11::dict plan_dict(const Plan& plan) {
@@ -98,6 +114,24 @@ void bind_ops(pybind11::module_& m) {
     return d;
   });
   m.def("last_plan", [] { return plan_dict(last_plan()); }, "The plan of the last emulated forward");
+  m.def(
+      "kernel_attributes",
+      [](const std::string& variant, const std::string& dtype) {
+        const void* kernel = nullptr;
+        AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, dtype_of(dtype), "kernel_attributes", [&] {
+          if (variant == "rows") kernel = reinterpret_cast<const void*>(&smoothce::cuda::rows_kernel<scalar_t>);
+          if (variant == "strided") kernel = reinterpret_cast<const void*>(&smoothce::cuda::strided_kernel<scalar_t>);
+          if (variant == "cluster_rows")
+            kernel = reinterpret_cast<const void*>(&smoothce::cuda::cluster_rows_kernel<scalar_t>);
+          if (variant == "split_finish")
+            kernel = reinterpret_cast<const void*>(&smoothce::cuda::split_finish_kernel<scalar_t>);
+        });
+        TORCH_CHECK(kernel, "kernel_attributes: unknown variant '", variant, "'");
+        return kernel_attributes_dict(kernel);
+      },
+      "cudaFuncGetAttributes of a kernel ('rows', 'strided', 'cluster_rows', 'split_finish') for a dtype "
+      "('float64', 'float32', 'float16', 'bfloat16'); its static size is known once a block of it ran",
+      pybind11::arg("variant"), pybind11::arg("dtype"));
   m.def(
       "plan",
       [](int64_t outer, int64_t classes, int64_t inner, bool class_contiguous, bool dense_rows, int64_t elem_size,

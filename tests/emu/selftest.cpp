@@ -22,7 +22,7 @@ using smoothce::cuda::kFullMask;
 // memory again; every element minus its block's mean goes to `centered`.
 template <typename T>
 __global__ void block_sum_kernel(const T* __restrict__ in, T* __restrict__ sums, T* __restrict__ centered) {
-  __shared__ T partial[32];
+  SMOOTHCE_SHARED(T, partial, 32);
   const unsigned tid = threadIdx.x, lane = tid % warpSize, warp = tid / warpSize;
   const unsigned i = blockIdx.x * blockDim.x + tid;
   const T x = in[i];
@@ -184,8 +184,8 @@ __global__ void throwing_kernel(int* __restrict__ out, int thrower) {
   out[threadIdx.x] = 1;
 }
 
-// Thread-block clusters with distributed shared memory (dynamic shared memory only, as cluster
-// kernels must). Block `rank` of a cluster keeps its row of `in` (blockDim.x values, one per
+// Thread-block clusters with distributed shared memory (its dynamic shared memory, which
+// cluster_smem maps). Block `rank` of a cluster keeps its row of `in` (blockDim.x values, one per
 // thread) in its shared memory; after a cluster barrier, thread t sums (r + 1) * element
 // (t + r) % n of every other rank r's row (`sums`); after a second barrier (no block overwrites a
 // row another may still read) it stores 2 * its element into the next rank's shared memory, and
@@ -272,6 +272,9 @@ std::vector<torch::Tensor> dynamic_smem(int64_t blocks, int64_t threads, int64_t
   auto ints = torch::TensorOptions().dtype(torch::kInt);
   torch::Tensor dirty = torch::empty({blocks * threads}, ints), aligned = torch::empty({blocks}, ints);
   torch::Tensor reversed = torch::empty({blocks * threads}, torch::kFloat);
+  // (as a host program must: more than 48 KiB of shared memory needs the kernel's opt-in)
+  if (smem_bytes > static_cast<int64_t>(emu::kDefaultSmemBytes))
+    emu::func_set_max_dynamic_smem(reinterpret_cast<const void*>(&smem_kernel), static_cast<size_t>(smem_bytes));
   SMOOTHCE_LAUNCH(smem_kernel, blocks, threads, smem_bytes, dirty.data_ptr<int>(), reversed.data_ptr<float>(),
                   aligned.data_ptr<int>(), static_cast<int>(smem_bytes / 4));
   return {dirty, reversed, aligned};
