@@ -8,6 +8,10 @@ but stay within the accuracy bound of tests/conftest.py.
 (SMOOTHCE_EMU_ARITH=device runs the whole emulated suite in this mode; these tests set it
 themselves.)"""
 import math
+import os
+import pathlib
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -233,6 +237,16 @@ def test_mode_switch(emu):
             emu.set_arithmetic("fast")
     finally:
         emu.set_arithmetic(*previous)
+
+
+def test_environment_selects_the_mode(emu):
+    """emulator.load() applies SMOOTHCE_EMU_ARITH and SMOOTHCE_EMU_ARITH_SEED (a fresh process: load()
+    is cached)."""
+    code = "import emulator; m = emulator.load(); print(m.arithmetic(), m.arithmetic_seed())"
+    env = dict(os.environ, SMOOTHCE_EMU_ARITH="device", SMOOTHCE_EMU_ARITH_SEED="5")
+    out = subprocess.run([sys.executable, "-c", code], env=env, cwd=pathlib.Path(__file__).parent,
+                         capture_output=True, text=True, check=True)
+    assert out.stdout.split()[-2:] == ["device", "5"]
 
 
 def test_seed_changes_the_error_pattern(emu):
