@@ -217,10 +217,9 @@ struct Launch {
   std::fenv_t fenv;  // the launching thread's rounding mode, FTZ/DAZ: every block runs with it
   uint64_t serial = 0;  // detail::launch_serial()
   Config config;        // the configuration at launch time
-  // Shared memory rules of the kernel (FuncAttributes): dynamic ≤ max_dynamic when opted in, else
-  // static + dynamic ≤ kDefaultSmemBytes; always static + dynamic ≤ config.max_dynamic_smem.
+  // Whether the kernel opted in (FuncAttributes): if not, static + dynamic ≤ kDefaultSmemBytes (checked
+  // as its blocks allocate static shared memory; validate() checked the dynamic size against the limit).
   bool opted_in = false;
-  size_t max_dynamic = 0;
 
   // Clusters are handed out in increasing order; a failed cluster stops the clusters after it.
   // Every cluster before the lowest failed one was handed out, so the error reported (the lowest
@@ -1020,10 +1019,8 @@ class Runtime {
     state.config = config_;
     state.serial = ++launch_serial_;
     {
-      const FuncAttributes attributes = func_attributes(call.kernel);
       std::lock_guard<std::mutex> lock(kernels_mutex_);
       state.opted_in = record_of(call.kernel).opted_in;
-      state.max_dynamic = attributes.max_dynamic_smem;
     }
     state.call = call;
     state.grid = grid;
