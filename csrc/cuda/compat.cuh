@@ -27,19 +27,19 @@
 #pragma once
 
 #include <cstdint>
+#include <map>
+#include <mutex>
 #include <utility>
 
 #if defined(__CUDACC__)
 
 #include <ATen/cuda/CUDAContext.h>
 #include <c10/cuda/CUDAException.h>
+#include <c10/cuda/CUDAFunctions.h>
 #include <cooperative_groups.h>
 #include <cuda_runtime.h>
 
 #include <cstdio>
-
-#include <map>
-#include <mutex>
 
 #define SMOOTHCE_EMULATED 0
 #define SMOOTHCE_DYNAMIC_SMEM(type, name)                        \
@@ -163,9 +163,6 @@ __device__ __forceinline__ T* cluster_smem(T* ptr, unsigned rank) {
 #ifndef SMOOTHCE_EMULATOR
 #error "csrc/cuda headers build with nvcc, or with the host compiler after tests/emu/emu.h"
 #endif
-#include <map>
-#include <mutex>
-
 #define SMOOTHCE_EMULATED 1
 #define SMOOTHCE_DYNAMIC_SMEM(type, name) type* name = reinterpret_cast<type*>(::emu::dynamic_smem())
 #define SMOOTHCE_SHARED(type, name, count) \
