@@ -33,10 +33,14 @@ def emu():
 
 @pytest.fixture
 def on_emu(emu, monkeypatch):
-    """smoothce's calls go to the emulated CUDA kernels; limits are restored afterwards."""
+    """smoothce's calls go to the emulated CUDA kernels; limits and the emulated device's switches
+    (tests/test_sanitizer.py) are restored afterwards."""
     monkeypatch.setattr(_function, "_ops", torch.ops.smoothce_emu)
     yield emu
     emu.set_limits(**DEFAULT_LIMITS)
+    emu.set_cluster_occupancy("fits")
+    emu.set_ptx_arch(90)
+    assert emu.get_last_error() == 0, "a test left an emulated CUDA error pending"
 
 
 def _flat_offset(shape, offset):

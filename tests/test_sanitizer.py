@@ -10,11 +10,11 @@ import torch
 
 import emulator
 import smoothce
-from smoothce import _function
 from conftest import (DTYPES, assert_close_to_truth, check_all, dtype_id, loss_magnitude, make_index_target,
                       make_logits, make_prob_target, ref, run_all)
 
-from test_cuda_emulated import DEFAULT_LIMITS, H100_LIMITS  # the emulated ops' limits
+# the emulated ops' limits, and the fixtures: emu (the module), on_emu (smoothce on the emulated kernels)
+from test_cuda_emulated import DEFAULT_LIMITS, H100_LIMITS, emu, on_emu  # noqa: F401
 
 pytestmark = pytest.mark.cpu_only
 
@@ -22,22 +22,6 @@ DEFAULT_SMEM = 48 * 1024
 ACC_BYTES = {torch.float64: 8, torch.float32: 4, torch.float16: 4, torch.bfloat16: 4}
 DTYPE_NAME = {torch.float64: "float64", torch.float32: "float32", torch.float16: "float16",
               torch.bfloat16: "bfloat16"}
-
-
-@pytest.fixture(scope="module")
-def emu():
-    return emulator.load()
-
-
-@pytest.fixture
-def on_emu(emu, monkeypatch):
-    """smoothce's calls go to the emulated CUDA kernels; limits and switches are restored afterwards."""
-    monkeypatch.setattr(_function, "_ops", torch.ops.smoothce_emu)
-    yield emu
-    emu.set_limits(**DEFAULT_LIMITS)
-    emu.set_cluster_occupancy("fits")
-    emu.set_ptx_arch(90)
-    assert emu.get_last_error() == 0, "a test left an emulated CUDA error pending"
 
 
 # ------------------------------------------------------------------------ racecheck (known kernels)
