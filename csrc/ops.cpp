@@ -16,6 +16,7 @@ TORCH_LIBRARY(smoothce, m) {
   m.def(smoothce::kForwardSchema, {at::Tag::pt2_compliant_tag});
   m.def(smoothce::kScaleGradSchema, {at::Tag::pt2_compliant_tag});
   m.def(smoothce::kGradSchema, {at::Tag::pt2_compliant_tag});
+  m.def(smoothce::kLinearForwardSchema, {at::Tag::pt2_compliant_tag});
 }
 
 namespace smoothce::cpu {

@@ -10,9 +10,11 @@ from typing import Optional, Tuple, Union
 import torch
 
 from ._function import cross_entropy_impl
+from ._linear import linear_cross_entropy_impl
 from ._version import __version__
 
-__all__ = ["cross_entropy", "CrossEntropyLoss", "mixup_cross_entropy", "build_info", "empty_cache", "__version__"]
+__all__ = ["cross_entropy", "CrossEntropyLoss", "mixup_cross_entropy", "linear_cross_entropy",
+           "linear_mixup_cross_entropy", "LinearCrossEntropyLoss", "build_info", "empty_cache", "__version__"]
 
 _VARIANTS_DOC = """
     Keyword-only variants (SEMANTICS §7; README "Label-smoothing variants"):
@@ -128,6 +130,133 @@ class CrossEntropyLoss(torch.nn.Module):
             text += f", z_loss={self.z_loss}"
         if self.inplace_backward:
             text += ", inplace_backward=True"
+        return text
+
+
+_LINEAR_DOC = """
+    Fused linear layer (README "Fused linear + cross-entropy"): the loss of logits = input·linear_weightᵀ
+    + linear_bias without ever holding the N×V logits. Rows go through in chunks; each chunk's logits
+    are written into one reused buffer and turned into their gradient in place, which the gradient
+    GEMMs consume at once. Extra memory: the chunk's buffer (about 128 MiB by default) and O(N + V),
+    plus V×H fp32 for the gradient of a half-precision linear_weight.
+    chunk_size: rows per chunk (default None: as many as fit 128 MiB of logits, evened out).
+    fp32_grad_weight: accumulate the gradients of a float16/bfloat16 linear_weight and linear_bias in
+        fp32 over the chunks (default True; False accumulates in their own dtype)."""
+
+
+def linear_cross_entropy(
+    input: torch.Tensor,
+    linear_weight: torch.Tensor,
+    target: torch.Tensor,
+    *,
+    linear_bias: Optional[torch.Tensor] = None,
+    weight: Optional[torch.Tensor] = None,
+    reduction: str = "mean",
+    ignore_index: int = -100,
+    label_smoothing: float = 0.0,
+    smoothing: str = "uniform",
+    target_values: Optional[Tuple[float, float]] = None,
+    z_loss: float = 0.0,
+    chunk_size: Optional[int] = None,
+    fp32_grad_weight: bool = True,
+) -> torch.Tensor:
+    """``smoothce.cross_entropy(F.linear(input, linear_weight, linear_bias), target, ...)``, fused, with the
+    arguments of ``torch.nn.functional.linear_cross_entropy``.
+
+    input: (..., H), any leading dimensions. linear_weight: (V, H) (e.g. a tied embedding, any strides).
+    linear_bias: (V,) or None. target: class indices shaped like input's leading dimensions, or class
+    probabilities (..., V). weight: per-class weights (V,). Reduction 'none' returns one loss per row,
+    shaped like the leading dimensions. Other arguments as ``cross_entropy``.
+    """
+    return linear_cross_entropy_impl(input, linear_weight, target, linear_bias=linear_bias, weight=weight,
+                                     reduction=reduction, ignore_index=ignore_index, label_smoothing=label_smoothing,
+                                     smoothing=smoothing, target_values=target_values, z_loss=z_loss,
+                                     chunk_size=chunk_size, fp32_grad_weight=fp32_grad_weight)
+
+
+linear_cross_entropy.__doc__ += _VARIANTS_DOC.split("    inplace_backward")[0] + _LINEAR_DOC
+
+
+def linear_mixup_cross_entropy(
+    input: torch.Tensor,
+    linear_weight: torch.Tensor,
+    target_a: torch.Tensor,
+    target_b: torch.Tensor,
+    lam: Union[float, torch.Tensor],
+    *,
+    linear_bias: Optional[torch.Tensor] = None,
+    weight: Optional[torch.Tensor] = None,
+    reduction: str = "mean",
+    ignore_index: int = -100,
+    label_smoothing: float = 0.0,
+    smoothing: str = "uniform",
+    target_values: Optional[Tuple[float, float]] = None,
+    z_loss: float = 0.0,
+    chunk_size: Optional[int] = None,
+    fp32_grad_weight: bool = True,
+) -> torch.Tensor:
+    """``mixup_cross_entropy`` of ``F.linear(input, linear_weight, linear_bias)``, fused as
+    ``linear_cross_entropy``: q = lam·q(target_a) + (1 − lam)·q(target_b); lam a float in [0, 1] or a
+    tensor broadcastable to input's leading dimensions."""
+    return linear_cross_entropy_impl(input, linear_weight, target_a, linear_bias=linear_bias, weight=weight,
+                                     reduction=reduction, ignore_index=ignore_index, label_smoothing=label_smoothing,
+                                     smoothing=smoothing, target_values=target_values, z_loss=z_loss,
+                                     chunk_size=chunk_size, fp32_grad_weight=fp32_grad_weight, mixup=True,
+                                     target_b=target_b, lam=lam, where="smoothce.linear_mixup_cross_entropy")
+
+
+class LinearCrossEntropyLoss(torch.nn.Module):
+    """``torch.nn.LinearCrossEntropyLoss`` twin: owns its ``linear`` (``nn.Linear(in_features,
+    num_classes, bias=bias)``) and computes ``linear_cross_entropy(input, linear.weight, target, ...)``
+    fused; class weights are a buffer. Keyword arguments as ``linear_cross_entropy``."""
+
+    def __init__(
+        self,
+        in_features: int,
+        num_classes: int,
+        *,
+        bias: bool = False,
+        device=None,
+        dtype=None,
+        weight: Optional[torch.Tensor] = None,
+        reduction: str = "mean",
+        ignore_index: int = -100,
+        label_smoothing: float = 0.0,
+        smoothing: str = "uniform",
+        target_values: Optional[Tuple[float, float]] = None,
+        z_loss: float = 0.0,
+        chunk_size: Optional[int] = None,
+        fp32_grad_weight: bool = True,
+    ) -> None:
+        super().__init__()
+        self.in_features = in_features
+        self.num_classes = num_classes
+        self.linear = torch.nn.Linear(in_features, num_classes, bias=bias, device=device, dtype=dtype)
+        self.register_buffer("weight", weight)
+        self.reduction = reduction
+        self.ignore_index = ignore_index
+        self.label_smoothing = label_smoothing
+        self.smoothing = smoothing
+        self.target_values = None if target_values is None else tuple(target_values)
+        self.z_loss = z_loss
+        self.chunk_size = chunk_size
+        self.fp32_grad_weight = fp32_grad_weight
+
+    def forward(self, input: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        return linear_cross_entropy_impl(
+            input, self.linear.weight, target, linear_bias=self.linear.bias, weight=self.weight,
+            reduction=self.reduction, ignore_index=self.ignore_index, label_smoothing=self.label_smoothing,
+            smoothing=self.smoothing, target_values=self.target_values, z_loss=self.z_loss,
+            chunk_size=self.chunk_size, fp32_grad_weight=self.fp32_grad_weight)
+
+    def extra_repr(self) -> str:
+        text = (f"in_features={self.in_features}, num_classes={self.num_classes}, reduction={self.reduction!r}, "
+                f"ignore_index={self.ignore_index}, label_smoothing={self.label_smoothing}")
+        for name, default in (("smoothing", "uniform"), ("target_values", None), ("z_loss", 0.0),
+                              ("chunk_size", None), ("fp32_grad_weight", True)):
+            value = getattr(self, name)
+            if value != default:
+                text += f", {name}={value!r}"
         return text
 
 

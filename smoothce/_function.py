@@ -190,9 +190,11 @@ def _check_tensor(where, name, value, optional=False):
         raise TypeError(f"{where}: {name} must be {expected}, got {type(value).__name__}")
 
 
-def _extension_args(where, input, target, label_smoothing, smoothing, target_values, z_loss, inplace_backward):
+def _extension_args(where, input, target, label_smoothing, smoothing, target_values, z_loss, inplace_backward,
+                    num_classes=None):
     """Checks the SEMANTICS §7 keywords; returns (label_smoothing, target_values) for the op: "others"
-    and explicit values become (on, off) for index targets."""
+    and explicit values become (on, off) for index targets. num_classes: C when the input is not the
+    logits (the fused linear loss)."""
     if not isinstance(smoothing, str) or smoothing not in ("uniform", "others"):
         raise ValueError(f"{where}: smoothing must be 'uniform' or 'others', got {smoothing!r}")
     _check_number("z_loss", z_loss, numbers.Real, where)
@@ -221,7 +223,8 @@ def _extension_args(where, input, target, label_smoothing, smoothing, target_val
     if target_values is not None:
         return 0.0, [float(target_values[0]), float(target_values[1])]
     if smoothing == "others":
-        num_classes = input.shape[0] if input.dim() == 1 else input.shape[1]
+        if num_classes is None:
+            num_classes = input.shape[0] if input.dim() == 1 else input.shape[1]
         off = label_smoothing / (num_classes - 1) if num_classes > 1 else 0.0  # C = 1: no other class
         return 0.0, [1.0 - label_smoothing, off]
     return label_smoothing, None
@@ -323,9 +326,10 @@ def cross_entropy_impl(
     return loss
 
 
-def _mixup_lam(where, input, target_a, target_b, lam):
+def _mixup_lam(where, input, target_a, target_b, lam, positions=None):
     """mixup's lam: a float in [0, 1] (→ lam_value), or a tensor broadcast to one value per position
-    (its values are checked by the kernels' driver: on CPU at once, on CUDA without a host sync)."""
+    (its values are checked by the kernels' driver: on CPU at once, on CUDA without a host sync).
+    positions: the positions' shape when the input is not the logits (the fused linear loss)."""
     _check_tensor(where, "target_b", target_b)
     for name, t in (("target_a", target_a), ("target_b", target_b)):
         if t.is_floating_point():
@@ -338,7 +342,8 @@ def _mixup_lam(where, input, target_a, target_b, lam):
             f"{where}: target_b must have target_a's shape {tuple(target_a.shape)}, got {tuple(target_b.shape)}"
         )
     if isinstance(lam, torch.Tensor):
-        positions = _position_shape(input)
+        if positions is None:
+            positions = _position_shape(input)
         if not lam.is_floating_point():
             raise TypeError(f"{where}: lam must be a float or a floating tensor, got dtype {lam.dtype}")
         if lam.requires_grad and torch.is_grad_enabled():

@@ -64,13 +64,14 @@ def pytest_configure(config):
 
 
 def _on_cuda(impl):
-    """cross_entropy_impl on CUDA copies of the tensor arguments; the loss comes back to the caller's
-    device through autograd (so backward runs the CUDA gradient and scale kernels too)."""
-    def call(input, target, weight, *args, **kwargs):
+    """cross_entropy_impl (or linear_cross_entropy_impl) on CUDA copies of the tensor arguments; the loss
+    comes back to the caller's device through autograd (so backward runs the CUDA kernels too)."""
+    def call(input, *args, **kwargs):
         def move(t):
             return t.to("cuda") if isinstance(t, torch.Tensor) and t.device.type == "cpu" else t
-        kwargs = {name: move(value) for name, value in kwargs.items()}  # mixup's target_b and lam
-        loss = impl(move(input), move(target), move(weight), *args, **kwargs)
+        args = [move(value) for value in args]  # target, weight / linear_weight, target
+        kwargs = {name: move(value) for name, value in kwargs.items()}  # target_b, lam, linear_bias, ...
+        loss = impl(move(input), *args, **kwargs)
         return loss.to(input.device) if isinstance(input, torch.Tensor) else loss
     return call
 
@@ -78,13 +79,14 @@ def _on_cuda(impl):
 def _load_emulated_ops():
     """torch.ops.smoothce_emu.*, with the fake kernels of torch.ops.smoothce.* (opcheck, compile)."""
     import emulator
-    from smoothce import _function
+    from smoothce import _function, _linear
 
     emulator.load()
     if not getattr(_load_emulated_ops, "faked", False):
         torch.library.register_fake("smoothce_emu::forward")(_function._forward_fake)
         torch.library.register_fake("smoothce_emu::scale_grad_")(_function._scale_grad_fake)
         torch.library.register_fake("smoothce_emu::grad_")(_function._grad_fake)
+        torch.library.register_fake("smoothce_emu::linear_forward")(_linear._linear_forward_fake)
         _load_emulated_ops.faked = True
 
 
@@ -104,6 +106,7 @@ def backend(request, monkeypatch):
         if not torch.cuda.is_available():
             pytest.skip("SMOOTHCE_TEST_BACKEND=cuda but no CUDA device is visible")
         monkeypatch.setattr(smoothce, "cross_entropy_impl", _on_cuda(_function.cross_entropy_impl))
+        monkeypatch.setattr(smoothce, "linear_cross_entropy_impl", _on_cuda(smoothce.linear_cross_entropy_impl))
     return BACKEND
 
 

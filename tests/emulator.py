@@ -18,8 +18,9 @@ def load(verbose: bool = False):
     # (SMOOTHCE_EMU_BUILD_DIR: another build folder, e.g. for a mutated copy of the sources)
     build_dir = pathlib.Path(os.environ.get("SMOOTHCE_EMU_BUILD_DIR", ROOT / "build" / "emu"))
     build_dir.mkdir(parents=True, exist_ok=True)
-    # the emulator and its bindings, plus the argument checks the CUDA driver shares with the CPU path
-    sources = sorted(str(p) for p in EMU_DIR.glob("*.cpp")) + [str(ROOT / "csrc" / "problem.cpp")]
+    # the emulator and its bindings, plus the argument checks and the fused linear driver the CUDA path
+    # shares with the CPU path
+    sources = sorted(str(p) for p in EMU_DIR.glob("*.cpp")) + [str(ROOT / "csrc" / n) for n in ("problem.cpp", "linear.cpp")]
     os.environ.setdefault("MAX_JOBS", "2")
     module = load_extension(
         name="smoothce_emu",

@@ -1,4 +1,5 @@
-// CPU implementation of smoothce::forward and smoothce::scale_grad_.
+// CPU implementation of smoothce::forward, smoothce::grad_, smoothce::scale_grad_ and (the shared
+// driver of csrc/linear.cpp on these kernels) smoothce::linear_forward.
 //
 // One fused pass per position: the logits are streamed once from memory (blocks of a row are
 // re-read from L1 for the exp-sum after their max is known), giving max, Σexp, the smoothing sum
@@ -23,6 +24,7 @@
 #include <type_traits>
 #include <vector>
 
+#include "smoothce/linear.h"
 #include "smoothce/problem.h"
 #include "smoothce/row_math.h"
 
@@ -697,24 +699,45 @@ at::Tensor run_forward(const Problem& prob, const ForwardBuffers& out) {
   return at::scalar_tensor(value, prob.input.options().dtype(out.loss_dtype));
 }
 
+// smoothce::forward; with grad_over_logits, the gradient written over the input (smoothce::grad_, and
+// the fused linear driver's chunks).
+std::tuple<at::Tensor, at::Tensor, at::Tensor> forward(const at::Tensor& input, const at::Tensor& target,
+                                                       const c10::optional<at::Tensor>& weight, int64_t ignore_index,
+                                                       int64_t reduction, double label_smoothing, bool compute_grad,
+                                                       bool float32_loss, const c10::optional<at::Tensor>& grad_output,
+                                                       const Extensions& ext, bool grad_over_logits) {
+  const Problem prob = make_problem(input, target, weight, ignore_index, reduction, label_smoothing, compute_grad,
+                                    float32_loss, ext);
+  const ForwardBuffers out = make_forward_buffers(prob, input, float32_loss, grad_output,
+                                                  grad_over_logits ? &grad_over_input : &allocate_grad);
+  at::Tensor loss = run_forward(prob, out);
+  return {loss, out.lse, out.grad};
+}
+
 std::tuple<at::Tensor, at::Tensor, at::Tensor> forward_cpu(
     const at::Tensor& input, const at::Tensor& target, const c10::optional<at::Tensor>& weight, int64_t ignore_index,
     int64_t reduction, double label_smoothing, bool compute_grad, bool float32_loss,
     const c10::optional<at::Tensor>& grad_output, SMOOTHCE_EXTENSION_PARAMS) {
-  const Problem prob = make_problem(input, target, weight, ignore_index, reduction, label_smoothing, compute_grad,
-                                    float32_loss, SMOOTHCE_EXTENSIONS);
-  const ForwardBuffers out = make_forward_buffers(prob, input, float32_loss, grad_output, &allocate_grad);
-  at::Tensor loss = run_forward(prob, out);
-  return {loss, out.lse, out.grad};
+  return forward(input, target, weight, ignore_index, reduction, label_smoothing, compute_grad, float32_loss,
+                 grad_output, SMOOTHCE_EXTENSIONS, false);
 }
 
 // smoothce::grad_: the gradient for grad_output written over the logits (inplace_backward).
 void grad_cpu_(at::Tensor& input, const at::Tensor& target, const c10::optional<at::Tensor>& weight,
                int64_t ignore_index, int64_t reduction, double label_smoothing, bool float32_loss,
                const at::Tensor& grad_output, SMOOTHCE_EXTENSION_PARAMS) {
-  const Problem prob = make_problem(input, target, weight, ignore_index, reduction, label_smoothing, true,
-                                    float32_loss, SMOOTHCE_EXTENSIONS);
-  run_forward(prob, make_forward_buffers(prob, input, float32_loss, grad_output, &grad_over_input));
+  forward(input, target, weight, ignore_index, reduction, label_smoothing, true, float32_loss, grad_output,
+          SMOOTHCE_EXTENSIONS, true);
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> linear_forward_cpu(
+    const at::Tensor& input, const at::Tensor& linear_weight, const c10::optional<at::Tensor>& linear_bias,
+    const at::Tensor& target, const c10::optional<at::Tensor>& weight, int64_t ignore_index, int64_t reduction,
+    double label_smoothing, bool float32_loss, std::array<bool, 4> output_mask, int64_t chunk_size,
+    bool fp32_grad_weight, const c10::optional<at::Tensor>& grad_output, SMOOTHCE_EXTENSION_PARAMS) {
+  return linear_forward(input, linear_weight, linear_bias, target, weight, ignore_index, reduction, label_smoothing,
+                        float32_loss, output_mask, chunk_size, fp32_grad_weight, grad_output, SMOOTHCE_EXTENSIONS,
+                        &forward);
 }
 
 void scale_grad_cpu(at::Tensor& grad, const at::Tensor& grad_output) {
@@ -746,6 +769,7 @@ TORCH_LIBRARY_IMPL(smoothce, CPU, m) {
   m.impl("forward", &forward_cpu);
   m.impl("scale_grad_", &scale_grad_cpu);
   m.impl("grad_", &grad_cpu_);
+  m.impl("linear_forward", &linear_forward_cpu);
 }
 
 }  // namespace cpu

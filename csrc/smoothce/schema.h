@@ -25,6 +25,17 @@ constexpr const char* kGradSchema =
 
 // grad *= grad_output (a scalar, or one value per position broadcast over the classes); a no-op
 // when a scalar grad_output is 1, decided by the kernel without a host round trip.
+// Fused linear + cross-entropy (csrc/smoothce/linear.h): logits = input·linear_weightᵀ + linear_bias
+// in row chunks, never all at once. output_mask: which gradients (input, linear_weight, linear_bias,
+// target) to compute, for grad_output (None: 1); the others come back empty. chunk_size: rows per chunk
+// (0: automatic). fp32_grad_weight: accumulate the half-precision weight's and bias's gradients in fp32.
+constexpr const char* kLinearForwardSchema =
+    "linear_forward(Tensor input, Tensor linear_weight, Tensor? linear_bias, Tensor target, Tensor? weight, "
+    "int ignore_index, int reduction, float label_smoothing, bool float32_loss, bool[4] output_mask, "
+    "int chunk_size=0, bool fp32_grad_weight=True, Tensor? grad_output=None, " SMOOTHCE_EXTENSION_ARGS
+    ") -> (Tensor loss, Tensor lse, Tensor grad_input, Tensor grad_linear_weight, Tensor grad_linear_bias, "
+    "Tensor grad_target)";
+
 constexpr const char* kScaleGradSchema = "scale_grad_(Tensor(a!) grad, Tensor grad_output) -> ()";
 
 }  // namespace smoothce

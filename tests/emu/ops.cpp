@@ -8,6 +8,7 @@
 #include "memcheck.h"
 
 #include "cuda/forward.cuh"
+#include "smoothce/linear.h"
 #include "smoothce/schema.h"
 
 pybind11::dict kernel_attributes_dict(const void* kernel);  // sanitizer_selftest.cpp
@@ -52,6 +53,28 @@ void grad_emu_(at::Tensor& input, const at::Tensor& target, const c10::optional<
                           grad_output, SMOOTHCE_EXTENSIONS, true, limits(), &last_plan());
 }
 
+// csrc/linear.cpp's driver (GEMMs by ATen on the CPU tensors) with the emulated kernels for its chunks.
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> linear_forward_emu(
+    const at::Tensor& input, const at::Tensor& linear_weight, const c10::optional<at::Tensor>& linear_bias,
+    const at::Tensor& target, const c10::optional<at::Tensor>& weight, int64_t ignore_index, int64_t reduction,
+    double label_smoothing, bool float32_loss, std::array<bool, 4> output_mask, int64_t chunk_size,
+    bool fp32_grad_weight, const c10::optional<at::Tensor>& grad_output, SMOOTHCE_EXTENSION_PARAMS) {
+  emu::MemcheckScope memcheck("smoothce_emu::linear_forward",
+                              {{"input", input}, {"linear_weight", linear_weight}, {"linear_bias", linear_bias},
+                               {"target", target}, {"weight", weight}, {"grad_output", grad_output},
+                               {"target_b", target_b}, {"lam", lam}});
+  auto kernel = [](const at::Tensor& logits, const at::Tensor& target_rows,
+                   const c10::optional<at::Tensor>& class_weight, int64_t ignore, int64_t red, double eps,
+                   bool compute_grad, bool f32_loss, const c10::optional<at::Tensor>& upstream,
+                   const smoothce::Extensions& ext, bool grad_over_logits) {
+    return smoothce::cuda::forward(logits, target_rows, class_weight, ignore, red, eps, compute_grad, f32_loss,
+                                   upstream, ext, grad_over_logits, limits(), &last_plan());
+  };
+  return smoothce::linear_forward(input, linear_weight, linear_bias, target, weight, ignore_index, reduction,
+                                  label_smoothing, float32_loss, output_mask, chunk_size, fp32_grad_weight,
+                                  grad_output, SMOOTHCE_EXTENSIONS, kernel);
+}
+
 void scale_grad_emu(at::Tensor& grad, const at::Tensor& grad_output) {
   emu::MemcheckScope memcheck("smoothce_emu::scale_grad_", {{"grad", grad}, {"grad_output", grad_output}});
   smoothce::cuda::scale_grad(grad, grad_output, limits());
@@ -88,12 +111,14 @@ TORCH_LIBRARY(smoothce_emu, m) {
   m.def(smoothce::kForwardSchema);
   m.def(smoothce::kScaleGradSchema);
   m.def(smoothce::kGradSchema);
+  m.def(smoothce::kLinearForwardSchema);
 }
 
 TORCH_LIBRARY_IMPL(smoothce_emu, CPU, m) {
   m.impl("forward", &forward_emu);
   m.impl("scale_grad_", &scale_grad_emu);
   m.impl("grad_", &grad_emu_);
+  m.impl("linear_forward", &linear_forward_emu);
 }
 
 void bind_ops(pybind11::module_& m) {

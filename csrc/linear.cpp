@@ -1,0 +1,262 @@
+// The fused linear + cross-entropy driver (see smoothce/linear.h). Every backend runs this code: the
+// CPU op (cpu/cross_entropy.cpp), the CUDA op (cuda/cross_entropy.cu) and the emulated CUDA op of the
+// test suite (tests/emu/ops.cpp) differ only in the kernel they pass.
+#include "smoothce/linear.h"
+
+#include <ATen/ATen.h>
+#include <c10/util/Exception.h>
+
+#include <algorithm>
+#include <sstream>
+#include <string>
+
+namespace smoothce {
+namespace {
+
+constexpr const char* kWhere = "smoothce.linear_cross_entropy: ";
+
+std::string shape_str(at::IntArrayRef sizes) {
+  std::ostringstream os;
+  os << sizes;
+  return os.str();
+}
+
+bool is_half(at::ScalarType dt) { return dt == at::kHalf || dt == at::kBFloat16; }
+
+// Argument checks the chunk kernel cannot make (it sees one chunk of logits) or would word for
+// cross_entropy; the kernel still checks targets' values and the variants' options per chunk.
+void check_args(const at::Tensor& input, const at::Tensor& w, const c10::optional<at::Tensor>& bias,
+                const at::Tensor& target, const c10::optional<at::Tensor>& weight, int64_t reduction,
+                bool float32_loss, const c10::optional<at::Tensor>& grad_output, bool any_grad) {
+  const auto dt = input.scalar_type();
+  TORCH_CHECK_TYPE(dt == at::kDouble || dt == at::kFloat || is_half(dt), kWhere,
+                   "input must be a floating-point tensor (float64, float32, float16 or bfloat16), got dtype ", dt);
+  TORCH_CHECK_VALUE(input.dim() == 2, kWhere, "input must be 2-D (N, H) here (the Python API flattens leading "
+                    "dimensions), got shape ", shape_str(input.sizes()));
+  TORCH_CHECK_VALUE(w.dim() == 2, kWhere, "linear_weight must be 2-D (V, H), got shape ", shape_str(w.sizes()));
+  TORCH_CHECK_VALUE(w.size(1) == input.size(1), kWhere, "linear_weight must have shape (V, H) with H = ",
+                    input.size(1), " (the input's last dimension), got shape ", shape_str(w.sizes()));
+  TORCH_CHECK_VALUE(w.size(0) >= 1, kWhere, "linear_weight must have at least one class (row), got shape ",
+                    shape_str(w.sizes()));
+  TORCH_CHECK_TYPE(w.scalar_type() == dt, kWhere, "linear_weight must have the input's dtype (", dt, "), got ",
+                   w.scalar_type());
+  TORCH_CHECK(w.device() == input.device(), kWhere, "linear_weight must be on the input's device (", input.device(),
+              "), got ", w.device());
+  const int64_t V = w.size(0), N = input.size(0);
+  if (bias.has_value() && bias->defined()) {
+    TORCH_CHECK_VALUE(bias->dim() == 1 && bias->size(0) == V, kWhere, "linear_bias must have shape (V,) = (", V,
+                      ",) to match linear_weight's classes, got shape ", shape_str(bias->sizes()));
+    TORCH_CHECK_TYPE(bias->scalar_type() == dt, kWhere, "linear_bias must have the input's dtype (", dt, "), got ",
+                     bias->scalar_type());
+    TORCH_CHECK(bias->device() == input.device(), kWhere, "linear_bias must be on the input's device (",
+                input.device(), "), got ", bias->device());
+  }
+  if (weight.has_value() && weight->defined()) {
+    TORCH_CHECK_VALUE(weight->dim() == 1 && weight->size(0) == V, kWhere,
+                      "weight (the class weights) must have shape (V,) = (", V,
+                      ",) to match linear_weight's classes, got shape ", shape_str(weight->sizes()));
+    TORCH_CHECK_TYPE(weight->scalar_type() == dt || (float32_loss && weight->scalar_type() == at::kFloat), kWhere,
+                     "weight (the class weights) must have the input's dtype (", dt, "), got ", weight->scalar_type());
+  }
+  TORCH_CHECK(target.device() == input.device(), kWhere, "target must be on the input's device (", input.device(),
+              "), got ", target.device());
+  if (at::isFloatingType(target.scalar_type())) {
+    TORCH_CHECK_VALUE(target.dim() == 2 && target.size(0) == N && target.size(1) == V, kWhere,
+                      "a probability (floating) target must have shape (N, V) = (", N, ", ", V, "), got ",
+                      shape_str(target.sizes()));
+    TORCH_CHECK_TYPE(target.scalar_type() == dt, kWhere, "a probability target must have the input's dtype (", dt,
+                     "), got ", target.scalar_type());
+  } else {
+    TORCH_CHECK_TYPE(target.scalar_type() == at::kLong || target.scalar_type() == at::kByte, kWhere,
+                     "target must hold class indices as int64 (or uint8), or class probabilities in the input's "
+                     "dtype; got dtype ", target.scalar_type());
+    TORCH_CHECK_VALUE(target.dim() == 1 && target.size(0) == N, kWhere,
+                      "a target of class indices must have shape (N,) = (", N, ",) (one per input row), got ",
+                      shape_str(target.sizes()));
+  }
+  if (grad_output.has_value() && grad_output->defined()) {
+    const at::Tensor& g = *grad_output;
+    TORCH_CHECK_VALUE(any_grad, kWhere, "grad_output is only used when output_mask asks for a gradient");
+    TORCH_CHECK(g.device() == input.device(), kWhere, "grad_output must be on the input's device (", input.device(),
+                "), got ", g.device());
+    TORCH_CHECK_TYPE(at::isFloatingType(g.scalar_type()), kWhere, "grad_output must be floating, got ",
+                     g.scalar_type());
+    TORCH_CHECK_VALUE(g.dim() == 0 || (reduction == kNone && g.dim() == 1 && g.size(0) == N), kWhere,
+                      "grad_output must be a scalar", reduction == kNone ? " or have shape (N,)" : "", ", got shape ",
+                      shape_str(g.sizes()));
+  }
+}
+
+// Σ_valid k·w[t] over a target (k: 1, or the mixup share), in double on the device: the mean's
+// denominator, as the kernels' own prologue computes it (class weights in the accumulation type).
+at::Tensor target_mass(const at::Tensor& target, const c10::optional<at::Tensor>& weight, int64_t classes,
+                       int64_t ignore_index, at::ScalarType acc) {
+  const at::Tensor t = target.to(at::kLong);
+  const at::Tensor valid = (t != ignore_index).logical_and_(t >= 0).logical_and_(t < classes);
+  if (!(weight.has_value() && weight->defined())) return valid.to(at::kDouble);
+  const at::Tensor w = weight->to(acc).to(at::kDouble);
+  return w.index_select(0, t.masked_fill(valid.logical_not(), 0)).mul_(valid);
+}
+
+at::Tensor mean_denominator(const at::Tensor& target, const c10::optional<at::Tensor>& weight, int64_t classes,
+                            int64_t ignore_index, const Extensions& ext, at::ScalarType acc) {
+  if (at::isFloatingType(target.scalar_type())) {
+    return at::scalar_tensor(static_cast<double>(target.size(0)), target.options().dtype(at::kDouble));
+  }
+  at::Tensor mass = target_mass(target, weight, classes, ignore_index, acc);
+  if (!(ext.target_b.has_value() && ext.target_b->defined())) return mass.sum();
+  const at::Tensor mass_b = target_mass(*ext.target_b, weight, classes, ignore_index, acc);
+  at::Tensor lam_a, lam_b;  // the kernels' shares: lam and 1 − lam, in the accumulation type
+  if (ext.lam.has_value() && ext.lam->defined()) {
+    const at::Tensor lam = ext.lam->to(acc);
+    lam_a = lam.to(at::kDouble);
+    lam_b = (1 - lam).to(at::kDouble);
+  } else {
+    lam_a = at::scalar_tensor(ext.lam_value, mass.options()).to(acc).to(at::kDouble);
+    lam_b = (1 - at::scalar_tensor(ext.lam_value, mass.options()).to(acc)).to(at::kDouble);
+  }
+  return (mass * lam_a + mass_b * lam_b).sum();
+}
+
+// grad_W += dlogitsᵀ·x. A half-precision weight's gradient accumulates in fp32 (acc): on CUDA with
+// cuBLAS's fp32 output for half operands; on CPU, which has no such GEMM, through fp32 copies of
+// column slices of dlogits, each at most half the size of the chunk's buffer.
+void accumulate_grad_weight(at::Tensor& acc, const at::Tensor& dlogits, const at::Tensor& x) {
+  if (acc.scalar_type() == dlogits.scalar_type()) {
+    acc.addmm_(dlogits.t(), x);
+    return;
+  }
+  if (acc.is_cuda()) {
+    at::addmm_out(acc, acc, dlogits.t(), x, acc.scalar_type());
+    return;
+  }
+  const at::Tensor x_acc = x.to(acc.scalar_type());
+  const int64_t V = dlogits.size(1), slice = std::max<int64_t>(1, (V + 3) / 4);
+  for (int64_t v0 = 0; v0 < V; v0 += slice) {
+    const int64_t width = std::min(slice, V - v0);
+    acc.narrow(0, v0, width).addmm_(dlogits.narrow(1, v0, width).to(acc.scalar_type()).t(), x_acc);
+  }
+}
+
+c10::optional<at::Tensor> rows_of(const c10::optional<at::Tensor>& t, int64_t start, int64_t rows) {
+  if (!(t.has_value() && t->defined())) return t;
+  return t->narrow(0, start, rows);
+}
+
+}  // namespace
+
+int64_t linear_chunk_rows(int64_t rows, int64_t classes, int64_t itemsize, int64_t chunk_size) {
+  if (rows <= 0) return 0;
+  if (chunk_size > 0) return std::min(chunk_size, rows);
+  const int64_t fit = std::max<int64_t>(1, kLinearChunkBudget / std::max<int64_t>(1, classes * itemsize));
+  const int64_t chunks = (rows + fit - 1) / fit;
+  return (rows + chunks - 1) / chunks;
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> linear_forward(
+    const at::Tensor& input, const at::Tensor& linear_weight, const c10::optional<at::Tensor>& linear_bias,
+    const at::Tensor& target, const c10::optional<at::Tensor>& weight, int64_t ignore_index, int64_t reduction,
+    double label_smoothing, bool float32_loss, std::array<bool, 4> output_mask, int64_t chunk_size,
+    bool fp32_grad_weight, const c10::optional<at::Tensor>& grad_output, const Extensions& ext,
+    const ChunkKernel& kernel) {
+  const bool need_input = output_mask[0], need_w = output_mask[1], need_b = output_mask[2];
+  const bool has_bias = linear_bias.has_value() && linear_bias->defined();
+  const bool soft = at::isFloatingType(target.scalar_type());
+  const bool need_target = output_mask[3];
+  TORCH_CHECK_VALUE(!need_b || has_bias, kWhere, "output_mask asks for linear_bias's gradient without a linear_bias");
+  TORCH_CHECK_VALUE(!need_target || soft, kWhere, "only a probability (floating) target has a gradient");
+  TORCH_CHECK_VALUE(reduction == kNone || reduction == kMean || reduction == kSum, kWhere,
+                    "reduction must be 0 (none), 1 (mean) or 2 (sum), got ", reduction);
+  TORCH_CHECK_VALUE(chunk_size >= 0, kWhere, "chunk_size must be a positive number of rows (or None), got ",
+                    chunk_size);
+  const bool grad_logits = need_input || need_w || need_b;  // the kernel writes dlogits over the buffer
+  const bool any_grad = grad_logits || need_target;
+  check_args(input, linear_weight, linear_bias, target, weight, reduction, float32_loss, grad_output, any_grad);
+
+  const int64_t N = input.size(0), H = input.size(1), V = linear_weight.size(0);
+  const auto dtype = input.scalar_type();
+  const auto acc = dtype == at::kDouble ? at::kDouble : at::kFloat;
+  const auto loss_dtype = float32_loss && is_half(dtype) ? at::kFloat : dtype;
+  const auto options = input.options();
+  const auto w_acc = fp32_grad_weight && is_half(dtype) ? at::kFloat : dtype;
+
+  at::Tensor position_loss = at::empty({N}, options.dtype(acc));
+  at::Tensor lse = at::empty({N}, options.dtype(acc));
+  at::Tensor grad_input = need_input ? at::empty({N, H}, options) : at::empty({0}, options);
+  at::Tensor grad_w = need_w ? at::zeros({V, H}, options.dtype(w_acc)) : at::empty({0}, options);
+  at::Tensor grad_b = need_b ? at::zeros({V}, options.dtype(w_acc)) : at::empty({0}, options);
+  at::Tensor grad_target = need_target ? at::empty({N, V}, options) : at::empty({0}, options);
+
+  // The upstream gradient of every position: grad_output per position ('none'), or the scalar
+  // (grad_output, or 1) over the mean's denominator, computed before the first chunk.
+  at::Tensor denominator, scale;
+  if (reduction == kMean && N > 0) denominator = mean_denominator(target, weight, V, ignore_index, ext, acc);
+  const bool has_upstream = grad_output.has_value() && grad_output->defined();
+  if (any_grad && reduction != kNone) {
+    scale = has_upstream ? grad_output->to(at::kDouble) : at::ones({}, options.dtype(at::kDouble));
+    if (reduction == kMean && N > 0) scale = scale / denominator;
+  }
+  auto upstream_rows = [&](int64_t start, int64_t rows) -> c10::optional<at::Tensor> {
+    if (!any_grad) return c10::nullopt;
+    if (reduction == kNone) return has_upstream ? c10::optional<at::Tensor>(grad_output->narrow(0, start, rows))
+                                                : c10::nullopt;
+    return scale.expand({rows});
+  };
+
+  const int64_t chunk = linear_chunk_rows(N, V, input.element_size(), chunk_size);
+  at::Tensor buffer = chunk > 0 ? at::empty({chunk, V}, options) : at::Tensor();
+  const at::Tensor weight_t = linear_weight.t();
+  for (int64_t start = 0; start < N; start += chunk) {
+    const int64_t rows = std::min(chunk, N - start);
+    at::Tensor logits = buffer.narrow(0, 0, rows);
+    const at::Tensor x = input.narrow(0, start, rows);
+    if (has_bias) {
+      at::addmm_out(logits, *linear_bias, x, weight_t);
+    } else {
+      at::mm_out(logits, x, weight_t);
+    }
+    const at::Tensor t = target.narrow(0, start, rows);
+    Extensions chunk_ext = ext;
+    chunk_ext.target_b = rows_of(ext.target_b, start, rows);
+    chunk_ext.lam = rows_of(ext.lam, start, rows);
+    const c10::optional<at::Tensor> upstream = upstream_rows(start, rows);
+    at::Tensor chunk_loss, chunk_lse;
+    if (need_target) {
+      // ∂L/∂P = −s·(1 − ε)·w·log_softmax(x), from the logits before the gradient overwrites them.
+      std::tie(chunk_loss, chunk_lse, std::ignore) = kernel(logits, t, weight, ignore_index, kNone, label_smoothing,
+                                                            false, true, c10::nullopt, chunk_ext, false);
+      at::Tensor g = at::sub(logits, chunk_lse.unsqueeze(1)).mul_(-(1.0 - label_smoothing));  // acc type
+      if (upstream.has_value()) g.mul_(upstream->to(acc).unsqueeze(1));
+      if (weight.has_value() && weight->defined()) g.mul_(weight->to(acc));
+      grad_target.narrow(0, start, rows).copy_(g);
+    }
+    if (grad_logits || !need_target) {
+      std::tie(chunk_loss, chunk_lse, std::ignore) =
+          kernel(logits, t, weight, ignore_index, kNone, label_smoothing, grad_logits, true,
+                 grad_logits ? upstream : c10::nullopt, chunk_ext, grad_logits);
+    }
+    position_loss.narrow(0, start, rows).copy_(chunk_loss);
+    lse.narrow(0, start, rows).copy_(chunk_lse);
+    if (!grad_logits) continue;
+    if (need_input) {
+      at::Tensor grad_rows = grad_input.narrow(0, start, rows);
+      at::mm_out(grad_rows, logits, linear_weight);
+    }
+    if (need_w) accumulate_grad_weight(grad_w, logits, x);
+    if (need_b) grad_b.add_(logits.sum(0, /*keepdim=*/false, w_acc));
+  }
+
+  at::Tensor loss;
+  if (reduction == kNone) {
+    loss = position_loss.to(loss_dtype);
+  } else {
+    at::Tensor total = position_loss.sum(at::kDouble);
+    if (reduction == kMean) total = N > 0 ? total / denominator : total / 0.0;  // 0/0 is NaN, as torch
+    loss = total.to(loss_dtype);
+  }
+  if (need_w) grad_w = grad_w.to(dtype);
+  if (need_b) grad_b = grad_b.to(dtype);
+  return {loss, lse, grad_input, grad_w, grad_b, grad_target};
+}
+
+}  // namespace smoothce
