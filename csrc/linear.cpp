@@ -13,7 +13,11 @@
 namespace smoothce {
 namespace {
 
-constexpr const char* kWhere = "smoothce.linear_cross_entropy: ";
+// Error messages name the function called: the mixup form when there is a target_b.
+const char* where_of(const Extensions& ext) {
+  return ext.target_b.has_value() && ext.target_b->defined() ? "smoothce.linear_mixup_cross_entropy: "
+                                                             : "smoothce.linear_cross_entropy: ";
+}
 
 std::string shape_str(at::IntArrayRef sizes) {
   std::ostringstream os;
@@ -25,65 +29,89 @@ bool is_half(at::ScalarType dt) { return dt == at::kHalf || dt == at::kBFloat16;
 
 // Argument checks the chunk kernel cannot make (it sees one chunk of logits) or would word for
 // cross_entropy; the kernel still checks targets' values and the variants' options per chunk.
-void check_args(const at::Tensor& input, const at::Tensor& w, const c10::optional<at::Tensor>& bias,
+void check_args(const char* where, const at::Tensor& input, const at::Tensor& w, const c10::optional<at::Tensor>& bias,
                 const at::Tensor& target, const c10::optional<at::Tensor>& weight, int64_t reduction,
                 bool float32_loss, const c10::optional<at::Tensor>& grad_output, bool any_grad) {
   const auto dt = input.scalar_type();
-  TORCH_CHECK_TYPE(dt == at::kDouble || dt == at::kFloat || is_half(dt), kWhere,
+  TORCH_CHECK_TYPE(dt == at::kDouble || dt == at::kFloat || is_half(dt), where,
                    "input must be a floating-point tensor (float64, float32, float16 or bfloat16), got dtype ", dt);
-  TORCH_CHECK_VALUE(input.dim() == 2, kWhere, "input must be 2-D (N, H) here (the Python API flattens leading "
+  TORCH_CHECK_VALUE(input.dim() == 2, where, "input must be 2-D (N, H) here (the Python API flattens leading "
                     "dimensions), got shape ", shape_str(input.sizes()));
-  TORCH_CHECK_VALUE(w.dim() == 2, kWhere, "linear_weight must be 2-D (V, H), got shape ", shape_str(w.sizes()));
-  TORCH_CHECK_VALUE(w.size(1) == input.size(1), kWhere, "linear_weight must have shape (V, H) with H = ",
+  TORCH_CHECK_VALUE(w.dim() == 2, where, "linear_weight must be 2-D (V, H), got shape ", shape_str(w.sizes()));
+  TORCH_CHECK_VALUE(w.size(1) == input.size(1), where, "linear_weight must have shape (V, H) with H = ",
                     input.size(1), " (the input's last dimension), got shape ", shape_str(w.sizes()));
-  TORCH_CHECK_VALUE(w.size(0) >= 1, kWhere, "linear_weight must have at least one class (row), got shape ",
+  TORCH_CHECK_VALUE(w.size(0) >= 1, where, "linear_weight must have at least one class (row), got shape ",
                     shape_str(w.sizes()));
-  TORCH_CHECK_TYPE(w.scalar_type() == dt, kWhere, "linear_weight must have the input's dtype (", dt, "), got ",
+  TORCH_CHECK_TYPE(w.scalar_type() == dt, where, "linear_weight must have the input's dtype (", dt, "), got ",
                    w.scalar_type());
-  TORCH_CHECK(w.device() == input.device(), kWhere, "linear_weight must be on the input's device (", input.device(),
+  TORCH_CHECK(w.device() == input.device(), where, "linear_weight must be on the input's device (", input.device(),
               "), got ", w.device());
   const int64_t V = w.size(0), N = input.size(0);
   if (bias.has_value() && bias->defined()) {
-    TORCH_CHECK_VALUE(bias->dim() == 1 && bias->size(0) == V, kWhere, "linear_bias must have shape (V,) = (", V,
+    TORCH_CHECK_VALUE(bias->dim() == 1 && bias->size(0) == V, where, "linear_bias must have shape (V,) = (", V,
                       ",) to match linear_weight's classes, got shape ", shape_str(bias->sizes()));
-    TORCH_CHECK_TYPE(bias->scalar_type() == dt, kWhere, "linear_bias must have the input's dtype (", dt, "), got ",
+    TORCH_CHECK_TYPE(bias->scalar_type() == dt, where, "linear_bias must have the input's dtype (", dt, "), got ",
                      bias->scalar_type());
-    TORCH_CHECK(bias->device() == input.device(), kWhere, "linear_bias must be on the input's device (",
+    TORCH_CHECK(bias->device() == input.device(), where, "linear_bias must be on the input's device (",
                 input.device(), "), got ", bias->device());
   }
   if (weight.has_value() && weight->defined()) {
-    TORCH_CHECK_VALUE(weight->dim() == 1 && weight->size(0) == V, kWhere,
+    TORCH_CHECK_VALUE(weight->dim() == 1 && weight->size(0) == V, where,
                       "weight (the class weights) must have shape (V,) = (", V,
                       ",) to match linear_weight's classes, got shape ", shape_str(weight->sizes()));
-    TORCH_CHECK_TYPE(weight->scalar_type() == dt || (float32_loss && weight->scalar_type() == at::kFloat), kWhere,
+    TORCH_CHECK_TYPE(weight->scalar_type() == dt || (float32_loss && weight->scalar_type() == at::kFloat), where,
                      "weight (the class weights) must have the input's dtype (", dt, "), got ", weight->scalar_type());
   }
-  TORCH_CHECK(target.device() == input.device(), kWhere, "target must be on the input's device (", input.device(),
+  TORCH_CHECK(target.device() == input.device(), where, "target must be on the input's device (", input.device(),
               "), got ", target.device());
   if (at::isFloatingType(target.scalar_type())) {
-    TORCH_CHECK_VALUE(target.dim() == 2 && target.size(0) == N && target.size(1) == V, kWhere,
+    TORCH_CHECK_VALUE(target.dim() == 2 && target.size(0) == N && target.size(1) == V, where,
                       "a probability (floating) target must have shape (N, V) = (", N, ", ", V, "), got ",
                       shape_str(target.sizes()));
-    TORCH_CHECK_TYPE(target.scalar_type() == dt, kWhere, "a probability target must have the input's dtype (", dt,
-                     "), got ", target.scalar_type());
+    // (under autocast an fp32 target with half logits: the chunks are read in fp32, as torch's autocast does)
+    TORCH_CHECK_TYPE(target.scalar_type() == dt || (float32_loss && is_half(dt) && target.scalar_type() == at::kFloat),
+                     where, "a probability target must have the input's dtype (", dt, "), got ", target.scalar_type());
   } else {
-    TORCH_CHECK_TYPE(target.scalar_type() == at::kLong || target.scalar_type() == at::kByte, kWhere,
+    TORCH_CHECK_TYPE(target.scalar_type() == at::kLong || target.scalar_type() == at::kByte, where,
                      "target must hold class indices as int64 (or uint8), or class probabilities in the input's "
                      "dtype; got dtype ", target.scalar_type());
-    TORCH_CHECK_VALUE(target.dim() == 1 && target.size(0) == N, kWhere,
+    TORCH_CHECK_VALUE(target.dim() == 1 && target.size(0) == N, where,
                       "a target of class indices must have shape (N,) = (", N, ",) (one per input row), got ",
                       shape_str(target.sizes()));
   }
   if (grad_output.has_value() && grad_output->defined()) {
     const at::Tensor& g = *grad_output;
-    TORCH_CHECK_VALUE(any_grad, kWhere, "grad_output is only used when output_mask asks for a gradient");
-    TORCH_CHECK(g.device() == input.device(), kWhere, "grad_output must be on the input's device (", input.device(),
+    TORCH_CHECK_VALUE(any_grad, where, "grad_output is only used when output_mask asks for a gradient");
+    TORCH_CHECK(g.device() == input.device(), where, "grad_output must be on the input's device (", input.device(),
                 "), got ", g.device());
-    TORCH_CHECK_TYPE(at::isFloatingType(g.scalar_type()), kWhere, "grad_output must be floating, got ",
+    TORCH_CHECK_TYPE(at::isFloatingType(g.scalar_type()), where, "grad_output must be floating, got ",
                      g.scalar_type());
-    TORCH_CHECK_VALUE(g.dim() == 0 || (reduction == kNone && g.dim() == 1 && g.size(0) == N), kWhere,
+    TORCH_CHECK_VALUE(g.dim() == 0 || (reduction == kNone && g.dim() == 1 && g.size(0) == N), where,
                       "grad_output must be a scalar", reduction == kNone ? " or have shape (N,)" : "", ", got shape ",
                       shape_str(g.sizes()));
+  }
+}
+
+// On CPU tensors the values are checked here, before any GEMM, so that the error names this function
+// (on CUDA the chunks' kernels check them without a host sync).
+void check_values(const char* where, const at::Tensor& target, const Extensions& ext, int64_t classes, int64_t ignore_index) {
+  if (!target.device().is_cpu() || at::isFloatingType(target.scalar_type())) return;
+  auto check = [&](const at::Tensor& t_arg, const char* name) {
+    const at::Tensor t = t_arg.to(at::kLong);
+    const at::Tensor bad = (t != ignore_index).logical_and_((t < 0).logical_or_(t >= classes));
+    if (!bad.any().item<bool>()) return;
+    TORCH_CHECK_INDEX(false, where, name, " value ", t.masked_select(bad)[0].item<int64_t>(),
+                      " is out of bounds: expected class indices in [0, ", classes, ") or ignore_index (",
+                      ignore_index, ")");
+  };
+  const bool mixup = ext.target_b.has_value() && ext.target_b->defined();
+  check(target, mixup ? "target_a" : "target");
+  if (mixup) check(*ext.target_b, "target_b");
+  if (ext.lam.has_value() && ext.lam->defined() && at::isFloatingType(ext.lam->scalar_type())) {
+    const at::Tensor& lam = *ext.lam;
+    const at::Tensor bad = at::logical_not(at::logical_and(lam >= 0, lam <= 1));
+    TORCH_CHECK_VALUE(!bad.any().item<bool>(), where, "lam values must be in [0, 1], got ",
+                      lam.masked_select(bad)[0].item<double>());
   }
 }
 
@@ -159,21 +187,23 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
     double label_smoothing, bool float32_loss, std::array<bool, 4> output_mask, int64_t chunk_size,
     bool fp32_grad_weight, const c10::optional<at::Tensor>& grad_output, const Extensions& ext,
     const ChunkKernel& kernel) {
+  const char* where = where_of(ext);
   const bool need_input = output_mask[0], need_w = output_mask[1], need_b = output_mask[2];
   const bool has_bias = linear_bias.has_value() && linear_bias->defined();
   const bool soft = at::isFloatingType(target.scalar_type());
   const bool need_target = output_mask[3];
-  TORCH_CHECK_VALUE(!need_b || has_bias, kWhere, "output_mask asks for linear_bias's gradient without a linear_bias");
-  TORCH_CHECK_VALUE(!need_target || soft, kWhere, "only a probability (floating) target has a gradient");
-  TORCH_CHECK_VALUE(reduction == kNone || reduction == kMean || reduction == kSum, kWhere,
+  TORCH_CHECK_VALUE(!need_b || has_bias, where, "output_mask asks for linear_bias's gradient without a linear_bias");
+  TORCH_CHECK_VALUE(!need_target || soft, where, "only a probability (floating) target has a gradient");
+  TORCH_CHECK_VALUE(reduction == kNone || reduction == kMean || reduction == kSum, where,
                     "reduction must be 0 (none), 1 (mean) or 2 (sum), got ", reduction);
-  TORCH_CHECK_VALUE(chunk_size >= 0, kWhere, "chunk_size must be a positive number of rows (or None), got ",
+  TORCH_CHECK_VALUE(chunk_size >= 0, where, "chunk_size must be a positive number of rows (or None), got ",
                     chunk_size);
   const bool grad_logits = need_input || need_w || need_b;  // the kernel writes dlogits over the buffer
   const bool any_grad = grad_logits || need_target;
-  check_args(input, linear_weight, linear_bias, target, weight, reduction, float32_loss, grad_output, any_grad);
+  check_args(where, input, linear_weight, linear_bias, target, weight, reduction, float32_loss, grad_output, any_grad);
 
   const int64_t N = input.size(0), H = input.size(1), V = linear_weight.size(0);
+  check_values(where, target, ext, V, ignore_index);
   const auto dtype = input.scalar_type();
   const auto acc = dtype == at::kDouble ? at::kDouble : at::kFloat;
   const auto loss_dtype = float32_loss && is_half(dtype) ? at::kFloat : dtype;
@@ -185,7 +215,12 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
   at::Tensor grad_input = need_input ? at::empty({N, H}, options) : at::empty({0}, options);
   at::Tensor grad_w = need_w ? at::zeros({V, H}, options.dtype(w_acc)) : at::empty({0}, options);
   at::Tensor grad_b = need_b ? at::zeros({V}, options.dtype(w_acc)) : at::empty({0}, options);
-  at::Tensor grad_target = need_target ? at::empty({N, V}, options) : at::empty({0}, options);
+  at::Tensor grad_target = need_target ? at::empty({N, V}, target.options()) : at::empty({0}, options);
+  // An fp32 probability target with half logits (autocast): each chunk's logits are read in fp32 and
+  // their gradient rounded once to the logits' dtype, as torch's autocast computes the loss.
+  const bool upcast = soft && target.scalar_type() != dtype;
+  const c10::optional<at::Tensor> class_weight =
+      upcast && weight.has_value() && weight->defined() ? c10::optional<at::Tensor>(weight->to(at::kFloat)) : weight;
 
   // The upstream gradient of every position: grad_output per position ('none'), or the scalar
   // (grad_output, or 1) over the mean's denominator, computed before the first chunk.
@@ -220,20 +255,22 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
     chunk_ext.target_b = rows_of(ext.target_b, start, rows);
     chunk_ext.lam = rows_of(ext.lam, start, rows);
     const c10::optional<at::Tensor> upstream = upstream_rows(start, rows);
+    const at::Tensor work = upcast ? logits.to(at::kFloat) : logits;
     at::Tensor chunk_loss, chunk_lse;
     if (need_target) {
       // ∂L/∂P = −s·(1 − ε)·w·log_softmax(x), from the logits before the gradient overwrites them.
-      std::tie(chunk_loss, chunk_lse, std::ignore) = kernel(logits, t, weight, ignore_index, kNone, label_smoothing,
+      std::tie(chunk_loss, chunk_lse, std::ignore) = kernel(work, t, class_weight, ignore_index, kNone, label_smoothing,
                                                             false, true, c10::nullopt, chunk_ext, false);
-      at::Tensor g = at::sub(logits, chunk_lse.unsqueeze(1)).mul_(-(1.0 - label_smoothing));  // acc type
+      at::Tensor g = at::sub(work, chunk_lse.unsqueeze(1)).mul_(-(1.0 - label_smoothing));  // acc type
       if (upstream.has_value()) g.mul_(upstream->to(acc).unsqueeze(1));
       if (weight.has_value() && weight->defined()) g.mul_(weight->to(acc));
       grad_target.narrow(0, start, rows).copy_(g);
     }
     if (grad_logits || !need_target) {
       std::tie(chunk_loss, chunk_lse, std::ignore) =
-          kernel(logits, t, weight, ignore_index, kNone, label_smoothing, grad_logits, true,
+          kernel(work, t, class_weight, ignore_index, kNone, label_smoothing, grad_logits, true,
                  grad_logits ? upstream : c10::nullopt, chunk_ext, grad_logits);
+      if (upcast && grad_logits) logits.copy_(work);
     }
     position_loss.narrow(0, start, rows).copy_(chunk_loss);
     lse.narrow(0, start, rows).copy_(chunk_lse);

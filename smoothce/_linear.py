@@ -171,8 +171,8 @@ def linear_cross_entropy_impl(input, linear_weight, target, *, linear_bias=None,
             return t.to(dtype) if t is not None and t.dtype in (torch.float32,) + _HALF_DTYPES else t
 
         input, linear_weight, linear_bias = cast(input), cast(linear_weight), cast(linear_bias)
-        if soft:
-            target = target.to(input.dtype)
+        if soft and target.dtype not in (input.dtype, torch.float32):
+            target = target.float()  # (an fp32 target is read with the chunks' logits in fp32, as autocast does)
 
     n = leading.numel()
     x = input.reshape(n, input.shape[-1])
