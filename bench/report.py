@@ -4,8 +4,9 @@
 
 writes cpu-fp32-bf16.md and cpu-fp32-bf16.png beside the JSON. Every number shown is derived here
 from the raw per-run times the JSON stores, so a JSON alone regenerates its table and plot. The
-label-smoothing variants (bench/variants.py) live in the JSON's "variants" section and get a section
-of the table and a row of the plot.
+label-smoothing variants (bench/variants.py) live in the JSON's "variants" section and the fused
+linear + cross-entropy table (bench/linear.py) in its "linear" section; each gets a section of the
+markdown and a row of the plot.
 """
 from __future__ import annotations
 
@@ -42,6 +43,25 @@ VARIANT_CONTENDERS = {
     "smoothce_inplace": "smoothce, inplace_backward=True",
 }
 VARIANT_MODES = ("fwd+bwd", "fwd")
+# The fused linear + cross-entropy table (bench/linear.py): contender name -> title, in row order.
+LINEAR_FLOOR = "matmul_floor"
+LINEAR_BASELINE = "smoothce"
+LINEAR_CONTENDERS = {
+    "smoothce": "smoothce.linear_cross_entropy",
+    "torch_lce": "torch F.linear_cross_entropy",
+    "eager": "eager F.linear + F.cross_entropy",
+    "compile": "torch.compile(F.linear + F.cross_entropy)",
+    "liger": "Liger-Kernel fused linear CE",
+    "cce": "Cut Cross-Entropy",
+    "matmul_floor": "matmul floor (3 GEMMs)",
+}
+# Summary of the linear table: key -> (other contender, words); smoothce's time over the floor's first.
+LINEAR_SUMMARY = {
+    "smoothce_time_over_floor": (LINEAR_FLOOR, "smoothce time / matmul floor"),
+    "smoothce_vs_torch_lce": ("torch_lce", "smoothce speed-up vs torch F.linear_cross_entropy"),
+    "smoothce_vs_eager": ("eager", "smoothce speed-up vs eager"),
+    "smoothce_vs_compile": ("compile", "smoothce speed-up vs torch.compile"),
+}
 
 
 def minimal_bytes(numel: int, itemsize: int, mode: str) -> int:
@@ -84,6 +104,8 @@ def derive(data: dict) -> dict:
     data["summary"] = summarize(data["measurements"])
     if data.get("variants"):
         derive_variants(data["variants"])
+    if data.get("linear"):
+        derive_linear(data["linear"])
     return data
 
 
@@ -120,6 +142,50 @@ def summarize_variants(rows: list[dict]) -> dict:
                              for name, values in by_name.items()}
                       for mode, by_name in by_mode.items()}
             for variant, by_mode in ratios.items()}
+
+
+def linear_groups(rows: list[dict]) -> dict[tuple[str, str, float], dict[str, dict]]:
+    """(shape_str, dtype, label_smoothing) -> {contender: row}, in the rows' order."""
+    groups: dict[tuple[str, str, float], dict[str, dict]] = {}
+    for row in rows:
+        groups.setdefault((row["shape_str"], row["dtype"], row["label_smoothing"]), {})[row["contender"]] = row
+    return groups
+
+
+def derive_linear(section: dict) -> dict:
+    """The linear rows' statistics and, within each group (shape, dtype, ε): time over the matmul
+    floor's, smoothce's speed-up over the row (the row's time / smoothce's) and the row's peak memory
+    over smoothce's; with the section's checks, its summary too. Idempotent; returns section."""
+    for row in section["measurements"]:
+        row.update(time_stats(row["times_ms"]))
+    for group in linear_groups(section["measurements"]).values():
+        floor, mine = group.get(LINEAR_FLOOR), group.get(LINEAR_BASELINE)
+        for row in group.values():
+            row["time_over_floor"] = row["median_ms"] / floor["median_ms"] if floor else None
+            row["smoothce_speedup"] = row["median_ms"] / mine["median_ms"] if mine else None
+            row["memory_vs_smoothce"] = (row["peak_extra_bytes"] / mine["peak_extra_bytes"]
+                                         if mine and mine.get("peak_extra_bytes") and row.get("peak_extra_bytes")
+                                         is not None else None)
+    if "checks" in section:
+        section["summary"] = summarize_linear(section["measurements"])
+    return section
+
+
+def summarize_linear(rows: list[dict]) -> dict:
+    """"ε" -> key -> geometric mean over (shape, dtype) of smoothce's time over the floor's and of its
+    speed-up over each other contender."""
+    ratios: dict[str, dict[str, list[float]]] = {}
+    for (_, _, eps), group in linear_groups(rows).items():
+        mine = group.get(LINEAR_BASELINE)
+        if mine is None:
+            continue
+        entry = ratios.setdefault(f"{eps:g}", {key: [] for key in LINEAR_SUMMARY})
+        for key, (other, _) in LINEAR_SUMMARY.items():
+            if other in group:
+                ratio = group[other]["median_ms"] / mine["median_ms"]
+                entry[key].append(1 / ratio if other == LINEAR_FLOOR else ratio)
+    return {eps: {key: {"geomean": geometric_mean(values), "cells": len(values)} for key, values in by_key.items()}
+            for eps, by_key in ratios.items()}
 
 
 def geometric_mean(values: list[float]) -> float | None:
@@ -174,6 +240,25 @@ def variant_summary_lines(section: dict) -> list[str]:
     failed = [c for c in section.get("checks", []) if not c["passed"]]
     if failed:
         lines.append(f"  {len(failed)} check(s) FAILED: those pairs were not timed")
+    return lines
+
+
+def linear_summary_lines(section: dict) -> list[str]:
+    """The linear table's end-of-run summary in words (plain ASCII, for the console)."""
+    summary = section.get("summary") or {}
+    if not summary:
+        lines = ["linear (fused linear + cross-entropy): none measured"]
+    else:
+        lines = ["linear (fused linear + cross-entropy, fwd+bwd, geometric mean over shapes):"]
+        for eps, entry in summary.items():
+            for key, (_, words) in LINEAR_SUMMARY.items():
+                value = entry[key]
+                if not value["cells"]:
+                    continue
+                lines.append(f"  eps={eps:<4} {words:<50} {value['geomean']:>6.2f}x   ({value['cells']} shapes)")
+    failed = [c for c in section.get("checks", []) if not c["passed"]]
+    if failed:
+        lines.append(f"  {len(failed)} linear check(s) FAILED: those groups were not timed")
     return lines
 
 
@@ -242,7 +327,8 @@ def to_markdown(data: dict) -> str:
     groups = group_rows(rows)
     contenders = contenders_present(rows)
     keys = ordered_keys(data)
-    title_dtypes = " + ".join(meta.get("dtypes", [])) if rows else "label-smoothing variants"
+    title_dtypes = (" + ".join(meta.get("dtypes", [])) if rows else "label-smoothing variants" if data.get("variants")
+                    else "fused linear + cross-entropy" if data.get("linear") else "no measurements")
     lines = [
         f"# smoothce benchmark: {meta['device']}, {title_dtypes}",
         "",
@@ -268,6 +354,8 @@ def to_markdown(data: dict) -> str:
         lines += main_tables(data, groups, contenders, keys)
     if data.get("variants"):
         lines += variants_markdown(data["variants"], meta)
+    if data.get("linear"):
+        lines += linear_markdown(data["linear"], meta)
 
     if data.get("skipped"):
         lines += ["", "## Skipped", ""]
@@ -417,6 +505,107 @@ def variants_markdown(section: dict, meta: dict) -> list[str]:
     return lines
 
 
+def linear_markdown(section: dict, meta: dict) -> list[str]:
+    """The fused linear + cross-entropy section: set-up, summary, a table per ε, checks, every measurement."""
+    settings, method = section.get("settings", {}), section.get("method", {})
+    rows = section.get("measurements", [])
+    groups = linear_groups(rows)
+    versions = section.get("versions", {})
+    lines = ["", "## Fused linear + cross-entropy: smoothce.linear_cross_entropy against the alternatives", "",
+             f"{meta['device_name']} · {meta['threads']} threads · torch {meta['torch_version']} · smoothce "
+             f"{meta.get('smoothce_version') or 'not installed'}"
+             + "".join(f" · {LINEAR_CONTENDERS.get(k, k)} {v}" for k, v in versions.items() if k != "torch")
+             + f" · shapes (N, H, V): N rows of hidden size H, vocabulary V; input (N, H) and weight (V, H) are "
+               f"leaves requiring grad; index targets with ignore_index {settings.get('ignore_index')} on "
+               f"{settings.get('ignored_fraction', 0):.0%} of the rows; reduction `{settings.get('reduction')}`; "
+               f"each timed call is one fwd+bwd (loss.backward(): gradients of the input and the weight).",
+             ""]
+    for key, title in (("timing", "Timing"), ("memory", "Peak extra memory"), ("check", "Check"),
+                       ("floor", "× floor")):
+        if method.get(key):
+            lines.append(f"- {title}: {method[key]}")
+    if section.get("runs_policy"):
+        lines.append(f"- Runs: {section['runs_policy']}")
+    if section.get("elapsed_s") is not None:
+        lines.append(f"- The linear table took {section['elapsed_s']:.0f} s of this run.")
+    lines.append("- What each timed call runs:")
+    for name, definition in section.get("definitions", {}).items():
+        lines.append(f"  - {LINEAR_CONTENDERS.get(name, name)}: `{definition['code']}`"
+                     + (f" — {definition['note']}" if definition.get("note") else ""))
+    chunks = [cell for cell in section.get("cells", []) if cell.get("torch_chunking")]
+    if chunks:
+        lines.append("- torch's chunked path (ε = 0) picked: " + "; ".join(
+            f"{c['shape_str']} {c['dtype']}: {c['torch_chunking']['batch_chunk_size']} rows per chunk, acc_policy "
+            f"'{c['torch_chunking']['acc_policy']}'" for c in chunks) + ". smoothce's default chunk: " + "; ".join(
+            f"{c['shape_str']} {c['dtype']}: {c['smoothce_chunk_rows']} rows" for c in chunks) + ".")
+    compiled = [cell for cell in section.get("cells", []) if cell.get("compile_seconds") is not None]
+    if compiled:
+        lines.append("- torch.compile time (not in the timings): " + "; ".join(
+            f"{c['shape_str']} {c['dtype']} ε={c['label_smoothing']:g}: {c['compile_seconds']:.1f} s" for c in compiled)
+            + ".")
+
+    summary = section.get("summary") or {}
+    if summary:
+        lines += ["", "### Summary (fwd+bwd, geometric mean over shapes)", ""]
+        table = [[f"{eps}"] + [fmt_ratio(entry[key]["geomean"]) for key in LINEAR_SUMMARY]
+                 + [str(entry["smoothce_time_over_floor"]["cells"])] for eps, entry in summary.items()]
+        lines += markdown_table(["ε"] + [words for _, words in LINEAR_SUMMARY.values()] + ["shapes"], table)
+
+    for eps in dict.fromkeys(key[2] for key in groups):
+        lines += ["", f"### ε = {eps:g}" + (" (torch's chunked path applies)" if eps == 0 else
+                                            " (torch's chunked path does not apply: it falls back to full logits)"),
+                  "", "Times: median of the runs; × floor: time / the matmul floor's; smoothce speed-up: this "
+                  "row's time / smoothce's; memory vs smoothce: this row's peak extra memory / smoothce's.", ""]
+        table = []
+        for (shape, dtype, group_eps), group in groups.items():
+            if group_eps != eps:
+                continue
+            for name in list(LINEAR_CONTENDERS) + sorted(set(group) - set(LINEAR_CONTENDERS)):
+                row = group.get(name)
+                if row is None:
+                    continue
+                bold = name == LINEAR_BASELINE
+                table.append([shape, dtype, f"**{LINEAR_CONTENDERS.get(name, name)}**" if bold
+                              else LINEAR_CONTENDERS.get(name, name),
+                              fmt_ms(row["median_ms"]), fmt_ratio(row["time_over_floor"]),
+                              "—" if name in (LINEAR_BASELINE, LINEAR_FLOOR) else fmt_ratio(row["smoothce_speedup"]),
+                              fmt_bytes(row["peak_extra_bytes"]),
+                              "—" if name == LINEAR_BASELINE else fmt_ratio(row["memory_vs_smoothce"])])
+        lines += markdown_table(["shape (N×H×V)", "dtype", "contender", "time ms", "× floor", "smoothce speed-up",
+                                 "peak extra memory", "memory vs smoothce"], table)
+    if not groups:
+        lines += ["", "No linear group was measured."]
+
+    checks = section.get("checks", [])
+    if checks:
+        lines += ["", "### Checks: smoothce against eager, before timing", ""]
+        lines += markdown_table(
+            ["shape", "dtype", "ε", "loss rel. diff", "grad rel. diff (input / weight)", "rtol", "result"],
+            [[c["shape_str"], c["dtype"], f"{c['label_smoothing']:g}", fmt_rel(c.get("loss_rel_diff")),
+              f"{fmt_rel(c.get('grad_rel_diff_input'))} / {fmt_rel(c.get('grad_rel_diff_linear_weight'))}",
+              f"{c['rtol']:g}", "passed" if c["passed"] else f"FAILED{': ' + c['error'] if c.get('error') else ''}"]
+             for c in checks])
+    if section.get("skipped"):
+        lines.append("")
+    for skip in section.get("skipped", []):
+        where = (f"{skip['shape_str']} {skip['dtype']} ε={skip['label_smoothing']:g}" if skip.get("shape_str")
+                 else "all shapes")
+        lines.append(f"- Not measured: {LINEAR_CONTENDERS.get(skip['contender'], skip['contender'])} ({where}): "
+                     f"{skip['reason']}")
+
+    lines += ["", "### Linear measurements", ""]
+    table = []
+    for (shape, dtype, eps), group in groups.items():
+        for name, row in group.items():
+            table.append([shape, dtype, f"{eps:g}", name, str(row["runs"]), fmt_ms(row["median_ms"]),
+                          f"{fmt_ms(row['q1_ms'])}–{fmt_ms(row['q3_ms'])}", f"{fmt_ms(row['min_ms'])}–{fmt_ms(row['max_ms'])}",
+                          fmt_ratio(row["time_over_floor"]), fmt_ratio(row["smoothce_speedup"]),
+                          fmt_bytes(row["peak_extra_bytes"])])
+    lines += markdown_table(["shape", "dtype", "ε", "contender", "runs", "median ms", "IQR ms", "min–max ms",
+                             "× floor", "smoothce speed-up", "peak extra"], table)
+    return lines
+
+
 # ----------------------------------------------------------------------------- plot
 
 def plot(data: dict, path: Path) -> None:
@@ -432,7 +621,8 @@ def plot(data: dict, path: Path) -> None:
     dtypes = [d for d in DTYPE_ORDER if d in present] + sorted(present - set(DTYPE_ORDER))
     contenders = contenders_present(rows)
     variant_rows = [row for row in (data.get("variants") or {}).get("measurements", []) if row["mode"] == HEADLINE_MODE]
-    panel_rows = max(len(dtypes) + (1 if variant_rows else 0), 1)
+    linear_rows = (data.get("linear") or {}).get("measurements", [])
+    panel_rows = max(len(dtypes) + (1 if variant_rows else 0) + (1 if linear_rows else 0), 1)
     fig, axes = plt.subplots(panel_rows, 2, figsize=(13, 4.2 * panel_rows), squeeze=False)
     for axes_row, dtype in zip(axes, dtypes):
         mine = [row for row in rows if row["dtype"] == dtype]
@@ -457,6 +647,8 @@ def plot(data: dict, path: Path) -> None:
         axes_row[0].legend(fontsize=8)
     if variant_rows:
         plot_variants(axes[len(dtypes)], variant_rows)
+    if linear_rows:
+        plot_linear(axes[len(dtypes) + (1 if variant_rows else 0)], linear_rows)
     meta = data["meta"]
     fig.suptitle(f"smoothce {meta.get('smoothce_version') or '(not installed)'} vs alternatives: "
                  f"{meta['device']} ({meta['device_name']}, {meta['threads']} threads), "
@@ -497,6 +689,36 @@ def plot_variants(axes_row, rows: list[dict]) -> None:
     axes_row[0].axhline(1.0, color="black", linewidth=0.8)
 
 
+def plot_linear(axes_row, rows: list[dict]) -> None:
+    """Bars per (shape, dtype, ε): each contender's time over the matmul floor; its peak extra memory."""
+    groups = linear_groups(rows)
+    labels = [f"{shape} {dtype}\nε={eps:g}" for shape, dtype, eps in groups]
+    for ax, metric, title in ((axes_row[0], "time_over_floor", "time / matmul floor (×)"),
+                              (axes_row[1], "peak_extra_bytes", "peak extra memory (MiB)")):
+        labelled = set()
+        for position, group in enumerate(groups.values()):
+            names = [n for n in LINEAR_CONTENDERS if n in group and not (metric == "time_over_floor" and n == LINEAR_FLOOR)]
+            width = 0.8 / max(len(names), 1)
+            for index, name in enumerate(names):
+                value = group[name].get(metric)
+                if value is None:
+                    continue
+                if metric == "peak_extra_bytes":
+                    value = max(value, 1) / 2**20
+                ax.bar(position + (index - (len(names) - 1) / 2) * width, value, width,
+                       color=f"C{list(LINEAR_CONTENDERS).index(name)}",
+                       label=None if name in labelled else LINEAR_CONTENDERS[name])
+                labelled.add(name)
+        ax.set_xticks(range(len(labels)))
+        ax.set_xticklabels(labels, rotation=30, ha="right", fontsize=7)
+        ax.set_yscale("log")
+        ax.set_title(f"fused linear + cross-entropy, fwd+bwd: {title}")
+        ax.grid(True, axis="y", alpha=0.3)
+    handles, labels = axes_row[1].get_legend_handles_labels()  # the memory panel shows every contender
+    axes_row[0].legend(handles, labels, fontsize=7, loc="upper left")
+    axes_row[0].axhline(1.0, color="black", linewidth=0.8)
+
+
 def write_reports(data: dict, json_path: Path) -> tuple[Path, Path]:
     """Writes <stem>.md and <stem>.png beside json_path; returns their paths."""
     md_path, png_path = json_path.with_suffix(".md"), json_path.with_suffix(".png")
@@ -516,6 +738,8 @@ def main(argv: list[str] | None = None) -> int:
         print("\n".join(summary_lines(data["summary"]) if data["measurements"] else []))
         if data.get("variants"):
             print("\n".join(variant_summary_lines(data["variants"])))
+        if data.get("linear"):
+            print("\n".join(linear_summary_lines(data["linear"])))
         print(f"wrote {md_path} and {png_path}")
     return 0
 

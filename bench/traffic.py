@@ -16,7 +16,8 @@ from pathlib import Path
 
 import torch
 
-from bench.bench import DEFAULT_SHAPES, CUDA_ONLY_SHAPES, parse_dtypes, parse_shapes
+from bench.harness import parse_dtypes, parse_shapes
+from bench.ops import CUDA_ONLY_SHAPES, DEFAULT_SHAPES
 
 ROOT = Path(__file__).resolve().parents[1]
 DTYPE = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16, "fp64": torch.float64}

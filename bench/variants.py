@@ -1,5 +1,5 @@
 """Label-smoothing variants (SEMANTICS §7, §8): each smoothce keyword against the plain-PyTorch code
-users run for it today, timed in the same process with bench.py's round-robin machinery.
+users run for it today, timed in the same process with bench/harness.py's round-robin machinery.
 
     python -m bench                     # the standard table, then these rows (into the same JSON and .md)
     python -m bench --variants-only     # these rows only: <out>/<device>-variants.json, .md, .png
@@ -22,9 +22,9 @@ import torch
 import torch.nn.functional as F
 
 from bench import report
-from bench.bench import (LABEL_SMOOTHING, MEMORY_METHOD, MODE_WEIGHT, QUICK_RUNS, SEGMENTATION_IGNORE_INDEX,
-                         IGNORED_FRACTION, TARGET_RUNS, TIMING_METHOD, RunPlanner, Task, error_reason, run_rounds,
-                         synchronize, warm_up)
+from bench.harness import (LABEL_SMOOTHING, MEMORY_METHOD, MODE_WEIGHT, QUICK_RUNS, SEGMENTATION_IGNORE_INDEX,
+                           IGNORED_FRACTION, TARGET_RUNS, TIMING_METHOD, RunPlanner, Task, error_reason, run_rounds,
+                           synchronize, warm_up)
 
 DTYPE = torch.float32  # the pairs are checked against each other in fp32 before they are timed
 CHECK_RTOL = 1e-4

@@ -19,6 +19,10 @@ META_KEYS = {"torch_version", "smoothce_version", "device", "device_name", "thre
 MODES = {"fwd", "fwd+bwd", "fwd+bwd scaled"}
 VARIANT_MODES = {"others": {"fwd+bwd", "fwd"}, "z_loss": {"fwd+bwd", "fwd"}, "mixup": {"fwd+bwd", "fwd"},
                  "target_values": {"fwd+bwd", "fwd"}, "inplace_backward": {"fwd+bwd"}}
+# The linear table's contenders measured on CPU with --no-compile (Liger and Cut Cross-Entropy: CUDA only).
+LINEAR_CONTENDERS = {"matmul_floor", "smoothce", "torch_lce", "eager"}
+LINEAR_SMOOTHINGS = {0.1, 0.0}
+SUITES = ("ops", "variants", "linear")
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 
 
@@ -89,6 +93,68 @@ def check_variants(data, md):
         assert (row["variant"], row["shape_str"], row["dtype"], row["mode"], row["contender"]) in shown, row
 
 
+def check_linear(data, md):
+    """The fused linear + cross-entropy table: every (shape, dtype) at both ε, smoothce checked against
+    eager before it was timed, ratios taken within the group, memory recorded, all shown in the .md."""
+    section = data["linear"]
+    rows = section["measurements"]
+    checks = section["checks"]
+    assert checks and all(check["passed"] for check in checks), checks
+    for check in checks:
+        assert check["loss_rel_diff"] <= check["rtol"] and check["grad_rel_diff"] <= check["rtol"]
+    checked = {(check["shape_str"], check["dtype"], check["label_smoothing"]) for check in checks}
+    groups = {}
+    for row in rows:
+        assert row["runs"] == len(row["times_ms"]) >= 1 and all(t > 0 for t in row["times_ms"])
+        assert row["min_ms"] <= row["q1_ms"] <= row["median_ms"] <= row["q3_ms"] <= row["max_ms"]
+        assert row["peak_extra_bytes"] is not None and row["peak_extra_bytes"] > 0, row
+        assert len(row["shape"]) == 3 and row["shape_str"] == "x".join(map(str, row["shape"]))
+        assert (row["shape_str"], row["dtype"], row["label_smoothing"]) in checked, f"timed unchecked: {row}"
+        groups.setdefault((row["shape_str"], row["dtype"]), {}).setdefault(row["label_smoothing"], {})[
+            row["contender"]] = row
+    assert {dtype for _, dtype in groups} == {"fp32", "bf16"}
+    assert {(cell["shape_str"], cell["dtype"]) for cell in section["cells"]} == set(groups)
+    no_compile = "--no-compile" in data["meta"]["command"]
+    compile_skips = {(s["shape_str"], s["dtype"], s["label_smoothing"]) for s in section["skipped"]
+                     if s["contender"] == "compile"}
+    for key, by_eps in groups.items():
+        assert set(by_eps) == LINEAR_SMOOTHINGS, key
+        for eps, group in by_eps.items():
+            compiled = not no_compile and key + (eps,) not in compile_skips  # else skipped with a reason
+            assert set(group) == LINEAR_CONTENDERS | ({"compile"} if compiled else set()), (key, eps, sorted(group))
+            floor, mine = group["matmul_floor"], group["smoothce"]
+            for row in group.values():
+                assert row["time_over_floor"] == pytest.approx(row["median_ms"] / floor["median_ms"])
+                assert row["smoothce_speedup"] == pytest.approx(row["median_ms"] / mine["median_ms"])
+                assert row["memory_vs_smoothce"] == pytest.approx(row["peak_extra_bytes"] / mine["peak_extra_bytes"])
+            assert group["torch_lce"]["note"] == ("chunked path" if eps == 0 else
+                                                  "reference path (full logits): its chunked path has no label smoothing")
+    for eps in ("0.1", "0"):
+        for key in ("smoothce_time_over_floor", "smoothce_vs_torch_lce", "smoothce_vs_eager"):
+            entry = section["summary"][eps][key]
+            assert entry["cells"] == len(groups) and entry["geomean"] > 0, (eps, key)
+        if no_compile:
+            assert section["summary"][eps]["smoothce_vs_compile"]["cells"] == 0
+    if no_compile:
+        assert any(s["contender"] == "compile" and s["reason"] == "--no-compile" for s in section["skipped"])
+    assert {s["contender"] for s in section["skipped"] if s["reason"] == "CUDA only"} == {"liger", "cce"}
+    assert set(section["definitions"]) >= LINEAR_CONTENDERS | {"compile", "liger", "cce"}
+    assert "options ignored" in section["definitions"]["torch_lce"]["note"].replace("``", "")
+
+    assert "## Fused linear + cross-entropy" in md
+    linear_md = md.split("## Fused linear + cross-entropy", 1)[1]
+    assert data["meta"]["device_name"] in linear_md and data["meta"]["torch_version"] in linear_md
+    for heading in ("### ε = 0.1", "### ε = 0 "):
+        assert heading in linear_md, heading
+        header = md_measurement_rows(md, heading)
+        assert len(header) == sum(len(by_eps[float(heading.split("= ")[1])]) for by_eps in groups.values())
+    table = md_measurement_rows(md, "### Linear measurements")
+    assert len(table) == len(rows), "the linear markdown table and the JSON disagree"
+    shown = {tuple(cells[:4]) for cells in table}
+    for row in rows:
+        assert (row["shape_str"], row["dtype"], f"{row['label_smoothing']:g}", row["contender"]) in shown, row
+
+
 def check_results(json_path):
     """JSON, .md and .png beside it are complete and consistent; returns the JSON document."""
     data = json.loads(json_path.read_text(encoding="utf-8"))
@@ -129,6 +195,8 @@ def check_results(json_path):
     assert data["meta"]["torch_version"] in md
     if data["meta"].get("variants"):
         check_variants(data, md)
+    if data["meta"].get("linear"):
+        check_linear(data, md)
 
     png = json_path.with_suffix(".png").read_bytes()
     assert png.startswith(PNG_SIGNATURE), "not a PNG file"
@@ -152,6 +220,9 @@ def test_quick_run_writes_consistent_results(quick_run):
     assert stdout.count(f"/{groups}] cpu ") == groups
     assert "summary (fwd+bwd" in stdout
     assert stdout.count("variants [") == sum(len(modes) for modes in VARIANT_MODES.values())
+    assert data["meta"]["linear"] and "linear" in data, "the linear table runs by default"
+    assert stdout.count("linear [") == len(data["linear"]["cells"]) == 4  # 2 quick shapes x 2 ε
+    assert "linear (fused linear + cross-entropy, fwd+bwd" in stdout
 
 
 def test_smoothce_is_measured_when_importable(quick_run):
@@ -175,7 +246,45 @@ def test_report_regenerates_the_same_markdown_from_the_json(quick_run, tmp_path)
 
 
 def test_script_entry_point_parses_its_options():
-    assert "--no-variants" in run_python("bench/bench.py", "--help")
+    usage = run_python("bench/bench.py", "--help")
+    for option in ("--no-variants", "--variants-only", "--no-linear", "--linear-only", "--no-compile"):
+        assert option in usage
+
+
+def test_suites_import_only_the_harness():
+    """bench/harness.py imports nothing from bench/ (but report); no suite imports another suite."""
+    import ast
+
+    def bench_imports(name):
+        tree = ast.parse((ROOT / "bench" / f"{name}.py").read_text(encoding="utf-8"))
+        found = set()
+        for node in ast.walk(tree):
+            if isinstance(node, ast.ImportFrom) and node.module and node.module.split(".")[0] == "bench":
+                found |= ({node.module.split(".")[1]} if "." in node.module else {a.name for a in node.names})
+            elif isinstance(node, ast.Import):
+                found |= {a.name.split(".")[1] for a in node.names if a.name.startswith("bench.")}
+        return found
+
+    assert bench_imports("harness") <= {"report"}
+    assert bench_imports("report") == set()
+    for suite in SUITES:
+        assert bench_imports(suite) <= {"harness", "report"}, suite
+    assert bench_imports("bench") >= set(SUITES)  # the command line runs them
+
+
+def test_linear_options():
+    from bench import bench
+
+    args = bench.parse_args([])
+    assert args.linear and not args.linear_only and bench.runs_linear(args)
+    assert not bench.runs_linear(bench.parse_args(["--no-linear"]))
+    args = bench.parse_args(["--variants-only", "--quick"])
+    assert bench.runs_variants(args) and not bench.runs_linear(args), "--variants-only runs the variants only"
+    args = bench.parse_args(["--linear-only", "--quick"])
+    assert bench.runs_linear(args) and not bench.runs_variants(args) and bench.cells_for("cpu", args) == []
+    for wrong in (["--linear-only", "--no-linear"], ["--linear-only", "--variants-only"]):
+        with pytest.raises(SystemExit):
+            bench.parse_args(wrong)
 
 
 def test_variant_options():
@@ -244,6 +353,63 @@ def test_derived_numbers():
     md = report.to_markdown(report.derive({"meta": meta, "measurements": [], "variants": section}))
     assert "## Label-smoothing variants" in md and "## All measurements" not in md
     assert len(md_measurement_rows(md, "### Variant measurements")) == len(variant_rows)
+
+    # The linear table: ratios within a (shape, dtype, ε) group, geometric means over shapes.
+    linear_rows = [{"shape": [8, 4, v], "shape_str": f"8x4x{v}", "dtype": "fp32", "label_smoothing": 0.1,
+                    "contender": name, "runs": 2, "times_ms": times, "peak_extra_bytes": memory}
+                   for v in (10, 20)
+                   for name, times, memory in (("matmul_floor", [1.0, 1.0], 100), ("smoothce", [2.0, 2.0], 50),
+                                               ("torch_lce", [2.0 * v / 10] * 2, 400), ("eager", [4.0, 4.0], 400))]
+    linear = report.derive_linear({"measurements": linear_rows, "checks": []})
+    floor, mine, torch_lce, eager = linear_rows[:4]
+    assert mine["time_over_floor"] == pytest.approx(2.0) and eager["smoothce_speedup"] == pytest.approx(2.0)
+    assert floor["memory_vs_smoothce"] == pytest.approx(2.0) and torch_lce["memory_vs_smoothce"] == pytest.approx(8.0)
+    summary = linear["summary"]["0.1"]
+    assert summary["smoothce_time_over_floor"]["geomean"] == pytest.approx(2.0)
+    assert summary["smoothce_vs_torch_lce"]["geomean"] == pytest.approx(2 ** 0.5)  # 1x and 2x
+    assert summary["smoothce_vs_compile"]["cells"] == 0
+    md = report.to_markdown(report.derive({"meta": meta, "measurements": [], "linear": linear}))
+    assert "# smoothce benchmark: cpu, fused linear + cross-entropy" in md and "## All measurements" not in md
+    assert len(md_measurement_rows(md, "### Linear measurements")) == len(linear_rows)
+    assert len(md_measurement_rows(md, "### ε = 0.1")) == len(linear_rows)
+
+
+def quick_linear_args(**overrides):
+    import argparse
+
+    return argparse.Namespace(**{"quick": True, "runs": None, "no_compile": True, "dtypes": None, **overrides})
+
+
+def test_a_linear_group_that_disagrees_is_not_timed(monkeypatch, capsys):
+    """smoothce computing another loss than eager's fails the linear check: the group is not timed."""
+    import smoothce
+    from bench import linear
+
+    class Wrong:  # ε ignored: smoothce without label smoothing against eager with it
+        empty_cache = staticmethod(smoothce.empty_cache)
+
+        @staticmethod
+        def linear_cross_entropy(x, w, t, label_smoothing=0.0):
+            return smoothce.linear_cross_entropy(x, w, t)
+
+    monkeypatch.setattr(linear, "QUICK_SHAPES", linear.QUICK_SHAPES[:1])
+    section = linear.run("cpu", quick_linear_args(), Wrong, None)
+    by_eps = {check["label_smoothing"]: check for check in section["checks"]}
+    assert not by_eps[0.1]["passed"] and by_eps[0.0]["passed"]
+    assert {row["label_smoothing"] for row in section["measurements"]} == {0.0}, "the failed group was timed"
+    assert any("check failed" in skip["reason"] for skip in section["skipped"])
+    assert "CHECK FAILED linear" in capsys.readouterr().out
+
+
+def test_linear_dtypes_filter_and_missing_smoothce():
+    from bench import linear
+
+    assert [cell.dtype for cell in linear.cells_for("cpu", True, ["bf16"])] == ["bf16"]
+    assert {cell.dtype for cell in linear.cells_for("cuda", False, None)} == {"bf16", "fp32"}
+    assert any(cell.v == 128256 for cell in linear.cells_for("cpu", False, None))
+    section = linear.run("cpu", quick_linear_args(), None, "not importable (ImportError: test)")
+    assert section["measurements"] == [] and section["summary"] == {}
+    assert any(s["contender"] == "smoothce" and "ImportError" in s["reason"] for s in section["skipped"])
 
 
 @pytest.mark.slow
