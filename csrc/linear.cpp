@@ -173,10 +173,13 @@ c10::optional<at::Tensor> rows_of(const c10::optional<at::Tensor>& t, int64_t st
 
 }  // namespace
 
-int64_t linear_chunk_rows(int64_t rows, int64_t classes, int64_t itemsize, int64_t chunk_size) {
+int64_t linear_chunk_rows(int64_t rows, int64_t features, int64_t classes, int64_t itemsize, int64_t chunk_size) {
   if (rows <= 0) return 0;
   if (chunk_size > 0) return std::min(chunk_size, rows);
-  const int64_t fit = std::max<int64_t>(1, kLinearChunkBudget / std::max<int64_t>(1, classes * itemsize));
+  const int64_t row_bytes = std::max<int64_t>(1, classes * itemsize);
+  const int64_t cap = std::max<int64_t>(1, kLinearChunkBudget / row_bytes);
+  const int64_t like_input = (rows * features + classes - 1) / std::max<int64_t>(1, classes);  // ⌈N·H/V⌉
+  const int64_t fit = std::min(cap, std::max(kLinearMinChunkRows, like_input));
   const int64_t chunks = (rows + fit - 1) / fit;
   return (rows + chunks - 1) / chunks;
 }
@@ -208,13 +211,18 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
   const auto acc = dtype == at::kDouble ? at::kDouble : at::kFloat;
   const auto loss_dtype = float32_loss && is_half(dtype) ? at::kFloat : dtype;
   const auto options = input.options();
-  const auto w_acc = fp32_grad_weight && is_half(dtype) ? at::kFloat : dtype;
+
+  // Rows per chunk; with a single chunk the weight's gradient is one GEMM, rounded once in any dtype.
+  const int64_t chunk = linear_chunk_rows(N, H, V, input.element_size(), chunk_size);
+  const bool one_chunk = chunk >= N;
+  const auto b_acc = fp32_grad_weight && is_half(dtype) ? at::kFloat : dtype;
+  const auto w_acc = one_chunk ? dtype : b_acc;
 
   at::Tensor position_loss = at::empty({N}, options.dtype(acc));
   at::Tensor lse = at::empty({N}, options.dtype(acc));
   at::Tensor grad_input = need_input ? at::empty({N, H}, options) : at::empty({0}, options);
   at::Tensor grad_w = need_w ? at::zeros({V, H}, options.dtype(w_acc)) : at::empty({0}, options);
-  at::Tensor grad_b = need_b ? at::zeros({V}, options.dtype(w_acc)) : at::empty({0}, options);
+  at::Tensor grad_b = need_b ? at::zeros({V}, options.dtype(b_acc)) : at::empty({0}, options);
   at::Tensor grad_target = need_target ? at::empty({N, V}, target.options()) : at::empty({0}, options);
   // An fp32 probability target with half logits (autocast): each chunk's logits are read in fp32 and
   // their gradient rounded once to the logits' dtype, as torch's autocast computes the loss.
@@ -238,7 +246,6 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
     return scale.expand({rows});
   };
 
-  const int64_t chunk = linear_chunk_rows(N, V, input.element_size(), chunk_size);
   at::Tensor buffer = chunk > 0 ? at::empty({chunk, V}, options) : at::Tensor();
   const at::Tensor weight_t = linear_weight.t();
   for (int64_t start = 0; start < N; start += chunk) {
@@ -280,7 +287,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
       at::mm_out(grad_rows, logits, linear_weight);
     }
     if (need_w) accumulate_grad_weight(grad_w, logits, x);
-    if (need_b) grad_b.add_(logits.sum(0, /*keepdim=*/false, w_acc));
+    if (need_b) grad_b.add_(logits.sum(0, /*keepdim=*/false, b_acc));
   }
 
   at::Tensor loss;

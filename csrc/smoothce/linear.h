@@ -23,12 +23,15 @@ using ChunkKernel = std::function<std::tuple<at::Tensor, at::Tensor, at::Tensor>
     const at::Tensor&, const at::Tensor&, const c10::optional<at::Tensor>&, int64_t, int64_t, double, bool, bool,
     const c10::optional<at::Tensor>&, const Extensions&, bool)>;
 
-// Logits buffer budget of the automatic chunk size, in bytes (README "Fused linear + cross-entropy").
+// The automatic chunk (README "Fused linear + cross-entropy"): a chunk's logits take about as much
+// memory as the input (⌈N·H/V⌉ rows), but at least kLinearMinChunkRows rows (GEMMs stay efficient) and
+// at most kLinearChunkBudget bytes; the rows are then evened out over the chunks that takes.
 constexpr int64_t kLinearChunkBudget = int64_t(128) << 20;
+constexpr int64_t kLinearMinChunkRows = 128;
 
-// Rows per chunk: chunk_size when > 0 (at most N), else as many rows as fit the budget, evened out
-// over the chunks that takes (N = 4096, V = 32000, fp32: 4 chunks of 1024 rows).
-int64_t linear_chunk_rows(int64_t rows, int64_t classes, int64_t itemsize, int64_t chunk_size);
+// Rows per chunk for N = rows, H = features, V = classes: chunk_size when > 0 (at most N), else the
+// automatic rule above (N = 4096, H = 512, V = 32000, fp32: 32 chunks of 128 rows).
+int64_t linear_chunk_rows(int64_t rows, int64_t features, int64_t classes, int64_t itemsize, int64_t chunk_size);
 
 // smoothce::linear_forward (schema.h): input (N, H), linear_weight (V, H), linear_bias (V) or none,
 // target (N) class indices or (N, V) probabilities. output_mask says which gradients to compute
