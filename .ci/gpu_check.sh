@@ -12,6 +12,8 @@
 #   memcheck, racecheck, synccheck, initcheck
 #               compute-sanitizer over .ci/gpu_plans.py (skipped when compute-sanitizer is not installed)
 #   bench       python -m bench --device cuda with a short budget (eager, torch.compile, Liger when installed)
+#   linear      python -m bench --device cuda --linear-only: the fused linear + cross-entropy table, few
+#               runs, no torch.compile (Liger's and Cut Cross-Entropy's fused losses when installed)
 #   suite       last, in the time left: the suite on the CUDA kernels (SMOOTHCE_TEST_BACKEND=cuda,
 #               -m "not slow and not cpu_only": the cpu_only tests check the CPU kernels and the
 #               emulator, which `make test` covers); cut short at the budget's end it is PARTIAL
@@ -228,8 +230,11 @@ if ((built)); then
 
   # The bench's own time budget (its torch.compile time comes on top: ~90 s in all).
   run_step bench 150 "$PY" -m bench --device cuda --shapes "${GPU_CHECK_BENCH_SHAPES:-4096x32000,8x21x256x256}" \
-    --dtypes "${GPU_CHECK_BENCH_DTYPES:-bf16}" --budget 30 --variant-budget 15 --out "$OUT/bench"
+    --dtypes "${GPU_CHECK_BENCH_DTYPES:-bf16}" --budget 30 --variant-budget 15 --no-linear --out "$OUT/bench"
   finish_step bench "results in $OUT/bench"
+
+  run_step linear 90 "$PY" -m bench --device cuda --linear-only --runs 5 --no-compile --out "$OUT/bench-linear"
+  finish_step linear "results in $OUT/bench-linear"
 
   # Last, in the time left: the suite on the CUDA kernels. cpu_only tests (the CPU kernels, the emulator:
   # `make test` runs them) and slow ones are left out unless GPU_CHECK_MARKS says otherwise. At the time
@@ -246,7 +251,7 @@ if ((built)); then
   fi
   finish_step suite "$counts${marks:+; -m \"$marks\"}"
 else
-  for name in test_cuda plans memcheck racecheck synccheck initcheck bench suite; do
+  for name in test_cuda plans memcheck racecheck synccheck initcheck bench linear suite; do
     not_run "$name" "no working build"
   done
 fi

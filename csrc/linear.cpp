@@ -173,13 +173,14 @@ c10::optional<at::Tensor> rows_of(const c10::optional<at::Tensor>& t, int64_t st
 
 }  // namespace
 
-int64_t linear_chunk_rows(int64_t rows, int64_t features, int64_t classes, int64_t itemsize, int64_t chunk_size) {
+int64_t linear_chunk_rows(int64_t rows, int64_t features, int64_t classes, int64_t itemsize, int64_t chunk_size,
+                          bool fewest) {
   if (rows <= 0) return 0;
   if (chunk_size > 0) return std::min(chunk_size, rows);
   const int64_t row_bytes = std::max<int64_t>(1, classes * itemsize);
   const int64_t cap = std::max<int64_t>(1, kLinearChunkBudget / row_bytes);
   const int64_t like_input = (rows * features + classes - 1) / std::max<int64_t>(1, classes);  // ⌈N·H/V⌉
-  const int64_t fit = std::min(cap, std::max(kLinearMinChunkRows, like_input));
+  const int64_t fit = fewest ? cap : std::min(cap, std::max(kLinearMinChunkRows, like_input));
   const int64_t chunks = (rows + fit - 1) / fit;
   return (rows + chunks - 1) / chunks;
 }
@@ -213,7 +214,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
   const auto options = input.options();
 
   // Rows per chunk; with a single chunk the weight's gradient is one GEMM, rounded once in any dtype.
-  const int64_t chunk = linear_chunk_rows(N, H, V, input.element_size(), chunk_size);
+  // (CPU, half weights, fp32 accumulation: ATen has no CPU GEMM from half operands into fp32, so each
+  // extra chunk costs an fp32 GEMM; as few chunks as the budget allows, one when the logits fit it.)
+  const bool fewest = input.device().is_cpu() && is_half(dtype) && fp32_grad_weight && need_w;
+  const int64_t chunk = linear_chunk_rows(N, H, V, input.element_size(), chunk_size, fewest);
   const bool one_chunk = chunk >= N;
   const auto b_acc = fp32_grad_weight && is_half(dtype) ? at::kFloat : dtype;
   const auto w_acc = one_chunk ? dtype : b_acc;

@@ -30,8 +30,10 @@ constexpr int64_t kLinearChunkBudget = int64_t(128) << 20;
 constexpr int64_t kLinearMinChunkRows = 128;
 
 // Rows per chunk for N = rows, H = features, V = classes: chunk_size when > 0 (at most N), else the
-// automatic rule above (N = 4096, H = 512, V = 32000, fp32: 32 chunks of 128 rows).
-int64_t linear_chunk_rows(int64_t rows, int64_t features, int64_t classes, int64_t itemsize, int64_t chunk_size);
+// automatic rule above (N = 4096, H = 512, V = 32000, fp32: 32 chunks of 128 rows); `fewest`: the
+// budget alone decides (as few chunks as fit 128 MiB each).
+int64_t linear_chunk_rows(int64_t rows, int64_t features, int64_t classes, int64_t itemsize, int64_t chunk_size,
+                          bool fewest = false);
 
 // smoothce::linear_forward (schema.h): input (N, H), linear_weight (V, H), linear_bias (V) or none,
 // target (N) class indices or (N, V) probabilities. output_mask says which gradients to compute
