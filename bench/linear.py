@@ -102,15 +102,12 @@ def build_inputs(cell: Cell, device: str, seed: int = 0) -> Inputs:
     return Inputs(x.requires_grad_(True), weight.requires_grad_(True), target, dlogits)
 
 
-def smoothce_chunk_rows(cell: Cell) -> int:
-    """smoothce's default chunk (csrc/linear.cpp linear_chunk_rows): as many rows as fit 128 MiB of
-    logits, evened out over the chunks."""
-    fit = max(1, (128 << 20) // (cell.v * cell.torch_dtype.itemsize))
-    chunks = -(-cell.n // fit)
-    return -(-cell.n // chunks)
+def smoothce_chunk_rows(cell: Cell, device: str) -> int:
+    """smoothce's default chunk for the cell (the library's own rule, csrc/linear.cpp)."""
+    from smoothce import _linear
 
+    return _linear.chunk_rows(cell.n, cell.h, cell.v, cell.torch_dtype, device=device)
 
-# ----------------------------------------------------------------------------- libraries
 
 @dataclass
 class Libraries:
@@ -180,9 +177,11 @@ def definitions(libs: Libraries) -> dict:
     fallback = probe_torch_fallback(libs.torch_options)
     return {
         "smoothce": {"code": "smoothce.linear_cross_entropy(x, W, t, label_smoothing=ε)",
-                     "note": "default chunk: as many rows as fit 128 MiB of logits, evened out over the chunks; "
-                             "bf16/fp16: the weight's gradient accumulates in fp32 (fp32_grad_weight=True, the "
-                             "default), on CPU through fp32 copies of dlogits' column slices and fp32 GEMMs"},
+                     "note": "default chunk: ⌈N·H/V⌉ rows (a chunk of logits about the input's size), at least "
+                             "128, at most 128 MiB of logits, evened out over the chunks; bf16/fp16: the weight's "
+                             "gradient accumulates in fp32 (fp32_grad_weight=True, the default): on CUDA by GEMMs "
+                             "with fp32 output, on CPU (no such GEMM there) through fp32 GEMMs on fp32 copies, so "
+                             "CPU takes as few chunks as fit 128 MiB each (one when the logits fit)"},
         "torch_lce": {
             "code": "F.linear_cross_entropy(x, W, t, label_smoothing=ε, ignore_index=-100, "
                     "options=torch.nn.LinearCrossEntropyOptions())",
@@ -413,7 +412,7 @@ def measure_group(cell: Cell, eps: float, inputs: Inputs, device: str, libs: Lib
     contenders, skips, compile_seconds = make_contenders(cell, eps, inputs, device, libs, use_compile)
     section["cells"].append({"shape": [cell.n, cell.h, cell.v], "shape_str": cell.name, "dtype": cell.dtype,
                              "label_smoothing": eps, "logits_bytes": cell.logits_bytes,
-                             "smoothce_chunk_rows": smoothce_chunk_rows(cell),
+                             "smoothce_chunk_rows": smoothce_chunk_rows(cell, device),
                              "torch_chunking": torch_chunking(cell, libs.torch_options, device) if eps == 0 else None,
                              "compile_seconds": compile_seconds})
     where = f"{cell.name} {cell.dtype} ε={eps:g}"

@@ -3,6 +3,7 @@
 #include <Python.h>
 #include <torch/library.h>
 
+#include "smoothce/linear.h"
 #include "smoothce/schema.h"
 
 #ifndef SMOOTHCE_VERSION
@@ -30,8 +31,17 @@ PyObject* empty_cache(PyObject*, PyObject*) {
   Py_RETURN_NONE;
 }
 
+PyObject* linear_chunk_rows(PyObject*, PyObject* args) {
+  long long rows = 0, features = 0, classes = 0, itemsize = 0, chunk_size = 0;
+  int fewest = 0;
+  if (!PyArg_ParseTuple(args, "LLLLLp", &rows, &features, &classes, &itemsize, &chunk_size, &fewest)) return nullptr;
+  return PyLong_FromLongLong(smoothce::linear_chunk_rows(rows, features, classes, itemsize, chunk_size, fewest != 0));
+}
+
 PyMethodDef module_methods[] = {
     {"empty_cache", empty_cache, METH_NOARGS, "Release the cached CPU gradient buffer."},
+    {"linear_chunk_rows", linear_chunk_rows, METH_VARARGS,
+     "linear_chunk_rows(N, H, V, itemsize, chunk_size, fewest): rows per chunk of the fused linear loss."},
     {nullptr, nullptr, 0, nullptr}};
 
 PyObject* build_info_dict() {

@@ -8,7 +8,7 @@ from typing import Optional
 
 import torch
 
-from . import _function
+from . import _C, _function
 from ._function import (REDUCTIONS, _REDUCTION_NAMES, _HALF_DTYPES, _check_kernel_device, _check_number,
                         _check_tensor, _extension_args, _mixup_lam)
 
@@ -113,6 +113,16 @@ def _differentiable_backward(ctx, grad_loss):
         grads = iter(torch.autograd.grad(loss, wanted, grad_loss, create_graph=True))
     out = tuple(next(grads) if needed else None for needed in ctx.mask)
     return out + (None,) * (_APPLY_ARGS - 4)
+
+
+def chunk_rows(n: int, h: int, v: int, dtype: torch.dtype, *, device: str = "cpu", chunk_size: Optional[int] = None,
+               fp32_grad_weight: bool = True, needs_weight_grad: bool = True) -> int:
+    """Rows per chunk of linear_cross_entropy on (n, h) input and (v, h) weight (csrc/linear.cpp's rule):
+    chunk_size when given, else ⌈N·H/V⌉ rows (a chunk of logits about the input's size), at least 128, at
+    most 128 MiB of logits, evened out over the chunks; on CPU, half weights whose gradient accumulates in
+    fp32 take as few chunks as 128 MiB each allows."""
+    fewest = device == "cpu" and dtype in _HALF_DTYPES and fp32_grad_weight and needs_weight_grad
+    return _C.linear_chunk_rows(n, h, v, dtype.itemsize, int(chunk_size or 0), fewest)
 
 
 def linear_cross_entropy_impl(input, linear_weight, target, *, linear_bias=None, weight=None, reduction="mean",

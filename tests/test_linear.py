@@ -280,6 +280,7 @@ def test_automatic_chunk_rule(n, h, v, dtype, rows):
         mine = evaluate("fused", x, W, t, linear_bias=b, label_smoothing=0.1)
     seen = {e.input_shapes[1][0] for e in prof.events() if e.name == "aten::addmm" and e.input_shapes[1][1:] == [h]}
     assert seen == rows, f"logits computed in chunks of {sorted(seen)} rows"
+    assert smoothce._linear.chunk_rows(n, h, v, dtype) == max(rows)  # the rule as the library reports it
     if n * v <= 1 << 21 and dtype == torch.float64:  # (the other cases' accuracy is the other tests' job)
         unfused = evaluate("unfused", x, W, t, linear_bias=b, label_smoothing=0.1)
         assert_results_near(mine, unfused, torch.float64, keys=GRADS[:4])
