@@ -234,6 +234,20 @@ def error_reason(error: BaseException) -> str:
     return f"{type(error).__name__}: {str(error).strip().splitlines()[0] if str(error).strip() else ''}"
 
 
+def import_optional(versions: dict, reasons: dict, key: str, package: str, module: str, name: str):
+    """`name` from `module` (an optional library's class or function), with `package`'s version in
+    versions[key]; None, with why in reasons[key], when it cannot be imported."""
+    import importlib
+
+    try:
+        found = getattr(importlib.import_module(module), name)
+        versions[key] = getattr(importlib.import_module(package), "__version__", "unknown")
+        return found
+    except Exception as error:
+        reasons[key] = f"not importable ({error_reason(error)})"
+        return None
+
+
 def import_smoothce() -> tuple[object, Optional[str], Optional[str]]:
     """(the smoothce module or None, its version, why it is missing)."""
     try:

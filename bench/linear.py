@@ -28,7 +28,8 @@ import torch.nn.functional as F
 
 from bench import report
 from bench.harness import (DTYPES, IGNORED_FRACTION, LABEL_SMOOTHING, MEMORY_METHOD, QUICK_RUNS, TIMING_METHOD,
-                           Task, error_reason, release_memory, run_rounds, shape_str, synchronize, warm_up)
+                           Task, error_reason, import_optional, release_memory, run_rounds, shape_str, synchronize,
+                           warm_up)
 
 IGNORE_INDEX = -100
 SMOOTHINGS = (LABEL_SMOOTHING, 0.0)  # ε = 0: where torch's chunked path applies
@@ -133,22 +134,11 @@ def import_libraries(device: str, smoothce, smoothce_reason: Optional[str]) -> L
     if device != "cuda":
         libs.reasons["liger"] = libs.reasons["cce"] = "CUDA only"
         return libs
-    try:
-        import liger_kernel
-        from liger_kernel.transformers.fused_linear_cross_entropy import LigerFusedLinearCrossEntropyLoss
-
-        libs.liger_class = LigerFusedLinearCrossEntropyLoss
-        libs.versions["liger"] = getattr(liger_kernel, "__version__", "unknown")
-    except Exception as error:
-        libs.reasons["liger"] = f"not importable ({error_reason(error)})"
-    try:
-        import cut_cross_entropy
-        from cut_cross_entropy import linear_cross_entropy as cce_linear_cross_entropy
-
-        libs.cce_function = cce_linear_cross_entropy
-        libs.versions["cce"] = getattr(cut_cross_entropy, "__version__", "unknown")
-    except Exception as error:
-        libs.reasons["cce"] = f"not importable ({error_reason(error)})"
+    libs.liger_class = import_optional(libs.versions, libs.reasons, "liger", "liger_kernel",
+                                       "liger_kernel.transformers.fused_linear_cross_entropy",
+                                       "LigerFusedLinearCrossEntropyLoss")
+    libs.cce_function = import_optional(libs.versions, libs.reasons, "cce", "cut_cross_entropy", "cut_cross_entropy",
+                                        "linear_cross_entropy")
     return libs
 
 

@@ -17,7 +17,7 @@ import torch.nn.functional as F
 
 from bench import report
 from bench.harness import (DTYPES, IGNORED_FRACTION, LABEL_SMOOTHING, MODE_WEIGHT, SEGMENTATION_IGNORE_INDEX,
-                           RunPlanner, Task, error_reason, import_smoothce, release_memory, run_rounds,
+                           RunPlanner, Task, error_reason, import_optional, import_smoothce, release_memory, run_rounds,
                            synchronize, warm_up)
 
 GRAD_SCALE = 0.5  # upstream gradient of the "fwd+bwd scaled" mode
@@ -124,22 +124,10 @@ def import_libraries(device: str) -> Libraries:
     if device != "cuda":
         libs.reasons["liger"] = libs.reasons["flash_attn"] = "CUDA only"
         return libs
-    try:
-        import liger_kernel
-        from liger_kernel.transformers.cross_entropy import LigerCrossEntropyLoss
-
-        libs.liger_loss_class = LigerCrossEntropyLoss
-        libs.versions["liger"] = getattr(liger_kernel, "__version__", "unknown")
-    except Exception as error:
-        libs.reasons["liger"] = f"not importable ({error_reason(error)})"
-    try:
-        import flash_attn
-        from flash_attn.losses.cross_entropy import CrossEntropyLoss
-
-        libs.flash_attn_loss_class = CrossEntropyLoss
-        libs.versions["flash_attn"] = getattr(flash_attn, "__version__", "unknown")
-    except Exception as error:
-        libs.reasons["flash_attn"] = f"not importable ({error_reason(error)})"
+    libs.liger_loss_class = import_optional(libs.versions, libs.reasons, "liger", "liger_kernel",
+                                            "liger_kernel.transformers.cross_entropy", "LigerCrossEntropyLoss")
+    libs.flash_attn_loss_class = import_optional(libs.versions, libs.reasons, "flash_attn", "flash_attn",
+                                                 "flash_attn.losses.cross_entropy", "CrossEntropyLoss")
     return libs
 
 

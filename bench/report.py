@@ -82,11 +82,11 @@ def time_stats(times_ms: list[float]) -> dict:
     return {"median_ms": median, "q1_ms": q1, "q3_ms": q3, "min_ms": ordered[0], "max_ms": ordered[-1]}
 
 
-def group_rows(rows: list[dict]) -> dict[tuple[str, str, str], dict[str, dict]]:
-    """(shape_str, dtype, mode) -> {contender: row}."""
-    groups: dict[tuple[str, str, str], dict[str, dict]] = {}
+def group_rows(rows: list[dict], last: str = "mode") -> dict[tuple, dict[str, dict]]:
+    """(shape_str, dtype, row[last]) -> {contender: row}, in the rows' order."""
+    groups: dict[tuple, dict[str, dict]] = {}
     for row in rows:
-        groups.setdefault((row["shape_str"], row["dtype"], row["mode"]), {})[row["contender"]] = row
+        groups.setdefault((row["shape_str"], row["dtype"], row[last]), {})[row["contender"]] = row
     return groups
 
 
@@ -144,12 +144,9 @@ def summarize_variants(rows: list[dict]) -> dict:
             for variant, by_mode in ratios.items()}
 
 
-def linear_groups(rows: list[dict]) -> dict[tuple[str, str, float], dict[str, dict]]:
+def linear_groups(rows: list[dict]) -> dict[tuple, dict[str, dict]]:
     """(shape_str, dtype, label_smoothing) -> {contender: row}, in the rows' order."""
-    groups: dict[tuple[str, str, float], dict[str, dict]] = {}
-    for row in rows:
-        groups.setdefault((row["shape_str"], row["dtype"], row["label_smoothing"]), {})[row["contender"]] = row
-    return groups
+    return group_rows(rows, "label_smoothing")
 
 
 def derive_linear(section: dict) -> dict:
@@ -661,26 +658,33 @@ def plot(data: dict, path: Path) -> None:
 VARIANT_COLORS = {"plain": "0.6", "smoothce": "C0", "smoothce_inplace": "C1"}
 
 
+def grouped_bars(ax, groups: dict, metric: str, names_of, color_of, label_of, min_bytes: int = 0) -> None:
+    """One cluster of bars per group (its names_of(group) contenders' row[metric]; peak_extra_bytes in
+    MiB, at least min_bytes), each contender in the legend once."""
+    labelled = set()
+    for position, group in enumerate(groups.values()):
+        names = names_of(group)
+        width = 0.8 / max(len(names), 1)
+        for index, name in enumerate(names):
+            value = group[name].get(metric)
+            if value is None:
+                continue
+            if metric == "peak_extra_bytes":
+                value = max(value, min_bytes) / 2**20
+            ax.bar(position + (index - (len(names) - 1) / 2) * width, value, width, color=color_of(name),
+                   label=None if name in labelled else label_of(name))
+            labelled.add(name)
+
+
 def plot_variants(axes_row, rows: list[dict]) -> None:
     """Bars per (variant, shape): speed-up over the plain version; peak extra memory of each contender."""
     groups = variant_groups(rows)
     labels = [f"{variant}\n{shape_str}" for variant, shape_str, _, _ in groups]
     for ax, metric, title in ((axes_row[0], "speedup_vs_plain", "speed-up vs plain PyTorch (×)"),
                               (axes_row[1], "peak_extra_bytes", "peak extra memory (MiB)")):
-        labelled = set()
-        for position, group in enumerate(groups.values()):
-            names = [n for n in VARIANT_CONTENDERS if n in group
-                     and (metric != "speedup_vs_plain" or n != VARIANT_BASELINE)]
-            width = 0.8 / max(len(names), 1)
-            for index, name in enumerate(names):
-                value = group[name].get(metric)
-                if value is None:
-                    continue
-                if metric == "peak_extra_bytes":
-                    value /= 2**20
-                ax.bar(position + (index - (len(names) - 1) / 2) * width, value, width, color=VARIANT_COLORS.get(name),
-                       label=None if name in labelled else VARIANT_CONTENDERS[name])
-                labelled.add(name)
+        grouped_bars(ax, groups, metric, lambda group, metric=metric: [
+            n for n in VARIANT_CONTENDERS if n in group and (metric != "speedup_vs_plain" or n != VARIANT_BASELINE)],
+            VARIANT_COLORS.get, VARIANT_CONTENDERS.get)
         ax.set_xticks(range(len(labels)))
         ax.set_xticklabels(labels, rotation=30, ha="right", fontsize=7)
         ax.set_title(f"label-smoothing variants, fp32, {HEADLINE_MODE}: {title}")
@@ -695,20 +699,9 @@ def plot_linear(axes_row, rows: list[dict]) -> None:
     labels = [f"{shape} {dtype}\nε={eps:g}" for shape, dtype, eps in groups]
     for ax, metric, title in ((axes_row[0], "time_over_floor", "time / matmul floor (×)"),
                               (axes_row[1], "peak_extra_bytes", "peak extra memory (MiB)")):
-        labelled = set()
-        for position, group in enumerate(groups.values()):
-            names = [n for n in LINEAR_CONTENDERS if n in group and not (metric == "time_over_floor" and n == LINEAR_FLOOR)]
-            width = 0.8 / max(len(names), 1)
-            for index, name in enumerate(names):
-                value = group[name].get(metric)
-                if value is None:
-                    continue
-                if metric == "peak_extra_bytes":
-                    value = max(value, 1) / 2**20
-                ax.bar(position + (index - (len(names) - 1) / 2) * width, value, width,
-                       color=f"C{list(LINEAR_CONTENDERS).index(name)}",
-                       label=None if name in labelled else LINEAR_CONTENDERS[name])
-                labelled.add(name)
+        grouped_bars(ax, groups, metric, lambda group, metric=metric: [
+            n for n in LINEAR_CONTENDERS if n in group and not (metric == "time_over_floor" and n == LINEAR_FLOOR)],
+            lambda name: f"C{list(LINEAR_CONTENDERS).index(name)}", LINEAR_CONTENDERS.get, min_bytes=1)
         ax.set_xticks(range(len(labels)))
         ax.set_xticklabels(labels, rotation=30, ha="right", fontsize=7)
         ax.set_yscale("log")

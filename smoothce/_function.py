@@ -190,6 +190,18 @@ def _check_tensor(where, name, value, optional=False):
         raise TypeError(f"{where}: {name} must be {expected}, got {type(value).__name__}")
 
 
+def _check_loss_args(where, ignore_index, reduction, label_smoothing) -> float:
+    """Checks the arguments every loss takes; returns label_smoothing as a float."""
+    _check_number("ignore_index", ignore_index, numbers.Integral, where)
+    _check_number("label_smoothing", label_smoothing, numbers.Real, where)
+    if not isinstance(reduction, str) or reduction not in REDUCTIONS:
+        raise ValueError(f"{where}: reduction must be one of 'none', 'mean', 'sum', got {reduction!r}")
+    label_smoothing = float(label_smoothing)
+    if not 0.0 <= label_smoothing <= 1.0:  # also rejects NaN (torch silently uses 0 for ε < 0: ★)
+        raise ValueError(f"{where}: label_smoothing must be a float in [0, 1], got {label_smoothing}")
+    return label_smoothing
+
+
 def _extension_args(where, input, target, label_smoothing, smoothing, target_values, z_loss, inplace_backward,
                     num_classes=None):
     """Checks the SEMANTICS §7 keywords; returns (label_smoothing, target_values) for the op: "others"
@@ -286,13 +298,7 @@ def cross_entropy_impl(
     _check_tensor(where, "input", input)
     _check_tensor(where, "target_a" if mixup else "target", target)
     _check_tensor(where, "weight", weight, optional=True)
-    _check_number("ignore_index", ignore_index, numbers.Integral, where)
-    _check_number("label_smoothing", label_smoothing, numbers.Real, where)
-    if not isinstance(reduction, str) or reduction not in REDUCTIONS:
-        raise ValueError(f"{where}: reduction must be one of 'none', 'mean', 'sum', got {reduction!r}")
-    label_smoothing = float(label_smoothing)
-    if not 0.0 <= label_smoothing <= 1.0:  # also rejects NaN (torch silently uses 0 for ε < 0: ★)
-        raise ValueError(f"{where}: label_smoothing must be a float in [0, 1], got {label_smoothing}")
+    label_smoothing = _check_loss_args(where, ignore_index, reduction, label_smoothing)
     label_smoothing, op_target_values = _extension_args(
         where, input, target, label_smoothing, smoothing, target_values, z_loss, inplace_backward
     )

@@ -9,8 +9,8 @@ from typing import Optional
 import torch
 
 from . import _C, _function
-from ._function import (REDUCTIONS, _REDUCTION_NAMES, _HALF_DTYPES, _check_kernel_device, _check_number,
-                        _check_tensor, _extension_args, _mixup_lam)
+from ._function import (REDUCTIONS, _REDUCTION_NAMES, _HALF_DTYPES, _check_kernel_device, _check_loss_args,
+                        _check_number, _check_tensor, _extension_args, _mixup_lam)
 
 _GRADS = ("input", "linear_weight", "linear_bias", "target")
 
@@ -134,13 +134,7 @@ def linear_cross_entropy_impl(input, linear_weight, target, *, linear_bias=None,
     _check_tensor(where, "target_a" if mixup else "target", target)
     _check_tensor(where, "linear_bias", linear_bias, optional=True)
     _check_tensor(where, "weight", weight, optional=True)
-    _check_number("ignore_index", ignore_index, numbers.Integral, where)
-    _check_number("label_smoothing", label_smoothing, numbers.Real, where)
-    if not isinstance(reduction, str) or reduction not in REDUCTIONS:
-        raise ValueError(f"{where}: reduction must be one of 'none', 'mean', 'sum', got {reduction!r}")
-    label_smoothing = float(label_smoothing)
-    if not 0.0 <= label_smoothing <= 1.0:
-        raise ValueError(f"{where}: label_smoothing must be a float in [0, 1], got {label_smoothing}")
+    label_smoothing = _check_loss_args(where, ignore_index, reduction, label_smoothing)
     if chunk_size is not None:
         _check_number("chunk_size", chunk_size, numbers.Integral, where)
         if chunk_size < 1:
