@@ -5,8 +5,10 @@
 
 #include <ATen/ATen.h>
 #include <c10/util/Exception.h>
+#include <torch/version.h>
 
 #include <algorithm>
+#include <atomic>
 #include <sstream>
 #include <string>
 
@@ -147,17 +149,28 @@ at::Tensor mean_denominator(const at::Tensor& target, const c10::optional<at::Te
 }
 
 // grad_W += dlogitsᵀ·x. A half-precision weight's gradient accumulates in fp32 (acc): on CUDA with
-// cuBLAS's fp32 output for half operands; on CPU, which has no such GEMM, through fp32 copies of
-// column slices of dlogits, each at most half the size of the chunk's buffer.
+// cuBLAS's fp32 output for half operands (addmm's out_dtype, torch ≥ 2.8); on CPU, which has no such
+// GEMM, through fp32 copies of column slices of dlogits, each at most half the size of the chunk's buffer.
 void accumulate_grad_weight(at::Tensor& acc, const at::Tensor& dlogits, const at::Tensor& x) {
   if (acc.scalar_type() == dlogits.scalar_type()) {
     acc.addmm_(dlogits.t(), x);
     return;
   }
-  if (acc.is_cuda()) {
-    at::addmm_out(acc, acc, dlogits.t(), x, acc.scalar_type());
-    return;
+#if TORCH_VERSION_MAJOR > 2 || (TORCH_VERSION_MAJOR == 2 && TORCH_VERSION_MINOR >= 8)  // addmm's out_dtype
+  // (a torch whose CUDA addmm wants `self` in the operands' dtype refuses before computing anything: then
+  // every later call takes the fp32-copy path below)
+  static std::atomic<bool> fp32_out_refused{false};
+  if (acc.is_cuda() && !fp32_out_refused.load(std::memory_order_relaxed)) {
+    try {
+      at::addmm_out(acc, acc, dlogits.t(), x, acc.scalar_type());
+      return;
+    } catch (const c10::OutOfMemoryError&) {
+      throw;
+    } catch (const c10::Error&) {
+      fp32_out_refused.store(true, std::memory_order_relaxed);
+    }
   }
+#endif
   const at::Tensor x_acc = x.to(acc.scalar_type());
   const int64_t V = dlogits.size(1), slice = std::max<int64_t>(1, (V + 3) / 4);
   for (int64_t v0 = 0; v0 < V; v0 += slice) {
