@@ -137,9 +137,10 @@ _LINEAR_DOC = """
     Fused linear layer (README "Fused linear + cross-entropy"): the loss of logits = input·linear_weightᵀ
     + linear_bias without ever holding the N×V logits. Rows go through in chunks; each chunk's logits
     are written into one reused buffer and turned into their gradient in place, which the gradient
-    GEMMs consume at once. Extra memory: the chunk's buffer (about 128 MiB by default) and O(N + V),
-    plus V×H fp32 for the gradient of a half-precision linear_weight.
-    chunk_size: rows per chunk (default None: as many as fit 128 MiB of logits, evened out).
+    GEMMs consume at once. Extra memory: the chunk's buffer and O(N + V), plus V×H fp32 for the
+    gradient of a half-precision linear_weight.
+    chunk_size: rows per chunk (default None: ⌈N·H/V⌉ rows, a chunk of logits about the input's size,
+        at least 128 and at most 128 MiB of logits, evened out; smoothce._linear.chunk_rows tells it).
     fp32_grad_weight: accumulate the gradients of a float16/bfloat16 linear_weight and linear_bias in
         fp32 over the chunks (default True; False accumulates in their own dtype)."""
 
