@@ -1,5 +1,6 @@
 // Per-position math shared by every backend (CPU lanes, CUDA threads/warps/blocks).
-// Formulas: ../../shared/SEMANTICS.md §2, §3 and §7 (cited, not copied). Written once, here.
+// Formulas: README "Semantics users must know" and "Label-smoothing variants" (smoothce/reference.py
+// computes the same in plain PyTorch). Written once, here.
 #pragma once
 
 #include <cmath>
