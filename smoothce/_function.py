@@ -34,9 +34,11 @@ def _check_kernel_device(input):
         )
 
 
-def _check_devices(where: str, input, target, weight, target_b=None):
-    """Before dispatch: a CUDA or meta tensor among CPU ones would otherwise pick that backend's kernel."""
-    for name, tensor in (("target", target), ("weight", weight), ("target_b", target_b)):
+def _check_devices(where: str, input, target, weight, target_b=None, **others):
+    """Before dispatch: a CUDA or meta tensor among CPU ones would otherwise pick that backend's kernel.
+    others: more tensor arguments by name (None: absent)."""
+    named = (("target", target), ("weight", weight), ("target_b", target_b)) + tuple(others.items())
+    for name, tensor in named:
         if tensor is not None and tensor.device != input.device:
             raise ValueError(f"{where}: {name} must be on the input's device ({input.device}), got {tensor.device}")
 

@@ -9,8 +9,8 @@ from typing import Optional
 import torch
 
 from . import _C, _function
-from ._function import (REDUCTIONS, _REDUCTION_NAMES, _HALF_DTYPES, _check_kernel_device, _check_loss_args,
-                        _check_number, _check_tensor, _extension_args, _mixup_lam)
+from ._function import (REDUCTIONS, _REDUCTION_NAMES, _HALF_DTYPES, _check_devices, _check_kernel_device,
+                        _check_loss_args, _check_number, _check_tensor, _extension_args, _mixup_lam)
 
 _GRADS = ("input", "linear_weight", "linear_bias", "target")
 
@@ -19,11 +19,8 @@ _GRADS = ("input", "linear_weight", "linear_bias", "target")
 def _linear_forward_fake(input, linear_weight, linear_bias, target, weight, ignore_index, reduction,
                          label_smoothing, float32_loss, output_mask, chunk_size=0, fp32_grad_weight=True,
                          grad_output=None, target_values=None, z_loss=0.0, target_b=None, lam=None, lam_value=1.0):
-    for name, t in (("linear_weight", linear_weight), ("linear_bias", linear_bias), ("target", target),
-                    ("weight", weight), ("target_b", target_b)):
-        if t is not None and t.device != input.device:
-            raise ValueError(f"smoothce.linear_cross_entropy: {name} must be on the input's device ({input.device}), "
-                             f"got {t.device}")
+    _check_devices("smoothce.linear_cross_entropy", input, target, weight, target_b, linear_weight=linear_weight,
+                   linear_bias=linear_bias)
     n = input.shape[0]
     acc = torch.float64 if input.dtype == torch.float64 else torch.float32
     loss_dtype = torch.float32 if float32_loss and input.dtype in _HALF_DTYPES else input.dtype
@@ -161,10 +158,9 @@ def linear_cross_entropy_impl(input, linear_weight, target, *, linear_bias=None,
     lam_tensor, lam_value = (_mixup_lam(where, input, target, target_b, lam, positions=leading) if mixup
                              else (None, 1.0))
     _check_kernel_device(input)
-    for name, t in (("linear_weight", linear_weight), ("linear_bias", linear_bias),
-                    ("target_a" if mixup else "target", target), ("weight", weight), ("target_b", target_b)):
-        if t is not None and t.device != input.device:  # before dispatch picks another device's kernel
-            raise ValueError(f"{where}: {name} must be on the input's device ({input.device}), got {t.device}")
+    named_target = {"target_a": target} if mixup else {}  # (mixup's first target goes by its own name)
+    _check_devices(where, input, None if mixup else target, weight, target_b, linear_weight=linear_weight,
+                   linear_bias=linear_bias, **named_target)
 
     # Under autocast the linear layer runs in the autocast dtype (as F.linear would) and the loss is fp32.
     float32_loss = torch.is_autocast_enabled(input.device.type)
