@@ -9,6 +9,7 @@ export MAX_JOBS
 
 SOURCES := setup.py $(wildcard csrc/*.cpp csrc/*/*.h csrc/*/*.cpp csrc/*/*.cuh csrc/*/*.cu)
 DEPS_STAMP := $(VENV)/.deps-installed
+EXTRAS_STAMP := $(VENV)/.integrations-installed
 BUILD_STAMP := $(VENV)/.smoothce-built
 
 .PHONY: all venv build test test-fast test-emu test-gpu bench bench-quick cuda-check clean
@@ -24,7 +25,15 @@ $(DEPS_STAMP): | $(PY)
 	$(PIP) install torch ninja pybind11 pytest numpy hypothesis matplotlib scikit-learn torchmetrics tqdm
 	touch $@
 
-venv: $(DEPS_STAMP)
+# The libraries the integrations adapt (smoothce.integrations; extras for users: smoothce[timm,transformers]),
+# tested against the real thing. torch is held at the installed version: timm's torchvision would
+# otherwise be free to pull in another torch.
+$(EXTRAS_STAMP): $(DEPS_STAMP)
+	$(PIP) install timm transformers accelerate \
+		"torch==$$($(PY) -c 'import torch; print(torch.__version__.split("+")[0])')"
+	touch $@
+
+venv: $(DEPS_STAMP) $(EXTRAS_STAMP)
 
 # An unchanged tree is not rebuilt (the stamp is newer than every source).
 $(BUILD_STAMP): $(DEPS_STAMP) $(SOURCES)
@@ -41,7 +50,7 @@ test test-fast test-emu test-gpu: export OMP_WAIT_POLICY = passive
 # CUDA launch plan on the emulator, threads resumed first in first out), the emulated plans again with
 # released threads running on at once (lifo), then the whole suite on the emulated CUDA kernels with
 # the device's fast-math arithmetic and a seeded random schedule, and on a GPU when one is visible.
-test: $(BUILD_STAMP)
+test: $(BUILD_STAMP) $(EXTRAS_STAMP)
 	$(PY) -m pytest tests -q -ra
 	SMOOTHCE_EMU_SCHEDULE=lifo $(PY) -m pytest tests/test_cuda_emulated.py tests/test_sanitizer.py -q -ra
 	SMOOTHCE_TEST_BACKEND=emu SMOOTHCE_EMU_ARITH=device SMOOTHCE_EMU_SCHEDULE=random:1 \
@@ -50,22 +59,22 @@ test: $(BUILD_STAMP)
 		SMOOTHCE_TEST_BACKEND=cuda $(PY) -m pytest tests -q -ra; \
 	else echo "make test: no GPU visible, the CUDA kernels were tested on the emulator only"; fi
 
-test-fast: $(BUILD_STAMP)
+test-fast: $(BUILD_STAMP) $(EXTRAS_STAMP)
 	$(PY) -m pytest tests -q -ra -m "not slow"
 
 # The whole suite on the CUDA kernels' source run on CPU by the emulator (tests/emu).
-test-emu: $(BUILD_STAMP)
+test-emu: $(BUILD_STAMP) $(EXTRAS_STAMP)
 	SMOOTHCE_TEST_BACKEND=emu SMOOTHCE_EMU_ARITH=device SMOOTHCE_EMU_SCHEDULE=random:1 \
 		$(PY) -m pytest tests -q -ra -m "not slow"
 
 # On a machine with a GPU: the whole suite on the CUDA kernels (plus tests/test_cuda.py).
-test-gpu: $(BUILD_STAMP)
+test-gpu: $(BUILD_STAMP) $(EXTRAS_STAMP)
 	SMOOTHCE_TEST_BACKEND=cuda $(PY) -m pytest tests -q -ra
 
-bench: $(BUILD_STAMP)
+bench: $(BUILD_STAMP) $(EXTRAS_STAMP)
 	$(PY) -m bench $(BENCH_ARGS)
 
-bench-quick: $(BUILD_STAMP)
+bench-quick: $(BUILD_STAMP) $(EXTRAS_STAMP)
 	$(PY) -m bench --quick $(BENCH_ARGS)
 
 # CUDA compile check (no GPU needed): builds the CUDA extension for sm_80 and sm_90 into a scratch

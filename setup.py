@@ -126,6 +126,8 @@ setup(
     cmdclass=cmdclass,
     python_requires=">=3.10",
     install_requires=["torch>=2.4"],
-    extras_require={"test": ["pytest", "hypothesis", "numpy"], "bench": ["matplotlib", "numpy"]},
+    extras_require={"test": ["pytest", "hypothesis", "numpy"], "bench": ["matplotlib", "numpy"],
+                    # smoothce.integrations (tested with timm 1.0.31 and transformers 5.24)
+                    "timm": ["timm>=1.0"], "transformers": ["transformers>=4.46", "accelerate"]},
     zip_safe=False,
 )

@@ -11,9 +11,10 @@ import torch
 
 from ._function import cross_entropy_impl
 from ._linear import linear_cross_entropy_impl
+from ._mixup_target import MixupTarget
 from ._version import __version__
 
-__all__ = ["cross_entropy", "CrossEntropyLoss", "mixup_cross_entropy", "linear_cross_entropy",
+__all__ = ["cross_entropy", "CrossEntropyLoss", "mixup_cross_entropy", "MixupTarget", "linear_cross_entropy",
            "linear_mixup_cross_entropy", "LinearCrossEntropyLoss", "build_info", "empty_cache", "__version__"]
 
 _VARIANTS_DOC = """
@@ -58,9 +59,9 @@ cross_entropy.__doc__ += _VARIANTS_DOC
 
 def mixup_cross_entropy(
     input: torch.Tensor,
-    target_a: torch.Tensor,
-    target_b: torch.Tensor,
-    lam: Union[float, torch.Tensor],
+    target_a: Union[torch.Tensor, MixupTarget],
+    target_b: Optional[torch.Tensor] = None,
+    lam: Union[float, torch.Tensor, None] = None,
     weight: Optional[torch.Tensor] = None,
     ignore_index: int = -100,
     reduction: str = "mean",
@@ -81,10 +82,20 @@ def mixup_cross_entropy(
         in [0, 1]; it is a constant (not differentiated).
     An ignored target (ignore_index) contributes nothing; mean divides by
     Σ lam·w[a]·valid_a + (1 − lam)·w[b]·valid_b. Other arguments as ``cross_entropy``.
+    A ``smoothce.MixupTarget`` in place of target_a carries target_a, target_b, lam and its label
+    smoothing (target_b and lam are then not passed).
     """
+    where = "smoothce.mixup_cross_entropy"
+    if isinstance(target_a, MixupTarget):
+        if target_b is not None or lam is not None:
+            raise TypeError(f"{where}: given a MixupTarget, target_b and lam come from it; do not pass them too")
+        target_a, target_b, lam, label_smoothing = target_a.unpack(where, input, label_smoothing)
+    elif target_b is None or lam is None:
+        raise TypeError(f"{where}: target_b and lam are required with index tensors as target_a (or pass a "
+                        f"smoothce.MixupTarget as target_a)")
     return cross_entropy_impl(input, target_a, weight, ignore_index, reduction, label_smoothing, smoothing,
                               target_values, z_loss, inplace_backward, mixup=True, target_b=target_b, lam=lam,
-                              where="smoothce.mixup_cross_entropy")
+                              where=where)
 
 
 mixup_cross_entropy.__doc__ += _VARIANTS_DOC

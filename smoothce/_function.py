@@ -296,7 +296,10 @@ def cross_entropy_impl(
     target_b: Optional[torch.Tensor] = None,
     lam=None,
     where: str = "smoothce.cross_entropy",
+    float32_loss: bool = False,
 ) -> torch.Tensor:
+    """float32_loss: an fp32 loss from half logits also outside autocast (the integrations, whose
+    libraries return one)."""
     _check_tensor(where, "input", input)
     _check_tensor(where, "target_a" if mixup else "target", target)
     _check_tensor(where, "weight", weight, optional=True)
@@ -312,7 +315,7 @@ def cross_entropy_impl(
     # Under autocast the loss is fp32 (as torch's cross_entropy), read straight from the half logits;
     # fp32 class weights are used as they are. Only probability targets in another dtype than the
     # logits need both in fp32 (torch's autocast copies the logits to fp32 in every case).
-    float32_loss = torch.is_autocast_enabled(input.device.type)
+    float32_loss = bool(float32_loss) or torch.is_autocast_enabled(input.device.type)
     if float32_loss and target.is_floating_point() and input.is_floating_point() and target.dtype != input.dtype:
         input, target = input.float(), target.float()
     compute_grad = torch.is_grad_enabled() and input.requires_grad
