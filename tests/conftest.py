@@ -106,6 +106,8 @@ def backend(request, monkeypatch):
         if not torch.cuda.is_available():
             pytest.skip("SMOOTHCE_TEST_BACKEND=cuda but no CUDA device is visible")
         monkeypatch.setattr(smoothce, "cross_entropy_impl", _on_cuda(_function.cross_entropy_impl))
+        # (smoothce.integrations call it through the _function module)
+        monkeypatch.setattr(_function, "cross_entropy_impl", smoothce.cross_entropy_impl)
         monkeypatch.setattr(smoothce, "linear_cross_entropy_impl", _on_cuda(smoothce.linear_cross_entropy_impl))
     return BACKEND
 

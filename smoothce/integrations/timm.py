@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import torch
 
-from .._function import cross_entropy_impl
+from .. import _function
 from .._mixup_target import MixupTarget
 from ._common import classes_second, import_library
 
@@ -39,7 +39,8 @@ class LabelSmoothingCrossEntropy(_timm_loss.LabelSmoothingCrossEntropy):
         if isinstance(target, MixupTarget):
             raise TypeError(f"{where}: got a MixupTarget; mixup targets go to SoftTargetCrossEntropy (as in timm, "
                             f"whose Mixup output needs SoftTargetCrossEntropy)")
-        return cross_entropy_impl(classes_second(x), target, None, _NO_IGNORE, "mean", self.smoothing, where=where)
+        return _function.cross_entropy_impl(classes_second(x), target, None, _NO_IGNORE, "mean", self.smoothing,
+                                            where=where)
 
 
 class SoftTargetCrossEntropy(_timm_loss.SoftTargetCrossEntropy):
@@ -53,8 +54,8 @@ class SoftTargetCrossEntropy(_timm_loss.SoftTargetCrossEntropy):
             if x.dim() != 2:
                 raise ValueError(f"{where}: a MixupTarget needs logits (N, C), got shape {tuple(x.shape)}")
             target_a, target_b, lam, smoothing = target.unpack(where, x, 0.0)
-            return cross_entropy_impl(x, target_a, None, _NO_IGNORE, "mean", smoothing, mixup=True,
-                                      target_b=target_b, lam=lam, where=where)
+            return _function.cross_entropy_impl(x, target_a, None, _NO_IGNORE, "mean", smoothing, mixup=True,
+                                                target_b=target_b, lam=lam, where=where)
         if not isinstance(target, torch.Tensor) or not target.is_floating_point():
             raise TypeError(f"{where}: target must be a dense floating target shaped like the logits or a "
                             f"MixupTarget, got {type(target).__name__}"
@@ -65,8 +66,8 @@ class SoftTargetCrossEntropy(_timm_loss.SoftTargetCrossEntropy):
         # timm's −target·log_softmax(x) promotes the two dtypes (e.g. fp32 mixup targets, bf16 logits).
         common = torch.promote_types(x.dtype, target.dtype)
         x, target = x.to(common), target.to(common)
-        return cross_entropy_impl(classes_second(x), classes_second(target), None, _NO_IGNORE, "mean", 0.0,
-                                  where=where)
+        return _function.cross_entropy_impl(classes_second(x), classes_second(target), None, _NO_IGNORE, "mean",
+                                            0.0, where=where)
 
 
 def _light_target(mixup, target: torch.Tensor, lam, count: int) -> MixupTarget:
