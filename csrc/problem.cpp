@@ -217,9 +217,16 @@ Problem make_problem(const at::Tensor& input_arg, const at::Tensor& target_arg,
     if (s_class == 1 || p.classes == 1) return true;
     return inner > 1 ? s_inner == 1 : (s_outer == 1 || n_outer == 1);
   };
-  const bool walkable = ok && walkable_view();
-  const bool dense = input.is_non_overlapping_and_dense();
-  if (!walkable || (compute_grad && !dense)) {
+  bool walkable = ok && walkable_view();
+  if (walkable && compute_grad && !input.is_non_overlapping_and_dense()) {
+    // A view with gaps (e.g. a language model's logits[:, :-1]): a dense copy in the same order of
+    // dimensions, so the classes stay contiguous (a row copy, then the per-row kernel) rather than
+    // contiguous() turning a (N, C, T) view with classes innermost into a transpose.
+    input = at::empty_like(input, at::MemoryFormat::Preserve).copy_(input);
+    ok = view_of(input, inner, s_outer, s_class, s_inner);
+    walkable = ok && walkable_view() && input.is_non_overlapping_and_dense();
+  }
+  if (!walkable) {
     input = input.contiguous();
     ok = view_of(input, inner, s_outer, s_class, s_inner);
     TORCH_INTERNAL_ASSERT(ok);

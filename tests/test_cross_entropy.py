@@ -252,6 +252,10 @@ LAYOUTS = {
     "channels_last": ((2, 30, 5, 7), lambda leaf: leaf.to(memory_format=torch.channels_last)),
     "expanded_rows": ((1, 40), lambda leaf: leaf.expand(6, 40)),             # stride 0 over N
     "transposed_3d": ((4, 9, 3), lambda leaf: leaf.transpose(1, 2)),         # C on a strided dim
+    # gaps with the classes innermost (copied in the same order, see problem.cpp) or not walkable
+    "shifted_lm": ((3, 9, 30), lambda leaf: leaf[:, :-1].movedim(-1, 1)),     # (B, T, V)[:, :-1] as (B, V, T-1)
+    "sliced_nhwc": ((2, 7, 5, 30), lambda leaf: leaf[:, 1:].permute(0, 3, 1, 2)),
+    "sliced_w": ((2, 5, 4, 9), lambda leaf: leaf[..., ::2]),                 # H, W do not collapse
 }
 
 
