@@ -80,12 +80,17 @@ class CrossEntropyFunction(torch.autograd.Function):
     # through inspect.signature, which costs more than the whole kernel on small inputs.
     @staticmethod
     def forward(ctx, input, target, weight, ignore_index, reduction, label_smoothing, compute_grad, float32_loss,
-                target_values, z_loss, target_b, lam, lam_value, inplace):
+                target_values, z_loss, target_b, lam, lam_value, inplace, divisor):
         ext = dict(target_values=target_values, z_loss=z_loss, target_b=target_b, lam=lam, lam_value=lam_value)
         # inplace_backward: nothing fused; backward writes the gradient over the logits.
         fuse = compute_grad and reduction != REDUCTIONS["none"] and not inplace
+        # divisor (reduction 'sum'): the loss is Σ/divisor, and the fused gradient is scaled by 1/divisor in
+        # the kernel rather than by a second pass over it in backward.
+        grad_scale = None if divisor is None else _reciprocal(divisor, input)
         loss, lse, grad = _ops.forward(input, target, weight, ignore_index, reduction, label_smoothing, fuse, float32_loss,
-                                       **ext)
+                                       grad_scale if fuse else None, **ext)
+        if divisor is not None:
+            loss = loss / divisor
         ctx.mark_non_differentiable(lse, grad)
         ctx.set_materialize_grads(False)  # no zero-filled N×C gradient for the `grad` output
         ctx.args = (ignore_index, reduction, label_smoothing, float32_loss)
@@ -97,7 +102,8 @@ class CrossEntropyFunction(torch.autograd.Function):
         # scales a copy of it.
         compiled_grad = fuse and torch.compiler.is_compiling()
         ctx.fused_grad = grad if fuse and not compiled_grad else None
-        ctx.save_for_backward(input, target, weight, lse, grad if compiled_grad else None)
+        ctx.scaled = grad_scale is not None
+        ctx.save_for_backward(input, target, weight, lse, grad if compiled_grad else None, grad_scale)
         return loss, lse, grad
 
     @staticmethod
@@ -106,11 +112,16 @@ class CrossEntropyFunction(torch.autograd.Function):
         grad_input = grad_target = None
         if grad_loss is None:  # the loss did not reach the graph's outputs: its gradient is zero
             return (None,) * _APPLY_ARGS
+        # The upstream gradient of the unscaled loss (the fused and compiled gradients carry the scale).
+        upstream = grad_loss
+        if ctx.scaled:
+            grad_scale = ctx.saved_tensors[5]
+            upstream = grad_loss.to(grad_scale.dtype) * grad_scale
         if torch.is_grad_enabled():  # create_graph=True: differentiable gradients for higher orders
-            return _differentiable_backward(ctx, grad_loss)
+            return _differentiable_backward(ctx, upstream)
         if ctx.needs_input_grad[1]:  # before an in-place gradient overwrites the logits it needs
-            input, _, weight, lse, _ = ctx.saved_tensors
-            grad_target = _soft_target_grad(grad_loss, input, lse, weight, reduction, label_smoothing)
+            input, _, weight, lse = ctx.saved_tensors[:4]
+            grad_target = _soft_target_grad(upstream, input, lse, weight, reduction, label_smoothing)
         if ctx.needs_input_grad[0]:
             grad_input, ctx.fused_grad = ctx.fused_grad, None
             if grad_input is not None:
@@ -123,19 +134,24 @@ class CrossEntropyFunction(torch.autograd.Function):
                 # "modified by an inplace operation" error instead of reading the gradient.
                 input, target, weight = ctx.saved_tensors[:3]
                 _ops.grad_(input, target, weight, ignore_index, reduction, label_smoothing, float32_loss,
-                           grad_loss, **ctx.ext)
+                           upstream, **ctx.ext)
                 torch.autograd.graph.increment_version(input)
                 grad_input = input
             else:  # reduction 'none', or a second backward (the fused gradient was consumed)
                 input, target, weight = ctx.saved_tensors[:3]
                 _, _, grad_input = _ops.forward(
-                    input, target, weight, ignore_index, reduction, label_smoothing, True, float32_loss, grad_loss,
+                    input, target, weight, ignore_index, reduction, label_smoothing, True, float32_loss, upstream,
                     **ctx.ext
                 )
         return (grad_input, grad_target) + (None,) * (_APPLY_ARGS - 2)
 
 
-_APPLY_ARGS = 14  # CrossEntropyFunction.forward's arguments after ctx
+_APPLY_ARGS = 15  # CrossEntropyFunction.forward's arguments after ctx
+
+
+def _reciprocal(divisor, input):
+    """1/divisor in the kernels' accumulation dtype (fp64 for fp64 logits, else fp32)."""
+    return torch.reciprocal(divisor.to(torch.float64 if input.dtype == torch.float64 else torch.float32))
 
 
 def _differentiable_backward(ctx, grad_loss):
@@ -297,9 +313,11 @@ def cross_entropy_impl(
     lam=None,
     where: str = "smoothce.cross_entropy",
     float32_loss: bool = False,
+    divisor=None,
 ) -> torch.Tensor:
-    """float32_loss: an fp32 loss from half logits also outside autocast (the integrations, whose
-    libraries return one)."""
+    """For the integrations: float32_loss, an fp32 loss from half logits also outside autocast (their
+    libraries return one); divisor (an int or a tensor, with reduction 'sum'), the loss Σ/divisor
+    (transformers' sum / num_items_in_batch) with the gradient's 1/divisor applied inside the kernel."""
     _check_tensor(where, "input", input)
     _check_tensor(where, "target_a" if mixup else "target", target)
     _check_tensor(where, "weight", weight, optional=True)
@@ -309,6 +327,9 @@ def cross_entropy_impl(
     )
     z_loss = float(z_loss)
     lam_tensor, lam_value = _mixup_lam(where, input, target, target_b, lam) if mixup else (None, 1.0)
+    if divisor is not None:
+        assert reduction == "sum", "divisor divides the sum"
+        divisor = torch.as_tensor(divisor, device=input.device)
 
     _check_kernel_device(input)
     _check_devices(where, input, target, weight, target_b)
@@ -326,13 +347,13 @@ def cross_entropy_impl(
             input, target, weight, int(ignore_index), REDUCTIONS[reduction], label_smoothing, False, float32_loss,
             target_values=op_target_values, z_loss=z_loss, target_b=target_b, lam=lam_tensor, lam_value=lam_value,
         )
-        return loss
+        return loss if divisor is None else loss / divisor
     inplace = inplace_backward and compute_grad
     if inplace:
         _check_inplace(where, input, target)
     loss, _, _ = CrossEntropyFunction.apply(
         input, target, weight, int(ignore_index), REDUCTIONS[reduction], label_smoothing, compute_grad, float32_loss,
-        *ext, inplace
+        *ext, inplace, divisor
     )
     return loss
 

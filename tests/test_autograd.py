@@ -151,3 +151,54 @@ def test_gradient_penalty_is_not_silently_dropped():
 
     torch.testing.assert_close(total_grad(smoothce.cross_entropy), total_grad(torch.nn.functional.cross_entropy),
                                rtol=1e-9, atol=1e-12)
+
+
+def _divided(x, target, weight, eps, ignore_index, divisor, **kwargs):
+    from smoothce import _function
+
+    return _function.cross_entropy_impl(x, target, weight, ignore_index, "sum", eps, divisor=divisor, **kwargs)
+
+
+@pytest.mark.parametrize("case", ["2d_eps_weight", "nchw_ignore", "soft_weight_eps"])
+@pytest.mark.parametrize("divisor", [7, "tensor"])
+def test_divisor_is_the_sum_divided(case, divisor):
+    """cross_entropy_impl(divisor=n) (the transformers integration's sum / num_items_in_batch, with 1/n
+    applied in the kernel): value and gradients equal the sum divided by n through every backward path
+    — fused, a second backward (recomputed), create_graph (differentiable), an upstream gradient ≠ 1,
+    the soft target's gradient — and gradcheck holds."""
+    x, target, weight, eps, ignore_index = _build(case)
+    n = torch.tensor(7) if divisor == "tensor" else divisor
+    upstream = torch.tensor(0.37, dtype=torch.float64)
+    inputs = [t for t in (x, target) if t.requires_grad]
+
+    expected = smoothce.cross_entropy(x, target, weight, ignore_index, "sum", eps) / 7
+    expected_grads = torch.autograd.grad(expected, inputs, upstream)
+    loss = _divided(x, target, weight, eps, ignore_index, n)
+    torch.testing.assert_close(loss, expected)
+    grads = torch.autograd.grad(loss, inputs, upstream, retain_graph=True)  # fused
+    again = torch.autograd.grad(loss, inputs, upstream, retain_graph=True)  # recomputed
+    differentiable = torch.autograd.grad(loss, inputs, upstream, create_graph=True)
+    for got in (grads, again, differentiable):
+        for g, e in zip(got, expected_grads):
+            torch.testing.assert_close(g, e)
+    if target.requires_grad:
+        def fn(x, target):
+            return _divided(x, target, weight, eps, ignore_index, n)
+    else:
+        def fn(x):
+            return _divided(x, target, weight, eps, ignore_index, n)
+    assert torch.autograd.gradcheck(fn, tuple(inputs))
+
+
+def test_divisor_with_inplace_backward_and_inference():
+    x, target, weight, eps, ignore_index = _build("2d_eps_weight")
+    expected = smoothce.cross_entropy(x, target, weight, ignore_index, "sum", eps) / 3
+    (expected_grad,) = torch.autograd.grad(expected, x)
+    logits = x.detach().clone().requires_grad_(True)
+    view = logits * 1  # not a leaf: inplace_backward writes over it
+    loss = _divided(view, target, weight, eps, ignore_index, 3, inplace_backward=True)
+    loss.backward()
+    torch.testing.assert_close(loss, expected)
+    torch.testing.assert_close(logits.grad, expected_grad)
+    with torch.no_grad():
+        torch.testing.assert_close(_divided(x, target, weight, eps, ignore_index, 3), expected)

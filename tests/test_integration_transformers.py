@@ -444,3 +444,23 @@ def test_patched_training_step_peak_memory(tmp_path, epsilon):
     # by a whole copy of the logits at least (not a few bytes: sliced shifted logits cost as much as
     # transformers' copies, a peak 2 KB below the unpatched one)
     assert peaks[False] - peaks[True] >= 0.9 * logits_bytes, peaks
+
+
+@pytest.mark.slow  # torch.compile
+def test_compiled_losses_match_transformers():
+    """torch.compile(fullgraph=True) traces the patched losses in one graph (a model compiled by the
+    Trainer's torch_compile=True calls them inside it), with num_items_in_batch a tensor."""
+    logits = make_logits((B, T, V), torch.float32)
+    labels, n = make_labels(), torch.tensor(17)
+    cases = [
+        (lambda x: st.ForCausalLMLoss(x, labels, V, num_items_in_batch=n),
+         lambda x: loss_utils.ForCausalLMLoss(x, labels, V, num_items_in_batch=n)),
+        (lambda x: st.LabelSmoother(0.1)({"logits": x}, labels, shift_labels=True, num_items_in_batch=n),
+         lambda x: TransformersLabelSmoother(0.1)({"logits": x}, labels, shift_labels=True, num_items_in_batch=n)),
+    ]
+    for ours, theirs in cases:
+        torch._dynamo.reset()
+        compiled = torch.compile(ours, fullgraph=True)
+        got, expected = loss_and_grad(compiled, logits), loss_and_grad(theirs, logits)
+        torch.testing.assert_close(got[0], expected[0], **VALUE_TOL)
+        torch.testing.assert_close(got[1], expected[1], rtol=GRAD_RTOL, atol=GRAD_RTOL * expected[1].abs().max())

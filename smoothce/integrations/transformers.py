@@ -28,16 +28,11 @@ __all__ = ["LabelSmoother", "ForCausalLMLoss", "ForMaskedLMLoss", "patch_model",
 
 def _token_loss(where, logits, labels, ignore_index, label_smoothing, num_items_in_batch):
     """Σ over the non-ignored tokens of the (smoothed) loss, divided by num_items_in_batch when given
-    (the Trainer's count over all gradient-accumulation micro-batches), else their mean. logits
-    (..., V) classes last (any strides), labels (...)."""
+    (the Trainer's count over all gradient-accumulation micro-batches; the kernel applies it to the
+    gradient as it writes it), else their mean. logits (..., V) classes last (any strides), labels (...)."""
     reduction = "mean" if num_items_in_batch is None else "sum"
-    loss = _function.cross_entropy_impl(classes_second(logits), labels, None, ignore_index, reduction, label_smoothing,
-                              where=where, float32_loss=True)
-    if num_items_in_batch is None:
-        return loss
-    if torch.is_tensor(num_items_in_batch):
-        num_items_in_batch = num_items_in_batch.to(loss.device)
-    return loss / num_items_in_batch
+    return _function.cross_entropy_impl(classes_second(logits), labels, None, ignore_index, reduction,
+                                        label_smoothing, where=where, float32_loss=True, divisor=num_items_in_batch)
 
 
 @dataclass
