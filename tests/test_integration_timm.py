@@ -149,6 +149,18 @@ def test_mixup_matches_timm(mode, setting, label_smoothing):
     torch.testing.assert_close(smoothce.mixup_cross_entropy(x, target), theirs[0], **TOL[torch.float32])
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float64], ids=str)
+@pytest.mark.parametrize("mode", MODES)
+def test_mixup_loss_in_other_dtypes_matches_timm(mode, dtype):
+    # timm's dense target is fp32: its loss on half logits is fp32, and so is ours. (On fp64 logits
+    # its target's values are fp32 roundings of ε/C and lam, ours exact: they agree to fp32 rounding.)
+    (_, dense), (_, target) = mix_both(mode, "switch")
+    x = logits((8, 10), dtype, seed=12)
+    ours = loss_and_grad(st.SoftTargetCrossEntropy(), x, target)
+    theirs = loss_and_grad(timm.loss.SoftTargetCrossEntropy(), x, dense)
+    assert_same(ours, theirs, torch.float32 if dtype == torch.float64 else torch.bfloat16)
+
+
 @pytest.mark.parametrize("mode", MODES)
 def test_mixup_disabled_is_the_smoothed_target(mode):
     # timm's train.py turns mixing off for the last epochs (mixup_fn.mixup_enabled = False).

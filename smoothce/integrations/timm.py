@@ -54,8 +54,9 @@ class SoftTargetCrossEntropy(_timm_loss.SoftTargetCrossEntropy):
             if x.dim() != 2:
                 raise ValueError(f"{where}: a MixupTarget needs logits (N, C), got shape {tuple(x.shape)}")
             target_a, target_b, lam, smoothing = target.unpack(where, x, 0.0)
+            # timm's dense target is fp32, so its loss is fp32 for half logits too.
             return _function.cross_entropy_impl(x, target_a, None, _NO_IGNORE, "mean", smoothing, mixup=True,
-                                                target_b=target_b, lam=lam, where=where)
+                                                target_b=target_b, lam=lam, where=where, float32_loss=True)
         if not isinstance(target, torch.Tensor) or not target.is_floating_point():
             raise TypeError(f"{where}: target must be a dense floating target shaped like the logits or a "
                             f"MixupTarget, got {type(target).__name__}"
