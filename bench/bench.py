@@ -8,16 +8,21 @@ Run from the repository root:
     python -m bench --quick --no-compile --out /tmp/bench
     python -m bench --variants-only        # only the label-smoothing variants (bench/variants.py)
     python -m bench --linear-only          # only the fused linear + cross-entropy table (bench/linear.py)
+    python -m bench --integrations-only    # only the timm / transformers integrations (bench/integrations.py)
 
 All contenders run in one process, round-robin: every repetition runs each contender once, in an
 order rotated by one per repetition, so machine noise hits them all alike. Results go to
 <out>/<device>-<dtypes>.json, from which bench/report.py draws the .md table and the .png plot. The
 label-smoothing variants (bench/variants.py: smoothce's keywords against the plain-PyTorch code users
 run for them) follow in the same process and the same files unless --no-variants, then the fused
-linear + cross-entropy table (bench/linear.py) unless --no-linear.
+linear + cross-entropy table (bench/linear.py) unless --no-linear, then the library integrations
+(bench/integrations.py: smoothce.integrations.timm's Mixup + SoftTargetCrossEntropy against timm's,
+smoothce.integrations.transformers' LabelSmoother and ForCausalLMLoss against transformers') unless
+--no-integrations; without timm or transformers installed, their rows are skipped with the reason.
 
 This file is the command line and runs the suites in turn: the main table (bench/ops.py), the variants,
-the linear table; each suite imports the shared machinery (bench/harness.py) and no other suite.
+the linear table, the integrations; each suite imports the shared machinery (bench/harness.py) and no
+other suite.
 """
 from __future__ import annotations
 
@@ -35,7 +40,7 @@ if __package__ in (None, ""):  # run as `python bench/bench.py`: make the `bench
 
 import torch
 
-from bench import linear, ops, report, variants
+from bench import integrations, linear, ops, report, variants
 from bench.harness import (DTYPES, EXTRA_SECONDS, IGNORED_FRACTION, LABEL_SMOOTHING, MAX_RUNS,
                            MEMORY_METHOD, MIN_RUNS, QUICK_RUNS, ROOT, SEGMENTATION_IGNORE_INDEX, TARGET_RUNS,
                            TIMING_METHOD, RunPlanner, device_name, load_average, machine_metadata, parse_dtypes,
@@ -49,8 +54,8 @@ __all__ = ["main", "parse_args", "cells_for", "devices_for", "benchmark_device",
 # ----------------------------------------------------------------------------- one device
 
 def benchmark_device(device: str, cells: list[Cell], args: argparse.Namespace) -> dict:
-    """Runs the suites on one device: the main table's cells, then the variants and the linear table
-    as asked; returns the JSON document (derived numbers included)."""
+    """Runs the suites on one device: the main table's cells, then the variants, the linear table and
+    the integrations as asked; returns the JSON document (derived numbers included)."""
     started = time.perf_counter()
     budget = args.budget if args.budget is not None else DEFAULT_BUDGET_S[device]
     planner = planner_for(args, budget, started)
@@ -87,6 +92,9 @@ def benchmark_device(device: str, cells: list[Cell], args: argparse.Namespace) -
     linear_section = None
     if runs_linear(args):
         linear_section = linear.run(device, args, libs.smoothce, libs.reasons.get("smoothce"))
+    integration_section = None
+    if runs_integrations(args):
+        integration_section = integrations.run(device, args, libs.smoothce, libs.reasons.get("smoothce"))
 
     elapsed = time.perf_counter() - started
     reduced = sum(1 for row in measurements if row["reduced_runs"])
@@ -112,19 +120,25 @@ def benchmark_device(device: str, cells: list[Cell], args: argparse.Namespace) -
         data["variants"] = variant_section
     if linear_section is not None:
         data["linear"] = linear_section
+    if integration_section is not None:
+        data["integrations"] = integration_section
     return report.derive(data)
 
 
 def runs_main_table(args: argparse.Namespace) -> bool:
-    return not (args.variants_only or args.linear_only)
+    return not (args.variants_only or args.linear_only or args.integrations_only)
 
 
 def runs_variants(args: argparse.Namespace) -> bool:
-    return args.variants and not args.linear_only
+    return args.variants and not (args.linear_only or args.integrations_only)
 
 
 def runs_linear(args: argparse.Namespace) -> bool:
-    return args.linear and not args.variants_only
+    return args.linear and not (args.variants_only or args.integrations_only)
+
+
+def runs_integrations(args: argparse.Namespace) -> bool:
+    return args.integrations and not (args.variants_only or args.linear_only)
 
 
 def run_metadata(device: str, name: str, args: argparse.Namespace, libs: Libraries,
@@ -153,6 +167,8 @@ def run_metadata(device: str, name: str, args: argparse.Namespace, libs: Librari
         "variants_only": args.variants_only,
         "linear": runs_linear(args),
         "linear_only": args.linear_only,
+        "integrations": runs_integrations(args),
+        "integrations_only": args.integrations_only,
         "dtypes": list(dict.fromkeys(args.dtypes_for[device])),
         "label_smoothing": LABEL_SMOOTHING,
         "grad_scale": GRAD_SCALE,
@@ -198,13 +214,24 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
                              "--dtypes filters them)")
     parser.add_argument("--linear-only", action="store_true",
                         help="only the fused linear + cross-entropy table; writes <device>-linear.json (.md, .png)")
+    parser.add_argument("--integrations", action=argparse.BooleanOptionalAction, default=True,
+                        help="after the linear table, time smoothce.integrations against the library code it "
+                             "replaces: timm's Mixup + SoftTargetCrossEntropy, transformers' LabelSmoother and "
+                             "ForCausalLMLoss (default: on; skipped with the reason where timm or transformers is "
+                             "not installed; its shapes are fixed, --dtypes filters them)")
+    parser.add_argument("--integrations-only", action="store_true",
+                        help="only the integrations; writes <device>-integrations.json (.md, .png)")
     args = parser.parse_args(argv)
     if args.variants_only and not args.variants:
         parser.error("--variants-only and --no-variants exclude each other")
     if args.linear_only and not args.linear:
         parser.error("--linear-only and --no-linear exclude each other")
-    if args.variants_only and args.linear_only:
-        parser.error("--variants-only and --linear-only exclude each other")
+    if args.integrations_only and not args.integrations:
+        parser.error("--integrations-only and --no-integrations exclude each other")
+    only = [option for option, given in (("--variants-only", args.variants_only), ("--linear-only", args.linear_only),
+                                         ("--integrations-only", args.integrations_only)) if given]
+    if len(only) > 1:
+        parser.error(f"{' and '.join(only)} exclude each other")
     if args.runs is not None and args.runs < 1:
         parser.error(f"--runs: expected at least 1, got {args.runs}")
     if args.device == "cuda" and not torch.cuda.is_available():
@@ -222,14 +249,15 @@ def devices_for(choice: Optional[str]) -> list[str]:
 
 
 def cells_for(device: str, args: argparse.Namespace) -> list[Cell]:
-    """The main table's cells (none when only the variants or the linear table run)."""
+    """The main table's cells (none when only the variants, the linear table or the integrations run)."""
     if not runs_main_table(args):
         return []
     return ops.cells_for(device, args.shapes, args.quick, args.dtypes_for[device])
 
 
 def output_stem(device: str, args: argparse.Namespace, data: dict) -> str:
-    only = ["variants"] if args.variants_only else ["linear"] if args.linear_only else data["meta"]["dtypes"]
+    only = (["variants"] if args.variants_only else ["linear"] if args.linear_only
+            else ["integrations"] if args.integrations_only else data["meta"]["dtypes"])
     return "-".join([device] + only) + ("-quick" if args.quick else "")
 
 
@@ -241,7 +269,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     if args.device == "all" and "cuda" not in devices:
         print("   no CUDA device: measuring cpu only", flush=True)
     args.dtypes_for = {device: args.dtypes or list(DEFAULT_DTYPES[device]) for device in devices}
-    failed_checks = {"variant": 0, "linear": 0}
+    failed_checks = {"variant": 0, "linear": 0, "integration": 0}
     for device in devices:
         data = benchmark_device(device, cells_for(device, args), args)
         json_path = out / f"{output_stem(device, args, data)}.json"
@@ -249,7 +277,7 @@ def main(argv: Optional[list[str]] = None) -> int:
         md_path, png_path = report.write_reports(data, json_path)
         print("\n".join(summary_lines_with_notes(data)), flush=True)
         print(f"wrote {json_path}, {md_path.name}, {png_path.name} in {data['meta']['elapsed_s']:.0f} s", flush=True)
-        for kind, key in (("variant", "variants"), ("linear", "linear")):
+        for kind, key in (("variant", "variants"), ("linear", "linear"), ("integration", "integrations")):
             failed_checks[kind] += sum(1 for check in data.get(key, {}).get("checks", []) if not check["passed"])
     if failed_checks["variant"]:
         print(f"error: {failed_checks['variant']} variant check(s) failed: smoothce and the plain-PyTorch version "
@@ -257,6 +285,9 @@ def main(argv: Optional[list[str]] = None) -> int:
     if failed_checks["linear"]:
         print(f"error: {failed_checks['linear']} linear check(s) failed: smoothce.linear_cross_entropy and eager "
               f"F.linear + F.cross_entropy disagree (see 'CHECK FAILED' above); those groups were not timed", flush=True)
+    if failed_checks["integration"]:
+        print(f"error: {failed_checks['integration']} integration check(s) failed: smoothce.integrations and the "
+              f"library disagree (see 'CHECK FAILED' above); those groups were not timed", flush=True)
     return 1 if any(failed_checks.values()) else 0
 
 
@@ -266,6 +297,8 @@ def summary_lines_with_notes(data: dict) -> list[str]:
         lines += report.variant_summary_lines(data["variants"])
     if data.get("linear"):
         lines += report.linear_summary_lines(data["linear"])
+    if data.get("integrations"):
+        lines += report.integration_summary_lines(data["integrations"])
     lines += [f"note: {note}" for note in data["meta"]["notes"]]
     return lines
 

@@ -2,7 +2,8 @@
 measurement, the machine's description and the settings common to the suites.
 
 The suites (bench/ops.py: smoothce.cross_entropy against other cross-entropies; bench/variants.py: the
-label-smoothing variants; bench/linear.py: the fused linear + cross-entropy) each import this module and
+label-smoothing variants; bench/linear.py: the fused linear + cross-entropy; bench/integrations.py: the
+timm and transformers integrations) each import this module and
 never each other; bench/bench.py runs them in turn. This module imports nothing else from bench/.
 """
 from __future__ import annotations

@@ -4,8 +4,9 @@
 
 writes cpu-fp32-bf16.md and cpu-fp32-bf16.png beside the JSON. Every number shown is derived here
 from the raw per-run times the JSON stores, so a JSON alone regenerates its table and plot. The
-label-smoothing variants (bench/variants.py) live in the JSON's "variants" section and the fused
-linear + cross-entropy table (bench/linear.py) in its "linear" section; each gets a section of the
+label-smoothing variants (bench/variants.py) live in the JSON's "variants" section, the fused
+linear + cross-entropy table (bench/linear.py) in its "linear" section and the library integrations
+(bench/integrations.py: timm, transformers) in its "integrations" section; each gets a section of the
 markdown and a row of the plot.
 """
 from __future__ import annotations
@@ -62,6 +63,14 @@ LINEAR_SUMMARY = {
     "smoothce_vs_eager": ("eager", "smoothce speed-up vs eager"),
     "smoothce_vs_compile": ("compile", "smoothce speed-up vs torch.compile"),
 }
+# The library integrations (bench/integrations.py): contender name -> title. Each group (integration,
+# shape, dtype) holds the library's own call and smoothce's drop-in for it.
+INTEGRATION_BASELINE = "smoothce"
+INTEGRATION_CONTENDERS = {
+    "timm": "timm",
+    "transformers": "transformers",
+    "smoothce": "smoothce.integrations",
+}
 
 
 def minimal_bytes(numel: int, itemsize: int, mode: str) -> int:
@@ -106,6 +115,8 @@ def derive(data: dict) -> dict:
         derive_variants(data["variants"])
     if data.get("linear"):
         derive_linear(data["linear"])
+    if data.get("integrations"):
+        derive_integrations(data["integrations"])
     return data
 
 
@@ -185,6 +196,51 @@ def summarize_linear(rows: list[dict]) -> dict:
             for eps, by_key in ratios.items()}
 
 
+def integration_groups(rows: list[dict]) -> dict[tuple[str, str, str], dict[str, dict]]:
+    """(integration, shape_str, dtype) -> {contender: row}, in the rows' order."""
+    groups: dict[tuple[str, str, str], dict[str, dict]] = {}
+    for row in rows:
+        groups.setdefault((row["integration"], row["shape_str"], row["dtype"]), {})[row["contender"]] = row
+    return groups
+
+
+def derive_integrations(section: dict) -> dict:
+    """The integration rows' statistics and, within each group (integration, shape, dtype): smoothce's
+    speed-up over the row (the row's time / smoothce's) and the row's peak memory over smoothce's; with
+    the section's checks, its summary too. Idempotent; returns section."""
+    for row in section["measurements"]:
+        row.update(time_stats(row["times_ms"]))
+    for group in integration_groups(section["measurements"]).values():
+        mine = group.get(INTEGRATION_BASELINE)
+        for row in group.values():
+            row["smoothce_speedup"] = row["median_ms"] / mine["median_ms"] if mine else None
+            row["memory_vs_smoothce"] = (row["peak_extra_bytes"] / mine["peak_extra_bytes"]
+                                         if mine and mine.get("peak_extra_bytes") and row.get("peak_extra_bytes")
+                                         is not None else None)
+    if "checks" in section:
+        section["summary"] = summarize_integrations(section["measurements"])
+    return section
+
+
+def summarize_integrations(rows: list[dict]) -> dict:
+    """integration -> {"library", "speedup", "memory_ratio"}: geometric means over (shape, dtype) of the
+    library's time / smoothce's and of the library's peak extra memory / smoothce's."""
+    ratios: dict[str, dict] = {}
+    for (integration, _, _), group in integration_groups(rows).items():
+        mine = group.get(INTEGRATION_BASELINE)
+        for name, row in group.items():
+            if name == INTEGRATION_BASELINE or mine is None:
+                continue
+            entry = ratios.setdefault(integration, {"library": name, "speedup": [], "memory_ratio": []})
+            entry["speedup"].append(row["smoothce_speedup"])
+            if row["memory_vs_smoothce"] is not None:
+                entry["memory_ratio"].append(row["memory_vs_smoothce"])
+    return {integration: {"library": entry["library"],
+                          **{key: {"geomean": geometric_mean(entry[key]), "cells": len(entry[key])}
+                             for key in ("speedup", "memory_ratio")}}
+            for integration, entry in ratios.items()}
+
+
 def geometric_mean(values: list[float]) -> float | None:
     return math.exp(statistics.fmean(math.log(v) for v in values)) if values else None
 
@@ -259,6 +315,29 @@ def linear_summary_lines(section: dict) -> list[str]:
     return lines
 
 
+def integration_summary_lines(section: dict) -> list[str]:
+    """The integrations' end-of-run summary in words (plain ASCII, for the console)."""
+    summary = section.get("summary") or {}
+    if not summary:
+        lines = ["integrations (timm, transformers): none measured"]
+    else:
+        lines = ["integrations (fwd+bwd, geometric mean over shapes; speed-up: library time / smoothce time, "
+                 "memory: library peak / smoothce peak):"]
+        for integration, entry in summary.items():
+            memory = entry["memory_ratio"]["geomean"]
+            lines.append(f"  {integration:<18} vs {entry['library']:<13} speed-up {entry['speedup']['geomean']:>6.2f}x"
+                         f"   memory {'n/a' if memory is None else f'{memory:.2f}x':>7}"
+                         f"   ({entry['speedup']['cells']} shapes)")
+    skipped = sorted({s["contender"] for s in section.get("skipped", []) if s.get("shape_str") is None
+                      and s["contender"] != "smoothce"})
+    if skipped:
+        lines.append(f"  skipped: {', '.join(skipped)} (see the report)")
+    failed = [c for c in section.get("checks", []) if not c["passed"]]
+    if failed:
+        lines.append(f"  {len(failed)} integration check(s) FAILED: those groups were not timed")
+    return lines
+
+
 # ----------------------------------------------------------------------------- formatting
 
 def fmt_ms(ms: float) -> str:
@@ -325,7 +404,8 @@ def to_markdown(data: dict) -> str:
     contenders = contenders_present(rows)
     keys = ordered_keys(data)
     title_dtypes = (" + ".join(meta.get("dtypes", [])) if rows else "label-smoothing variants" if data.get("variants")
-                    else "fused linear + cross-entropy" if data.get("linear") else "no measurements")
+                    else "fused linear + cross-entropy" if data.get("linear")
+                    else "library integrations" if data.get("integrations") else "no measurements")
     lines = [
         f"# smoothce benchmark: {meta['device']}, {title_dtypes}",
         "",
@@ -353,6 +433,8 @@ def to_markdown(data: dict) -> str:
         lines += variants_markdown(data["variants"], meta)
     if data.get("linear"):
         lines += linear_markdown(data["linear"], meta)
+    if data.get("integrations"):
+        lines += integrations_markdown(data["integrations"], meta)
 
     if data.get("skipped"):
         lines += ["", "## Skipped", ""]
@@ -603,6 +685,101 @@ def linear_markdown(section: dict, meta: dict) -> list[str]:
     return lines
 
 
+def integrations_markdown(section: dict, meta: dict) -> list[str]:
+    """The library integrations' section: set-up, summary, the headline table, checks, every measurement."""
+    settings, method = section.get("settings", {}), section.get("method", {})
+    rows = section.get("measurements", [])
+    groups = integration_groups(rows)
+    versions = section.get("versions", {})
+    checks = {(c["integration"], c["shape_str"], c["dtype"]): c for c in section.get("checks", [])}
+    definitions = section.get("definitions", {})
+    lines = ["", "## Library integrations: timm and transformers against smoothce.integrations", "",
+             f"{meta['device_name']} · {meta['threads']} threads · torch {meta['torch_version']} · smoothce "
+             f"{meta.get('smoothce_version') or 'not installed'}"
+             + "".join(f" · {k} {v}" for k, v in versions.items() if k != "torch")
+             + " · each timed call is one training step's loss: forward + loss.backward() on logits that are a "
+               "leaf requiring grad (the model's output).",
+             ""]
+    for key, title in (("timing", "Timing"), ("memory", "Peak extra memory"), ("check", "Check")):
+        if method.get(key):
+            lines.append(f"- {title}: {method[key]}")
+    if section.get("runs_policy"):
+        lines.append(f"- Runs: {section['runs_policy']}")
+    if section.get("elapsed_s") is not None:
+        lines.append(f"- The integration rows took {section['elapsed_s']:.0f} s of this run.")
+    if settings:
+        lines.append("- Settings: " + "; ".join(f"{key} {value}" for key, value in settings.items()) + ".")
+    lines.append("- What each timed call runs:")
+    for integration, definition in definitions.items():
+        lines.append(f"  - **{integration}** — {definition['title']}"
+                     + (f"; {definition['note']}" if definition.get("note") else "") + ":")
+        for name, code in definition["contenders"].items():
+            lines.append(f"    {INTEGRATION_CONTENDERS.get(name, name)}: `{code}`")
+
+    summary = section.get("summary") or {}
+    if summary:
+        lines += ["", "### Summary (fwd+bwd, geometric mean over shapes)", ""]
+        lines += markdown_table(
+            ["integration", "library", "smoothce speed-up (library time / smoothce time)",
+             "memory ratio (library peak / smoothce peak)", "shapes"],
+            [[integration, entry["library"], fmt_ratio(entry["speedup"]["geomean"]),
+              fmt_ratio(entry["memory_ratio"]["geomean"]), str(entry["speedup"]["cells"])]
+             for integration, entry in summary.items()])
+
+    lines += ["", "### Integrations (fwd+bwd)", "",
+              "Times: median of the runs; smoothce speed-up: the library's time / smoothce's; memory ratio: the "
+              "library's peak extra memory / smoothce's; both measured in the same round-robin.", ""]
+    table = []
+    for (integration, shape, dtype), group in groups.items():
+        mine = group.get(INTEGRATION_BASELINE)
+        for name, row in group.items():
+            if name == INTEGRATION_BASELINE:
+                continue
+            check = checks.get((integration, shape, dtype), {})
+            table.append([integration, shape, dtype, INTEGRATION_CONTENDERS.get(name, name), fmt_ms(row["median_ms"]),
+                          f"**{fmt_ms(mine['median_ms'])}**" if mine else "—",
+                          f"**{fmt_ratio(row['smoothce_speedup'])}**", fmt_bytes(row["peak_extra_bytes"]),
+                          fmt_bytes(mine["peak_extra_bytes"]) if mine else "—", fmt_ratio(row["memory_vs_smoothce"]),
+                          f"{fmt_rel(check.get('loss_rel_diff'))} / {fmt_rel(check.get('grad_rel_diff'))}"])
+    if table:
+        lines += markdown_table(["integration", "shape", "dtype", "library", "library ms", "smoothce ms",
+                                 "smoothce speed-up", "library peak extra", "smoothce peak extra", "memory ratio",
+                                 "check: loss / grad rel. diff"], table)
+    else:
+        lines.append("No integration was measured.")
+
+    if checks:
+        lines += ["", "### Checks: smoothce against the library, before timing", ""]
+        lines += markdown_table(
+            ["integration", "shape", "dtype", "loss (library / smoothce)", "loss rel. diff", "grad rel. diff",
+             "rtol", "result"],
+            [[c["integration"], c["shape_str"], c["dtype"],
+              f"{c['reference_loss']:.6g} ({c.get('reference_loss_dtype', '?')}) / {c['loss']:.6g} "
+              f"({c.get('loss_dtype', '?')})" if c.get("loss") is not None else "—",
+              fmt_rel(c.get("loss_rel_diff")), fmt_rel(c.get("grad_rel_diff")), f"{c['rtol']:g}",
+              "passed" if c["passed"] else f"FAILED{': ' + c['error'] if c.get('error') else ''}"]
+             for c in checks.values()])
+    if section.get("skipped"):
+        lines.append("")
+    for skip in section.get("skipped", []):
+        where = f"{skip['shape_str']} {skip['dtype']}" if skip.get("shape_str") else "all shapes"
+        lines.append(f"- Not measured: {skip.get('integration') or 'all integrations'} "
+                     f"({INTEGRATION_CONTENDERS.get(skip['contender'], skip['contender'])}, {where}): {skip['reason']}")
+
+    lines += ["", "### Integration measurements", ""]
+    table = []
+    for (integration, shape, dtype), group in groups.items():
+        for name, row in group.items():
+            table.append([integration, shape, dtype, name,
+                          f"{row['runs']}{' (reduced)' if row.get('reduced_runs') else ''}", fmt_ms(row["median_ms"]),
+                          f"{fmt_ms(row['q1_ms'])}–{fmt_ms(row['q3_ms'])}",
+                          f"{fmt_ms(row['min_ms'])}–{fmt_ms(row['max_ms'])}", fmt_ratio(row["smoothce_speedup"]),
+                          fmt_bytes(row["peak_extra_bytes"])])
+    lines += markdown_table(["integration", "shape", "dtype", "contender", "runs", "median ms", "IQR ms",
+                             "min–max ms", "smoothce speed-up", "peak extra"], table)
+    return lines
+
+
 # ----------------------------------------------------------------------------- plot
 
 def plot(data: dict, path: Path) -> None:
@@ -619,7 +796,9 @@ def plot(data: dict, path: Path) -> None:
     contenders = contenders_present(rows)
     variant_rows = [row for row in (data.get("variants") or {}).get("measurements", []) if row["mode"] == HEADLINE_MODE]
     linear_rows = (data.get("linear") or {}).get("measurements", [])
-    panel_rows = max(len(dtypes) + (1 if variant_rows else 0) + (1 if linear_rows else 0), 1)
+    integration_rows = (data.get("integrations") or {}).get("measurements", [])
+    panel_rows = max(len(dtypes) + (1 if variant_rows else 0) + (1 if linear_rows else 0)
+                     + (1 if integration_rows else 0), 1)
     fig, axes = plt.subplots(panel_rows, 2, figsize=(13, 4.2 * panel_rows), squeeze=False)
     for axes_row, dtype in zip(axes, dtypes):
         mine = [row for row in rows if row["dtype"] == dtype]
@@ -646,6 +825,9 @@ def plot(data: dict, path: Path) -> None:
         plot_variants(axes[len(dtypes)], variant_rows)
     if linear_rows:
         plot_linear(axes[len(dtypes) + (1 if variant_rows else 0)], linear_rows)
+    if integration_rows:
+        plot_integrations(axes[len(dtypes) + (1 if variant_rows else 0) + (1 if linear_rows else 0)],
+                          integration_rows)
     meta = data["meta"]
     fig.suptitle(f"smoothce {meta.get('smoothce_version') or '(not installed)'} vs alternatives: "
                  f"{meta['device']} ({meta['device_name']}, {meta['threads']} threads), "
@@ -712,6 +894,27 @@ def plot_linear(axes_row, rows: list[dict]) -> None:
     axes_row[0].axhline(1.0, color="black", linewidth=0.8)
 
 
+def plot_integrations(axes_row, rows: list[dict]) -> None:
+    """Bars per (integration, shape, dtype): smoothce's speed-up over the library; each contender's peak
+    extra memory."""
+    groups = integration_groups(rows)
+    labels = [f"{integration}\n{shape} {dtype}" for integration, shape, dtype in groups]
+    for ax, metric, title in ((axes_row[0], "smoothce_speedup", "smoothce speed-up: library time / smoothce time (×)"),
+                              (axes_row[1], "peak_extra_bytes", "peak extra memory (MiB)")):
+        grouped_bars(ax, groups, metric, lambda group, metric=metric: [
+            n for n in list(INTEGRATION_CONTENDERS) + sorted(set(group) - set(INTEGRATION_CONTENDERS))
+            if n in group and not (metric == "smoothce_speedup" and n == INTEGRATION_BASELINE)],
+            lambda name: f"C{list(INTEGRATION_CONTENDERS).index(name)}" if name in INTEGRATION_CONTENDERS else "0.5",
+            lambda name: INTEGRATION_CONTENDERS.get(name, name), min_bytes=1)
+        ax.set_xticks(range(len(labels)))
+        ax.set_xticklabels(labels, rotation=30, ha="right", fontsize=7)
+        ax.set_yscale("log")
+        ax.set_title(f"library integrations, fwd+bwd: {title}", fontsize=9)
+        ax.grid(True, axis="y", alpha=0.3)
+        ax.legend(fontsize=8)
+    axes_row[0].axhline(1.0, color="black", linewidth=0.8)
+
+
 def write_reports(data: dict, json_path: Path) -> tuple[Path, Path]:
     """Writes <stem>.md and <stem>.png beside json_path; returns their paths."""
     md_path, png_path = json_path.with_suffix(".md"), json_path.with_suffix(".png")
@@ -733,6 +936,8 @@ def main(argv: list[str] | None = None) -> int:
             print("\n".join(variant_summary_lines(data["variants"])))
         if data.get("linear"):
             print("\n".join(linear_summary_lines(data["linear"])))
+        if data.get("integrations"):
+            print("\n".join(integration_summary_lines(data["integrations"])))
         print(f"wrote {md_path} and {png_path}")
     return 0
 

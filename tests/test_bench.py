@@ -22,7 +22,9 @@ VARIANT_MODES = {"others": {"fwd+bwd", "fwd"}, "z_loss": {"fwd+bwd", "fwd"}, "mi
 # The linear table's contenders measured on CPU with --no-compile (Liger and Cut Cross-Entropy: CUDA only).
 LINEAR_CONTENDERS = {"matmul_floor", "smoothce", "torch_lce", "eager"}
 LINEAR_SMOOTHINGS = {0.1, 0.0}
-SUITES = ("ops", "variants", "linear")
+# The integration groups (bench/integrations.py) and the library each is measured against.
+INTEGRATION_GROUPS = {"timm_mixup": "timm", "hf_label_smoother": "transformers", "hf_causal_lm_loss": "transformers"}
+SUITES = ("ops", "variants", "linear", "integrations")
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 
 
@@ -155,6 +157,64 @@ def check_linear(data, md):
         assert (row["shape_str"], row["dtype"], f"{row['label_smoothing']:g}", row["contender"]) in shown, row
 
 
+def check_integrations(data, md):
+    """The library integrations: every group checked against the library before it was timed (Mixup's
+    images mixed alike), each group the library's call and smoothce's, ratios taken within the group,
+    memory recorded, all shown in the .md."""
+    section = data["integrations"]
+    rows = section["measurements"]
+    checks = section["checks"]
+    assert checks and all(check["passed"] for check in checks), checks
+    for check in checks:
+        assert check["loss_rel_diff"] <= check["rtol"] and check["grad_rel_diff"] <= check["rtol"]
+        assert check["reference"] == INTEGRATION_GROUPS[check["integration"]] and check["contender"] == "smoothce"
+        assert check.get("same_mixed_images") is (True if check["integration"] == "timm_mixup" else None), check
+    checked = {(check["integration"], check["shape_str"], check["dtype"]) for check in checks}
+    groups = {}
+    for row in rows:
+        assert row["runs"] == len(row["times_ms"]) >= 1 and all(t > 0 for t in row["times_ms"])
+        assert row["min_ms"] <= row["q1_ms"] <= row["median_ms"] <= row["q3_ms"] <= row["max_ms"]
+        assert row["peak_extra_bytes"] is not None and row["peak_extra_bytes"] > 0, row
+        assert row["library"] == INTEGRATION_GROUPS[row["integration"]]
+        assert row["shape_str"] == "x".join(map(str, row["shape"]))
+        key = (row["integration"], row["shape_str"], row["dtype"])
+        assert key in checked, f"timed unchecked: {row}"
+        groups.setdefault(key, {})[row["contender"]] = row
+    assert {integration for integration, _, _ in groups} == set(INTEGRATION_GROUPS)
+    assert {dtype for _, _, dtype in groups} == {"fp32", "bf16"}
+    assert {(c["integration"], c["shape_str"], c["dtype"]) for c in section["cells"]} == set(groups) == checked
+    for (integration, _, _), group in groups.items():
+        assert set(group) == {INTEGRATION_GROUPS[integration], "smoothce"}, (integration, sorted(group))
+        mine = group["smoothce"]
+        for row in group.values():
+            assert row["smoothce_speedup"] == pytest.approx(row["median_ms"] / mine["median_ms"])
+            assert row["memory_vs_smoothce"] == pytest.approx(row["peak_extra_bytes"] / mine["peak_extra_bytes"])
+    for integration, library in INTEGRATION_GROUPS.items():
+        entry = section["summary"][integration]
+        shapes = sum(1 for key in groups if key[0] == integration)
+        assert entry["library"] == library and entry["speedup"]["cells"] == entry["memory_ratio"]["cells"] == shapes
+        assert entry["speedup"]["geomean"] > 0 and entry["memory_ratio"]["geomean"] > 0
+        assert set(section["definitions"][integration]["contenders"]) == {library, "smoothce"}
+    assert {"timm", "transformers", "torch"} <= set(section["versions"])
+
+    assert "## Library integrations" in md
+    integrations_md = md.split("## Library integrations", 1)[1]
+    assert data["meta"]["device_name"] in integrations_md and data["meta"]["torch_version"] in integrations_md
+    assert len(md_measurement_rows(md, "### Integrations (fwd+bwd)")) == len(groups)
+    assert len(md_measurement_rows(md, "### Checks: smoothce against the library")) == len(checks)
+    table = md_measurement_rows(md, "### Integration measurements")
+    assert len(table) == len(rows), "the integrations' markdown table and the JSON disagree"
+    shown = {tuple(cells[:4]) for cells in table}
+    for row in rows:
+        assert (row["integration"], row["shape_str"], row["dtype"], row["contender"]) in shown, row
+
+
+def check_png(png_path):
+    png = png_path.read_bytes()
+    assert png.startswith(PNG_SIGNATURE), "not a PNG file"
+    assert len(png) > 1024, f"PNG of {len(png)} bytes is too small to hold the plot"
+
+
 def check_results(json_path):
     """JSON, .md and .png beside it are complete and consistent; returns the JSON document."""
     data = json.loads(json_path.read_text(encoding="utf-8"))
@@ -197,10 +257,9 @@ def check_results(json_path):
         check_variants(data, md)
     if data["meta"].get("linear"):
         check_linear(data, md)
-
-    png = json_path.with_suffix(".png").read_bytes()
-    assert png.startswith(PNG_SIGNATURE), "not a PNG file"
-    assert len(png) > 1024, f"PNG of {len(png)} bytes is too small to hold the plot"
+    if data["meta"].get("integrations"):
+        check_integrations(data, md)
+    check_png(json_path.with_suffix(".png"))
     return data
 
 
@@ -223,6 +282,9 @@ def test_quick_run_writes_consistent_results(quick_run):
     assert data["meta"]["linear"] and "linear" in data, "the linear table runs by default"
     assert stdout.count("linear [") == len(data["linear"]["cells"]) == 4  # 2 quick shapes x 2 ε
     assert "linear (fused linear + cross-entropy, fwd+bwd" in stdout
+    assert data["meta"]["integrations"] and "integrations" in data, "the integrations run by default"
+    assert stdout.count("integrations [") == len(data["integrations"]["cells"]) == 6  # 3 groups x 2 quick shapes
+    assert "integrations (fwd+bwd" in stdout
 
 
 def test_smoothce_is_measured_when_importable(quick_run):
@@ -247,7 +309,8 @@ def test_report_regenerates_the_same_markdown_from_the_json(quick_run, tmp_path)
 
 def test_script_entry_point_parses_its_options():
     usage = run_python("bench/bench.py", "--help")
-    for option in ("--no-variants", "--variants-only", "--no-linear", "--linear-only", "--no-compile"):
+    for option in ("--no-variants", "--variants-only", "--no-linear", "--linear-only", "--no-integrations",
+                   "--integrations-only", "--no-compile"):
         assert option in usage
 
 
@@ -283,6 +346,24 @@ def test_linear_options():
     args = bench.parse_args(["--linear-only", "--quick"])
     assert bench.runs_linear(args) and not bench.runs_variants(args) and bench.cells_for("cpu", args) == []
     for wrong in (["--linear-only", "--no-linear"], ["--linear-only", "--variants-only"]):
+        with pytest.raises(SystemExit):
+            bench.parse_args(wrong)
+
+
+def test_integration_options():
+    from bench import bench
+
+    args = bench.parse_args([])
+    assert args.integrations and not args.integrations_only and bench.runs_integrations(args)
+    assert not bench.runs_integrations(bench.parse_args(["--no-integrations"]))
+    assert bench.runs_linear(bench.parse_args(["--no-integrations"])), "--no-integrations leaves the other suites"
+    args = bench.parse_args(["--integrations-only", "--quick"])
+    assert bench.runs_integrations(args) and not bench.runs_linear(args) and not bench.runs_variants(args)
+    assert bench.cells_for("cpu", args) == []
+    for only in ("--linear-only", "--variants-only"):
+        assert not bench.runs_integrations(bench.parse_args([only])), only
+    for wrong in (["--integrations-only", "--no-integrations"], ["--integrations-only", "--linear-only"],
+                  ["--integrations-only", "--variants-only"]):
         with pytest.raises(SystemExit):
             bench.parse_args(wrong)
 
@@ -373,6 +454,25 @@ def test_derived_numbers():
     assert len(md_measurement_rows(md, "### Linear measurements")) == len(linear_rows)
     assert len(md_measurement_rows(md, "### ε = 0.1")) == len(linear_rows)
 
+    # The integrations: ratios within an (integration, shape, dtype) group, geometric means over shapes.
+    integration_rows = [{"integration": "hf_causal_lm_loss", "library": "transformers", "shape": [1, 2, v],
+                         "shape_str": f"1x2x{v}", "dtype": "fp32", "contender": name, "runs": 2, "times_ms": times,
+                         "peak_extra_bytes": memory}
+                        for v in (10, 20)
+                        for name, times, memory in (("transformers", [4.0 * v / 10] * 2, 300), ("smoothce", [2.0] * 2, 100))]
+    integration = report.derive_integrations({"measurements": integration_rows, "checks": []})
+    theirs, mine = integration_rows[:2]
+    assert theirs["smoothce_speedup"] == pytest.approx(2.0) and mine["smoothce_speedup"] == pytest.approx(1.0)
+    assert integration_rows[2]["smoothce_speedup"] == pytest.approx(4.0)
+    assert theirs["memory_vs_smoothce"] == pytest.approx(3.0)
+    entry = integration["summary"]["hf_causal_lm_loss"]
+    assert entry["library"] == "transformers" and entry["speedup"]["cells"] == 2
+    assert entry["speedup"]["geomean"] == pytest.approx(8 ** 0.5) and entry["memory_ratio"]["geomean"] == pytest.approx(3.0)
+    md = report.to_markdown(report.derive({"meta": meta, "measurements": [], "integrations": integration}))
+    assert "# smoothce benchmark: cpu, library integrations" in md and "## All measurements" not in md
+    assert len(md_measurement_rows(md, "### Integration measurements")) == len(integration_rows)
+    assert len(md_measurement_rows(md, "### Integrations (fwd+bwd)")) == 2
+
 
 def quick_linear_args(**overrides):
     import argparse
@@ -399,6 +499,93 @@ def test_a_linear_group_that_disagrees_is_not_timed(monkeypatch, capsys):
     assert {row["label_smoothing"] for row in section["measurements"]} == {0.0}, "the failed group was timed"
     assert any("check failed" in skip["reason"] for skip in section["skipped"])
     assert "CHECK FAILED linear" in capsys.readouterr().out
+
+
+def test_integrations_only_quick_run_writes_consistent_results(tmp_path, capsys):
+    """`python -m bench --integrations-only --quick --no-compile`: its own JSON, .md and .png, nothing else."""
+    from bench import bench
+
+    assert bench.main(["--integrations-only", "--quick", "--no-compile", "--device", "cpu", "--out", str(tmp_path)]) == 0
+    json_files = list(tmp_path.glob("*.json"))
+    assert [p.name for p in json_files] == ["cpu-integrations-quick.json"]
+    data = json.loads(json_files[0].read_text(encoding="utf-8"))
+    assert data["measurements"] == [] and "variants" not in data and "linear" not in data
+    assert data["meta"]["integrations_only"] and data["meta"]["integrations"]
+    md = json_files[0].with_suffix(".md").read_text(encoding="utf-8")
+    assert md.startswith("# smoothce benchmark: cpu, library integrations") and "## All measurements" not in md
+    check_integrations(data, md)
+    check_png(json_files[0].with_suffix(".png"))
+    stdout = capsys.readouterr().out
+    assert stdout.count("integrations [") == len(data["integrations"]["cells"])
+    assert "integrations (fwd+bwd" in stdout and "linear [" not in stdout and "variants [" not in stdout
+
+
+def quick_integration_args(**overrides):
+    import argparse
+
+    return argparse.Namespace(**{"quick": True, "runs": None, "no_compile": True, "dtypes": None, **overrides})
+
+
+def test_an_integration_group_that_disagrees_is_not_timed(monkeypatch, capsys):
+    """smoothce's LabelSmoother without its ε against transformers' with it: that group fails its check
+    and is not timed; the others are."""
+    import smoothce
+    from bench import integrations
+
+    right = integrations.contenders_for
+
+    def wrong(cell, inputs, libs):
+        library, mine = right(cell, inputs, libs)
+        if cell.integration.name != "hf_label_smoother":
+            return [library, mine]
+        smoother = libs.ours["transformers"]["LabelSmoother"](epsilon=0.0)
+        outputs = {"logits": inputs.logits}
+        return [library, integrations.Contender(mine.name, mine.code,
+                                                lambda: smoother(outputs, inputs.labels, shift_labels=True))]
+
+    monkeypatch.setattr(integrations, "contenders_for", wrong)
+    section = integrations.run("cpu", quick_integration_args(dtypes=["fp32"]), smoothce, None)
+    by_name = {check["integration"]: check for check in section["checks"]}
+    assert not by_name["hf_label_smoother"]["passed"]
+    assert by_name["timm_mixup"]["passed"] and by_name["hf_causal_lm_loss"]["passed"]
+    assert {row["integration"] for row in section["measurements"]} == {"timm_mixup", "hf_causal_lm_loss"}, \
+        "the failed group was timed"
+    assert any("check failed" in skip["reason"] for skip in section["skipped"]
+               if skip["integration"] == "hf_label_smoother")
+    assert "hf_label_smoother" not in section["summary"]
+    assert "CHECK FAILED integrations hf_label_smoother" in capsys.readouterr().out
+
+
+def test_integrations_without_a_library_or_smoothce_are_skipped_with_the_reason(monkeypatch):
+    import smoothce
+    from bench import integrations
+
+    # timm missing: its modules (and smoothce's integration of it) cannot be imported
+    for name in [n for n in sys.modules if n == "timm" or n.startswith("timm.")] + ["timm", "smoothce.integrations.timm"]:
+        monkeypatch.setitem(sys.modules, name, None)
+    section = integrations.run("cpu", quick_integration_args(dtypes=["fp32"]), smoothce, None)
+    assert {row["integration"] for row in section["measurements"]} == {"hf_label_smoother", "hf_causal_lm_loss"}
+    skips = [skip for skip in section["skipped"] if skip["integration"] == "timm_mixup"]
+    assert len(skips) == 1 and skips[0]["contender"] == "timm" and "not importable" in skips[0]["reason"]
+    assert "timm" not in section["versions"] and section["definitions"]["timm_mixup"]["contenders"] == {}
+
+    section = integrations.run("cpu", quick_integration_args(), None, "not importable (ImportError: test)")
+    assert section["measurements"] == [] and section["summary"] == {}
+    assert {skip["integration"] for skip in section["skipped"]} == set(INTEGRATION_GROUPS)
+    assert all(skip["contender"] == "smoothce" and "ImportError" in skip["reason"] for skip in section["skipped"])
+
+
+def test_integration_cells():
+    from bench import integrations
+
+    assert {cell.dtype for cell in integrations.cells_for("cpu", True, ["bf16"])} == {"bf16"}
+    cells = integrations.cells_for("cpu", False, None)
+    assert {cell.integration.name for cell in cells} == set(INTEGRATION_GROUPS)
+    assert {(cell.shape, cell.dtype) for cell in cells if cell.integration.library == "transformers"} == {
+        ((4, 256, 32000), "fp32"), ((4, 256, 32000), "bf16")}
+    assert all(len(cell.shape) == (2 if cell.integration.library == "timm" else 3) for cell in cells)
+    sizes = [cell.shape[0] * cell.shape[1] * (cell.shape[2] if len(cell.shape) > 2 else 1) for cell in cells]
+    assert sizes == sorted(sizes), "the cheapest groups first, so the adaptive budget goes to the dear ones"
 
 
 def test_linear_dtypes_filter_and_missing_smoothce():
