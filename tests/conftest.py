@@ -11,6 +11,7 @@ them, the elementwise magnitude of the terms the value is made of (loss_magnitud
 import importlib.util
 import os
 import pathlib
+import sys
 
 import pytest
 
@@ -110,6 +111,16 @@ def backend(request, monkeypatch):
         monkeypatch.setattr(_function, "cross_entropy_impl", smoothce.cross_entropy_impl)
         monkeypatch.setattr(smoothce, "linear_cross_entropy_impl", _on_cuda(smoothce.linear_cross_entropy_impl))
     return BACKEND
+
+
+def load_harness():
+    """bench/harness.py (timing, memory from the profiler's allocation events), loaded by path: bench/
+    is not an installed package, and harness.py imports nothing else from bench/."""
+    spec = importlib.util.spec_from_file_location("bench_harness_under_test", ROOT / "bench" / "harness.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # its dataclasses look their module up there
+    spec.loader.exec_module(module)
+    return module
 
 
 def dtype_id(dtype):

@@ -15,10 +15,7 @@ Accuracy rules of this file:
   element for the gradient). The model losses upcast the logits to fp32 before F.cross_entropy, so
   their values agree to fp32 rounding and their bf16 gradients to a bf16 ulp.
 """
-import importlib.util
 import os
-import sys
-from pathlib import Path
 
 import pytest
 import torch
@@ -34,9 +31,8 @@ from transformers.trainer_pt_utils import LabelSmoother as TransformersLabelSmoo
 
 import smoothce  # noqa: E402
 from smoothce.integrations import transformers as st  # noqa: E402
-from conftest import ERRORS, dtype_id, make_logits  # noqa: E402
+from conftest import ERRORS, dtype_id, load_harness, make_logits  # noqa: E402
 
-ROOT = Path(__file__).resolve().parents[1]
 B, T, V = 3, 9, 37
 VALUE_TOL = dict(rtol=1e-5, atol=1e-6)
 GRAD_RTOL = 1e-5
@@ -399,15 +395,6 @@ def test_patch_trainer_twice_and_with_compute_loss_func(tmp_path):
 
 
 # --------------------------------------------------------------------------------------------- memory
-
-def load_harness():
-    # bench/ is not an installed package: load harness.py (which imports nothing from bench/) by path.
-    spec = importlib.util.spec_from_file_location("bench_harness_under_test", ROOT / "bench" / "harness.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # its dataclasses look their module up there
-    spec.loader.exec_module(module)
-    return module
-
 
 @pytest.mark.cpu_only  # the CPU kernels' own allocations
 @pytest.mark.parametrize("epsilon", [0.0, 0.1])

@@ -15,32 +15,20 @@ torch's chunked path (ε = 0, LinearCrossEntropyOptions()) picks 64-row chunks t
 than smoothce's 256-row chunks; with the same 64-row chunks smoothce takes 5 210 136. In bf16 (torch's
 'accurate' CPU policy, 64-row chunks: 12 382 722) smoothce takes 8 816 656 with 256-row chunks.
 """
-import importlib.util
-import sys
 import warnings
-from pathlib import Path
 
 import pytest
 import torch
 import torch.nn.functional as F
 
 import smoothce
+from conftest import load_harness
 
 pytestmark = pytest.mark.cpu_only  # the CPU kernels' own allocations
 
-ROOT = Path(__file__).resolve().parents[1]
 LABEL_SMOOTHING = 0.1
 CHUNK = 256
 H, V = 64, 8000
-
-
-def load_harness():
-    # bench/ is not an installed package: load harness.py (which imports nothing from bench/) by path.
-    spec = importlib.util.spec_from_file_location("bench_harness_under_test", ROOT / "bench" / "harness.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # its dataclasses look their module up there
-    spec.loader.exec_module(module)
-    return module
 
 
 harness = load_harness()

@@ -46,14 +46,13 @@ class LabelSmoother:
     def __call__(self, model_output, labels, shift_labels=False, num_items_in_batch=None):
         where = "smoothce.integrations.transformers.LabelSmoother"
         logits = model_output["logits"] if isinstance(model_output, dict) else model_output[0]
-        if shift_labels:
-            # Token t predicts label t + 1: shift the labels, not the logits, and ignore the last
-            # position (as ForCausalLMLoss). A slice logits[..., :-1, :] is not dense, and the kernels
-            # copy a non-dense input that needs a gradient (then the slice's backward allocates the full
-            # gradient again): ~3 logits at the peak, transformers' own; the full logits cost 1.
-            labels = F.pad(labels[..., 1:], (0, 1), value=self.ignore_index)
         if labels.dim() == logits.dim() and labels.shape[-1] == 1:
             labels = labels.squeeze(-1)
+        if shift_labels:
+            # Token t predicts label t + 1: shift the labels, not the logits, and ignore the last
+            # position (as ForCausalLMLoss). A slice logits[..., :-1, :] has gaps: the kernels would copy
+            # it to write its gradient, and the slice's backward would allocate the full gradient again.
+            labels = F.pad(labels[..., 1:], (0, 1), value=self.ignore_index)
         return _token_loss(where, logits, labels, self.ignore_index, self.epsilon, num_items_in_batch)
 
 
