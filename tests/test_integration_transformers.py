@@ -299,25 +299,27 @@ def token_rows(n=24, length=16, vocab_size=512, seed=0):
     return rows
 
 
-def make_trainer(tmp_path, model, *, epsilon=0.0, ga=1, **trainer_kwargs):
+def make_trainer(tmp_path, model, *, epsilon=0.0, ga=1, bf16=False, **trainer_kwargs):
     # SGD rather than the default AdamW: its update is linear in the gradient, so the final parameters
     # tell a wrong gradient scale apart (AdamW's is scale-free), and fp32 rounding in a near-zero
     # gradient does not become an O(learning rate) difference (g / (sqrt(v) + 1e-8)).
     args = transformers.TrainingArguments(
         output_dir=str(tmp_path), per_device_train_batch_size=4, gradient_accumulation_steps=ga, max_steps=3,
         label_smoothing_factor=epsilon, report_to=[], logging_steps=1, use_cpu=True, seed=0,
-        save_strategy="no", learning_rate=0.5, optim="sgd", disable_tqdm=True, dataloader_num_workers=0)
+        save_strategy="no", learning_rate=0.5, optim="sgd", disable_tqdm=True, dataloader_num_workers=0, bf16=bf16)
     return transformers.Trainer(model=model, args=args, train_dataset=token_rows(), **trainer_kwargs)
 
 
-def train(tmp_path, epsilon, ga, patch):
+def train(tmp_path, epsilon, ga, patch, **args):
+    """Three steps, then an evaluation; the logged (loss, grad_norm) per step include the eval loss."""
     model = tiny_llama()
     initial = [p.detach().clone() for p in model.parameters()]
-    trainer = make_trainer(tmp_path, model, epsilon=epsilon, ga=ga)
+    trainer = make_trainer(tmp_path, model, epsilon=epsilon, ga=ga, **args)
     changed = st.patch_trainer(trainer) if patch else None
     trainer.train()
     steps = [(entry["loss"], entry["grad_norm"]) for entry in trainer.state.log_history if "loss" in entry]
     assert len(steps) == 3
+    steps.append((trainer.evaluate(eval_dataset=token_rows(8, seed=3))["eval_loss"], 0.0))
     return trainer, changed, steps, initial, [p.detach() for p in model.parameters()]
 
 
@@ -451,3 +453,14 @@ def test_compiled_losses_match_transformers():
         got, expected = loss_and_grad(compiled, logits), loss_and_grad(theirs, logits)
         torch.testing.assert_close(got[0], expected[0], **VALUE_TOL)
         torch.testing.assert_close(got[1], expected[1], rtol=GRAD_RTOL, atol=GRAD_RTOL * expected[1].abs().max())
+
+
+@pytest.mark.parametrize("epsilon", [0.0, 0.1])
+def test_patch_trainer_under_bf16_autocast(tmp_path, epsilon):
+    """TrainingArguments(bf16=True): the model runs under CPU autocast and its logits are bf16; the patched
+    Trainer's losses (fp32, read from the bf16 logits) agree with the unpatched one's to bf16 rounding."""
+    _, _, steps, _, expected = train(tmp_path / "plain", epsilon, 2, patch=False, bf16=True)
+    _, _, patched_steps, _, actual = train(tmp_path / "patched", epsilon, 2, patch=True, bf16=True)
+    torch.testing.assert_close(torch.tensor(patched_steps), torch.tensor(steps), rtol=1e-3, atol=1e-3)
+    for p, q in zip(actual, expected):
+        torch.testing.assert_close(p, q, rtol=1e-2, atol=1e-3)
