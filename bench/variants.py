@@ -1,4 +1,4 @@
-"""Label-smoothing variants (SEMANTICS §7, §8): each smoothce keyword against the plain-PyTorch code
+"""Label-smoothing variants (docs/semantics.md §3, §3.5): each smoothce keyword against the plain-PyTorch code
 users run for it today, timed in the same process with bench/harness.py's round-robin machinery.
 
     python -m bench                     # the standard table, then these rows (into the same JSON and .md)

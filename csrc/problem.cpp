@@ -59,7 +59,7 @@ void check_floating_input(const at::Tensor& input) {
                     "(N, C, d1, ...), got a 0-d tensor");
 }
 
-// The §7 options: target values, z-loss and the mixup partner (SEMANTICS §7). Fills p's fields.
+// The options of docs/semantics.md §3: target values, z-loss and the mixup partner. Fills p's fields.
 void check_extensions(Problem& p, const at::Tensor& input, const at::Tensor& target,
                       const std::vector<int64_t>& position_shape, const Extensions& ext) {
   if (ext.target_values.has_value()) {

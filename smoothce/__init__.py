@@ -18,7 +18,7 @@ __all__ = ["cross_entropy", "CrossEntropyLoss", "mixup_cross_entropy", "MixupTar
            "linear_mixup_cross_entropy", "LinearCrossEntropyLoss", "build_info", "empty_cache", "__version__"]
 
 _VARIANTS_DOC = """
-    Keyword-only variants (SEMANTICS §7; README "Label-smoothing variants"):
+    Keyword-only variants (docs/semantics.md §3; README "Label-smoothing variants"):
     smoothing: "uniform" (default: ε spread over all C classes, as torch) or "others" (ε spread over
         the C − 1 other classes: q = 1 − ε at the target, ε/(C − 1) elsewhere). Index targets only.
     target_values: (on, off): q = on at the target class, off elsewhere (timm's on/off values,

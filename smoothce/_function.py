@@ -180,7 +180,7 @@ def _scaled(grad, grad_loss):
 
 
 def _soft_target_grad(grad_loss, input, lse, weight, reduction, label_smoothing):
-    """∂L/∂P = −s·(1 − ε)·w·log_softmax(x) (SEMANTICS §3), from the saved per-position lse."""
+    """∂L/∂P = −s·(1 − ε)·w·log_softmax(x) (docs/semantics.md §2.4), from the saved per-position lse."""
     class_dim = 0 if input.dim() == 1 else 1
     log_prob = input.to(lse.dtype) - lse.unsqueeze(class_dim)
     scale = grad_loss.to(lse.dtype)
@@ -222,7 +222,7 @@ def _check_loss_args(where, ignore_index, reduction, label_smoothing) -> float:
 
 def _extension_args(where, input, target, label_smoothing, smoothing, target_values, z_loss, inplace_backward,
                     num_classes=None):
-    """Checks the SEMANTICS §7 keywords; returns (label_smoothing, target_values) for the op: "others"
+    """Checks the docs/semantics.md §3 keywords; returns (label_smoothing, target_values) for the op: "others"
     and explicit values become (on, off) for index targets. num_classes: C when the input is not the
     logits (the fused linear loss)."""
     if not isinstance(smoothing, str) or smoothing not in ("uniform", "others"):

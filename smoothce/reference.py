@@ -1,7 +1,8 @@
 """Pure-PyTorch label-smoothed cross-entropy: the oracle every smoothce test compares against.
 
-Follows SEMANTICS.md §2-7 literally and is differentiable by autograd (input and probability
-target): label smoothing ("uniform" or "others"), explicit target values, z-loss and mixup pairs. Accumulates in float32 (float64 for float64 input) and returns the input dtype
+Follows docs/semantics.md §1-§3, §5 and §6 literally and is differentiable by autograd (input and
+probability target): label smoothing ("uniform" or "others"), explicit target values, z-loss and
+mixup pairs. Accumulates in float32 (float64 for float64 input) and returns the input dtype
 (float32 under autocast). Written for clarity, not speed: it validates with host syncs.
 """
 import math
@@ -78,7 +79,7 @@ def class_rows(tensor):
 
 
 def target_values_of(num_classes, label_smoothing, smoothing="uniform", target_values=None):
-    """(on, off) of an index target (SEMANTICS §7), or None for uniform smoothing by ε."""
+    """(on, off) of an index target (docs/semantics.md §3.1), or None for uniform smoothing by ε."""
     if target_values is not None:
         return float(target_values[0]), float(target_values[1])
     if smoothing == "others":
@@ -109,8 +110,9 @@ def _check_extensions(input, target, label_smoothing, smoothing, target_values, 
 def cross_entropy(input, target, weight=None, ignore_index=-100, reduction="mean",
                   label_smoothing=0.0, *, smoothing="uniform", target_values=None, z_loss=0.0,
                   inplace_backward=False):
-    """Same signature and meaning as torch.nn.functional.cross_entropy (see SEMANTICS.md), plus the
-    keyword-only variants of §7. inplace_backward is accepted and ignored (always out of place)."""
+    """Same signature and meaning as torch.nn.functional.cross_entropy (see docs/semantics.md §1), plus
+    the keyword-only variants of docs/semantics.md §3. inplace_backward is accepted and ignored
+    (always out of place)."""
     _check_args(input, target, weight, ignore_index, reduction, label_smoothing)
     _check_extensions(input, target, label_smoothing, smoothing, target_values, z_loss)
     return _loss(input, target, None, None, weight, ignore_index, reduction, label_smoothing,
@@ -120,8 +122,9 @@ def cross_entropy(input, target, weight=None, ignore_index=-100, reduction="mean
 def mixup_cross_entropy(input, target_a, target_b, lam, weight=None, ignore_index=-100,
                         reduction="mean", label_smoothing=0.0, *, smoothing="uniform",
                         target_values=None, z_loss=0.0, inplace_backward=False):
-    """Cross-entropy against q = lam·q(target_a) + (1 − lam)·q(target_b) (SEMANTICS §7): lam a float or
-    a tensor broadcastable to the positions; mean divides by Σ lam·w[a]·valid_a + (1 − lam)·w[b]·valid_b."""
+    """Cross-entropy against q = lam·q(target_a) + (1 − lam)·q(target_b) (docs/semantics.md §3.2): lam
+    a float or a tensor broadcastable to the positions; mean divides by
+    Σ lam·w[a]·valid_a + (1 − lam)·w[b]·valid_b."""
     for name, t in (("target_a", target_a), ("target_b", target_b)):
         if not isinstance(t, torch.Tensor) or t.is_floating_point():
             raise ValueError(f"{name}: mixup targets must be class-index tensors")
@@ -184,8 +187,8 @@ def _loss(input, target, target_b, lam, weight, ignore_index, reduction, label_s
 
 def loss_from_neg_log_probs(neg_lp, input, target, weight, ignore_index, reduction, eps, *,
                             target_values=None, z_loss=0.0, lse=None, target_b=None, lam=None):
-    """SEMANTICS §2-3, §7 and the reduction, given -log p as (positions, C) rows (in their dtype)
-    and, for the z-loss, lse per position.
+    """docs/semantics.md §2.1-§2.5 and §3 (formulas, variants, reduction), given -log p as
+    (positions, C) rows (in their dtype) and, for the z-loss, lse per position.
 
     The tests also call it with |lse| + |x| in place of -log p: the sum of the magnitudes the
     loss adds up, which bounds any implementation's rounding error."""

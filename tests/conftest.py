@@ -287,7 +287,7 @@ def assert_close_to_truth(actual, truth, torch_value, dtype, what="value", magni
     assert a.isfinite().all(), f"{what}: non-finite values {a[~a.isfinite()][:5].tolist()} where the truth is finite"
     eps = torch.finfo(dtype).eps
     # An all-zero truth (C = 1: p = q = 1) is a cancellation of O(1) terms: judge it on scale 1.
-    # Exact zeros where SEMANTICS demands them (ignored positions) are asserted by those tests.
+    # Exact zeros where docs/semantics.md §2.4 demands them (ignored positions) are asserted by those tests.
     scale = t.abs().max().item() or 1.0
     bound = torch.full_like(t, FLOOR[dtype] * eps * scale)
     if magnitude is not None:

@@ -147,7 +147,7 @@ def _nc_copies(prof, N, C):
 
 @pytest.mark.not_on_cuda  # CPU autocast
 def test_autocast_no_fp32_copy_of_logits():
-    """SEMANTICS §6: under autocast the loss is read straight from the half logits."""
+    """docs/semantics.md §5: under autocast the loss is read straight from the half logits."""
     N, C = 64, 37
     logits = make_logits((N, C), torch.bfloat16).requires_grad_(True)
     target = make_index_target((N,), C)

@@ -310,7 +310,7 @@ def test_probability_targets(shape, reduction, eps, weighted, dtype):
 
 
 def test_probability_targets_not_normalised():
-    """P need not sum to 1 (SEMANTICS §3)."""
+    """P need not sum to 1 (docs/semantics.md §2.3)."""
     x = make_logits((5, 8))
     P = torch.rand(5, 8, generator=torch.Generator().manual_seed(4)) * 3
     for reduction in REDUCTIONS:

@@ -400,12 +400,13 @@ def test_emulated_op_matches_cpu_op(on_emu, reduction):
         torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
 
 
-# ---------------------------------------------------------------- SEMANTICS §7 variants on every plan
+# ------------------------------------------------------ docs/semantics.md §3 variants on every plan
 VARIANT_TOL = {torch.float64: 1e-10, torch.float32: 2e-5, torch.float16: 2e-2, torch.bfloat16: 6e-2}
 
 
 def _variant_args(option, shape, C, dtype):
-    """(kwargs of smoothce.mixup_cross_entropy / cross_entropy, mixup?) for one §7 option set."""
+    """(kwargs of smoothce.mixup_cross_entropy / cross_entropy, mixup?) for one option set of
+    docs/semantics.md §3."""
     pos = positions_shape(shape)
     if option == "mixup":  # per-position lam, weights, ignored targets in a and b, target values, z-loss
         lam = torch.rand(pos, generator=torch.Generator().manual_seed(7), dtype=torch.float64)
@@ -430,7 +431,8 @@ def _variant_loss(fn_ref, x, target, kwargs, mixup):
 @pytest.mark.parametrize("option", ["others_z", "mixup", "mixup_scalar"])
 @pytest.mark.parametrize("case", sorted(CASES))
 def test_plans_variants(on_emu, case, option, dtype):
-    """Every plan computes the §7 options (target values, z-loss, mixup pairs) as the reference does."""
+    """Every plan computes the docs/semantics.md §3 options (target values, z-loss, mixup pairs) as the
+    reference does."""
     leaf_shape, view, limits, expected = CASES[case]
     on_emu.set_limits(**limits)
     leaf = make_logits(leaf_shape, dtype, seed=len(case)).requires_grad_(True)

@@ -1,4 +1,4 @@
-"""SEMANTICS §5 edge rows, and a forward over more than 2^31 elements."""
+"""docs/semantics.md §6 edge rows, and a forward over more than 2^31 elements."""
 import math
 import subprocess
 import sys
@@ -113,7 +113,7 @@ def test_nonfinite_logit_in_ignored_row(eps):
 
 @pytest.mark.parametrize("eps", [0.0, 0.1])
 def test_nonfinite_logit_in_ignored_row_grad_is_zero(eps):
-    """SEMANTICS §2: 'Ignored positions get exact zeros'. (torch gives NaN here: log_softmax's
+    """docs/semantics.md §2.4: ignored positions get exact zeros. (torch gives NaN here: log_softmax's
     backward multiplies the NaN row's softmax by a zero upstream.)"""
     x = make_logits((4, 9))
     x[1, 2] = math.nan
@@ -124,7 +124,8 @@ def test_nonfinite_logit_in_ignored_row_grad_is_zero(eps):
 
 @pytest.mark.parametrize("reduction", REDUCTIONS)
 def test_fp16_smoothing_does_not_overflow(reduction):
-    """★ SEMANTICS §5: torch's fp16 smoothing sum overflows to inf (64 x 3000); smoothce is finite."""
+    """docs/semantics.md §1.4 (item 3): torch's fp16 smoothing sum overflows to inf (64 x 3000);
+    smoothce is finite."""
     C = 3000
     x = make_logits((64, C), torch.float16)
     t = make_index_target((64,), C)
@@ -132,7 +133,7 @@ def test_fp16_smoothing_does_not_overflow(reduction):
     mine, theirs, truth = run_all(smoothce.cross_entropy, x, t, weight=w, reduction=reduction,
                                   label_smoothing=0.1)
     if reduction != "none":
-        assert not theirs[0].isfinite().all(), "torch no longer overflows: update SEMANTICS ★ row"
+        assert not theirs[0].isfinite().all(), "torch no longer overflows: update docs/semantics.md §1.4"
     loss, grad, _ = mine
     assert loss.isfinite().all() and grad.isfinite().all()
     # torch's value is not finite, so only the fp16 floor of the bound applies.

@@ -76,7 +76,8 @@ def test_random_problems(p):
 
 @st.composite
 def variant_problems(draw):
-    """Random §7 option sets (index targets): smoothing, target values, z-loss, mixup, in-place."""
+    """Random option sets of docs/semantics.md §3 (index targets): smoothing, target values, z-loss,
+    mixup, in-place."""
     p = draw(problems())
     p["soft"] = False
     kind = draw(st.sampled_from(["uniform", "others", "values"]))

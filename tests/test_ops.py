@@ -235,7 +235,7 @@ def test_opcheck_scale_grad(ops, shape, kind):
     torch.library.opcheck(ops.scale_grad_.default, (grad, go))
 
 
-# ------------------------------------------------------------------ the §7 extension arguments, grad_
+# ---------------------------------------------- the docs/semantics.md §3 extension arguments, grad_
 
 EXT_KINDS = ["plain", "target_values", "z_loss", "mixup_lam", "mixup_lam_expanded", "mixup_lam_value", "all"]
 
@@ -286,7 +286,8 @@ def _index_cases():
 @pytest.mark.parametrize("kind", EXT_KINDS)
 @pytest.mark.parametrize("case", ["2d_ignore_pos", "unbatched", "nchw"])
 def test_forward_op_extension_values(ops, case, kind, reduction, dtype):
-    """forward with the §7 arguments against the float64 reference (loss and gradient for grad_output)."""
+    """forward with the docs/semantics.md §3 arguments against the float64 reference (loss and gradient
+    for grad_output)."""
     x, target, weight, ignore_index = _make(case, dtype)
     eps, kwargs = _ext(kind, x, target)
     positions = positions_shape(x.shape)

@@ -1,7 +1,7 @@
 """The oracle itself: smoothce.reference against torch.nn.functional.cross_entropy.
 
-Needs only torch (runs before the extension is built). Where SEMANTICS marks a deliberate
-difference from torch (★ rows), the test checks SEMANTICS instead.
+Needs only torch (runs before the extension is built). Where docs/semantics.md §1.4 lists a
+deliberate difference from torch, the test checks the documented behaviour instead.
 """
 import math
 
@@ -119,7 +119,8 @@ def test_reference_nonfinite_logit_rows_are_nan(eps):
 
 
 def test_reference_fp16_smoothing_finite():
-    """★ SEMANTICS §5: torch's fp16 smoothing sum overflows (64 x 3000); the reference accumulates in fp32."""
+    """docs/semantics.md §1.4 (item 3): torch's fp16 smoothing sum overflows (64 x 3000); the
+    reference accumulates in fp32."""
     x = make_logits((64, 3000), torch.float16)
     t = make_index_target((64,), 3000)
     assert not F.cross_entropy(x, t, label_smoothing=0.1).isfinite(), "torch no longer overflows?"

@@ -1,9 +1,9 @@
-"""The label-smoothing variants of SEMANTICS §7 and the published losses of §8.
+"""The label-smoothing variants of docs/semantics.md §3 and the published losses of its §3.5.
 
 - every keyword (smoothing="others", target_values, z_loss, inplace_backward) and mixup_cross_entropy
   against the float64 reference (smoothce.reference), values and input gradients, over shapes, dtypes,
   reductions, weights and ignore_index;
-- each published definition of §8 written out here in plain PyTorch (float64 autograd) against smoothce;
+- each published definition of §3.5 written out here in plain PyTorch (float64 autograd) against smoothce;
 - mixup specifics (lam float / per sample / per pixel, edge values, identical targets, ignored targets,
   linearity in lam), "others" with C = 1 and C = 2, target_values with off = 0;
 - gradcheck, torch.compile(fullgraph=True), CrossEntropyLoss with the options.
@@ -94,7 +94,8 @@ def class_last(t):
 
 
 def assert_ignored_exactly_zero(loss, grad, valid, reduction):
-    """SEMANTICS §2: positions that contribute nothing get an exact 0 loss (none) and exact 0 gradient."""
+    """docs/semantics.md §2.1, §2.4: positions that contribute nothing get an exact 0 loss (none) and
+    exact 0 gradient."""
     dead = ~valid
     if reduction == "none":
         assert torch.count_nonzero(loss[dead]) == 0, f"ignored positions: loss {loss[dead].tolist()}"
@@ -305,7 +306,7 @@ def test_tolerance_rejects_wrong_formula(kind, dtype):
         assert_near(mine[1], wrong[1], dtype, "grad vs wrong formula")
 
 
-# ---------------------------------------------------------------- 2. the published definitions (§8)
+# ------------------------------------------- 2. the published definitions (docs/semantics.md §3.5)
 # Each written as its authors publish it, in plain PyTorch, evaluated in float64 with autograd.
 
 def fastai_label_smoothing_ce(x, target, eps):

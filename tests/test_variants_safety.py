@@ -1,7 +1,7 @@
-"""inplace_backward=True (SEMANTICS §7): the same numbers as the out-of-place path, really written over
-the logits, never a silent wrong gradient (autograd's version counter), the cases it refuses; and the
-argument checks of the §7 keywords (smoothing, target_values, z_loss, inplace_backward, mixup's lam and
-target_b).
+"""inplace_backward=True (docs/semantics.md §3.4): the same numbers as the out-of-place path, really
+written over the logits, never a silent wrong gradient (autograd's version counter), the cases it
+refuses; and the argument checks of the docs/semantics.md §3 keywords (smoothing, target_values,
+z_loss, inplace_backward, mixup's lam and target_b).
 
 Every test builds its tensors on the backend's device (CUDA under SMOOTHCE_TEST_BACKEND=cuda), so the
 logits the tests watch are the ones the kernels overwrite."""

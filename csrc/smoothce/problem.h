@@ -10,9 +10,9 @@
 
 namespace smoothce {
 
-// The §7 options of the forward op (its keyword arguments): explicit target values (on, off) for
-// index targets, the z-loss weight, and a mixup partner target with its share lam (a per-position
-// tensor, or lam_value for every position).
+// The docs/semantics.md §3 options of the forward op (its keyword arguments): explicit target values
+// (on, off) for index targets, the z-loss weight, and a mixup partner target with its share lam (a
+// per-position tensor, or lam_value for every position).
 struct Extensions {
   c10::optional<c10::ArrayRef<double>> target_values;
   double z_loss = 0.0;

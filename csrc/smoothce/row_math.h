@@ -1,6 +1,6 @@
 // Per-position math shared by every backend (CPU lanes, CUDA threads/warps/blocks).
-// Formulas: README "Semantics users must know" and "Label-smoothing variants" (smoothce/reference.py
-// computes the same in plain PyTorch). Written once, here.
+// Formulas: docs/semantics.md §2-§3 (smoothce/reference.py computes the same in plain PyTorch).
+// Section numbers (§) below are that page's. Written once, here.
 #pragma once
 
 #include <cmath>
@@ -73,7 +73,7 @@ SMOOTHCE_HOST_DEVICE Mass mass_kind(bool soft_target, acc_t off_value, bool weig
   return weighted ? Mass::kWeighted : Mass::kUnit;
 }
 
-// Target distribution of an index target: q = on at the target class, off elsewhere (§7).
+// Target distribution of an index target: q = on at the target class, off elsewhere (§3.1).
 template <typename acc_t>
 struct TargetValues {
   acc_t on;
@@ -88,7 +88,7 @@ SMOOTHCE_HOST_DEVICE TargetValues<acc_t> uniform_smoothing(acc_t eps, int64_t nu
 }
 
 // The constants a kernel needs: ε, ε/C (probability targets), (on, off) (index targets: uniform
-// smoothing, "others" or explicit target values, §7) and the z-loss weight α.
+// smoothing, "others" or explicit target values, §3.1) and the z-loss weight α.
 template <typename acc_t>
 struct Smoothing {
   acc_t eps, eps_over_c;
@@ -190,7 +190,7 @@ SMOOTHCE_HOST_DEVICE acc_t mass_nll(const RowState<acc_t>& s, acc_t log_sum_exp)
   return s.mass * log_sum_exp - s.mass_dx;
 }
 
-// The index targets of one position (§7): its target a and, for mixup, a second target b, with
+// The index targets of one position (§3.2): its target a and, for mixup, a second target b, with
 // q = k_a·q(a) + k_b·q(b), k_a = lam·valid_a, k_b = (1 − lam)·valid_b (plain targets: lam = 1, no b).
 // An ignored (or absent) target has index −1 and k = 0. The position counts k_a·w_a + k_b·w_b in the
 // mean's denominator; with k_a + k_b = 0 it contributes nothing at all.
@@ -263,7 +263,7 @@ SMOOTHCE_HOST_DEVICE void add_z_loss(PositionResult<acc_t>& r, acc_t z_loss, acc
   r.coefs.softmax_coef += scale * acc_t(2) * z_loss * v * r.lse;
 }
 
-// Probability targets: `state.mass` = Σ w·q of the row (§3). log_sum = log(state.sum_exp) (passed in:
+// Probability targets: `state.mass` = Σ w·q of the row (§2.3). log_sum = log(state.sum_exp) (passed in:
 // the CPU tiles take it for all their lanes with one vector log).
 template <typename acc_t>
 SMOOTHCE_HOST_DEVICE PositionResult<acc_t> soft_target_position(const RowState<acc_t>& state, acc_t log_sum,
@@ -274,7 +274,8 @@ SMOOTHCE_HOST_DEVICE PositionResult<acc_t> soft_target_position(const RowState<a
   return r;
 }
 
-// Index targets (§2, §7): `state.mass` = Σ_c w_c when tv.off ≠ 0. With v = k_a + k_b,
+// Index targets (§2.1, §3.1, §3.2; z-loss §2.5): `state.mass` = Σ_c w_c when tv.off ≠ 0.
+// With v = k_a + k_b,
 //   ℓ = off·v·Σ_c w_c·(lse − x_c) + (on − off)·[k_a·w_a·(lse − x_a) + k_b·w_b·(lse − x_b)] + α·v·lse².
 template <typename acc_t>
 SMOOTHCE_HOST_DEVICE PositionResult<acc_t> index_target_position(const RowState<acc_t>& state, acc_t log_sum,
@@ -307,7 +308,7 @@ SMOOTHCE_HOST_DEVICE SMOOTHCE_MATH_ABI void accumulate(RowState<acc_t>& s, acc_t
   }
 }
 
-// Probability target mass of class c: w_c·q_c with q = (1 − ε)·P + ε/C (§3).
+// Probability target mass of class c: w_c·q_c with q = (1 − ε)·P + ε/C (§2.3).
 template <typename acc_t>
 SMOOTHCE_HOST_DEVICE acc_t soft_target_q(acc_t prob, acc_t eps, acc_t eps_over_c) {
   return (acc_t(1) - eps) * prob + eps_over_c;

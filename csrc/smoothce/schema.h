@@ -7,9 +7,9 @@ namespace smoothce {
 // Loss, per-position log-sum-exp (fp32; fp64 for fp64 input) and, when compute_grad, the gradient
 // for the upstream gradient grad_output (a scalar, or one value per position for reduction 'none';
 // None: 1, all ones for 'none'), scaled inside the kernel; an empty tensor otherwise.
-// The SEMANTICS §7 options: target_values (on, off) replace uniform smoothing for index targets;
-// z_loss adds α·lse²; target_b (with lam, one value per position, or lam_value) mixes a second
-// index target in: q = lam·q(target) + (1 − lam)·q(target_b).
+// The docs/semantics.md §3 options: target_values (on, off) replace uniform smoothing for index
+// targets; z_loss adds α·lse²; target_b (with lam, one value per position, or lam_value) mixes a
+// second index target in: q = lam·q(target) + (1 − lam)·q(target_b).
 #define SMOOTHCE_EXTENSION_ARGS \
   "float[]? target_values=None, float z_loss=0., Tensor? target_b=None, Tensor? lam=None, float lam_value=1."
 constexpr const char* kForwardSchema =
