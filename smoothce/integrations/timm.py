@@ -30,6 +30,15 @@ __all__ = ["LabelSmoothingCrossEntropy", "SoftTargetCrossEntropy", "Mixup", "Fas
 _NO_IGNORE = -(2**63)
 
 
+def _loss(where, *args, **kwargs):
+    """smoothce's loss for a timm adapter; an out-of-range label's error does not mention the sentinel."""
+    try:
+        return _function.cross_entropy_impl(*args, where=where, **kwargs)
+    except IndexError as error:
+        message = str(error).replace(f" or ignore_index ({_NO_IGNORE})", " (timm's losses have no ignore_index)")
+        raise IndexError(message.replace("smoothce.cross_entropy:", where + ":", 1)) from None
+
+
 class LabelSmoothingCrossEntropy(_timm_loss.LabelSmoothingCrossEntropy):
     """timm's ``LabelSmoothingCrossEntropy(smoothing)``: (1 − ε)·nll + ε·mean_c(−log p), mean over the
     rows; logits (..., C) with the classes last, labels (...)."""
@@ -39,8 +48,7 @@ class LabelSmoothingCrossEntropy(_timm_loss.LabelSmoothingCrossEntropy):
         if isinstance(target, MixupTarget):
             raise TypeError(f"{where}: got a MixupTarget; mixup targets go to SoftTargetCrossEntropy (as in timm, "
                             f"whose Mixup output needs SoftTargetCrossEntropy)")
-        return _function.cross_entropy_impl(classes_second(x), target, None, _NO_IGNORE, "mean", self.smoothing,
-                                            where=where)
+        return _loss(where, classes_second(x), target, None, _NO_IGNORE, "mean", self.smoothing)
 
 
 class SoftTargetCrossEntropy(_timm_loss.SoftTargetCrossEntropy):
@@ -55,8 +63,8 @@ class SoftTargetCrossEntropy(_timm_loss.SoftTargetCrossEntropy):
                 raise ValueError(f"{where}: a MixupTarget needs logits (N, C), got shape {tuple(x.shape)}")
             target_a, target_b, lam, smoothing = target.unpack(where, x, 0.0)
             # timm's dense target is fp32, so its loss is fp32 for half logits too.
-            return _function.cross_entropy_impl(x, target_a, None, _NO_IGNORE, "mean", smoothing, mixup=True,
-                                                target_b=target_b, lam=lam, where=where, float32_loss=True)
+            return _loss(where, x, target_a, None, _NO_IGNORE, "mean", smoothing, mixup=True, target_b=target_b,
+                         lam=lam, float32_loss=True)
         if not isinstance(target, torch.Tensor) or not target.is_floating_point():
             raise TypeError(f"{where}: target must be a dense floating target shaped like the logits or a "
                             f"MixupTarget, got {type(target).__name__}"
@@ -67,8 +75,7 @@ class SoftTargetCrossEntropy(_timm_loss.SoftTargetCrossEntropy):
         # timm's −target·log_softmax(x) promotes the two dtypes (e.g. fp32 mixup targets, bf16 logits).
         common = torch.promote_types(x.dtype, target.dtype)
         x, target = x.to(common), target.to(common)
-        return _function.cross_entropy_impl(classes_second(x), classes_second(target), None, _NO_IGNORE, "mean",
-                                            0.0, where=where)
+        return _loss(where, classes_second(x), classes_second(target), None, _NO_IGNORE, "mean", 0.0)
 
 
 def _light_target(mixup, target: torch.Tensor, lam, count: int) -> MixupTarget:
