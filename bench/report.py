@@ -167,13 +167,10 @@ def derive_linear(section: dict) -> dict:
     for row in section["measurements"]:
         row.update(time_stats(row["times_ms"]))
     for group in linear_groups(section["measurements"]).values():
-        floor, mine = group.get(LINEAR_FLOOR), group.get(LINEAR_BASELINE)
+        floor = group.get(LINEAR_FLOOR)
         for row in group.values():
             row["time_over_floor"] = row["median_ms"] / floor["median_ms"] if floor else None
-            row["smoothce_speedup"] = row["median_ms"] / mine["median_ms"] if mine else None
-            row["memory_vs_smoothce"] = (row["peak_extra_bytes"] / mine["peak_extra_bytes"]
-                                         if mine and mine.get("peak_extra_bytes") and row.get("peak_extra_bytes")
-                                         is not None else None)
+        set_ratios_to_smoothce(group, group.get(LINEAR_BASELINE))
     if "checks" in section:
         section["summary"] = summarize_linear(section["measurements"])
     return section
@@ -196,12 +193,19 @@ def summarize_linear(rows: list[dict]) -> dict:
             for eps, by_key in ratios.items()}
 
 
-def integration_groups(rows: list[dict]) -> dict[tuple[str, str, str], dict[str, dict]]:
-    """(integration, shape_str, dtype) -> {contender: row}, in the rows' order."""
-    groups: dict[tuple[str, str, str], dict[str, dict]] = {}
-    for row in rows:
-        groups.setdefault((row["integration"], row["shape_str"], row["dtype"]), {})[row["contender"]] = row
-    return groups
+def integration_groups(rows: list[dict]) -> dict[tuple, dict[str, dict]]:
+    """(shape_str, dtype, integration) -> {contender: row}, in the rows' order."""
+    return group_rows(rows, "integration")
+
+
+def set_ratios_to_smoothce(group: dict[str, dict], mine: dict | None) -> None:
+    """Each row of a group: smoothce's speed-up over it (its time / smoothce's) and its peak extra
+    memory over smoothce's (None where either is missing)."""
+    for row in group.values():
+        row["smoothce_speedup"] = row["median_ms"] / mine["median_ms"] if mine else None
+        row["memory_vs_smoothce"] = (row["peak_extra_bytes"] / mine["peak_extra_bytes"]
+                                     if mine and mine.get("peak_extra_bytes") and row.get("peak_extra_bytes")
+                                     is not None else None)
 
 
 def derive_integrations(section: dict) -> dict:
@@ -211,12 +215,7 @@ def derive_integrations(section: dict) -> dict:
     for row in section["measurements"]:
         row.update(time_stats(row["times_ms"]))
     for group in integration_groups(section["measurements"]).values():
-        mine = group.get(INTEGRATION_BASELINE)
-        for row in group.values():
-            row["smoothce_speedup"] = row["median_ms"] / mine["median_ms"] if mine else None
-            row["memory_vs_smoothce"] = (row["peak_extra_bytes"] / mine["peak_extra_bytes"]
-                                         if mine and mine.get("peak_extra_bytes") and row.get("peak_extra_bytes")
-                                         is not None else None)
+        set_ratios_to_smoothce(group, group.get(INTEGRATION_BASELINE))
     if "checks" in section:
         section["summary"] = summarize_integrations(section["measurements"])
     return section
@@ -226,7 +225,7 @@ def summarize_integrations(rows: list[dict]) -> dict:
     """integration -> {"library", "speedup", "memory_ratio"}: geometric means over (shape, dtype) of the
     library's time / smoothce's and of the library's peak extra memory / smoothce's."""
     ratios: dict[str, dict] = {}
-    for (integration, _, _), group in integration_groups(rows).items():
+    for (_, _, integration), group in integration_groups(rows).items():
         mine = group.get(INTEGRATION_BASELINE)
         for name, row in group.items():
             if name == INTEGRATION_BASELINE or mine is None:
@@ -730,7 +729,7 @@ def integrations_markdown(section: dict, meta: dict) -> list[str]:
               "Times: median of the runs; smoothce speed-up: the library's time / smoothce's; memory ratio: the "
               "library's peak extra memory / smoothce's; both measured in the same round-robin.", ""]
     table = []
-    for (integration, shape, dtype), group in groups.items():
+    for (shape, dtype, integration), group in groups.items():
         mine = group.get(INTEGRATION_BASELINE)
         for name, row in group.items():
             if name == INTEGRATION_BASELINE:
@@ -768,7 +767,7 @@ def integrations_markdown(section: dict, meta: dict) -> list[str]:
 
     lines += ["", "### Integration measurements", ""]
     table = []
-    for (integration, shape, dtype), group in groups.items():
+    for (shape, dtype, integration), group in groups.items():
         for name, row in group.items():
             table.append([integration, shape, dtype, name,
                           f"{row['runs']}{' (reduced)' if row.get('reduced_runs') else ''}", fmt_ms(row["median_ms"]),
@@ -898,7 +897,7 @@ def plot_integrations(axes_row, rows: list[dict]) -> None:
     """Bars per (integration, shape, dtype): smoothce's speed-up over the library; each contender's peak
     extra memory."""
     groups = integration_groups(rows)
-    labels = [f"{integration}\n{shape} {dtype}" for integration, shape, dtype in groups]
+    labels = [f"{integration}\n{shape} {dtype}" for shape, dtype, integration in groups]
     for ax, metric, title in ((axes_row[0], "smoothce_speedup", "smoothce speed-up: library time / smoothce time (×)"),
                               (axes_row[1], "peak_extra_bytes", "peak extra memory (MiB)")):
         grouped_bars(ax, groups, metric, lambda group, metric=metric: [
