@@ -35,6 +35,11 @@ def _token_loss(where, logits, labels, ignore_index, label_smoothing, num_items_
                                         label_smoothing, where=where, float32_loss=True, divisor=num_items_in_batch)
 
 
+def _shifted(labels, ignore_index):
+    """Token t predicts label t + 1: the labels moved one to the left, the last position ignored."""
+    return F.pad(labels[..., 1:], (0, 1), value=ignore_index)
+
+
 @dataclass
 class LabelSmoother:
     """transformers' ``trainer_pt_utils.LabelSmoother``: (1 − ε)·Σ nll / D + ε·Σ_c(−log p) / (D·C) over
@@ -49,10 +54,10 @@ class LabelSmoother:
         if labels.dim() == logits.dim() and labels.shape[-1] == 1:
             labels = labels.squeeze(-1)
         if shift_labels:
-            # Token t predicts label t + 1: shift the labels, not the logits, and ignore the last
-            # position (as ForCausalLMLoss). A slice logits[..., :-1, :] has gaps: the kernels would copy
-            # it to write its gradient, and the slice's backward would allocate the full gradient again.
-            labels = F.pad(labels[..., 1:], (0, 1), value=self.ignore_index)
+            # Shift the labels, not the logits (as ForCausalLMLoss). A slice logits[..., :-1, :] has gaps:
+            # the kernels would copy it to write its gradient, and the slice's backward would allocate
+            # the full gradient again.
+            labels = _shifted(labels, self.ignore_index)
         return _token_loss(where, logits, labels, self.ignore_index, self.epsilon, num_items_in_batch)
 
 
@@ -70,7 +75,7 @@ def ForCausalLMLoss(logits, labels, vocab_size: int, num_items_in_batch: Optiona
     sum / num_items_in_batch when given, else the mean; label_smoothing ε as torch's cross_entropy."""
     where = "smoothce.integrations.transformers.ForCausalLMLoss"
     if shift_labels is None:
-        shift_labels = F.pad(labels, (0, 1), value=ignore_index)[..., 1:]
+        shift_labels = _shifted(labels, ignore_index)
     logits, shift_labels = _flat(where, logits, shift_labels, vocab_size)
     return _token_loss(where, logits, shift_labels, ignore_index, label_smoothing, num_items_in_batch)
 
