@@ -136,12 +136,12 @@ struct Params : PositionLayout, Smoothing<acc_type<scalar_t>> {
     }
     return out;
   }
-  // The target elements of a position's gradient, with the exact exp (p − 1 cancels there):
-  // written after the dense part.
+  // The target elements of a position's gradient, with the exact exp, and at the row's sole max
+  // from 1 − p (target_grad in row_math.h): written after the dense part.
   void write_target_grads(scalar_t* g, int64_t sc, acc_t row_max, acc_t log_sum, const IndexGradCoefs<acc_t>& k,
                           const PositionTargets<acc_t>& t, const TargetLogits<acc_t>& x) const {
     auto write = [&](int64_t c, acc_t x_c, acc_t w_c) {
-      g[c * sc] = static_cast<scalar_t>(grad_element(k, std::exp((x_c - row_max) - log_sum), w_c, c == t.a, c == t.b));
+      g[c * sc] = static_cast<scalar_t>(grad_at(k, x_c, row_max, log_sum, w_c, c == t.a, c == t.b));
     };
     if (t.a >= 0) write(t.a, x.x_a, x.w_a);
     if (t.b >= 0 && t.b != t.a) write(t.b, x.x_b, x.w_b);
@@ -185,14 +185,17 @@ RowState<acc_type<scalar_t>> row_state(const Params<scalar_t>& p, const scalar_t
     }
     const acc_t origin = shift_origin(block_max);
     if (exps) block_origins[begin / kRowBlock] = origin;
-    // Σ exp(x − origin) and the mass sums; two independent accumulator sets so that two exp
-    // polynomials (long dependency chains) are in flight at once.
+    // Σ exp(x − origin), its part below the max (RowState::rest) and the mass sums; two independent
+    // accumulator sets so that two exp polynomials (long dependency chains) are in flight at once.
     const Vec vorigin(origin);
-    Vec vsum[2] = {Vec(0), Vec(0)}, vmass_dx[2] = {Vec(0), Vec(0)}, vmass[2] = {Vec(0), Vec(0)};
+    Vec vsum[2] = {Vec(0), Vec(0)}, vrest[2] = {Vec(0), Vec(0)}, vmass_dx[2] = {Vec(0), Vec(0)},
+        vmass[2] = {Vec(0), Vec(0)}, vmass_rest[2] = {Vec(0), Vec(0)};
     auto accumulate = [&](int64_t c, int k) {
       const Vec d = load_acc(x + c) - vorigin;
       const Vec e = vexp(d);
+      const Vec at_max = d == Vec(0);
       vsum[k] += e;
+      vrest[k] += Vec::blendv(e, Vec(0), at_max);
       if (exps) e.store(exps + c);
       if constexpr (kMass == Mass::kUnit) {
         vmass_dx[k] += d;
@@ -205,6 +208,7 @@ RowState<acc_type<scalar_t>> row_state(const Params<scalar_t>& p, const scalar_t
         if (p.weight) v = v * Vec::loadu(p.weight + c);
         vmass_dx[k] = at::vec::fmadd(v, d, vmass_dx[k]);
         vmass[k] += v;
+        vmass_rest[k] += Vec::blendv(v, Vec(0), at_max);
       }
     };
     int64_t c = begin;
@@ -216,20 +220,23 @@ RowState<acc_type<scalar_t>> row_state(const Params<scalar_t>& p, const scalar_t
     auto hsum = [](const Vec* v) {
       return at::vec::vec_reduce_all<acc_t>([](Vec& a, Vec& b) { return a + b; }, v[0] + v[1]);
     };
-    RowState<acc_t> block{origin, hsum(vsum), acc_t(0), acc_t(0)};
+    RowState<acc_t> block{origin, hsum(vsum), hsum(vrest), acc_t(0), acc_t(0), acc_t(0)};
     if constexpr (kMass != Mass::kNone) block.mass_dx = hsum(vmass_dx);
     if constexpr (kMass == Mass::kUnit) block.mass = static_cast<acc_t>(vec_end - begin);
     if constexpr (kMass == Mass::kWeighted || kMass == Mass::kSoft) block.mass = hsum(vmass);
+    if constexpr (kMass == Mass::kSoft) block.mass_rest = hsum(vmass_rest);
     for (int64_t c = vec_end; c < end; ++c) {
       const acc_t d = static_cast<acc_t>(x[c]) - origin;
       const acc_t e = std::exp(d);
       block.sum_exp += e;
+      if (d != acc_t(0)) block.rest += e;
       if (exps) exps[c] = e;
       if constexpr (kMass != Mass::kNone) {
         acc_t v = kMass == Mass::kSoft ? soft_target_q(static_cast<acc_t>(prob[c]), p.eps, p.eps_over_c) : acc_t(1);
         if (kMass != Mass::kUnit) v *= p.weight_at(c);
         block.mass_dx += v * d;
         block.mass += v;
+        if (d != acc_t(0)) block.mass_rest += v;
       }
     }
     state = begin == 0 ? block : merge(state, block);
@@ -280,6 +287,24 @@ void row_grad(const Params<scalar_t>& p, const scalar_t* x, const scalar_t* prob
   }
 }
 
+// The class of a row's (sole) max: searched in the blocks whose origin is the row's max.
+template <typename scalar_t>
+int64_t sole_max_class(const Params<scalar_t>& p, const scalar_t* x, const acc_type<scalar_t>* block_origins,
+                       acc_type<scalar_t> row_max) {
+  using Vec = Vectorized<acc_type<scalar_t>>;
+  constexpr int64_t V = Vec::size();
+  const Vec vmax(row_max);
+  for (int64_t begin = 0; begin < p.classes; begin += kRowBlock) {
+    if (block_origins[begin / kRowBlock] != row_max) continue;
+    const int64_t end = std::min(p.classes, begin + kRowBlock);
+    int64_t c = begin;
+    while (c + V <= end && (load_acc(x + c) == vmax).zero_mask() == (1 << V) - 1) c += V;  // no lane equal
+    for (; c < end; ++c)
+      if (static_cast<acc_type<scalar_t>>(x[c]) == row_max) return c;
+  }
+  return -1;
+}
+
 template <typename scalar_t, Mass kMass>
 void rows_kernel(const Params<scalar_t>& p, int64_t pos_begin, int64_t pos_end) {
   using acc_t = acc_type<scalar_t>;
@@ -316,16 +341,19 @@ void rows_kernel(const Params<scalar_t>& p, int64_t pos_begin, int64_t pos_end) 
       }
     }
     const RowState<acc_t> state = row_state<scalar_t, kMass>(p, x, prob, exps, origins);
-    const acc_t log_sum = std::log(state.sum_exp);
+    const acc_t log_sum = row_log_sum(state);
     const PositionResult<acc_t> r =
         kSoft ? soft_target_position(state, log_sum, p.scale_at(pos), p.z_loss)
               : index_target_position(state, log_sum, t, xt, p.weight_sum, p.scale_at(pos), p);
     p.lse[pos] = r.lse;
     p.position_loss[pos] = r.loss;
     if (g) {
+      // Probability targets: the sole max's class, found before the gradient may overwrite the logits.
+      const int64_t sole = kSoft && r.coefs.sole_r >= acc_t(0) ? sole_max_class(p, x, origins, state.max) : -1;
       row_grad<scalar_t, kSoft>(p, x, prob, g, state.max, r.log_sum, r.coefs.softmax_coef, r.coefs.off_coef, exps,
                                 origins);
       if (!kSoft) p.write_target_grads(g, 1, state.max, r.log_sum, r.coefs, t, xt);
+      if (sole >= 0) g[sole] = static_cast<scalar_t>(r.coefs.sole_base - r.coefs.softmax_coef * r.coefs.sole_r);
     }
   }
 }
@@ -334,7 +362,7 @@ void rows_kernel(const Params<scalar_t>& p, int64_t pos_begin, int64_t pos_end) 
 // The per-lane (per-position) values of a tile: its online-softmax sums, then each lane's results.
 template <typename acc_t, int64_t V>
 struct TileLanes {
-  alignas(64) acc_t max[V], sum[V], mass_dx[V], mass[V];
+  alignas(64) acc_t max[V], sum[V], rest[V], mass_dx[V], mass[V], mass_rest[V];
   alignas(64) acc_t log_sum[V], coef[V], off[V];
   IndexGradCoefs<acc_t> k[V];
   TargetLogits<acc_t> x[V];
@@ -351,10 +379,13 @@ inline void tile_lane_results(const Params<scalar_t>& p, const scalar_t* x, int6
       lanes.log_sum[l] = lanes.coef[l] = lanes.off[l] = acc_t(0);
       continue;
     }
-    RowState<acc_t> state{lanes.max[l], lanes.sum[l], acc_t(0), acc_t(0)};
+    RowState<acc_t> state{lanes.max[l], lanes.sum[l], lanes.rest[l], acc_t(0), acc_t(0), acc_t(0)};
     if constexpr (kMass != Mass::kNone) state.mass_dx = lanes.mass_dx[l];
     if constexpr (kMass == Mass::kUnit || kMass == Mass::kWeighted) state.mass = p.weight_sum;
-    if constexpr (kMass == Mass::kSoft) state.mass = lanes.mass[l];
+    if constexpr (kMass == Mass::kSoft) {
+      state.mass = lanes.mass[l];
+      state.mass_rest = lanes.mass_rest[l];
+    }
     const acc_t scale = p.scale_at(pos0 + l);
     PositionResult<acc_t> r;
     if constexpr (kMass == Mass::kSoft) {
@@ -407,11 +438,13 @@ void tile_kernel(const Params<scalar_t>& p, const scalar_t* x, const scalar_t* p
   Vec vmax = load(x);
   for (int64_t c = 1; c < C; ++c) vmax = at::vec::maximum(vmax, load(x + c * sc));
   const Vec vorigin = Vec::blendv(vmax, Vec(0), vmax == Vec(-std::numeric_limits<acc_t>::infinity()));
-  Vec vsum(0), vmass_dx(0), vmass(0);
+  Vec vsum(0), vrest(0), vmass_dx(0), vmass(0), vmass_rest(0);
   for (int64_t c = 0; c < C; ++c) {
     const Vec d = load(x + c * sc) - vorigin;
     const Vec e = vexp(d);
+    const Vec at_max = d == Vec(0);
     vsum += e;
+    vrest += Vec::blendv(e, Vec(0), at_max);
     if (exps) e.store(exps + c * V);
     if constexpr (kMass == Mass::kUnit) {
       vmass_dx += d;
@@ -422,14 +455,22 @@ void tile_kernel(const Params<scalar_t>& p, const scalar_t* x, const scalar_t* p
       if (p.weight) v = v * Vec(p.weight[c]);
       vmass_dx = at::vec::fmadd(v, d, vmass_dx);
       vmass += v;
+      vmass_rest += Vec::blendv(v, Vec(0), at_max);
     }
   }
   TileLanes<acc_t, V> lanes;
   vorigin.store(lanes.max);
   vsum.store(lanes.sum);
+  vrest.store(lanes.rest);
   vmass_dx.store(lanes.mass_dx);
   vmass.store(lanes.mass);
-  vsum.log().store(lanes.log_sum);  // one vector log for the tile's lanes
+  vmass_rest.store(lanes.mass_rest);
+  // One vector log for the tile's lanes (row_log_sum: log1p(rest) where the max is sole; vsole is
+  // sole_max of row_math.h lane by lane, the same operations on the same values).
+  const Vec vat_max = vsum - vrest;
+  const Vec vsole = (vrest < Vec(1)) & (vat_max > Vec(acc_t(0.5))) & (vat_max < Vec(acc_t(1.5)));
+  const bool any_sole = vsole.zero_mask() != (1 << V) - 1;
+  (any_sole ? Vec::blendv(vsum.log(), vrest.log1p(), vsole) : vsum.log()).store(lanes.log_sum);
   if (p.target_b64 || p.target_b8) {
     tile_lane_results<scalar_t, kMass, true>(p, x, sc, pos0, valid, targets, lanes);
   } else {
@@ -440,14 +481,26 @@ void tile_kernel(const Params<scalar_t>& p, const scalar_t* x, const scalar_t* p
   alignas(64) acc_t invalid_bits[V];  // blendv mask: all bits set in ignored / padding lanes
   for (int64_t l = 0; l < V; ++l) std::memset(&invalid_bits[l], valid[l] ? 0 : 0xFF, sizeof(acc_t));
   const Vec vinvalid = Vec::loadu(invalid_bits);
-  const Vec vlog_sum = Vec::loadu(lanes.log_sum), vcoef = Vec::loadu(lanes.coef), voff = Vec::loadu(lanes.off);
+  const Vec vcoef = Vec::loadu(lanes.coef), voff = Vec::loadu(lanes.off);
   const Vec vinv_sum = Vec(acc_t(1)) / vsum;  // p = exp(x − max) / Σexp (garbage lanes are blended out)
+  // Probability targets: lanes whose sole max gets sole_base − softmax_coef·r (row_math.h grad_at);
+  // under sole_max the max is the lane's only logit with x − max = 0 (and so exp(x − max) = 1).
+  alignas(64) acc_t sole_bits[V], sole_value[V];
+  bool any_soft_sole = false;
+  for (int64_t l = 0; l < V; ++l) {
+    const bool sole = kSoft && valid[l] && lanes.k[l].sole_r >= acc_t(0);
+    std::memset(&sole_bits[l], sole ? 0xFF : 0, sizeof(acc_t));
+    sole_value[l] = sole ? lanes.k[l].sole_base - lanes.k[l].softmax_coef * lanes.k[l].sole_r : acc_t(0);
+    any_soft_sole |= sole;
+  }
+  const Vec vsole_soft = Vec::loadu(sole_bits), vsole_value = Vec::loadu(sole_value);
   for (int64_t c = 0; c < C; ++c) {
     Vec sub = voff;
     if constexpr (kSoft) sub = sub * p.soft_q(load(prob + c * sc));
     if (p.weight) sub = sub * Vec(p.weight[c]);
-    const Vec prob_c = exps ? Vec::loadu(exps + c * V) * vinv_sum : vexp((load(x + c * sc) - vorigin) - vlog_sum);
-    const Vec out = vcoef * prob_c - sub;
+    const Vec e = exps ? Vec::loadu(exps + c * V) : vexp(load(x + c * sc) - vorigin);
+    Vec out = vcoef * (e * vinv_sum) - sub;
+    if (kSoft && any_soft_sole) out = Vec::blendv(out, vsole_value, (e == Vec(1)) & vsole_soft);
     store_acc(g + c * sc, Vec::blendv(out, Vec(0), vinvalid), count);
   }
   if constexpr (!kSoft) {

@@ -149,8 +149,9 @@ struct MaxOp {
 template <typename acc_t>
 __device__ RowState<acc_t> block_merge(RowState<acc_t> s) {
   for (int offset = kWarp / 2; offset > 0; offset /= 2) {
-    const RowState<acc_t> other{__shfl_xor_sync(kFullMask, s.max, offset), __shfl_xor_sync(kFullMask, s.sum_exp, offset),
-                                __shfl_xor_sync(kFullMask, s.mass_dx, offset), __shfl_xor_sync(kFullMask, s.mass, offset)};
+    auto other_ = [&](acc_t v) { return __shfl_xor_sync(kFullMask, v, offset); };
+    const RowState<acc_t> other{other_(s.max),     other_(s.sum_exp), other_(s.rest),
+                                other_(s.mass_dx), other_(s.mass),    other_(s.mass_rest)};
     s = merge(s, other);
   }
   SMOOTHCE_SHARED(RowState<acc_t>, scratch, kWarp);
@@ -242,6 +243,22 @@ __device__ void map_run(const T* src, T* dst, int64_t n, int thread, int nthread
       });
 }
 
+// Adds one logit (d = x − the row's max origin) to the rows kernels' sums: Σexp, its part below the
+// max, and with a class mass (mass(): v) Σv·d, Σv, Σv below the max (RowState's fields after max).
+template <typename acc_t, typename Mass_>
+__device__ __forceinline__ void add_to_sums(Fields<acc_t, 5>& sums, acc_t d, bool with_mass, const Mass_& mass) {
+  const acc_t e = math::exp(d);
+  const bool below = d != acc_t(0);
+  sums.v[0] += e;
+  if (below) sums.v[1] += e;
+  if (with_mass) {
+    const acc_t v = mass();
+    sums.v[2] += v * d;
+    sums.v[3] += v;
+    if (below) sums.v[4] += v;
+  }
+}
+
 // The loss and lse of one position, and what its gradient needs (a zero RowScalars when invalid).
 // `targets`/`x`: the index targets and their logits (unused for probability targets).
 // `write`: this thread stores loss and lse (and is the one counted for the per-position reads).
@@ -261,8 +278,8 @@ __device__ RowScalars<acc_type<scalar_t>> finish_position(const KernelArgs<scala
     if (a.position_scale) scale *= load_broadcast(a.position_scale + pos, write);
     const PositionResult<acc_t> r =
         a.mass == Mass::kSoft
-            ? soft_target_position(state, math::log(state.sum_exp), scale, a.z_loss)
-            : index_target_position(state, math::log(state.sum_exp), targets, x, static_cast<acc_t>(scalars.weight_sum),
+            ? soft_target_position(state, row_log_sum(state), scale, a.z_loss)
+            : index_target_position(state, row_log_sum(state), targets, x, static_cast<acc_t>(scalars.weight_sum),
                                     scale, a);
     out.max = state.max;
     out.log_sum = r.log_sum;
@@ -284,7 +301,7 @@ __device__ RowScalars<acc_type<scalar_t>> finish_position(const KernelArgs<scala
 template <typename acc_t>
 __device__ __forceinline__ acc_t grad_value(const RowScalars<acc_t>& r, acc_t x, acc_t class_mass, int64_t c) {
   if (!r.valid) return acc_t(0);
-  return grad_element(r.coefs, math::exp((x - r.max) - r.log_sum), class_mass, c == r.a, c == r.b);
+  return grad_at(r.coefs, x, r.max, r.log_sum, class_mass, c == r.a, c == r.b);
 }
 
 // ---------------------------------------------------------------- prologue: D, Σw, the range check
@@ -354,7 +371,7 @@ __global__ void __launch_bounds__(512, 1) rows_kernel(KernelArgs<scalar_t> a, Pl
   scalar_t* x_smem = reinterpret_cast<scalar_t*>(smem);
   scalar_t* p_smem = reinterpret_cast<scalar_t*>(smem + staged);
   RowScalars<acc_t>* row_scalars = reinterpret_cast<RowScalars<acc_t>*>(smem + (soft ? 2 : 1) * staged);
-  SMOOTHCE_SHARED(acc_t, reduce_scratch, 3 * kWarp);
+  SMOOTHCE_SHARED(acc_t, reduce_scratch, 5 * kWarp);
   const DeviceScalars scalars = load_broadcast(a.scalars, threadIdx.x == 0);
   const int64_t positions = a.outer * a.inner;
   const int64_t tiles = ceil_div(positions, R);
@@ -398,18 +415,16 @@ __global__ void __launch_bounds__(512, 1) rows_kernel(KernelArgs<scalar_t> a, Pl
     for (int64_t c = lane; c < C; c += G) row_max = nan_max(row_max, static_cast<acc_t>(load_shared(x + c)));
     row_max = group_reduce(Fields<acc_t, 1>{{row_max}}, G, MaxOp(), reduce_scratch).v[0];
     const acc_t origin = shift_origin(row_max);
-    Fields<acc_t, 3> sums{{acc_t(0), acc_t(0), acc_t(0)}};  // Σexp, Σv·(x − origin), Σv
+    // Σexp, its part below the max, Σv·(x − origin), Σv, Σv below the max
+    Fields<acc_t, 5> sums{{acc_t(0), acc_t(0), acc_t(0), acc_t(0), acc_t(0)}};
     for (int64_t c = lane; c < C; c += G) {
       const acc_t d = static_cast<acc_t>(load_shared(x + c)) - origin;
-      sums.v[0] += math::exp(d);
-      if (a.mass != Mass::kNone) {
-        const acc_t v = a.class_mass(c, soft ? static_cast<acc_t>(load_shared(prob + c)) : acc_t(0));
-        sums.v[1] += v * d;
-        sums.v[2] += v;
-      }
+      add_to_sums(sums, d, a.mass != Mass::kNone, [&] {
+        return a.class_mass(c, soft ? static_cast<acc_t>(load_shared(prob + c)) : acc_t(0));
+      });
     }
     sums = group_reduce(sums, G, AddOp(), reduce_scratch);
-    RowState<acc_t> state{origin, sums.v[0], sums.v[1], sums.v[2]};
+    RowState<acc_t> state{origin, sums.v[0], sums.v[1], sums.v[2], sums.v[3], sums.v[4]};
     if (a.mass == Mass::kWeighted) state.mass = static_cast<acc_t>(scalars.weight_sum);
 
     // 3. loss and lse; 4. the gradient from shared memory
@@ -454,8 +469,8 @@ __global__ void __launch_bounds__(512, 1) cluster_rows_kernel(KernelArgs<scalar_
   const int64_t staged = staged_bytes(plan.chunk, sizeof(scalar_t));
   scalar_t* x_smem = reinterpret_cast<scalar_t*>(smem);
   scalar_t* p_smem = reinterpret_cast<scalar_t*>(smem + staged);
-  acc_t* reduce_scratch = reinterpret_cast<acc_t*>(smem + (soft ? 2 : 1) * staged);  // 3 × 32 values
-  acc_t* published = reduce_scratch + 3 * kWarp;  // this block's max and sums, read by the cluster
+  acc_t* reduce_scratch = reinterpret_cast<acc_t*>(smem + (soft ? 2 : 1) * staged);  // 5 × 32 values
+  acc_t* published = reduce_scratch + 5 * kWarp;  // this block's max and sums, read by the cluster
   const unsigned rank = cluster_rank(), blocks = static_cast<unsigned>(plan.chunks);
   const int64_t c0 = rank * plan.chunk;
   const int64_t n = a.classes - c0 < plan.chunk ? (a.classes > c0 ? a.classes - c0 : 0) : plan.chunk;
@@ -487,27 +502,24 @@ __global__ void __launch_bounds__(512, 1) cluster_rows_kernel(KernelArgs<scalar_
     for (unsigned r = 0; r < blocks; ++r) row_max = nan_max(row_max, load_shared(cluster_smem(published, r)));
     const acc_t origin = shift_origin(row_max);
 
-    Fields<acc_t, 3> sums{{acc_t(0), acc_t(0), acc_t(0)}};  // Σexp, Σv·(x − origin), Σv
+    // Σexp, its part below the max, Σv·(x − origin), Σv, Σv below the max
+    Fields<acc_t, 5> sums{{acc_t(0), acc_t(0), acc_t(0), acc_t(0), acc_t(0)}};
     for (int64_t c = threadIdx.x; c < n; c += blockDim.x) {
       const acc_t d = static_cast<acc_t>(load_shared(x + c)) - origin;
-      sums.v[0] += math::exp(d);
-      if (a.mass != Mass::kNone) {
-        const acc_t v = a.class_mass(c0 + c, soft ? static_cast<acc_t>(load_shared(prob + c)) : acc_t(0));
-        sums.v[1] += v * d;
-        sums.v[2] += v;
-      }
+      add_to_sums(sums, d, a.mass != Mass::kNone, [&] {
+        return a.class_mass(c0 + c, soft ? static_cast<acc_t>(load_shared(prob + c)) : acc_t(0));
+      });
     }
     sums = group_reduce(sums, blockDim.x, AddOp(), reduce_scratch);
     if (threadIdx.x == 0)
-      for (int i = 0; i < 3; ++i) store_shared(published + 1 + i, sums.v[i]);
+      for (int i = 0; i < 5; ++i) store_shared(published + 1 + i, sums.v[i]);
     cluster_sync();  // (published[0] of the next row is written after every block passed this one)
-    RowState<acc_t> state{origin, acc_t(0), acc_t(0), acc_t(0)};
+    Fields<acc_t, 5> total{{acc_t(0), acc_t(0), acc_t(0), acc_t(0), acc_t(0)}};
     for (unsigned r = 0; r < blocks; ++r) {
       const acc_t* remote = cluster_smem(published, r);
-      state.sum_exp += load_shared(remote + 1);
-      state.mass_dx += load_shared(remote + 2);
-      state.mass += load_shared(remote + 3);
+      for (int i = 0; i < 5; ++i) total.v[i] += load_shared(remote + 1 + i);
     }
+    RowState<acc_t> state{origin, total.v[0], total.v[1], total.v[2], total.v[3], total.v[4]};
     if (a.mass == Mass::kWeighted) state.mass = static_cast<acc_t>(scalars.weight_sum);
 
     const RowScalars<acc_t> result = finish_position(a, state, pos, targets, valid, x_targets, scalars, leader);

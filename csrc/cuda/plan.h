@@ -50,9 +50,9 @@ struct Plan {
 };
 
 // Per-row scalars the rows kernel keeps in shared memory for its cooperative gradient write.
-constexpr int64_t kRowScalarsBytes = 64;
-// The cluster kernel's reduction scratch (3 × 32 fp64) and the partials it shares with its cluster.
-constexpr int64_t kClusterScratchBytes = 1024;
+constexpr int64_t kRowScalarsBytes = 80;
+// The cluster kernel's reduction scratch (5 × 32 fp64) and the partials it shares with its cluster (6).
+constexpr int64_t kClusterScratchBytes = 5 * 32 * 8 + 6 * 8;
 // A cluster is only as big as it must be for its row to fit, and preferably this small per block
 // (several blocks per SM); larger chunks are taken when nothing smaller fits.
 constexpr int64_t kClusterChunkBytes = 64 * 1024;

@@ -24,9 +24,9 @@
 #define SMOOTHCE_MATH_ABI
 #endif
 
-// exp, log and division in the math every backend shares: std::exp, std::log and a / b, or, under the
-// emulator, emu::arith's (exact, or the device's fast-math arithmetic). Device computations here use
-// them; host-only ones (Smoothing::make) keep the plain operators.
+// exp, log, log1p and division in the math every backend shares: std::exp, std::log, std::log1p and
+// a / b, or, under the emulator, emu::arith's (exact, or the device's fast-math arithmetic). Device
+// computations here use them; host-only ones (Smoothing::make) keep the plain operators.
 namespace smoothce::math {
 template <typename T>
 SMOOTHCE_HOST_DEVICE SMOOTHCE_MATH_ABI T exp(T x) {
@@ -42,6 +42,14 @@ SMOOTHCE_HOST_DEVICE SMOOTHCE_MATH_ABI T log(T x) {
   return ::emu::arith::log(x);
 #else
   return std::log(x);
+#endif
+}
+template <typename T>
+SMOOTHCE_HOST_DEVICE SMOOTHCE_MATH_ABI T log1p(T x) {
+#if defined(SMOOTHCE_EMULATOR)
+  return ::emu::arith::log1p(x);
+#else
+  return std::log1p(x);
 #endif
 }
 template <typename T>
@@ -131,29 +139,37 @@ struct PositionLayout {
 // smoothing term, v = w·q for probability targets):
 //   max       = max_c x_c
 //   sum_exp   = Σ exp(x_c − max)
+//   rest      = Σ exp(x_c − max) over the x_c < max only (sum_exp less the logits at the max)
 //   mass_dx   = Σ v_c·(x_c − max)        (kept relative to max: no cancellation for large logits)
 //   mass      = Σ v_c
+//   mass_rest = Σ v_c over the x_c < max only (probability targets' gradient at a sole max)
 // Merging two states is associative, so the same merge serves vector lanes, blocks of a row,
-// warps and thread blocks.
+// warps and thread blocks. `rest` is what a confident row's loss and gradient are made of (see
+// sole_max below): summed apart from the 1 of the max, it keeps its own precision however small.
 template <typename acc_t>
 struct RowState {
   acc_t max;
   acc_t sum_exp;
+  acc_t rest;
   acc_t mass_dx;
   acc_t mass;
+  acc_t mass_rest;
 
   SMOOTHCE_HOST_DEVICE static RowState empty() {
-    return {-std::numeric_limits<acc_t>::infinity(), acc_t(0), acc_t(0), acc_t(0)};
+    return {-std::numeric_limits<acc_t>::infinity(), acc_t(0), acc_t(0), acc_t(0), acc_t(0), acc_t(0)};
   }
 };
 
 // Rescales a state to a new (larger or equal) max. A state whose max is −inf (all logits −inf)
-// keeps sum_exp = 0; its mass_dx is −inf already when it holds mass, so nothing is lost.
+// keeps sum_exp = 0; its mass_dx is −inf already when it holds mass, so nothing is lost. Below the
+// new max every logit of the state is in `rest`.
 template <typename acc_t>
 SMOOTHCE_HOST_DEVICE SMOOTHCE_MATH_ABI void shift_to(RowState<acc_t>& s, acc_t new_max) {
   if (s.max == new_max) return;
   const acc_t delta = s.max - new_max;  // ≤ 0, or NaN when a NaN logit was seen
   s.sum_exp *= math::exp(delta);
+  s.rest = s.sum_exp;
+  s.mass_rest = s.mass;
   if (s.mass != acc_t(0)) s.mass_dx += s.mass * delta;
   s.max = new_max;
 }
@@ -164,7 +180,25 @@ SMOOTHCE_HOST_DEVICE SMOOTHCE_MATH_ABI RowState<acc_t> merge(RowState<acc_t> a, 
   const acc_t m = (a.max != a.max || b.max != b.max) ? a.max + b.max : (a.max > b.max ? a.max : b.max);
   shift_to(a, m);
   shift_to(b, m);
-  return {m, a.sum_exp + b.sum_exp, a.mass_dx + b.mass_dx, a.mass + b.mass};
+  return {m,         a.sum_exp + b.sum_exp, a.rest + b.rest, a.mass_dx + b.mass_dx,
+          a.mass + b.mass, a.mass_rest + b.mass_rest};
+}
+
+// Exactly one logit at the max and the others' share rest = Σexp − 1 below 1 (p_max > 1/2): the
+// confident row, where 1 − p_max and log Σexp are small numbers that Σexp (≈ 1) has rounded away.
+// There log Σexp = log1p(rest) and 1 − p_max = rest/(1 + rest), both without cancellation
+// (docs/semantics.md §5). (sum_exp − rest counts the logits at the max: exp(0) = 1 each; with
+// rest < 1 its rounding is far below 1/2.)
+template <typename acc_t>
+SMOOTHCE_HOST_DEVICE bool sole_max(const RowState<acc_t>& s) {
+  const acc_t at_max = s.sum_exp - s.rest;
+  return s.rest < acc_t(1) && at_max > acc_t(0.5) && at_max < acc_t(1.5);
+}
+
+// log Σexp relative to the max: log1p(rest) for a sole max, else log(sum_exp).
+template <typename acc_t>
+SMOOTHCE_HOST_DEVICE SMOOTHCE_MATH_ABI acc_t row_log_sum(const RowState<acc_t>& s) {
+  return sole_max(s) ? math::log1p(s.rest) : math::log(s.sum_exp);
 }
 
 // The origin a block's relative sums are taken from: its max, or 0 when every logit is −inf
@@ -224,13 +258,17 @@ struct TargetLogits {
 
 // Gradient of one position: ∂ℓ/∂x_j = scale·[Σq_w·p_j − w_j·q_j] (+ the z-loss term). The kernels
 // evaluate it as softmax_coef·exp(log_prob(x_j)) − off_coef·w_j, less peak_a at j = a and peak_b at
-// j = b (grad_element below; at a target, p is computed exactly, as p − 1 cancels).
+// j = b (grad_element below). At the row's sole max (sole_max above), when it is an index target or
+// the target is a probability vector, p = 1 − r, r = rest/(1 + rest), and the element is
+// sole_base − softmax_coef·r, sole_base formed without the cancelling p·(…) − (…) (grad_at below).
 template <typename acc_t>
 struct IndexGradCoefs {
   acc_t softmax_coef;  // scale·(Σq_w + 2α·v·lse)
   acc_t off_coef;      // scale·off·v (index targets), scale (probability targets)
   acc_t peak_a;        // scale·(on − off)·k_a·w_a
   acc_t peak_b;        // scale·(on − off)·k_b·w_b
+  acc_t sole_r;        // r = 1 − p at the row's sole max (index targets: if a target is there), else −1
+  acc_t sole_base;     // softmax_coef − off_coef·mass − peaks of that class, formed without cancellation
 };
 
 // One gradient element ∂ℓ/∂x_j from the position's coefficients (index targets: class_mass = w_j;
@@ -243,6 +281,15 @@ SMOOTHCE_HOST_DEVICE acc_t grad_element(const IndexGradCoefs<acc_t>& k, acc_t pr
   if (is_a) g -= k.peak_a;
   if (is_b) g -= k.peak_b;
   return g;
+}
+
+// ∂ℓ/∂x_c (logit x_c; the row's max and log Σexp): at the sole max from r when the coefficients have
+// it, else grad_element.
+template <typename acc_t>
+SMOOTHCE_HOST_DEVICE SMOOTHCE_MATH_ABI acc_t grad_at(const IndexGradCoefs<acc_t>& k, acc_t x_c, acc_t row_max,
+                                                     acc_t log_sum, acc_t class_mass, bool is_a, bool is_b) {
+  if (k.sole_r >= acc_t(0) && x_c == row_max) return k.sole_base - k.softmax_coef * k.sole_r;
+  return grad_element(k, math::exp((x_c - row_max) - log_sum), class_mass, is_a, is_b);
 }
 
 // Everything a valid position's loss and gradient need, from its finished RowState.
@@ -263,14 +310,28 @@ SMOOTHCE_HOST_DEVICE void add_z_loss(PositionResult<acc_t>& r, acc_t z_loss, acc
   r.coefs.softmax_coef += scale * acc_t(2) * z_loss * v * r.lse;
 }
 
-// Probability targets: `state.mass` = Σ w·q of the row (§2.3). log_sum = log(state.sum_exp) (passed in:
-// the CPU tiles take it for all their lanes with one vector log).
+// r = 1 − p at a sole max: rest/(1 + rest) (no cancellation).
 template <typename acc_t>
-SMOOTHCE_HOST_DEVICE PositionResult<acc_t> soft_target_position(const RowState<acc_t>& state, acc_t log_sum,
-                                                                acc_t scale, acc_t z_loss) {
+SMOOTHCE_HOST_DEVICE SMOOTHCE_MATH_ABI acc_t sole_max_r(const RowState<acc_t>& s) {
+  return math::div(s.rest, acc_t(1) + s.rest);
+}
+
+// Probability targets: `state.mass` = Σ w·q of the row (§2.3). log_sum = row_log_sum(state) (passed in:
+// the CPU tiles take it for all their lanes with one vector log). At a sole max j the gradient's
+// coefficient sum Σ w·q − w_j·q_j is the other classes' mass_rest.
+template <typename acc_t>
+SMOOTHCE_HOST_DEVICE SMOOTHCE_MATH_ABI PositionResult<acc_t> soft_target_position(const RowState<acc_t>& state,
+                                                                                  acc_t log_sum, acc_t scale,
+                                                                                  acc_t z_loss) {
   PositionResult<acc_t> r{state.max + log_sum, log_sum, mass_nll(state, log_sum),
-                          {scale * state.mass, scale, acc_t(0), acc_t(0)}};
+                          {scale * state.mass, scale, acc_t(0), acc_t(0), acc_t(-1), acc_t(0)}};
   add_z_loss(r, z_loss, acc_t(1), scale);
+  if (sole_max(state)) {
+    acc_t base = state.mass_rest;
+    if (z_loss != acc_t(0)) base += acc_t(2) * z_loss * r.lse;
+    r.coefs.sole_r = sole_max_r(state);
+    r.coefs.sole_base = scale * base;
+  }
   return r;
 }
 
@@ -278,10 +339,9 @@ SMOOTHCE_HOST_DEVICE PositionResult<acc_t> soft_target_position(const RowState<a
 // With v = k_a + k_b,
 //   ℓ = off·v·Σ_c w_c·(lse − x_c) + (on − off)·[k_a·w_a·(lse − x_a) + k_b·w_b·(lse − x_b)] + α·v·lse².
 template <typename acc_t>
-SMOOTHCE_HOST_DEVICE PositionResult<acc_t> index_target_position(const RowState<acc_t>& state, acc_t log_sum,
-                                                                 const PositionTargets<acc_t>& t,
-                                                                 const TargetLogits<acc_t>& x, acc_t weight_sum,
-                                                                 acc_t scale, const Smoothing<acc_t>& s) {
+SMOOTHCE_HOST_DEVICE SMOOTHCE_MATH_ABI PositionResult<acc_t> index_target_position(
+    const RowState<acc_t>& state, acc_t log_sum, const PositionTargets<acc_t>& t, const TargetLogits<acc_t>& x,
+    acc_t weight_sum, acc_t scale, const Smoothing<acc_t>& s) {
   const acc_t v = t.mass(), off = s.tv.off;
   const acc_t peak_a = (s.tv.on - off) * t.k_a * x.w_a, peak_b = (s.tv.on - off) * t.k_b * x.w_b;
   acc_t loss = acc_t(0);
@@ -290,8 +350,19 @@ SMOOTHCE_HOST_DEVICE PositionResult<acc_t> index_target_position(const RowState<
   if (peak_b != acc_t(0)) loss -= peak_b * log_prob(state, log_sum, x.x_b);
   PositionResult<acc_t> r{state.max + log_sum, log_sum, loss,
                           {scale * (off * v * weight_sum + peak_a + peak_b), scale * off * v, scale * peak_a,
-                           scale * peak_b}};
+                           scale * peak_b, acc_t(-1), acc_t(0)}};
   add_z_loss(r, s.z_loss, v, scale);
+  // A target at the sole max (at most one class can be): its coefficients without its own peak and
+  // its own w·off, i.e. the other classes' share Σ_{c≠j} w_c·q_c (+ the z-loss term).
+  const bool at_a = t.a >= 0 && x.x_a == state.max, at_b = t.b >= 0 && x.x_b == state.max;
+  if ((at_a || at_b) && sole_max(state)) {
+    const acc_t w_j = at_a ? x.w_a : x.w_b;
+    const acc_t other_peaks = t.a == t.b ? acc_t(0) : (at_a ? peak_b : peak_a);  // a = b: both peaks are j's
+    acc_t base = off * v * (weight_sum - w_j) + other_peaks;
+    if (s.z_loss != acc_t(0)) base += acc_t(2) * s.z_loss * v * r.lse;
+    r.coefs.sole_r = sole_max_r(state);
+    r.coefs.sole_base = scale * base;
+  }
   return r;
 }
 
@@ -301,10 +372,13 @@ template <typename acc_t, bool kWithMass>
 SMOOTHCE_HOST_DEVICE SMOOTHCE_MATH_ABI void accumulate(RowState<acc_t>& s, acc_t x, acc_t v) {
   if (!(x <= s.max)) shift_to(s, (x != x || s.max != s.max) ? x + s.max : x);
   const acc_t d = x - shift_origin(s.max);
-  s.sum_exp += math::exp(d);
+  const acc_t e = math::exp(d);
+  s.sum_exp += e;
+  if (x != s.max) s.rest += e;
   if (kWithMass) {
     s.mass_dx += v * d;
     s.mass += v;
+    if (x != s.max) s.mass_rest += v;
   }
 }
 

@@ -1,4 +1,4 @@
-// The device arithmetic of the emulated kernels (included at the end of emu.h): exp, log and
+// The device arithmetic of the emulated kernels (included at the end of emu.h): exp, log, log1p and
 // division as the real build computes them, selected at run time (arith.cpp: set_arithmetic).
 //
 // The CUDA build uses nvcc --use_fast_math: in device code single-precision expf/logf become
@@ -134,6 +134,16 @@ inline float device_log(float x) {
   return move_ulps(static_cast<float>(exact), pick_ulps(h, 3));
 }
 
+// log1pf is not one of the fast intrinsics: --use_fast_math leaves it the library function, whose
+// maximum error the Guide's single-precision table gives as 1 ulp (computed with FTZ).
+inline float device_log1p(float x) {
+  x = flush(x);
+  if (x == 0.0f || !(x > -1.0f) || x > std::numeric_limits<float>::max()) return std::log1p(x);  // 0, -inf, NaN, inf
+  const float r = static_cast<float>(std::log1p(static_cast<double>(x)));
+  if (r == 0.0f) return flush(r);
+  return flush(move_ulps(r, pick_ulps(mix(bits(x) ^ 0x9b05688cu), 1)));
+}
+
 // x / y with -prec-div=false (`fdividef`: __fdividef, which returns 0 for 2^126 < |y| < 2^128).
 inline float device_div(float a, float b, bool fdividef) {
   a = flush(a);
@@ -148,7 +158,7 @@ inline float device_div(float a, float b, bool fdividef) {
 
 }  // namespace detail
 
-// exp, log and division of the kernels' math (smoothce::math in csrc/smoothce/row_math.h).
+// exp, log, log1p and division of the kernels' math (smoothce::math in csrc/smoothce/row_math.h).
 template <typename T>
 inline T exp(T x) {
   if constexpr (std::is_same_v<T, float>) {
@@ -163,6 +173,14 @@ inline T log(T x) {
     if (device()) return detail::device_log(x);
   }
   return std::log(x);
+}
+
+template <typename T>
+inline T log1p(T x) {
+  if constexpr (std::is_same_v<T, float>) {
+    if (device()) return detail::device_log1p(x);
+  }
+  return std::log1p(x);
 }
 
 template <typename T>
