@@ -193,9 +193,9 @@ RowState<acc_type<scalar_t>> row_state(const Params<scalar_t>& p, const scalar_t
     auto accumulate = [&](int64_t c, int k) {
       const Vec d = load_acc(x + c) - vorigin;
       const Vec e = vexp(d);
-      const Vec at_max = d == Vec(0);
+      const Vec below = d != Vec(0);  // all bits set below the max (RowState::rest)
       vsum[k] += e;
-      vrest[k] += Vec::blendv(e, Vec(0), at_max);
+      vrest[k] += (e & below);
       if (exps) e.store(exps + c);
       if constexpr (kMass == Mass::kUnit) {
         vmass_dx[k] += d;
@@ -208,7 +208,7 @@ RowState<acc_type<scalar_t>> row_state(const Params<scalar_t>& p, const scalar_t
         if (p.weight) v = v * Vec::loadu(p.weight + c);
         vmass_dx[k] = at::vec::fmadd(v, d, vmass_dx[k]);
         vmass[k] += v;
-        vmass_rest[k] += Vec::blendv(v, Vec(0), at_max);
+        vmass_rest[k] += (v & below);
       }
     };
     int64_t c = begin;
@@ -349,11 +349,11 @@ void rows_kernel(const Params<scalar_t>& p, int64_t pos_begin, int64_t pos_end) 
     p.position_loss[pos] = r.loss;
     if (g) {
       // Probability targets: the sole max's class, found before the gradient may overwrite the logits.
-      const int64_t sole = kSoft && r.coefs.sole_r >= acc_t(0) ? sole_max_class(p, x, origins, state.max) : -1;
+      const int64_t sole = kSoft && r.coefs.sole_rest >= acc_t(0) ? sole_max_class(p, x, origins, state.max) : -1;
       row_grad<scalar_t, kSoft>(p, x, prob, g, state.max, r.log_sum, r.coefs.softmax_coef, r.coefs.off_coef, exps,
                                 origins);
       if (!kSoft) p.write_target_grads(g, 1, state.max, r.log_sum, r.coefs, t, xt);
-      if (sole >= 0) g[sole] = static_cast<scalar_t>(r.coefs.sole_base - r.coefs.softmax_coef * r.coefs.sole_r);
+      if (sole >= 0) g[sole] = static_cast<scalar_t>(sole_max_grad(r.coefs));
     }
   }
 }
@@ -442,9 +442,9 @@ void tile_kernel(const Params<scalar_t>& p, const scalar_t* x, const scalar_t* p
   for (int64_t c = 0; c < C; ++c) {
     const Vec d = load(x + c * sc) - vorigin;
     const Vec e = vexp(d);
-    const Vec at_max = d == Vec(0);
+    const Vec below = d != Vec(0);  // all bits set below the max (RowState::rest)
     vsum += e;
-    vrest += Vec::blendv(e, Vec(0), at_max);
+    vrest += (e & below);
     if (exps) e.store(exps + c * V);
     if constexpr (kMass == Mass::kUnit) {
       vmass_dx += d;
@@ -455,7 +455,7 @@ void tile_kernel(const Params<scalar_t>& p, const scalar_t* x, const scalar_t* p
       if (p.weight) v = v * Vec(p.weight[c]);
       vmass_dx = at::vec::fmadd(v, d, vmass_dx);
       vmass += v;
-      vmass_rest += Vec::blendv(v, Vec(0), at_max);
+      vmass_rest += (v & below);
     }
   }
   TileLanes<acc_t, V> lanes;
@@ -467,10 +467,11 @@ void tile_kernel(const Params<scalar_t>& p, const scalar_t* x, const scalar_t* p
   vmass_rest.store(lanes.mass_rest);
   // One vector log for the tile's lanes (row_log_sum: log1p(rest) where the max is sole; vsole is
   // sole_max of row_math.h lane by lane, the same operations on the same values).
+  // One vector log1p for every lane: log Σexp = log1p(Σexp − 1) (Σexp ≥ 1 holds the max's exp(0) = 1,
+  // and Σexp − 1 rounds at most as Σexp does), or log1p(rest) (row_log_sum).
   const Vec vat_max = vsum - vrest;
   const Vec vsole = (vrest < Vec(1)) & (vat_max > Vec(acc_t(0.5))) & (vat_max < Vec(acc_t(1.5)));
-  const bool any_sole = vsole.zero_mask() != (1 << V) - 1;
-  (any_sole ? Vec::blendv(vsum.log(), vrest.log1p(), vsole) : vsum.log()).store(lanes.log_sum);
+  Vec::blendv(vsum - Vec(1), vrest, vsole).log1p().store(lanes.log_sum);
   if (p.target_b64 || p.target_b8) {
     tile_lane_results<scalar_t, kMass, true>(p, x, sc, pos0, valid, targets, lanes);
   } else {
@@ -488,9 +489,9 @@ void tile_kernel(const Params<scalar_t>& p, const scalar_t* x, const scalar_t* p
   alignas(64) acc_t sole_bits[V], sole_value[V];
   bool any_soft_sole = false;
   for (int64_t l = 0; l < V; ++l) {
-    const bool sole = kSoft && valid[l] && lanes.k[l].sole_r >= acc_t(0);
+    const bool sole = kSoft && valid[l] && lanes.k[l].sole_rest >= acc_t(0);
     std::memset(&sole_bits[l], sole ? 0xFF : 0, sizeof(acc_t));
-    sole_value[l] = sole ? lanes.k[l].sole_base - lanes.k[l].softmax_coef * lanes.k[l].sole_r : acc_t(0);
+    sole_value[l] = sole ? sole_max_grad(lanes.k[l]) : acc_t(0);
     any_soft_sole |= sole;
   }
   const Vec vsole_soft = Vec::loadu(sole_bits), vsole_value = Vec::loadu(sole_value);

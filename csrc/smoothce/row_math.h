@@ -260,14 +260,14 @@ struct TargetLogits {
 // evaluate it as softmax_coef·exp(log_prob(x_j)) − off_coef·w_j, less peak_a at j = a and peak_b at
 // j = b (grad_element below). At the row's sole max (sole_max above), when it is an index target or
 // the target is a probability vector, p = 1 − r, r = rest/(1 + rest), and the element is
-// sole_base − softmax_coef·r, sole_base formed without the cancelling p·(…) − (…) (grad_at below).
+// sole_base − softmax_coef·r, sole_base formed without the cancelling p·(…) − (…) (sole_max_grad).
 template <typename acc_t>
 struct IndexGradCoefs {
   acc_t softmax_coef;  // scale·(Σq_w + 2α·v·lse)
   acc_t off_coef;      // scale·off·v (index targets), scale (probability targets)
   acc_t peak_a;        // scale·(on − off)·k_a·w_a
   acc_t peak_b;        // scale·(on − off)·k_b·w_b
-  acc_t sole_r;        // r = 1 − p at the row's sole max (index targets: if a target is there), else −1
+  acc_t sole_rest;     // the row's rest when sole_max_grad applies (index targets: a target at the max), else −1
   acc_t sole_base;     // softmax_coef − off_coef·mass − peaks of that class, formed without cancellation
 };
 
@@ -283,12 +283,18 @@ SMOOTHCE_HOST_DEVICE acc_t grad_element(const IndexGradCoefs<acc_t>& k, acc_t pr
   return g;
 }
 
-// ∂ℓ/∂x_c (logit x_c; the row's max and log Σexp): at the sole max from r when the coefficients have
-// it, else grad_element.
+// ∂ℓ/∂x at the sole max: sole_base − softmax_coef·r, with 1 − p = r = rest/(1 + rest) (no cancellation).
+template <typename acc_t>
+SMOOTHCE_HOST_DEVICE SMOOTHCE_MATH_ABI acc_t sole_max_grad(const IndexGradCoefs<acc_t>& k) {
+  return k.sole_base - k.softmax_coef * math::div(k.sole_rest, acc_t(1) + k.sole_rest);
+}
+
+// ∂ℓ/∂x_c (logit x_c; the row's max and log Σexp): sole_max_grad at the sole max when the coefficients
+// have it, else grad_element.
 template <typename acc_t>
 SMOOTHCE_HOST_DEVICE SMOOTHCE_MATH_ABI acc_t grad_at(const IndexGradCoefs<acc_t>& k, acc_t x_c, acc_t row_max,
                                                      acc_t log_sum, acc_t class_mass, bool is_a, bool is_b) {
-  if (k.sole_r >= acc_t(0) && x_c == row_max) return k.sole_base - k.softmax_coef * k.sole_r;
+  if (k.sole_rest >= acc_t(0) && x_c == row_max) return sole_max_grad(k);
   return grad_element(k, math::exp((x_c - row_max) - log_sum), class_mass, is_a, is_b);
 }
 
@@ -310,26 +316,19 @@ SMOOTHCE_HOST_DEVICE void add_z_loss(PositionResult<acc_t>& r, acc_t z_loss, acc
   r.coefs.softmax_coef += scale * acc_t(2) * z_loss * v * r.lse;
 }
 
-// r = 1 − p at a sole max: rest/(1 + rest) (no cancellation).
-template <typename acc_t>
-SMOOTHCE_HOST_DEVICE SMOOTHCE_MATH_ABI acc_t sole_max_r(const RowState<acc_t>& s) {
-  return math::div(s.rest, acc_t(1) + s.rest);
-}
-
 // Probability targets: `state.mass` = Σ w·q of the row (§2.3). log_sum = row_log_sum(state) (passed in:
 // the CPU tiles take it for all their lanes with one vector log). At a sole max j the gradient's
 // coefficient sum Σ w·q − w_j·q_j is the other classes' mass_rest.
 template <typename acc_t>
-SMOOTHCE_HOST_DEVICE SMOOTHCE_MATH_ABI PositionResult<acc_t> soft_target_position(const RowState<acc_t>& state,
-                                                                                  acc_t log_sum, acc_t scale,
-                                                                                  acc_t z_loss) {
+SMOOTHCE_HOST_DEVICE PositionResult<acc_t> soft_target_position(const RowState<acc_t>& state, acc_t log_sum,
+                                                                acc_t scale, acc_t z_loss) {
   PositionResult<acc_t> r{state.max + log_sum, log_sum, mass_nll(state, log_sum),
                           {scale * state.mass, scale, acc_t(0), acc_t(0), acc_t(-1), acc_t(0)}};
   add_z_loss(r, z_loss, acc_t(1), scale);
   if (sole_max(state)) {
     acc_t base = state.mass_rest;
     if (z_loss != acc_t(0)) base += acc_t(2) * z_loss * r.lse;
-    r.coefs.sole_r = sole_max_r(state);
+    r.coefs.sole_rest = state.rest;
     r.coefs.sole_base = scale * base;
   }
   return r;
@@ -339,7 +338,7 @@ SMOOTHCE_HOST_DEVICE SMOOTHCE_MATH_ABI PositionResult<acc_t> soft_target_positio
 // With v = k_a + k_b,
 //   ℓ = off·v·Σ_c w_c·(lse − x_c) + (on − off)·[k_a·w_a·(lse − x_a) + k_b·w_b·(lse − x_b)] + α·v·lse².
 template <typename acc_t>
-SMOOTHCE_HOST_DEVICE SMOOTHCE_MATH_ABI PositionResult<acc_t> index_target_position(
+SMOOTHCE_HOST_DEVICE PositionResult<acc_t> index_target_position(
     const RowState<acc_t>& state, acc_t log_sum, const PositionTargets<acc_t>& t, const TargetLogits<acc_t>& x,
     acc_t weight_sum, acc_t scale, const Smoothing<acc_t>& s) {
   const acc_t v = t.mass(), off = s.tv.off;
@@ -360,7 +359,7 @@ SMOOTHCE_HOST_DEVICE SMOOTHCE_MATH_ABI PositionResult<acc_t> index_target_positi
     const acc_t other_peaks = t.a == t.b ? acc_t(0) : (at_a ? peak_b : peak_a);  // a = b: both peaks are j's
     acc_t base = off * v * (weight_sum - w_j) + other_peaks;
     if (s.z_loss != acc_t(0)) base += acc_t(2) * s.z_loss * v * r.lse;
-    r.coefs.sole_r = sole_max_r(state);
+    r.coefs.sole_rest = state.rest;
     r.coefs.sole_base = scale * base;
   }
   return r;
