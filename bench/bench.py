@@ -20,6 +20,9 @@ linear + cross-entropy table (bench/linear.py) unless --no-linear, then the libr
 smoothce.integrations.transformers' LabelSmoother and ForCausalLMLoss against transformers') unless
 --no-integrations; without timm or transformers installed, their rows are skipped with the reason.
 
+With the main table comes the per-call overhead: fwd+bwd on an 8x10 input, where the time is the
+call's fixed cost (bench/ops.py measure_overhead).
+
 This file is the command line and runs the suites in turn: the main table (bench/ops.py), the variants,
 the linear table, the integrations; each suite imports the shared machinery (bench/harness.py) and no
 other suite.
@@ -85,6 +88,7 @@ def benchmark_device(device: str, cells: list[Cell], args: argparse.Namespace) -
 
     measurements, cell_info, cell_skips = ops.run(device, cells, libs, planner, use_compile)
     skipped += cell_skips
+    overhead_section = ops.measure_overhead(device, libs, use_compile, args.quick) if cells else None
 
     variant_section = None
     if runs_variants(args):
@@ -116,6 +120,8 @@ def benchmark_device(device: str, cells: list[Cell], args: argparse.Namespace) -
         "skipped": skipped,
         "measurements": measurements,
     }
+    if overhead_section is not None:
+        data["overhead"] = overhead_section
     if variant_section is not None:
         data["variants"] = variant_section
     if linear_section is not None:
@@ -293,6 +299,8 @@ def main(argv: Optional[list[str]] = None) -> int:
 
 def summary_lines_with_notes(data: dict) -> list[str]:
     lines = report.summary_lines(data["summary"]) if data["measurements"] else []
+    if data.get("overhead"):
+        lines += report.overhead_summary_lines(data["overhead"])
     if data.get("variants"):
         lines += report.variant_summary_lines(data["variants"])
     if data.get("linear"):

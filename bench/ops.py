@@ -31,6 +31,11 @@ DEFAULT_SHAPES = (
 )
 CUDA_ONLY_SHAPES = ((8192, 128256), (4096, 256000))
 QUICK_SHAPES = ((64, 100), (2, 5, 8, 8))
+# Per-call overhead: fwd+bwd on an input so small that the time is the call's fixed cost (Python,
+# autograd, dispatch, allocation, thread start), each timed run a loop of OVERHEAD_CALLS calls.
+OVERHEAD_SHAPE = (8, 10)
+OVERHEAD_CALLS = 100
+OVERHEAD_ROUNDS = {"full": 30, "quick": 5}
 DEFAULT_BUDGET_S = {"cpu": 240.0, "cuda": 600.0}
 
 LossFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
@@ -298,3 +303,35 @@ def run(device: str, cells: list[Cell], libs: Libraries, planner: RunPlanner,
         release_memory(device)
     measurements.sort(key=lambda row: cells.index(Cell(tuple(row["shape"]), row["dtype"])))
     return measurements, [cell_info[cell] for cell in cells], skipped
+
+
+# ----------------------------------------------------------------------------- per-call overhead
+
+def measure_overhead(device: str, libs: Libraries, use_compile: bool, quick: bool) -> dict:
+    """fwd+bwd of every contender on an OVERHEAD_SHAPE fp32 input, round-robin: each timed run is a loop
+    of OVERHEAD_CALLS calls (.grad set to None before each, as in the main table); the section for
+    report.derive_overhead with the per-call times in µs."""
+    cell = Cell(OVERHEAD_SHAPE, "fp32")
+    inputs = build_inputs(cell, device)
+    contenders, skipped, _ = make_contenders(cell, inputs, device, libs, use_compile)
+    tasks = []
+    for contender in contenders:
+        single = contender_task(contender, "fwd+bwd", inputs)
+
+        def loop(single=single):
+            for _ in range(OVERHEAD_CALLS):
+                single.prepare()
+                single.step()
+        tasks.append(Task(contender.name, lambda: None, loop))
+    warm_up(tasks, device)
+    times = run_rounds(tasks, device, OVERHEAD_ROUNDS["quick" if quick else "full"])
+    inputs.logits.grad = None
+    rows = [{"contender": name, "calls_per_run": OVERHEAD_CALLS,
+             "times_us": [round(t * 1e6 / OVERHEAD_CALLS, 3) for t in seconds]} for name, seconds in times.items()]
+    section = {"shape_str": cell.name, "dtype": cell.dtype, "mode": "fwd+bwd", "label_smoothing": LABEL_SMOOTHING,
+               "rows": rows, "skipped": [{"contender": name, "reason": reason} for name, reason in skipped]}
+    report.derive_overhead(section)
+    for row in section["rows"]:
+        print(f"   overhead {cell.name} fwd+bwd  {row['contender']:<10} {row['median_us']:8.1f} us per call "
+              f"[IQR {row['q1_us']:.1f}-{row['q3_us']:.1f}]", flush=True)
+    return section

@@ -117,7 +117,45 @@ def derive(data: dict) -> dict:
         derive_linear(data["linear"])
     if data.get("integrations"):
         derive_integrations(data["integrations"])
+    if data.get("overhead"):
+        derive_overhead(data["overhead"])
     return data
+
+
+# Issue-tracked goal for smoothce's per-call overhead (fwd+bwd on the overhead shape), in µs.
+OVERHEAD_GOAL_US = 40.0
+
+
+def derive_overhead(section: dict) -> dict:
+    """The per-call overhead rows' median and quartiles (µs per call) and smoothce's ratio to each. Idempotent."""
+    mine = None
+    for row in section["rows"]:
+        stats = time_stats(row["times_us"])
+        row.update({"median_us": stats["median_ms"], "q1_us": stats["q1_ms"], "q3_us": stats["q3_ms"]})
+        if row["contender"] == "smoothce":
+            mine = row
+    for row in section["rows"]:
+        row["smoothce_speedup"] = row["median_us"] / mine["median_us"] if mine else None
+    return section
+
+
+def overhead_summary_lines(section: dict) -> list[str]:
+    """The per-call overhead in words (plain ASCII, for the console)."""
+    shown = ", ".join(f"{row['contender']} {row['median_us']:.1f} us" for row in section["rows"])
+    return [f"per-call overhead ({section['shape_str']} {section['dtype']} {section['mode']}): {shown}"]
+
+
+def overhead_markdown(section: dict) -> list[str]:
+    rows = [[CONTENDERS.get(row["contender"], row["contender"]),
+             f"**{row['median_us']:.1f} µs** [IQR {row['q1_us']:.1f}–{row['q3_us']:.1f}]",
+             fmt_ratio(row["smoothce_speedup"])] for row in section["rows"]]
+    calls = section["rows"][0]["calls_per_run"] if section["rows"] else 0
+    return ["", f"## Per-call overhead: {section['mode']} on {section['shape_str']} {section['dtype']}", "",
+            f"An input this small costs almost nothing to compute: the time is the call's fixed cost (Python, "
+            f"autograd, dispatch, allocation, starting threads). Each timed run is a loop of {calls} calls, .grad "
+            f"set to None before each; round-robin with the other contenders; label smoothing "
+            f"{section['label_smoothing']}. Goal for smoothce: below {OVERHEAD_GOAL_US:g} µs.", ""] + \
+        markdown_table(["contender", "time per call", "smoothce speed-up"], rows)
 
 
 def derive_variants(section: dict) -> dict:
@@ -428,6 +466,8 @@ def to_markdown(data: dict) -> str:
     lines += [f"- Note: {note}" for note in meta.get("notes", [])]
     if rows:
         lines += main_tables(data, groups, contenders, keys)
+    if data.get("overhead"):
+        lines += overhead_markdown(data["overhead"])
     if data.get("variants"):
         lines += variants_markdown(data["variants"], meta)
     if data.get("linear"):

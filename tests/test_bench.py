@@ -56,6 +56,26 @@ def md_measurement_rows(md, heading="## All measurements"):
     return [[cell.strip() for cell in line.strip("|").split("|")] for line in lines[1:]]  # skip header
 
 
+def check_overhead(data, md):
+    """The per-call overhead section: every contender of the main table's fwd+bwd but the copy, timed as
+    loops of calls (µs per call), smoothce's ratio taken to each, all shown in the .md."""
+    section = data["overhead"]
+    assert (section["shape_str"], section["dtype"], section["mode"]) == ("8x10", "fp32", "fwd+bwd")
+    main_contenders = {row["contender"] for row in data["measurements"] if row["mode"] == "fwd+bwd"}
+    rows = {row["contender"]: row for row in section["rows"]}
+    assert set(rows) == main_contenders - {"copy"}
+    for row in rows.values():
+        assert row["calls_per_run"] > 1 and row["times_us"] and all(t > 0 for t in row["times_us"])
+        assert row["q1_us"] <= row["median_us"] <= row["q3_us"]
+        if "smoothce" in rows:
+            assert row["smoothce_speedup"] == pytest.approx(row["median_us"] / rows["smoothce"]["median_us"])
+    table = md_measurement_rows(md, "## Per-call overhead")
+    names = load_report_module().CONTENDERS
+    assert [cells[0] for cells in table] == [names.get(name, name) for name in rows]
+    for cells, row in zip(table, rows.values()):
+        assert f"{row['median_us']:.1f} µs" in cells[1]
+
+
 def check_variants(data, md):
     """The variant rows: every variant checked before it was timed, its groups complete, ratios taken
     against the plain version of the same group, memory of both in-place settings, all shown in the .md."""
@@ -253,6 +273,7 @@ def check_results(json_path):
     for row in rows:
         assert (row["shape_str"], row["dtype"], row["mode"], row["contender"]) in shown, row
     assert data["meta"]["torch_version"] in md
+    check_overhead(data, md)
     if data["meta"].get("variants"):
         check_variants(data, md)
     if data["meta"].get("linear"):
