@@ -137,7 +137,7 @@ struct Params : PositionLayout, Smoothing<acc_type<scalar_t>> {
     return out;
   }
   // The target elements of a position's gradient, with the exact exp, and at the row's sole max
-  // from 1 − p (target_grad in row_math.h): written after the dense part.
+  // from 1 − p (grad_at in row_math.h): written after the dense part.
   void write_target_grads(scalar_t* g, int64_t sc, acc_t row_max, acc_t log_sum, const IndexGradCoefs<acc_t>& k,
                           const PositionTargets<acc_t>& t, const TargetLogits<acc_t>& x) const {
     auto write = [&](int64_t c, acc_t x_c, acc_t w_c) {
@@ -465,10 +465,9 @@ void tile_kernel(const Params<scalar_t>& p, const scalar_t* x, const scalar_t* p
   vmass_dx.store(lanes.mass_dx);
   vmass.store(lanes.mass);
   vmass_rest.store(lanes.mass_rest);
-  // One vector log for the tile's lanes (row_log_sum: log1p(rest) where the max is sole; vsole is
-  // sole_max of row_math.h lane by lane, the same operations on the same values).
   // One vector log1p for every lane: log Σexp = log1p(Σexp − 1) (Σexp ≥ 1 holds the max's exp(0) = 1,
-  // and Σexp − 1 rounds at most as Σexp does), or log1p(rest) (row_log_sum).
+  // and Σexp − 1 rounds at most as Σexp does), or log1p(rest) where the max is sole (row_log_sum;
+  // vsole is row_math.h's sole_max lane by lane, the same operations on the same values).
   const Vec vat_max = vsum - vrest;
   const Vec vsole = (vrest < Vec(1)) & (vat_max > Vec(acc_t(0.5))) & (vat_max < Vec(acc_t(1.5)));
   Vec::blendv(vsum - Vec(1), vrest, vsole).log1p().store(lanes.log_sum);
