@@ -18,6 +18,8 @@ TORCH_LIBRARY(smoothce, m) {
   m.def(smoothce::kScaleGradSchema, {at::Tag::pt2_compliant_tag});
   m.def(smoothce::kGradSchema, {at::Tag::pt2_compliant_tag});
   m.def(smoothce::kLinearForwardSchema, {at::Tag::pt2_compliant_tag});
+  m.def(smoothce::kShardStatsSchema, {at::Tag::pt2_compliant_tag});
+  m.def(smoothce::kShardForwardSchema, {at::Tag::pt2_compliant_tag});
 }
 
 namespace smoothce::cpu {

@@ -663,6 +663,17 @@ void run_kernel(const Params<scalar_t>& p) {
   }
 }
 
+// Calls f(std::integral_constant<Mass, kind>) for the run-time mass kind.
+template <typename F>
+void with_mass(Mass mass, F&& f) {
+  switch (mass) {
+    case Mass::kNone: f(std::integral_constant<Mass, Mass::kNone>{}); break;
+    case Mass::kUnit: f(std::integral_constant<Mass, Mass::kUnit>{}); break;
+    case Mass::kWeighted: f(std::integral_constant<Mass, Mass::kWeighted>{}); break;
+    case Mass::kSoft: f(std::integral_constant<Mass, Mass::kSoft>{}); break;
+  }
+}
+
 // ---------------------------------------------------------------- gradient buffer
 // glibc serves allocations above 32 MiB with fresh mmap pages, and faulting them in costs more than
 // the whole kernel (measured: ~190 ms for 128 MiB on the 2-core dev VM, against ~25 ms of compute).
@@ -737,12 +748,7 @@ at::Tensor run_forward(const Problem& prob, const ForwardBuffers& out) {
     if (upstream.defined() && upstream.dim() == 0) p.grad_scale *= *upstream.const_data_ptr<acc_t>();
     p.position_scale = upstream.defined() && upstream.dim() > 0 ? upstream.const_data_ptr<acc_t>() : nullptr;
 
-    switch (p.mass()) {
-      case Mass::kNone: run_kernel<scalar_t, Mass::kNone>(p); break;
-      case Mass::kUnit: run_kernel<scalar_t, Mass::kUnit>(p); break;
-      case Mass::kWeighted: run_kernel<scalar_t, Mass::kWeighted>(p); break;
-      case Mass::kSoft: run_kernel<scalar_t, Mass::kSoft>(p); break;
-    }
+    with_mass(p.mass(), [&](auto kMass) { run_kernel<scalar_t, decltype(kMass)::value>(p); });
   });
 
   out.copy_back();
@@ -810,6 +816,245 @@ void scale_grad_cpu(at::Tensor& grad, const at::Tensor& grad_output) {
   }
 }
 
+
+// ---------------------------------------------------------------- vocabulary-parallel shards
+// The input is one rank's shard of the classes, [vocab_start, vocab_start + C_local) of num_classes,
+// laid out as contiguous rows (positions, C_local) (smoothce/distributed.py moves the classes last);
+// index targets are global. shard_stats reads the shard once for its ShardStats per position;
+// shard_forward merges every rank's (gathered in rank order) and reads the shard again to write its
+// part of the gradient. Both use the rows kernels' row_state and row_grad on the shard.
+
+struct Shard {
+  int64_t start, num_classes;
+
+  // The shard's column of global class c, or −1 when another rank holds it.
+  int64_t local(int64_t c, int64_t shard_classes) const {
+    return c >= start && c < start + shard_classes ? c - start : -1;
+  }
+};
+
+Shard check_shard(const Problem& prob, int64_t vocab_start, int64_t num_classes) {
+  TORCH_CHECK_VALUE(prob.inner == 1 && prob.class_contiguous(),
+                    "smoothce.shard_stats: the shard must be contiguous rows (positions, classes), got strides ",
+                    prob.input.strides());
+  TORCH_CHECK_VALUE(vocab_start >= 0 && num_classes >= 1 && vocab_start + prob.classes <= num_classes,
+                    "smoothce.shard_stats: the shard's classes [", vocab_start, ", ", vocab_start + prob.classes,
+                    ") must lie in [0, num_classes = ", num_classes, ")");
+  return {vocab_start, num_classes};
+}
+
+// The launch constants of a shard: the rows kernels' Params with the smoothing of all num_classes.
+template <typename scalar_t>
+Params<scalar_t> shard_params(const Problem& prob, const Shard& shard, const at::Tensor& weight_acc) {
+  using acc_t = acc_type<scalar_t>;
+  Params<scalar_t> p{};
+  p.input = prob.input.const_data_ptr<scalar_t>();
+  if (prob.soft_target) {
+    p.soft_target = prob.target.const_data_ptr<scalar_t>();
+  } else if (prob.target.scalar_type() == at::kLong) {
+    p.target64 = prob.target.const_data_ptr<int64_t>();
+    p.target_b64 = prob.target_b.defined() ? prob.target_b.const_data_ptr<int64_t>() : nullptr;
+  } else {
+    p.target8 = prob.target.const_data_ptr<uint8_t>();
+    p.target_b8 = prob.target_b.defined() ? prob.target_b.const_data_ptr<uint8_t>() : nullptr;
+  }
+  p.lam = prob.lam.defined() ? prob.lam.const_data_ptr<acc_t>() : nullptr;
+  p.lam_value = static_cast<acc_t>(prob.lam_value);
+  p.weight = weight_acc.defined() ? weight_acc.const_data_ptr<acc_t>() : nullptr;
+  static_cast<PositionLayout&>(p) = prob.layout();
+  const double* tv = prob.has_target_values ? prob.target_values : nullptr;
+  static_cast<Smoothing<acc_t>&>(p) = Smoothing<acc_t>::make(prob.label_smoothing, shard.num_classes, tv, prob.z_loss);
+  return p;
+}
+
+// The global targets of a position (range [0, num_classes)) and their columns in the shard (−1 elsewhere).
+template <typename scalar_t>
+std::pair<PositionTargets<acc_type<scalar_t>>, PositionTargets<acc_type<scalar_t>>> shard_targets(
+    const Params<scalar_t>& p, const Shard& shard, int64_t pos) {
+  const int64_t off = p.target_offset_of(pos);
+  const auto t = position_targets<acc_type<scalar_t>>(p.target_at_offset(off), p.target_b_at_offset(off),
+                                                       p.lam ? p.lam[pos] : p.lam_value, p.ignore_index,
+                                                       shard.num_classes);
+  auto local = t;
+  local.a = t.a >= 0 ? shard.local(t.a, p.classes) : -1;
+  local.b = t.b >= 0 ? shard.local(t.b, p.classes) : -1;
+  return {t, local};
+}
+
+// Index targets outside [0, num_classes) (and ≠ ignore_index) are an error, on every rank alike.
+template <typename scalar_t>
+void check_shard_targets(const Params<scalar_t>& p, const Shard& shard) {
+  const bool mixup = p.target_b64 != nullptr || p.target_b8 != nullptr;
+  for (int64_t pos = 0; pos < p.outer; ++pos) {
+    const int64_t off = p.target_offset_of(pos);
+    for (const int64_t t : {p.target_at_offset(off), mixup ? p.target_b_at_offset(off) : p.ignore_index}) {
+      TORCH_CHECK_INDEX(t == p.ignore_index || (t >= 0 && t < shard.num_classes),
+                        "smoothce.vocab_parallel_cross_entropy: target value ", t,
+                        " is out of bounds: expected class indices in [0, ", shard.num_classes,
+                        ") (all ranks' classes) or ignore_index (", p.ignore_index, ")");
+    }
+  }
+}
+
+template <typename scalar_t, Mass kMass>
+void shard_stats_kernel(const Params<scalar_t>& p, const Shard& shard, acc_type<scalar_t>* stats) {
+  using acc_t = acc_type<scalar_t>;
+  constexpr bool kSoft = kMass == Mass::kSoft;
+  at::parallel_for(0, p.outer, std::max<int64_t>(1, 32768 / std::max<int64_t>(p.classes, 1)),
+                   [&](int64_t begin, int64_t end) {
+    for (int64_t pos = begin; pos < end; ++pos) {
+      const scalar_t* x = p.input + pos * p.stride_outer;
+      ShardStats<acc_t> s{RowState<acc_t>::empty(), {acc_t(0), acc_t(0), acc_t(0), acc_t(0)}};
+      if constexpr (!kSoft) {
+        const auto [t, local] = shard_targets(p, shard, pos);
+        if (!t.valid()) {  // nothing of this position is used
+          s.store(stats + pos * kShardStats);
+          continue;
+        }
+        s.target = p.target_logits(x, 1, local);
+      }
+      s.state = row_state<scalar_t, kMass>(p, x, kSoft ? p.soft_target + pos * p.stride_outer : nullptr, nullptr,
+                                           nullptr);
+      s.store(stats + pos * kShardStats);
+    }
+  });
+}
+
+at::Tensor shard_stats_cpu(const at::Tensor& input, const at::Tensor& target, const c10::optional<at::Tensor>& weight,
+                           int64_t vocab_start, int64_t num_classes, int64_t ignore_index, double label_smoothing,
+                           bool float32_loss, SMOOTHCE_EXTENSION_PARAMS) {
+  const Problem prob = make_problem(input, target, weight, ignore_index, kSum, label_smoothing, false, float32_loss,
+                                    SMOOTHCE_EXTENSIONS);
+  const Shard shard = check_shard(prob, vocab_start, num_classes);
+  const auto acc_dtype = input.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
+  at::Tensor stats = at::empty({prob.outer, kShardStats}, input.options().dtype(acc_dtype));
+  const at::Tensor weight_acc = prob.weight.has_value() ? prob.weight->to(acc_dtype).contiguous() : at::Tensor();
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, input.scalar_type(), "smoothce_shard_stats", [&] {
+    const Params<scalar_t> p = shard_params<scalar_t>(prob, shard, weight_acc);
+    if (!prob.soft_target) check_shard_targets(p, shard);
+    acc_type<scalar_t>* out = stats.mutable_data_ptr<acc_type<scalar_t>>();
+    with_mass(p.mass(), [&](auto kMass) { shard_stats_kernel<scalar_t, decltype(kMass)::value>(p, shard, out); });
+  });
+  return stats;
+}
+
+// D of reduction 'mean' for index targets: Σ k_a·w_a + k_b·w_b over the positions, from the merged
+// target weights (fixed chunks: the same sum on every rank).
+template <typename scalar_t>
+double shard_total_weight(const Params<scalar_t>& p, const Shard& shard, const acc_type<scalar_t>* stats,
+                          int64_t ranks, int64_t rank_stride) {
+  using acc_t = acc_type<scalar_t>;
+  const int64_t positions = p.outer, chunks = (positions + kReduceChunk - 1) / kReduceChunk;
+  std::vector<double> partial(chunks, 0.0);
+  at::parallel_for(0, chunks, 1, [&](int64_t chunk_begin, int64_t chunk_end) {
+    for (int64_t chunk = chunk_begin; chunk < chunk_end; ++chunk) {
+      double total = 0.0;
+      for (int64_t pos = chunk * kReduceChunk; pos < std::min(positions, (chunk + 1) * kReduceChunk); ++pos) {
+        const PositionTargets<acc_t> t = shard_targets(p, shard, pos).first;
+        if (!t.valid()) continue;
+        acc_t w_a = 0, w_b = 0;
+        for (int64_t r = 0; r < ranks; ++r) {
+          const ShardStats<acc_t> s = ShardStats<acc_t>::load(stats + r * rank_stride + pos * kShardStats);
+          w_a += s.target.w_a;
+          w_b += s.target.w_b;
+        }
+        if (t.k_a != acc_t(0)) total += static_cast<double>(t.k_a) * static_cast<double>(w_a);
+        if (t.k_b != acc_t(0)) total += static_cast<double>(t.k_b) * static_cast<double>(w_b);
+      }
+      partial[chunk] = total;
+    }
+  });
+  double total = 0.0;
+  for (double v : partial) total += v;
+  return total;
+}
+
+template <typename scalar_t, Mass kMass>
+void shard_forward_kernel(const Params<scalar_t>& p, const Shard& shard, const acc_type<scalar_t>* stats,
+                          int64_t ranks, int64_t rank_stride) {
+  using acc_t = acc_type<scalar_t>;
+  constexpr bool kSoft = kMass == Mass::kSoft;
+  at::parallel_for(0, p.outer, std::max<int64_t>(1, 32768 / std::max<int64_t>(p.classes, 1)),
+                   [&](int64_t begin, int64_t end) {
+    for (int64_t pos = begin; pos < end; ++pos) {
+      const scalar_t* x = p.input + pos * p.stride_outer;
+      const scalar_t* prob = kSoft ? p.soft_target + pos * p.stride_outer : nullptr;
+      scalar_t* g = p.grad ? p.grad + pos * p.stride_outer : nullptr;
+      PositionTargets<acc_t> t{}, local{};
+      if constexpr (!kSoft) {
+        std::tie(t, local) = shard_targets(p, shard, pos);
+        if (!t.valid()) {
+          p.position_loss[pos] = acc_t(0);
+          p.lse[pos] = acc_t(0);
+          if (g) std::fill_n(g, p.classes, scalar_t(0));
+          continue;
+        }
+      }
+      const ShardStats<acc_t> all = merge_shards(stats + pos * kShardStats, ranks, rank_stride);
+      const acc_t log_sum = row_log_sum(all.state);
+      // Σ_c w_c over every rank's classes is the merged mass where the smoothing term needs it (off ≠ 0).
+      const PositionResult<acc_t> r =
+          kSoft ? soft_target_position(all.state, log_sum, p.scale_at(pos), p.z_loss)
+                : index_target_position(all.state, log_sum, t, all.target, all.state.mass, p.scale_at(pos), p);
+      p.lse[pos] = r.lse;
+      p.position_loss[pos] = r.loss;
+      if (!g) continue;
+      // The sole max's class, if this shard holds it, found before the gradient may overwrite the logits.
+      int64_t sole = -1;
+      if (kSoft && r.coefs.sole_rest >= acc_t(0)) {
+        for (int64_t c = 0; c < p.classes && sole < 0; ++c)
+          if (static_cast<acc_t>(x[c]) == all.state.max) sole = c;
+      }
+      row_grad<scalar_t, kSoft>(p, x, prob, g, all.state.max, r.log_sum, r.coefs.softmax_coef, r.coefs.off_coef,
+                                nullptr, nullptr);
+      if (!kSoft) p.write_target_grads(g, 1, all.state.max, r.log_sum, r.coefs, local, all.target);
+      if (sole >= 0) g[sole] = static_cast<scalar_t>(sole_max_grad(r.coefs));
+    }
+  });
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> shard_forward_cpu(
+    const at::Tensor& input, const at::Tensor& target, const c10::optional<at::Tensor>& weight,
+    const at::Tensor& stats, int64_t vocab_start, int64_t num_classes, int64_t ignore_index, int64_t reduction,
+    double label_smoothing, bool compute_grad, bool float32_loss, const c10::optional<at::Tensor>& grad_output,
+    SMOOTHCE_EXTENSION_PARAMS) {
+  const Problem prob = make_problem(input, target, weight, ignore_index, reduction, label_smoothing, compute_grad,
+                                    float32_loss, SMOOTHCE_EXTENSIONS);
+  const Shard shard = check_shard(prob, vocab_start, num_classes);
+  const ForwardBuffers out = make_forward_buffers(prob, input, float32_loss, grad_output, &allocate_grad);
+  TORCH_CHECK_VALUE(stats.dim() == 3 && stats.size(0) >= 1 && stats.size(1) == prob.outer &&
+                        stats.size(2) == kShardStats && stats.scalar_type() == out.acc_dtype &&
+                        stats.device() == input.device() && stats.stride(2) == 1 &&
+                        stats.stride(1) == kShardStats && stats.stride(0) >= prob.outer * kShardStats,
+                    "smoothce.shard_forward: stats must be the ranks' shard_stats stacked, a (ranks, ", prob.outer,
+                    ", ", kShardStats, ") ", out.acc_dtype, " tensor on ", input.device(),
+                    " with contiguous (positions, ", kShardStats, ") slices, got ", stats.sizes(), " ",
+                    stats.scalar_type(), " on ", stats.device(), " with strides ", stats.strides());
+  double denominator = 1.0;
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, input.scalar_type(), "smoothce_shard_forward", [&] {
+    using acc_t = acc_type<scalar_t>;
+    Params<scalar_t> p = shard_params<scalar_t>(prob, shard, out.weight);
+    const acc_t* all = stats.const_data_ptr<acc_t>();
+    if (!prob.soft_target) check_shard_targets(p, shard);
+    p.grad = compute_grad ? out.kernel_grad.mutable_data_ptr<scalar_t>() : nullptr;
+    p.position_loss = out.position_loss.mutable_data_ptr<acc_t>();
+    p.lse = out.lse.mutable_data_ptr<acc_t>();
+    denominator = prob.soft_target ? static_cast<double>(prob.positions())
+                                   : shard_total_weight(p, shard, all, stats.size(0), stats.stride(0));
+    p.grad_scale = reduction == kMean ? static_cast<acc_t>(1.0 / denominator) : acc_t(1);
+    if (out.upstream.defined() && out.upstream.dim() == 0) p.grad_scale *= *out.upstream.const_data_ptr<acc_t>();
+    p.position_scale = out.upstream.defined() && out.upstream.dim() > 0 ? out.upstream.const_data_ptr<acc_t>() : nullptr;
+    with_mass(p.mass(), [&](auto kMass) {
+      shard_forward_kernel<scalar_t, decltype(kMass)::value>(p, shard, all, stats.size(0), stats.stride(0));
+    });
+  });
+  out.copy_back();
+  if (reduction == kNone) return {out.position_loss.to(out.loss_dtype), out.lse, out.grad};
+  const double total = sum_positions(out.position_loss);
+  const double value = reduction == kMean ? total / denominator : total;
+  return {at::scalar_tensor(value, input.options().dtype(out.loss_dtype)), out.lse, out.grad};
+}
+
 }  // namespace
 
 void empty_grad_cache() {
@@ -823,6 +1068,8 @@ TORCH_LIBRARY_IMPL(smoothce, CPU, m) {
   m.impl("scale_grad_", &scale_grad_cpu);
   m.impl("grad_", &grad_cpu_);
   m.impl("linear_forward", &linear_forward_cpu);
+  m.impl("shard_stats", &shard_stats_cpu);
+  m.impl("shard_forward", &shard_forward_cpu);
 }
 
 }  // namespace cpu

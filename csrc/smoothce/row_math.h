@@ -365,6 +365,42 @@ SMOOTHCE_HOST_DEVICE PositionResult<acc_t> index_target_position(
   return r;
 }
 
+// Vocabulary-parallel (docs/semantics.md §6): each rank's shard of a position's classes gives a
+// ShardStats, kShardStats values exchanged between the ranks in this order (the RowState fields, then
+// the TargetLogits fields: a target's logit and weight from the rank that holds it, 0 elsewhere).
+// Merged in rank order, every rank gets the same (bit for bit) statistics of the whole row.
+constexpr int64_t kShardStats = 10;
+
+template <typename acc_t>
+struct ShardStats {
+  RowState<acc_t> state;
+  TargetLogits<acc_t> target;
+
+  SMOOTHCE_HOST_DEVICE void store(acc_t* out) const {
+    const acc_t v[kShardStats] = {state.max,  state.sum_exp, state.rest,  state.mass_dx, state.mass,
+                                  state.mass_rest, target.x_a, target.x_b, target.w_a, target.w_b};
+    for (int64_t i = 0; i < kShardStats; ++i) out[i] = v[i];
+  }
+  SMOOTHCE_HOST_DEVICE static ShardStats load(const acc_t* in) {
+    return {{in[0], in[1], in[2], in[3], in[4], in[5]}, {in[6], in[7], in[8], in[9]}};
+  }
+};
+
+// The whole row's statistics from the ranks' (`ranks` ShardStats, `stride` values apart): the states
+// merged, the target values summed (exactly one rank holds each target; the others add 0).
+template <typename acc_t>
+SMOOTHCE_HOST_DEVICE SMOOTHCE_MATH_ABI ShardStats<acc_t> merge_shards(const acc_t* stats, int64_t ranks,
+                                                                      int64_t stride) {
+  ShardStats<acc_t> all = ShardStats<acc_t>::load(stats);
+  for (int64_t r = 1; r < ranks; ++r) {
+    const ShardStats<acc_t> s = ShardStats<acc_t>::load(stats + r * stride);
+    all.state = merge(all.state, s.state);
+    all.target = {all.target.x_a + s.target.x_a, all.target.x_b + s.target.x_b, all.target.w_a + s.target.w_a,
+                  all.target.w_b + s.target.w_b};
+  }
+  return all;
+}
+
 // Adds one logit x with mass v to a state kept relative to its running max (the online softmax of
 // one thread walking a strided row): rescales when x raises the max; a NaN poisons the state.
 template <typename acc_t, bool kWithMass>

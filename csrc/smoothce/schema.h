@@ -36,6 +36,19 @@ constexpr const char* kLinearForwardSchema =
     ") -> (Tensor loss, Tensor lse, Tensor grad_input, Tensor grad_linear_weight, Tensor grad_linear_bias, "
     "Tensor grad_target)";
 
+// Vocabulary-parallel (smoothce/distributed.py): `input` is one rank's shard of the classes as
+// contiguous rows (positions, C_local), classes [vocab_start, vocab_start + C_local) of num_classes;
+// index targets are global. shard_stats: the shard's ShardStats per position (row_math.h),
+// (positions, 10) in the accumulation type. shard_forward: with `stats` every rank's, stacked in rank
+// order (ranks, positions, 10; each rank's slice contiguous), the loss, lse and this shard's gradient, as forward gives them.
+constexpr const char* kShardStatsSchema =
+    "shard_stats(Tensor input, Tensor target, Tensor? weight, int vocab_start, int num_classes, int ignore_index, "
+    "float label_smoothing, bool float32_loss, " SMOOTHCE_EXTENSION_ARGS ") -> Tensor";
+constexpr const char* kShardForwardSchema =
+    "shard_forward(Tensor input, Tensor target, Tensor? weight, Tensor stats, int vocab_start, int num_classes, "
+    "int ignore_index, int reduction, float label_smoothing, bool compute_grad, bool float32_loss, "
+    "Tensor? grad_output=None, " SMOOTHCE_EXTENSION_ARGS ") -> (Tensor loss, Tensor lse, Tensor grad)";
+
 constexpr const char* kScaleGradSchema = "scale_grad_(Tensor(a!) grad, Tensor grad_output) -> ()";
 
 }  // namespace smoothce

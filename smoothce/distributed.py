@@ -1,0 +1,391 @@
+"""Vocabulary-parallel cross-entropy: the classes split across the ranks of a torch.distributed group
+(tensor-parallel output layers, Megatron-style), with label smoothing, class weights and every variant
+computed over all the classes (README "Vocabulary-parallel"; docs/semantics.md §10).
+
+Each rank passes its shard of the logits, classes [vocab_start, vocab_start + C_local) of C. One call:
+  1. an all-gather of a few integers per rank: the shards' sizes (vocab_start, C when not given) and
+     the arguments every rank must agree on; a rank whose arguments fail their checks says so there,
+     so every rank raises instead of waiting for a collective that never comes;
+  2. the shard read once (torch.ops.smoothce.shard_stats): per position its max, Σexp and the smoothing
+     sums, and the target's logit and weight on the rank that holds it: 10 floats per position;
+  3. an all-gather of those (O(N·ranks) floats, never O(N·V)), merged in rank order on every rank;
+  4. the shard read again (shard_forward): the loss, the same on every rank, and this shard's gradient.
+"""
+from __future__ import annotations
+
+import math
+import numbers
+import struct
+from typing import List, Optional, Tuple, Union
+
+import torch
+import torch.distributed as dist
+
+from . import _C  # noqa: F401  (registers torch.ops.smoothce)
+from ._function import (REDUCTIONS, _HALF_DTYPES, _check_devices, _check_loss_args, _check_number, _check_tensor,
+                        _extension_args, _mixup_lam, _soft_target_grad)
+from ._mixup_target import MixupTarget
+
+__all__ = ["vocab_parallel_cross_entropy", "vocab_parallel_mixup_cross_entropy"]
+
+_ops = torch.ops.smoothce
+# torch 2.14 renamed all_gather_into_tensor (kept, deprecated) to all_gather_single.
+_ALL_GATHER = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
+_STATS = 10  # kShardStats (csrc/smoothce/row_math.h)
+
+
+@torch.library.register_fake("smoothce::shard_stats")
+def _shard_stats_fake(input, target, weight, vocab_start, num_classes, ignore_index, label_smoothing, float32_loss,
+                      target_values=None, z_loss=0.0, target_b=None, lam=None, lam_value=1.0):
+    acc = torch.float64 if input.dtype == torch.float64 else torch.float32
+    return input.new_empty((input.shape[0], _STATS), dtype=acc)
+
+
+@torch.library.register_fake("smoothce::shard_forward")
+def _shard_forward_fake(input, target, weight, stats, vocab_start, num_classes, ignore_index, reduction,
+                        label_smoothing, compute_grad, float32_loss, grad_output=None, target_values=None, z_loss=0.0,
+                        target_b=None, lam=None, lam_value=1.0):
+    acc = torch.float64 if input.dtype == torch.float64 else torch.float32
+    loss_dtype = torch.float32 if float32_loss and input.dtype in _HALF_DTYPES else input.dtype
+    loss = input.new_empty((input.shape[0],) if reduction == 0 else (), dtype=loss_dtype)
+    grad = torch.empty_like(input) if compute_grad else input.new_empty((0,))
+    return loss, input.new_empty((input.shape[0],), dtype=acc), grad
+
+
+# ---------------------------------------------------------------- agreement between the ranks
+_DTYPE_CODES = {torch.float64: 1, torch.float32: 2, torch.float16: 3, torch.bfloat16: 4}
+_MAX_POSITION_DIMS = 6
+_AGREEMENT_LENGTH = 40  # integers per rank in the first all-gather (_vocab_parallel_impl fills them)
+
+
+def _float_bits(value) -> int:
+    """A float as the int64 of its bits (exact comparison across ranks; NaN and -0.0 included)."""
+    try:
+        return struct.unpack("<q", struct.pack("<d", float(value)))[0]
+    except (TypeError, ValueError, OverflowError):
+        return -1
+
+
+def _shape_fields(shape) -> List[int]:
+    dims = list(shape)
+    fields = [len(dims)] + (dims + [-1] * _MAX_POSITION_DIMS)[:_MAX_POSITION_DIMS]
+    return fields + [hash(tuple(dims[_MAX_POSITION_DIMS:]))]
+
+
+class _Agreement:
+    """The integers each rank contributes to the first all-gather: its shard and the arguments that
+    must be the same on every rank. `fields` name them (for the error message)."""
+
+    def __init__(self):
+        self.names: List[str] = []
+        self.values: List[int] = []
+
+    def add(self, name, values):
+        values = list(values) if isinstance(values, (list, tuple)) else [values]
+        self.names += [name] * len(values)
+        self.values += [int(v) for v in values]
+
+
+def _exchange(values: List[int], group, device) -> torch.Tensor:
+    """all_gather of one int64 vector per rank → (ranks, len)."""
+    mine = torch.tensor(values, dtype=torch.int64, device=device)
+    return _all_gather(mine, group).cpu()
+
+
+def _all_gather(mine: torch.Tensor, group) -> torch.Tensor:
+    """Every rank's 1-D `mine` (the same length on each), as a (ranks, len) tensor."""
+    out = mine.new_empty(dist.get_world_size(group) * mine.numel())
+    _ALL_GATHER(out, mine, group=group)
+    return out.view(-1, mine.numel())
+
+
+def _collective_device(group, input):
+    """Where the collectives' tensors live: the input's device for NCCL, CPU for gloo."""
+    backend = dist.get_backend(group)
+    if isinstance(input, torch.Tensor) and input.device.type != "cpu" and "gloo" not in str(backend):
+        return input.device
+    return torch.device("cpu")
+
+
+# ---------------------------------------------------------------- autograd
+class _VocabParallelFunction(torch.autograd.Function):
+    """Forward: stats, their all-gather, and shard_forward, which also writes this shard's gradient for
+    mean and sum (an upstream gradient of 1; backward rescales it in place, a no-op for loss.backward()).
+    Reduction 'none' and a second backward recompute it from the saved gathered statistics: no collective
+    in backward (the loss is the same on every rank, so is its upstream gradient)."""
+
+    @staticmethod
+    def forward(ctx, input, target, weight, group, device, vocab_start, num_classes, ignore_index, reduction,
+                label_smoothing, float32_loss, target_values, z_loss, target_b, lam, lam_value):
+        ext = dict(target_values=target_values, z_loss=z_loss, target_b=target_b, lam=lam, lam_value=lam_value)
+        shard = (vocab_start, num_classes, ignore_index)
+        stats, failure = None, None
+        try:
+            stats = _ops.shard_stats(input, target, weight, *shard, label_smoothing, float32_loss, **ext)
+        except (ValueError, TypeError, IndexError, RuntimeError) as error:  # said to every rank, below
+            failure = error
+        acc = torch.float64 if input.dtype == torch.float64 else torch.float32
+        positions = input.shape[0]
+        # One all-gather: the statistics, and a last value saying whether this rank's failed.
+        mine = torch.empty(positions * _STATS + 1, dtype=acc, device=device)
+        if stats is None:
+            mine.fill_(math.nan)
+        else:
+            mine[:-1].copy_(stats.reshape(-1))
+            mine[-1] = 0.0
+        gathered = _all_gather(mine, group)
+        ranks = gathered.shape[0]
+        if failure is not None:
+            raise failure
+        failed = torch.isnan(gathered[:, -1]).nonzero().flatten().tolist() if device.type == "cpu" else []
+        if failed:
+            raise RuntimeError(f"smoothce.vocab_parallel_cross_entropy: rank(s) {failed} of the group failed to read "
+                               f"their shard (their error says why); this rank's arguments were fine")
+        all_stats = gathered[:, :-1].reshape(ranks, positions, _STATS).to(input.device)
+        compute_grad = ctx.needs_input_grad[0]
+        fuse = compute_grad and reduction != REDUCTIONS["none"]
+        loss, lse, grad = _ops.shard_forward(input, target, weight, all_stats, *shard, reduction, label_smoothing,
+                                             fuse, float32_loss, **ext)
+        ctx.mark_non_differentiable(lse)
+        ctx.set_materialize_grads(False)
+        ctx.args = shard + (reduction, label_smoothing, float32_loss)
+        ctx.ext = ext
+        ctx.fused_grad = grad if fuse else None
+        ctx.save_for_backward(input, target, weight, all_stats, lse)
+        return loss, lse
+
+    @staticmethod
+    def backward(ctx, grad_loss, _grad_lse):
+        if grad_loss is None:
+            return (None,) * _APPLY_ARGS
+        if torch.is_grad_enabled():
+            raise RuntimeError("smoothce.vocab_parallel_cross_entropy: second-order gradients (create_graph=True) are "
+                               "not supported")
+        vocab_start, num_classes, ignore_index, reduction, label_smoothing, float32_loss = ctx.args
+        input, target, weight, all_stats, lse = ctx.saved_tensors
+        grad_input = grad_target = None
+        if ctx.needs_input_grad[1]:
+            grad_target = _soft_target_grad(grad_loss, input, lse, weight, reduction, label_smoothing)
+        if ctx.needs_input_grad[0]:
+            grad_input, ctx.fused_grad = ctx.fused_grad, None
+            if grad_input is not None:
+                _ops.scale_grad_(grad_input, grad_loss)
+            else:
+                _, _, grad_input = _ops.shard_forward(input, target, weight, all_stats, vocab_start, num_classes,
+                                                      ignore_index, reduction, label_smoothing, True, float32_loss,
+                                                      grad_loss, **ctx.ext)
+        return (grad_input, grad_target) + (None,) * (_APPLY_ARGS - 2)
+
+
+_APPLY_ARGS = 16  # _VocabParallelFunction.forward's arguments after ctx
+
+
+# ---------------------------------------------------------------- the entry point
+def _shards(where, sizes: List[int], starts: Optional[List[int]], totals: Optional[List[int]]) -> Tuple[List[int], int]:
+    """The shards' starts and C: contiguous in rank order, or the callers' (which must tile [0, C))."""
+    if starts is None:
+        return [sum(sizes[:r]) for r in range(len(sizes))], sum(sizes)
+    if len(set(totals)) != 1:
+        raise ValueError(f"{where}: the ranks disagree on num_classes: {totals} (rank by rank)")
+    total = totals[0]
+    covered = 0
+    for start, size in sorted(zip(starts, sizes)):
+        if start != covered:
+            raise ValueError(
+                f"{where}: the shards (vocab_start, classes) = {list(zip(starts, sizes))} (rank by rank) do not tile "
+                f"the classes [0, {total}): {'overlap' if start < covered else 'gap'} at class {min(start, covered)}")
+        covered += size
+    if covered != total:
+        raise ValueError(f"{where}: the shards (vocab_start, classes) = {list(zip(starts, sizes))} (rank by rank) cover "
+                         f"{covered} classes, but num_classes is {total}")
+    return starts, total
+
+
+def _vocab_parallel_impl(where, input, target, weight, ignore_index, reduction, label_smoothing, group, vocab_start,
+                         num_classes, smoothing, target_values, z_loss, mixup=False, target_b=None, lam=None):
+    if not dist.is_available() or not dist.is_initialized():
+        raise RuntimeError(f"{where}: torch.distributed is not initialized (call torch.distributed.init_process_group "
+                           f"first; a world of 1 works too)")
+    if group is None:
+        group = dist.group.WORLD
+    device = _collective_device(group, input)
+    agreement = _Agreement()
+    failure = None
+    local_classes, position_shape = 0, ()
+    try:
+        _check_tensor(where, "input", input)
+        _check_tensor(where, "target_a" if mixup else "target", target)
+        _check_tensor(where, "weight", weight, optional=True)
+        label_smoothing = _check_loss_args(where, ignore_index, reduction, label_smoothing)
+        if input.dim() == 0 or input.dtype not in _DTYPE_CODES:
+            raise ValueError(f"{where}: input must be a floating-point tensor (C,), (N, C) or (N, C, d1, ...), got "
+                             f"shape {tuple(input.shape)} and dtype {input.dtype}")
+        if input.device.type != "cpu":
+            raise NotImplementedError(f"{where}: the vocabulary-parallel kernels exist for CPU tensors only in this "
+                                      f"version; got a {input.device.type} tensor")
+        _check_devices(where, input, target, weight, target_b)
+        class_dim = 0 if input.dim() == 1 else 1
+        local_classes = input.shape[class_dim]
+        if local_classes < 1:
+            raise ValueError(f"{where}: every rank's shard must hold at least one class, got shape {tuple(input.shape)}")
+        position_shape = tuple(input.shape[:class_dim] + input.shape[class_dim + 1:])
+        if (vocab_start is None) != (num_classes is None):
+            raise ValueError(f"{where}: pass both vocab_start and num_classes, or neither (shards contiguous in rank "
+                             f"order); got vocab_start={vocab_start!r}, num_classes={num_classes!r}")
+        if vocab_start is not None:
+            _check_number("vocab_start", vocab_start, numbers.Integral, where)
+            _check_number("num_classes", num_classes, numbers.Integral, where)
+            if vocab_start < 0 or vocab_start + local_classes > num_classes:
+                raise ValueError(f"{where}: this shard's classes [{vocab_start}, {vocab_start + local_classes}) must lie "
+                                 f"in [0, num_classes = {num_classes})")
+        # The checks that need no other rank (repeated with the total C below, where "others" needs it).
+        _extension_args(where, input, target, label_smoothing, smoothing, target_values, z_loss, False,
+                        num_classes=local_classes)
+        if mixup:
+            _mixup_lam(where, input, target, target_b, lam)
+        if target.is_floating_point():
+            if target.shape != input.shape:
+                raise ValueError(f"{where}: a probability target must be this rank's shard, shaped like the input "
+                                 f"{tuple(input.shape)}, got {tuple(target.shape)}")
+        elif tuple(target.shape) != position_shape:
+            raise ValueError(f"{where}: target must have the input's shape without the class dimension, "
+                             f"{position_shape}, got {tuple(target.shape)}")
+    except (ValueError, TypeError, IndexError, RuntimeError, NotImplementedError) as error:
+        failure = error
+    explicit = vocab_start is not None and num_classes is not None and failure is None
+    agreement.add("a failed argument check", int(failure is not None))
+    agreement.add("shard size", local_classes)
+    agreement.add("vocab_start", vocab_start if explicit else -1)
+    agreement.add("num_classes", num_classes if explicit else -1)
+    if failure is None:
+        soft = target.is_floating_point()
+        agreement.add("positions' shape", _shape_fields(position_shape))
+        agreement.add("target's shape", _shape_fields(target.shape if not soft else position_shape))
+        agreement.add("logits' dtype", _DTYPE_CODES[input.dtype])
+        agreement.add("target kind (indices or probabilities)", int(soft))
+        agreement.add("weight given", int(weight is not None))
+        agreement.add("reduction", REDUCTIONS[reduction])
+        agreement.add("ignore_index", ignore_index)
+        agreement.add("label_smoothing", _float_bits(label_smoothing))
+        agreement.add("smoothing", {"uniform": 0, "others": 1}.get(smoothing, -1) if isinstance(smoothing, str) else -2)
+        tv = list(target_values) if isinstance(target_values, (tuple, list)) and len(target_values) == 2 else None
+        agreement.add("target_values", [_float_bits(v) for v in tv] if tv else [-1, -1])
+        agreement.add("z_loss", _float_bits(z_loss))
+        agreement.add("mixup lam", _float_bits(lam) if isinstance(lam, numbers.Real) else (-2 if lam is None else -3))
+        agreement.add("autocast", int(torch.is_autocast_enabled(input.device.type)))
+    # The same length on every rank (a failed rank sends its first fields and fillers).
+    assert len(agreement.values) <= _AGREEMENT_LENGTH
+    table = _exchange(agreement.values + [-7] * (_AGREEMENT_LENGTH - len(agreement.values)), group, device)
+    if failure is not None:
+        raise failure
+    bad_ranks = table[:, 0].nonzero().flatten().tolist()
+    if bad_ranks:
+        raise RuntimeError(f"{where}: rank(s) {bad_ranks} of the group failed their argument checks (their error says "
+                           f"why); this rank's arguments were fine")
+    differing = []
+    for column, name in enumerate(agreement.names):
+        if column in (0, 1, 2, 3):  # the shards may differ; checked below
+            continue
+        if name not in differing and not bool((table[:, column] == table[0, column]).all()):
+            differing.append(name)
+    if differing:
+        raise ValueError(f"{where}: the ranks of the group disagree on {', '.join(differing)}; every rank must pass "
+                         f"the same targets and options (only the logits and class weights are sharded)")
+    sizes = table[:, 1].tolist()
+    starts = table[:, 2].tolist() if bool((table[:, 2] >= 0).all()) else None
+    if starts is None and bool((table[:, 2] >= 0).any()):
+        raise ValueError(f"{where}: some ranks passed vocab_start/num_classes and others did not "
+                         f"(vocab_start rank by rank: {[s if s >= 0 else None for s in table[:, 2].tolist()]})")
+    starts, total = _shards(where, sizes, starts, table[:, 3].tolist() if starts is not None else None)
+    rank = dist.get_rank(group)
+    start = starts[rank]
+
+    label_smoothing, op_target_values = _extension_args(where, input, target, label_smoothing, smoothing,
+                                                        target_values, z_loss, False, num_classes=total)
+    lam_tensor, lam_value = _mixup_lam(where, input, target, target_b, lam) if mixup else (None, 1.0)
+    float32_loss = torch.is_autocast_enabled(input.device.type)
+    if float32_loss and target.is_floating_point() and target.dtype != input.dtype:
+        input, target = input.float(), target.float()
+
+    # The kernels read contiguous rows (positions, C_local): the classes moved last (a copy for (N, C, d...)).
+    class_dim = 0 if input.dim() == 1 else 1
+    rows = input.movedim(class_dim, -1).reshape(-1, local_classes).contiguous()
+    if target.is_floating_point():
+        target_rows = target.movedim(class_dim, -1).reshape(-1, local_classes).contiguous()
+    else:
+        target_rows = target.reshape(-1)
+    target_b_rows = target_b.reshape(-1) if target_b is not None else None
+    lam_rows = lam_tensor.reshape(-1) if lam_tensor is not None else None
+    loss, _ = _VocabParallelFunction.apply(rows, target_rows, weight, group, device, start, total, int(ignore_index),
+                                           REDUCTIONS[reduction], label_smoothing, float32_loss, op_target_values,
+                                           float(z_loss), target_b_rows, lam_rows, lam_value)
+    if reduction == "none":
+        loss = loss.reshape(position_shape)
+    return loss
+
+
+def vocab_parallel_cross_entropy(
+    input: torch.Tensor,
+    target: torch.Tensor,
+    weight: Optional[torch.Tensor] = None,
+    ignore_index: int = -100,
+    reduction: str = "mean",
+    label_smoothing: float = 0.0,
+    *,
+    group=None,
+    vocab_start: Optional[int] = None,
+    num_classes: Optional[int] = None,
+    smoothing: str = "uniform",
+    target_values: Optional[Tuple[float, float]] = None,
+    z_loss: float = 0.0,
+) -> torch.Tensor:
+    """``smoothce.cross_entropy`` with the classes split across the ranks of ``group`` (default: the
+    world): the loss of the whole logits, every class counted, returned on every rank.
+
+    input: this rank's shard of the logits, classes on dim 1 (dim 0 for (C,)), holding the global
+        classes [vocab_start, vocab_start + C_local). At least one class per rank; shards may differ in size.
+    target: global class indices, the same on every rank; or this rank's slice of the class probabilities
+        (shaped like input).
+    weight: this rank's slice of the class weights (C_local,).
+    vocab_start, num_classes: where this shard starts and the total C; both or neither (default: shards
+        contiguous in rank order, their sizes exchanged in the call).
+    Other arguments and the keyword variants as ``smoothce.cross_entropy`` (no inplace_backward).
+    The gradient of input is this shard's slice of the whole gradient.
+    """
+    return _vocab_parallel_impl("smoothce.vocab_parallel_cross_entropy", input, target, weight, ignore_index,
+                                reduction, label_smoothing, group, vocab_start, num_classes, smoothing, target_values,
+                                z_loss)
+
+
+def vocab_parallel_mixup_cross_entropy(
+    input: torch.Tensor,
+    target_a: Union[torch.Tensor, MixupTarget],
+    target_b: Optional[torch.Tensor] = None,
+    lam: Union[float, torch.Tensor, None] = None,
+    weight: Optional[torch.Tensor] = None,
+    ignore_index: int = -100,
+    reduction: str = "mean",
+    label_smoothing: float = 0.0,
+    *,
+    group=None,
+    vocab_start: Optional[int] = None,
+    num_classes: Optional[int] = None,
+    smoothing: str = "uniform",
+    target_values: Optional[Tuple[float, float]] = None,
+    z_loss: float = 0.0,
+) -> torch.Tensor:
+    """``smoothce.mixup_cross_entropy`` with the classes split across the ranks of ``group``: q =
+    lam·q(target_a) + (1 − lam)·q(target_b), targets global class indices, the same on every rank.
+    Shards as ``vocab_parallel_cross_entropy``."""
+    where = "smoothce.vocab_parallel_mixup_cross_entropy"
+    if isinstance(target_a, MixupTarget):
+        if target_b is not None or lam is not None:
+            raise TypeError(f"{where}: given a MixupTarget, target_b and lam come from it; do not pass them too")
+        target_a, target_b, lam, label_smoothing = target_a.target_a, target_a.target_b, target_a.lam, \
+            target_a.label_smoothing
+    elif target_b is None or lam is None:
+        raise TypeError(f"{where}: target_b and lam are required with index tensors as target_a (or pass a "
+                        f"smoothce.MixupTarget as target_a)")
+    return _vocab_parallel_impl(where, input, target_a, weight, ignore_index, reduction, label_smoothing, group,
+                                vocab_start, num_classes, smoothing, target_values, z_loss, mixup=True,
+                                target_b=target_b, lam=lam)
