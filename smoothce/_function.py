@@ -68,6 +68,25 @@ def _grad_fake(input, target, weight, ignore_index, reduction, label_smoothing, 
     return None
 
 
+# The vocabulary-parallel ops (smoothce/distributed.py): 10 statistics per position (kShardStats).
+@torch.library.register_fake("smoothce::shard_stats")
+def _shard_stats_fake(input, target, weight, vocab_start, num_classes, ignore_index, label_smoothing, float32_loss,
+                      target_values=None, z_loss=0.0, target_b=None, lam=None, lam_value=1.0):
+    acc = torch.float64 if input.dtype == torch.float64 else torch.float32
+    return input.new_empty((input.shape[0], 10), dtype=acc)
+
+
+@torch.library.register_fake("smoothce::shard_forward")
+def _shard_forward_fake(input, target, weight, stats, vocab_start, num_classes, ignore_index, reduction,
+                        label_smoothing, compute_grad, float32_loss, grad_output=None, target_values=None, z_loss=0.0,
+                        target_b=None, lam=None, lam_value=1.0):
+    acc = torch.float64 if input.dtype == torch.float64 else torch.float32
+    loss_dtype = torch.float32 if float32_loss and input.dtype in _HALF_DTYPES else input.dtype
+    loss = input.new_empty((input.shape[0],) if reduction == 0 else (), dtype=loss_dtype)
+    grad = torch.empty_like(input) if compute_grad else input.new_empty((0,))
+    return loss, input.new_empty((input.shape[0],), dtype=acc), grad
+
+
 class CrossEntropyFunction(torch.autograd.Function):
     """Forward runs the fused kernel; for mean and sum, when the input needs a gradient, the kernel
     writes it too, for an upstream gradient of 1, and the first backward only rescales it in place (a

@@ -34,24 +34,6 @@ _ALL_GATHER = getattr(dist, "all_gather_single", None) or dist.all_gather_into_t
 _STATS = 10  # kShardStats (csrc/smoothce/row_math.h)
 
 
-@torch.library.register_fake("smoothce::shard_stats")
-def _shard_stats_fake(input, target, weight, vocab_start, num_classes, ignore_index, label_smoothing, float32_loss,
-                      target_values=None, z_loss=0.0, target_b=None, lam=None, lam_value=1.0):
-    acc = torch.float64 if input.dtype == torch.float64 else torch.float32
-    return input.new_empty((input.shape[0], _STATS), dtype=acc)
-
-
-@torch.library.register_fake("smoothce::shard_forward")
-def _shard_forward_fake(input, target, weight, stats, vocab_start, num_classes, ignore_index, reduction,
-                        label_smoothing, compute_grad, float32_loss, grad_output=None, target_values=None, z_loss=0.0,
-                        target_b=None, lam=None, lam_value=1.0):
-    acc = torch.float64 if input.dtype == torch.float64 else torch.float32
-    loss_dtype = torch.float32 if float32_loss and input.dtype in _HALF_DTYPES else input.dtype
-    loss = input.new_empty((input.shape[0],) if reduction == 0 else (), dtype=loss_dtype)
-    grad = torch.empty_like(input) if compute_grad else input.new_empty((0,))
-    return loss, input.new_empty((input.shape[0],), dtype=acc), grad
-
-
 # ---------------------------------------------------------------- agreement between the ranks
 _DTYPE_CODES = {torch.float64: 1, torch.float32: 2, torch.float16: 3, torch.bfloat16: 4}
 _MAX_POSITION_DIMS = 6

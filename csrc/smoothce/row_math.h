@@ -365,7 +365,7 @@ SMOOTHCE_HOST_DEVICE PositionResult<acc_t> index_target_position(
   return r;
 }
 
-// Vocabulary-parallel (docs/semantics.md §6): each rank's shard of a position's classes gives a
+// Vocabulary-parallel (docs/semantics.md §10): each rank's shard of a position's classes gives a
 // ShardStats, kShardStats values exchanged between the ranks in this order (the RowState fields, then
 // the TargetLogits fields: a target's logit and weight from the rank that holds it, 0 elsewhere).
 // Merged in rank order, every rank gets the same (bit for bit) statistics of the whole row.
