@@ -330,6 +330,26 @@ at::Tensor grad_over_input(const at::Tensor& input) {
   return input;
 }
 
+void check_shard(const Problem& p, int64_t vocab_start, int64_t num_classes) {
+  TORCH_CHECK_VALUE(p.inner == 1 && p.class_contiguous() && (p.stride_outer == p.classes || p.outer <= 1),
+                    "smoothce.shard_stats: the shard must be contiguous rows (positions, classes), got strides ",
+                    p.input.strides());
+  TORCH_CHECK_VALUE(vocab_start >= 0 && num_classes >= 1 && vocab_start + p.classes <= num_classes,
+                    "smoothce.shard_stats: the shard's classes [", vocab_start, ", ", vocab_start + p.classes,
+                    ") must lie in [0, num_classes = ", num_classes, ")");
+}
+
+void check_shard_stats(const Problem& p, const at::Tensor& stats, at::ScalarType acc_dtype) {
+  TORCH_CHECK_VALUE(stats.dim() == 3 && stats.size(0) >= 1 && stats.size(1) == p.outer &&
+                        stats.size(2) == kShardStats && stats.scalar_type() == acc_dtype &&
+                        stats.device() == p.input.device() && stats.stride(2) == 1 &&
+                        stats.stride(1) == kShardStats && stats.stride(0) >= p.outer * kShardStats,
+                    "smoothce.shard_forward: stats must be the ranks' shard_stats stacked, a (ranks, ", p.outer, ", ",
+                    kShardStats, ") ", acc_dtype, " tensor on ", p.input.device(), " with contiguous (positions, ",
+                    kShardStats, ") slices, got ", stats.sizes(), " ", stats.scalar_type(), " on ", stats.device(),
+                    " with strides ", stats.strides());
+}
+
 void check_scale_grad_args(const at::Tensor& grad, const at::Tensor& grad_output) {
   TORCH_CHECK(grad_output.device() == grad.device(), "smoothce.scale_grad_: grad_output must be on the gradient's device (",
               grad.device(), "), got ", grad_output.device());

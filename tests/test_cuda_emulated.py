@@ -502,3 +502,54 @@ def test_plans_grad_over_logits(on_emu, case, option, dtype):
         untouched = torch.ones_like(storage, dtype=torch.bool)
         (view(untouched)).fill_(False)
         assert torch.equal(storage[untouched], leaf[untouched])
+
+
+# ------------------------------------------------------------------------ vocabulary-parallel shards
+
+def _shard_pair(x, target, sizes, rank, ops, **ext):
+    """Every rank's shard_stats stacked (as the all-gather stacks them), and rank `rank`'s shard."""
+    C = x.shape[1]
+    starts = [sum(sizes[:r]) for r in range(len(sizes))]
+    stats = torch.stack([ops.shard_stats(x[:, s:s + n].contiguous(), target, None, s, C, -100, 0.1, False, **ext)
+                         for s, n in zip(starts, sizes)])
+    return stats, x[:, starts[rank]:starts[rank] + sizes[rank]].contiguous(), starts[rank]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=dtype_id)
+@pytest.mark.parametrize("sizes", [[300, 700], [1, 999, 24, 1000]], ids=str)
+def test_shard_kernels_match_the_cpu_kernels(on_emu, dtype, sizes):
+    """The emulated CUDA shard kernels give the CPU kernels' statistics, loss and gradient, the target
+    on any rank, with several positions per block (2 SMs: at most 16 blocks)."""
+    x = make_logits((40, sum(sizes)), dtype)
+    target = make_index_target((40,), sum(sizes))
+    for ops_name in ("emu", "cpu"):
+        ops = torch.ops.smoothce_emu if ops_name == "emu" else torch.ops.smoothce
+        stats, shard, start = _shard_pair(x, target, sizes, 1, ops)
+        out = ops.shard_forward(shard, target, None, stats, start, sum(sizes), -100, 1, 0.1, True, False)
+        if ops_name == "emu":
+            emu_stats, emu_out = stats, out
+    valid = target != -100
+    # (field 5, the mass below the max, is used by probability targets only; the CPU rows leave it 0)
+    used = [0, 1, 2, 3, 4, 6, 7, 8, 9]
+    torch.testing.assert_close(emu_stats[:, valid][..., used], stats[:, valid][..., used], rtol=2e-6, atol=1e-6)
+    torch.testing.assert_close(emu_out[0], out[0], rtol=2e-6, atol=1e-6)
+    torch.testing.assert_close(emu_out[2].float(), out[2].float(), rtol=1e-2 if dtype == torch.bfloat16 else 2e-5,
+                               atol=1e-6)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=dtype_id)
+def test_shard_traffic_is_two_reads_one_write(on_emu, dtype):
+    """shard_stats reads the shard once; shard_forward with the gradient reads it once more and writes
+    its gradient once, plus the per-position values (targets, the ranks' 40-byte statistics, loss, lse)."""
+    sizes, positions = [1000, 1000, 1000], 64
+    x = make_logits((positions, sum(sizes)), dtype)
+    target = make_index_target((positions,), sum(sizes))
+    stats, shard, start = _shard_pair(x, target, sizes, 1, torch.ops.smoothce_emu)
+    logits = shard.numel() * shard.element_size()
+    read, write = _traffic(on_emu, lambda: torch.ops.smoothce_emu.shard_stats(shard, target, None, start, 3000, -100,
+                                                                              0.1, False))
+    _assert_traffic((read, write), (logits + 8 * positions, 40 * positions))
+    read, write = _traffic(on_emu, lambda: torch.ops.smoothce_emu.shard_forward(shard, target, None, stats, start, 3000,
+                                                                                -100, 1, 0.1, True, False))
+    # targets twice (D, then the finish), the 3 ranks' statistics twice (D reads their target weights)
+    _assert_traffic((read, write), (logits + 16 * positions + 2 * 3 * 40 * positions, logits + 8 * positions))

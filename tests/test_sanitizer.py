@@ -134,7 +134,8 @@ def test_launch_bounds_are_enforced(emu):
 
 
 def test_real_kernels_carry_their_launch_bounds(emu):
-    for variant, bound in (("rows", 512), ("strided", 256), ("cluster_rows", 512), ("split_finish", 512)):
+    for variant, bound in (("rows", 512), ("strided", 256), ("cluster_rows", 512), ("split_finish", 512),
+                           ("shard_stats", 512), ("shard_finish", 512)):
         assert emu.kernel_attributes(variant, "float32")["max_threads"] == bound
 
 

@@ -833,13 +833,8 @@ struct Shard {
   }
 };
 
-Shard check_shard(const Problem& prob, int64_t vocab_start, int64_t num_classes) {
-  TORCH_CHECK_VALUE(prob.inner == 1 && prob.class_contiguous(),
-                    "smoothce.shard_stats: the shard must be contiguous rows (positions, classes), got strides ",
-                    prob.input.strides());
-  TORCH_CHECK_VALUE(vocab_start >= 0 && num_classes >= 1 && vocab_start + prob.classes <= num_classes,
-                    "smoothce.shard_stats: the shard's classes [", vocab_start, ", ", vocab_start + prob.classes,
-                    ") must lie in [0, num_classes = ", num_classes, ")");
+Shard shard_of(const Problem& prob, int64_t vocab_start, int64_t num_classes) {
+  check_shard(prob, vocab_start, num_classes);
   return {vocab_start, num_classes};
 }
 
@@ -925,7 +920,7 @@ at::Tensor shard_stats_cpu(const at::Tensor& input, const at::Tensor& target, co
                            bool float32_loss, SMOOTHCE_EXTENSION_PARAMS) {
   const Problem prob = make_problem(input, target, weight, ignore_index, kSum, label_smoothing, false, float32_loss,
                                     SMOOTHCE_EXTENSIONS);
-  const Shard shard = check_shard(prob, vocab_start, num_classes);
+  const Shard shard = shard_of(prob, vocab_start, num_classes);
   const auto acc_dtype = input.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
   at::Tensor stats = at::empty({prob.outer, kShardStats}, input.options().dtype(acc_dtype));
   const at::Tensor weight_acc = prob.weight.has_value() ? prob.weight->to(acc_dtype).contiguous() : at::Tensor();
@@ -990,7 +985,8 @@ void shard_forward_kernel(const Params<scalar_t>& p, const Shard& shard, const a
           continue;
         }
       }
-      const ShardStats<acc_t> all = merge_shards(stats + pos * kShardStats, ranks, rank_stride);
+      const ShardStats<acc_t> all = merge_shards<acc_t>(
+          [&](int64_t r) { return ShardStats<acc_t>::load(stats + r * rank_stride + pos * kShardStats); }, ranks);
       const acc_t log_sum = row_log_sum(all.state);
       // Σ_c w_c over every rank's classes is the merged mass where the smoothing term needs it (off ≠ 0).
       const PositionResult<acc_t> r =
@@ -1020,16 +1016,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> shard_forward_cpu(
     SMOOTHCE_EXTENSION_PARAMS) {
   const Problem prob = make_problem(input, target, weight, ignore_index, reduction, label_smoothing, compute_grad,
                                     float32_loss, SMOOTHCE_EXTENSIONS);
-  const Shard shard = check_shard(prob, vocab_start, num_classes);
+  const Shard shard = shard_of(prob, vocab_start, num_classes);
   const ForwardBuffers out = make_forward_buffers(prob, input, float32_loss, grad_output, &allocate_grad);
-  TORCH_CHECK_VALUE(stats.dim() == 3 && stats.size(0) >= 1 && stats.size(1) == prob.outer &&
-                        stats.size(2) == kShardStats && stats.scalar_type() == out.acc_dtype &&
-                        stats.device() == input.device() && stats.stride(2) == 1 &&
-                        stats.stride(1) == kShardStats && stats.stride(0) >= prob.outer * kShardStats,
-                    "smoothce.shard_forward: stats must be the ranks' shard_stats stacked, a (ranks, ", prob.outer,
-                    ", ", kShardStats, ") ", out.acc_dtype, " tensor on ", input.device(),
-                    " with contiguous (positions, ", kShardStats, ") slices, got ", stats.sizes(), " ",
-                    stats.scalar_type(), " on ", stats.device(), " with strides ", stats.strides());
+  check_shard_stats(prob, stats, out.acc_dtype);
   double denominator = 1.0;
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, input.scalar_type(), "smoothce_shard_forward", [&] {
     using acc_t = acc_type<scalar_t>;

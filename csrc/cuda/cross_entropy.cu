@@ -1,4 +1,4 @@
-// CUDA implementation of smoothce::forward, grad_, scale_grad_ and linear_forward: the device guard, the current
+// CUDA implementation of smoothce::forward, grad_, scale_grad_, linear_forward and the shard ops: the device guard, the current
 // stream (SMOOTHCE_LAUNCH) and the device's limits around the shared driver (forward.cuh).
 #include <c10/cuda/CUDAGuard.h>
 #include <torch/library.h>
@@ -64,6 +64,25 @@ void scale_grad_cuda(at::Tensor& grad, const at::Tensor& grad_output) {
   scale_grad(grad, grad_output, limits_of(grad.device()));
 }
 
+at::Tensor shard_stats_cuda(const at::Tensor& input, const at::Tensor& target, const c10::optional<at::Tensor>& weight,
+                            int64_t vocab_start, int64_t num_classes, int64_t ignore_index, double label_smoothing,
+                            bool float32_loss, SMOOTHCE_EXTENSION_PARAMS) {
+  const c10::cuda::CUDAGuard guard(input.device());
+  return shard_stats(input, target, weight, vocab_start, num_classes, ignore_index, label_smoothing, float32_loss,
+                     SMOOTHCE_EXTENSIONS, limits_of(input.device()));
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> shard_forward_cuda(
+    const at::Tensor& input, const at::Tensor& target, const c10::optional<at::Tensor>& weight,
+    const at::Tensor& stats, int64_t vocab_start, int64_t num_classes, int64_t ignore_index, int64_t reduction,
+    double label_smoothing, bool compute_grad, bool float32_loss, const c10::optional<at::Tensor>& grad_output,
+    SMOOTHCE_EXTENSION_PARAMS) {
+  const c10::cuda::CUDAGuard guard(input.device());
+  return shard_forward(input, target, weight, stats, vocab_start, num_classes, ignore_index, reduction,
+                       label_smoothing, compute_grad, float32_loss, grad_output, SMOOTHCE_EXTENSIONS,
+                       limits_of(input.device()));
+}
+
 }  // namespace
 
 TORCH_LIBRARY_IMPL(smoothce, CUDA, m) {
@@ -71,6 +90,8 @@ TORCH_LIBRARY_IMPL(smoothce, CUDA, m) {
   m.impl("scale_grad_", &scale_grad_cuda);
   m.impl("grad_", &grad_cuda_);
   m.impl("linear_forward", &linear_forward_cuda);
+  m.impl("shard_stats", &shard_stats_cuda);
+  m.impl("shard_forward", &shard_forward_cuda);
 }
 
 }  // namespace smoothce::cuda

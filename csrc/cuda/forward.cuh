@@ -47,6 +47,51 @@ DeviceLimits limits_for(const DeviceLimits& device) {
   return limits;
 }
 
+// One target type in the kernels: uint8 class indices (and a mixup partner alike) are widened to
+// int64 (N bytes, no N×C work).
+inline std::pair<at::Tensor, Extensions> widened_targets(const at::Tensor& target, const Extensions& ext_arg) {
+  auto widened = [](const at::Tensor& t) { return t.scalar_type() == at::kByte ? t.to(at::kLong) : t; };
+  Extensions ext = ext_arg;
+  if (ext.target_b.has_value() && ext.target_b->defined() && ext.target_b->scalar_type() == target.scalar_type())
+    ext.target_b = widened(*ext.target_b);
+  return {widened(target), ext};
+}
+
+// The kernels' arguments for a checked problem and its buffers (smoothing: the problem's, or that of
+// all the ranks' classes for a vocabulary shard).
+template <typename scalar_t>
+KernelArgs<scalar_t> kernel_args(const Problem& prob, const ForwardBuffers& out,
+                                 const Smoothing<acc_type<scalar_t>>& smoothing, const DeviceScalars* scalars) {
+  using acc_t = acc_type<scalar_t>;
+  KernelArgs<scalar_t> a{};
+  a.input = prob.input.const_data_ptr<scalar_t>();
+  a.soft_target = prob.soft_target ? prob.target.const_data_ptr<scalar_t>() : nullptr;
+  a.target = prob.soft_target ? nullptr : prob.target.const_data_ptr<int64_t>();
+  a.target_b = prob.target_b.defined() ? prob.target_b.const_data_ptr<int64_t>() : nullptr;
+  a.lam = prob.lam.defined() ? prob.lam.const_data_ptr<acc_t>() : nullptr;
+  a.lam_value = static_cast<acc_t>(prob.lam_value);
+  a.weight = out.weight.defined() ? out.weight.const_data_ptr<acc_t>() : nullptr;
+  a.grad = prob.compute_grad ? out.kernel_grad.mutable_data_ptr<scalar_t>() : nullptr;
+  a.position_loss = out.position_loss.defined() ? out.position_loss.mutable_data_ptr<acc_t>() : nullptr;
+  a.lse = out.lse.defined() ? out.lse.mutable_data_ptr<acc_t>() : nullptr;
+  a.scalars = scalars;
+  a.position_scale =
+      out.upstream.defined() && out.upstream.dim() > 0 ? out.upstream.const_data_ptr<acc_t>() : nullptr;
+  static_cast<PositionLayout&>(a) = prob.layout();
+  static_cast<Smoothing<acc_t>&>(a) = smoothing;
+  a.mass = mass_kind(prob.soft_target, a.tv.off, a.weight != nullptr);
+  return a;
+}
+
+// The loss a forward returns: per position ('none'), or their sum (in fp64), divided for 'mean' by the
+// device's D (scalars[0], DeviceScalars::denominator).
+inline at::Tensor reduced_loss(const ForwardBuffers& out, int64_t reduction, const at::Tensor& scalars) {
+  if (reduction == kNone) return out.position_loss.to(out.loss_dtype);
+  at::Tensor total = out.position_loss.sum(at::kDouble);
+  if (reduction == kMean) total = total / scalars.select(0, 0);  // a plain division: 0/0 is NaN, as torch
+  return total.to(out.loss_dtype);
+}
+
 // Launches the plan's kernels; returns the plan launched: `plan`, or `fallback` (made without
 // clusters) when the device cannot schedule the plan's clusters.
 template <typename scalar_t>
@@ -101,12 +146,7 @@ inline std::tuple<at::Tensor, at::Tensor, at::Tensor> forward(
     int64_t ignore_index, int64_t reduction, double label_smoothing, bool compute_grad, bool float32_loss,
     const c10::optional<at::Tensor>& grad_output, const Extensions& ext_arg, bool grad_over_logits,
     const DeviceLimits& limits, Plan* used_plan = nullptr) {
-  // One target type in the kernels: uint8 class indices are widened (N bytes, no N×C work).
-  auto widened = [](const at::Tensor& t) { return t.scalar_type() == at::kByte ? t.to(at::kLong) : t; };
-  const at::Tensor target = widened(target_arg);
-  Extensions ext = ext_arg;
-  if (ext.target_b.has_value() && ext.target_b->defined() && ext.target_b->scalar_type() == target_arg.scalar_type())
-    ext.target_b = widened(*ext.target_b);
+  const auto [target, ext] = widened_targets(target_arg, ext_arg);
   const Problem prob =
       make_problem(input, target, weight, ignore_index, reduction, label_smoothing, compute_grad, float32_loss, ext);
   const auto options = prob.input.options();
@@ -127,22 +167,7 @@ inline std::tuple<at::Tensor, at::Tensor, at::Tensor> forward(
     without_clusters.max_cluster_blocks = 0;
     const Plan fallback = plan.variant == Variant::kClusterRows ? plan_for(prob, without_clusters) : plan;
     const acc_t* weight_ptr = weight_acc.defined() ? weight_acc.const_data_ptr<acc_t>() : nullptr;
-    KernelArgs<scalar_t> a{};
-    a.input = prob.input.const_data_ptr<scalar_t>();
-    a.soft_target = prob.soft_target ? prob.target.const_data_ptr<scalar_t>() : nullptr;
-    a.target = prob.soft_target ? nullptr : prob.target.const_data_ptr<int64_t>();
-    a.target_b = prob.target_b.defined() ? prob.target_b.const_data_ptr<int64_t>() : nullptr;
-    a.lam = prob.lam.defined() ? prob.lam.const_data_ptr<acc_t>() : nullptr;
-    a.lam_value = static_cast<acc_t>(prob.lam_value);
-    a.weight = weight_ptr;
-    a.grad = compute_grad ? out.kernel_grad.mutable_data_ptr<scalar_t>() : nullptr;
-    a.position_loss = out.position_loss.mutable_data_ptr<acc_t>();
-    a.lse = out.lse.mutable_data_ptr<acc_t>();
-    a.scalars = device_scalars;
-    a.position_scale = upstream.defined() && upstream.dim() > 0 ? upstream.const_data_ptr<acc_t>() : nullptr;
-    static_cast<PositionLayout&>(a) = prob.layout();
-    static_cast<Smoothing<acc_t>&>(a) = prob.smoothing<acc_t>();
-    a.mass = mass_kind(prob.soft_target, a.tv.off, weight_ptr != nullptr);
+    const KernelArgs<scalar_t> a = kernel_args<scalar_t>(prob, out, prob.smoothing<acc_t>(), device_scalars);
 
     // Prologue: D (and the range check) over the targets, then the DeviceScalars.
     int64_t partials = 0;
@@ -168,15 +193,98 @@ inline std::tuple<at::Tensor, at::Tensor, at::Tensor> forward(
   });
 
   out.copy_back();
-  at::Tensor loss;
-  if (reduction == kNone) {
-    loss = out.position_loss.to(out.loss_dtype);
-  } else {
-    at::Tensor total = out.position_loss.sum(at::kDouble);
-    if (reduction == kMean) total = total / scalars.select(0, 0);  // a plain division: 0/0 is NaN, as torch
-    loss = total.to(out.loss_dtype);
-  }
-  return {loss, out.lse, out.grad};
+  return {reduced_loss(out, reduction, scalars), out.lse, out.grad};
+}
+
+// ---------------------------------------------------------------- vocabulary-parallel shards
+// smoothce::shard_stats and smoothce::shard_forward on the device (docs/semantics.md §10; the kernels:
+// kernels.cuh "vocabulary-parallel shards"). A block per position, threads for the shard's length.
+inline int shard_threads(int64_t classes) {
+  return static_cast<int>(std::min<int64_t>(512, std::max<int64_t>(kWarp, round_up(ceil_div(classes, 8), kWarp))));
+}
+
+inline Problem shard_problem(const at::Tensor& input, const at::Tensor& target, const c10::optional<at::Tensor>& weight,
+                             int64_t vocab_start, int64_t num_classes, int64_t ignore_index, int64_t reduction,
+                             double label_smoothing, bool compute_grad, bool float32_loss, const Extensions& ext) {
+  Problem prob =
+      make_problem(input, target, weight, ignore_index, reduction, label_smoothing, compute_grad, float32_loss, ext);
+  check_shard(prob, vocab_start, num_classes);
+  return prob;
+}
+
+inline at::Tensor shard_stats(const at::Tensor& input, const at::Tensor& target_arg,
+                              const c10::optional<at::Tensor>& weight, int64_t vocab_start, int64_t num_classes,
+                              int64_t ignore_index, double label_smoothing, bool float32_loss,
+                              const Extensions& ext_arg, const DeviceLimits& limits) {
+  const auto [target, ext] = widened_targets(target_arg, ext_arg);
+  const Problem prob = shard_problem(input, target, weight, vocab_start, num_classes, ignore_index, kSum,
+                                     label_smoothing, false, float32_loss, ext);
+  ForwardBuffers buffers = make_forward_buffers(prob, input, float32_loss, c10::nullopt, nullptr);
+  at::Tensor stats = at::empty({prob.outer, kShardStats}, prob.input.options().dtype(buffers.acc_dtype));
+  if (prob.outer == 0) return stats;
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, prob.input.scalar_type(), "smoothce_shard_stats_cuda", [&] {
+    using acc_t = acc_type<scalar_t>;
+    const Smoothing<acc_t> smoothing = Smoothing<acc_t>::make(
+        prob.label_smoothing, num_classes, prob.has_target_values ? prob.target_values : nullptr, prob.z_loss);
+    const KernelArgs<scalar_t> a = kernel_args<scalar_t>(prob, buffers, smoothing, nullptr);
+    const dim3 grid(static_cast<unsigned>(std::min<int64_t>(prob.outer, limits.sm_count * 8)));
+    auto kernel = &shard_stats_kernel<scalar_t>;
+    SMOOTHCE_LAUNCH(kernel, grid, dim3(shard_threads(prob.classes)), 0, a, ShardPlace{vocab_start, num_classes},
+                    stats.mutable_data_ptr<acc_t>());
+  });
+  return stats;
+}
+
+inline std::tuple<at::Tensor, at::Tensor, at::Tensor> shard_forward(
+    const at::Tensor& input, const at::Tensor& target_arg, const c10::optional<at::Tensor>& weight,
+    const at::Tensor& stats, int64_t vocab_start, int64_t num_classes, int64_t ignore_index, int64_t reduction,
+    double label_smoothing, bool compute_grad, bool float32_loss, const c10::optional<at::Tensor>& grad_output,
+    const Extensions& ext_arg, const DeviceLimits& limits) {
+  const auto [target, ext] = widened_targets(target_arg, ext_arg);
+  const Problem prob = shard_problem(input, target, weight, vocab_start, num_classes, ignore_index, reduction,
+                                     label_smoothing, compute_grad, float32_loss, ext);
+  const ForwardBuffers out = make_forward_buffers(prob, input, float32_loss, grad_output,
+                                                  +[](const at::Tensor& like) { return at::empty_like(like); });
+  check_shard_stats(prob, stats, out.acc_dtype);
+  const auto options = prob.input.options();
+  const int64_t positions = prob.outer;
+  at::Tensor scalars = at::empty({static_cast<int64_t>(sizeof(DeviceScalars) / sizeof(double))}, options.dtype(at::kDouble));
+  auto* device_scalars = reinterpret_cast<DeviceScalars*>(scalars.mutable_data_ptr<double>());
+  const ShardPlace shard{vocab_start, num_classes};
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, prob.input.scalar_type(), "smoothce_shard_forward_cuda", [&] {
+    using acc_t = acc_type<scalar_t>;
+    const Smoothing<acc_t> smoothing = Smoothing<acc_t>::make(
+        prob.label_smoothing, num_classes, prob.has_target_values ? prob.target_values : nullptr, prob.z_loss);
+    const KernelArgs<scalar_t> a = kernel_args<scalar_t>(prob, out, smoothing, device_scalars);
+    const acc_t* all = stats.const_data_ptr<acc_t>();
+    // Prologue: D from the targets' merged weights, then the DeviceScalars (weight_sum unused: the merged mass).
+    int64_t partials = 0;
+    at::Tensor partial;
+    if (!prob.soft_target && positions > 0) {
+      partials = std::min<int64_t>(ceil_div(positions, kPrologueThreads * 8), limits.sm_count * 4);
+      partial = at::empty({partials}, options.dtype(at::kDouble));
+      auto kernel = &shard_weight_kernel<scalar_t>;
+      SMOOTHCE_LAUNCH(kernel, dim3(static_cast<unsigned>(partials)), dim3(kPrologueThreads), 0, a, shard, all,
+                      stats.size(0), stats.stride(0), partial.mutable_data_ptr<double>());
+    }
+    {
+      auto kernel = &scalars_kernel<acc_t>;
+      const double fixed_denominator = prob.soft_target || positions == 0 ? static_cast<double>(positions) : -1.0;
+      SMOOTHCE_LAUNCH(kernel, dim3(1), dim3(kPrologueThreads), 0,
+                      partial.defined() ? static_cast<const double*>(partial.const_data_ptr<double>()) : nullptr,
+                      partials, fixed_denominator, static_cast<const acc_t*>(nullptr), prob.classes, reduction,
+                      out.upstream.defined() && out.upstream.dim() == 0 ? out.upstream.const_data_ptr<acc_t>() : nullptr,
+                      device_scalars);
+    }
+    if (positions > 0) {
+      const dim3 grid(static_cast<unsigned>(std::min<int64_t>(positions, limits.sm_count * 8)));
+      auto kernel = &shard_finish_kernel<scalar_t>;
+      SMOOTHCE_LAUNCH(kernel, grid, dim3(shard_threads(prob.classes)), 0, a, shard, all, stats.size(0),
+                      stats.stride(0));
+    }
+  });
+  out.copy_back();
+  return {reduced_loss(out, reduction, scalars), out.lse, out.grad};
 }
 
 // The op smoothce::scale_grad_ on the device: grad *= grad_output.

@@ -675,6 +675,157 @@ __global__ void __launch_bounds__(256, 1) strided_kernel(KernelArgs<scalar_t> a,
   }
 }
 
+// ---------------------------------------------------------------- vocabulary-parallel shards
+// The input is one rank's shard of the classes as contiguous rows (positions, classes): global
+// classes [start, start + classes) of num_classes; index targets are global (docs/semantics.md §10).
+// shard_stats_kernel reads the shard once for its ShardStats per position; shard_weight_kernel and
+// shard_finish_kernel take every rank's (stacked in rank order, rank r's at stats + r·rank_stride):
+// the mean's D from the targets' merged weights, then per position the merged statistics, loss and
+// lse, and with a gradient the shard re-read and its gradient written (2 reads + 1 write in all).
+struct ShardPlace {
+  int64_t start, num_classes;
+};
+
+// The position's targets among all classes (range num_classes); `raw` as KernelArgs::targets_of.
+template <typename scalar_t>
+__device__ PositionTargets<acc_type<scalar_t>> global_targets(const KernelArgs<scalar_t>& a, const ShardPlace& shard,
+                                                              int64_t pos, bool counted, int64_t* raw = nullptr) {
+  const int64_t off = a.target_offset_of(pos);
+  const int64_t t_a = load_broadcast(a.target + off, counted);
+  const int64_t t_b = a.target_b ? load_broadcast(a.target_b + off, counted) : a.ignore_index;
+  const acc_type<scalar_t> share = a.lam ? load_broadcast(a.lam + pos, counted) : a.lam_value;
+  if (raw) {
+    raw[0] = t_a;
+    raw[1] = t_b;
+  }
+  return position_targets<acc_type<scalar_t>>(t_a, t_b, share, a.ignore_index, shard.num_classes);
+}
+
+// The same targets as columns of the shard (−1 where another rank holds the class).
+template <typename acc_t>
+__device__ PositionTargets<acc_t> shard_columns(PositionTargets<acc_t> t, const ShardPlace& shard, int64_t classes) {
+  auto local = [&](int64_t c) { return c >= shard.start && c < shard.start + classes ? c - shard.start : -1; };
+  t.a = t.a >= 0 ? local(t.a) : -1;
+  t.b = t.b >= 0 ? local(t.b) : -1;
+  return t;
+}
+
+// The ShardStats at stats[offset] (kShardStats values, as ShardStats::store lays them out).
+template <typename acc_t>
+__device__ __forceinline__ const ShardStats<acc_t>* shard_stats_at(const acc_t* stats, int64_t offset) {
+  static_assert(sizeof(ShardStats<acc_t>) == kShardStats * sizeof(acc_t), "ShardStats: kShardStats values");
+  return reinterpret_cast<const ShardStats<acc_t>*>(stats + offset);
+}
+template <typename acc_t>
+__device__ __forceinline__ ShardStats<acc_t>* shard_stats_at(acc_t* stats, int64_t offset) {
+  return const_cast<ShardStats<acc_t>*>(shard_stats_at(static_cast<const acc_t*>(stats), offset));
+}
+
+// A block per position (grid-stride): the shard's RowState, and its logits and weights at the targets.
+template <typename scalar_t>
+__global__ void __launch_bounds__(512, 1) shard_stats_kernel(KernelArgs<scalar_t> a, ShardPlace shard,
+                                                          acc_type<scalar_t>* stats) {
+  using acc_t = acc_type<scalar_t>;
+  const bool soft = a.mass == Mass::kSoft;
+  for (int64_t pos = blockIdx.x; pos < a.outer; pos += gridDim.x) {
+    const int64_t offset = a.offset_of(pos);
+    int64_t raw[2];
+    const PositionTargets<acc_t> t = soft ? PositionTargets<acc_t>{-1, -1, acc_t(0), acc_t(0)}
+                                          : global_targets(a, shard, pos, threadIdx.x == 0, raw);
+    const bool valid = soft || t.valid();
+    RowState<acc_t> state = RowState<acc_t>::empty();
+    if (valid) {
+      read_run(a.input + offset, a.classes, threadIdx.x, blockDim.x, [&](int64_t e, scalar_t x) {
+        if (a.mass == Mass::kNone) {
+          accumulate<acc_t, false>(state, static_cast<acc_t>(x), acc_t(0));
+        } else {
+          const acc_t prob = soft ? static_cast<acc_t>(load_global(a.soft_target + offset + e)) : acc_t(0);
+          accumulate<acc_t, true>(state, static_cast<acc_t>(x), a.class_mass(e, prob));
+        }
+      });
+    }
+    state = block_merge(state);
+    if (threadIdx.x == 0) {
+      if (!soft) {
+        for (int i = 0; i < 2; ++i)
+          if (raw[i] != a.ignore_index && (raw[i] < 0 || raw[i] >= shard.num_classes))
+            SMOOTHCE_DEVICE_INDEX_ERROR(raw[i], shard.num_classes, a.ignore_index);
+      }
+      ShardStats<acc_t> out{valid ? state : RowState<acc_t>::empty(), {acc_t(0), acc_t(0), acc_t(0), acc_t(0)}};
+      if (valid && !soft)
+        out.target = a.target_logits(shard_columns(t, shard, a.classes),
+                                     [&](int64_t c) { return static_cast<acc_t>(load_global(a.input + offset + c)); },
+                                     true);
+      store_global(shard_stats_at(stats, pos * kShardStats), out);
+    }
+  }
+}
+
+// Per-block partial sums of D = Σ k_a·w_a + k_b·w_b over the valid positions, the weights at the
+// targets summed over the ranks' statistics (the rank holding a target gave its weight, the others 0).
+template <typename scalar_t>
+__global__ void shard_weight_kernel(KernelArgs<scalar_t> a, ShardPlace shard, const acc_type<scalar_t>* stats,
+                                    int64_t ranks, int64_t rank_stride, double* partial) {
+  using acc_t = acc_type<scalar_t>;
+  double total = 0.0;
+  for (int64_t pos = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; pos < a.outer;
+       pos += static_cast<int64_t>(gridDim.x) * blockDim.x) {
+    const PositionTargets<acc_t> t = global_targets(a, shard, pos, true);
+    if (!t.valid()) continue;
+    acc_t w_a = acc_t(0), w_b = acc_t(0);
+    for (int64_t r = 0; r < ranks; ++r) {
+      const ShardStats<acc_t> s = load_global(shard_stats_at(stats, r * rank_stride + pos * kShardStats));
+      w_a += s.target.w_a;
+      w_b += s.target.w_b;
+    }
+    if (t.k_a != acc_t(0)) total += static_cast<double>(t.k_a) * static_cast<double>(w_a);
+    if (t.k_b != acc_t(0)) total += static_cast<double>(t.k_b) * static_cast<double>(w_b);
+  }
+  SMOOTHCE_SHARED(double, scratch, kWarp);
+  total = group_reduce(Fields<double, 1>{{total}}, blockDim.x, AddOp(), scratch).v[0];
+  if (threadIdx.x == 0) store_global(partial + blockIdx.x, total);
+}
+
+// A block per position (grid-stride): thread 0 merges the ranks' statistics in rank order (the same
+// on every rank), writes loss and lse; with a gradient the block then writes the shard's.
+template <typename scalar_t>
+__global__ void __launch_bounds__(512, 1) shard_finish_kernel(KernelArgs<scalar_t> a, ShardPlace shard,
+                                                           const acc_type<scalar_t>* stats, int64_t ranks,
+                                                           int64_t rank_stride) {
+  using acc_t = acc_type<scalar_t>;
+  SMOOTHCE_SHARED(RowScalars<acc_t>, shared_row, 1);
+  const bool soft = a.mass == Mass::kSoft;
+  const DeviceScalars scalars = load_broadcast(a.scalars, threadIdx.x == 0);
+  for (int64_t pos = blockIdx.x; pos < a.outer; pos += gridDim.x) {
+    if (threadIdx.x == 0) {
+      const ShardStats<acc_t> all = merge_shards<acc_t>(
+          [&](int64_t r) { return load_global(shard_stats_at(stats, r * rank_stride + pos * kShardStats)); }, ranks);
+      const PositionTargets<acc_t> t =
+          soft ? PositionTargets<acc_t>{-1, -1, acc_t(0), acc_t(0)} : global_targets(a, shard, pos, true);
+      const bool valid = soft || t.valid();
+      DeviceScalars position_scalars = scalars;
+      position_scalars.weight_sum = static_cast<double>(all.state.mass);  // Σ_c w_c over every rank's classes
+      RowScalars<acc_t> row = finish_position(a, all.state, pos, t, valid, all.target, position_scalars, true);
+      if (valid && !soft) {  // the gradient's target columns, in this shard
+        const PositionTargets<acc_t> columns = shard_columns(t, shard, a.classes);
+        row.a = static_cast<int32_t>(columns.a);
+        row.b = static_cast<int32_t>(columns.b);
+      }
+      store_shared(shared_row, row);
+    }
+    __syncthreads();
+    if (a.grad) {
+      const RowScalars<acc_t> row = load_shared(shared_row);
+      const int64_t offset = a.offset_of(pos);
+      map_run(a.input + offset, a.grad + offset, a.classes, threadIdx.x, blockDim.x, [&](int64_t e, scalar_t x) {
+        const acc_t prob = soft ? static_cast<acc_t>(load_global(a.soft_target + offset + e)) : acc_t(0);
+        return grad_value(row, static_cast<acc_t>(x), a.grad_mass(e, prob), e);
+      });
+    }
+    __syncthreads();  // every reader of shared_row is done before thread 0 writes the next position's
+  }
+}
+
 // ---------------------------------------------------------------- backward: grad *= grad_output
 // A scalar upstream gradient read on the device: when it is 1 (plain loss.backward() on mean/sum)
 // every block returns at once, so the fused gradient costs nothing more and the host never syncs.

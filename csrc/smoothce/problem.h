@@ -101,6 +101,13 @@ ForwardBuffers make_forward_buffers(const Problem& p, const at::Tensor& input, b
 // elements may share memory: expand, unfold).
 at::Tensor grad_over_input(const at::Tensor& input);
 
+// Vocabulary-parallel shards (smoothce::shard_stats, shard_forward), on every backend: the shard is
+// contiguous rows (positions, classes) whose classes lie in [0, num_classes) from vocab_start; the
+// stats are every rank's (ranks, positions, kShardStats) in the accumulation type, each rank's slice
+// contiguous.
+void check_shard(const Problem& p, int64_t vocab_start, int64_t num_classes);
+void check_shard_stats(const Problem& p, const at::Tensor& stats, at::ScalarType acc_dtype);
+
 // Checks grad_output for scale_grad_ against the gradient it scales.
 void check_scale_grad_args(const at::Tensor& grad, const at::Tensor& grad_output);
 

@@ -386,14 +386,13 @@ struct ShardStats {
   }
 };
 
-// The whole row's statistics from the ranks' (`ranks` ShardStats, `stride` values apart): the states
-// merged, the target values summed (exactly one rank holds each target; the others add 0).
-template <typename acc_t>
-SMOOTHCE_HOST_DEVICE SMOOTHCE_MATH_ABI ShardStats<acc_t> merge_shards(const acc_t* stats, int64_t ranks,
-                                                                      int64_t stride) {
-  ShardStats<acc_t> all = ShardStats<acc_t>::load(stats);
+// The whole row's statistics from the ranks' (load(r): rank r's ShardStats, r < ranks): the states
+// merged in rank order, the target values summed (exactly one rank holds each target; the others add 0).
+template <typename acc_t, typename Load>
+SMOOTHCE_HOST_DEVICE SMOOTHCE_MATH_ABI ShardStats<acc_t> merge_shards(const Load& load, int64_t ranks) {
+  ShardStats<acc_t> all = load(0);
   for (int64_t r = 1; r < ranks; ++r) {
-    const ShardStats<acc_t> s = ShardStats<acc_t>::load(stats + r * stride);
+    const ShardStats<acc_t> s = load(r);
     all.state = merge(all.state, s.state);
     all.target = {all.target.x_a + s.target.x_a, all.target.x_b + s.target.x_b, all.target.w_a + s.target.w_a,
                   all.target.w_b + s.target.w_b};

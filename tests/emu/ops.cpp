@@ -75,6 +75,28 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
                                   grad_output, SMOOTHCE_EXTENSIONS, kernel);
 }
 
+at::Tensor shard_stats_emu(const at::Tensor& input, const at::Tensor& target, const c10::optional<at::Tensor>& weight,
+                           int64_t vocab_start, int64_t num_classes, int64_t ignore_index, double label_smoothing,
+                           bool float32_loss, SMOOTHCE_EXTENSION_PARAMS) {
+  emu::MemcheckScope memcheck("smoothce_emu::shard_stats", {{"input", input}, {"target", target}, {"weight", weight},
+                                                            {"target_b", target_b}, {"lam", lam}});
+  return smoothce::cuda::shard_stats(input, target, weight, vocab_start, num_classes, ignore_index, label_smoothing,
+                                     float32_loss, SMOOTHCE_EXTENSIONS, limits());
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> shard_forward_emu(
+    const at::Tensor& input, const at::Tensor& target, const c10::optional<at::Tensor>& weight,
+    const at::Tensor& stats, int64_t vocab_start, int64_t num_classes, int64_t ignore_index, int64_t reduction,
+    double label_smoothing, bool compute_grad, bool float32_loss, const c10::optional<at::Tensor>& grad_output,
+    SMOOTHCE_EXTENSION_PARAMS) {
+  emu::MemcheckScope memcheck("smoothce_emu::shard_forward",
+                              {{"input", input}, {"target", target}, {"weight", weight}, {"stats", stats},
+                               {"grad_output", grad_output}, {"target_b", target_b}, {"lam", lam}});
+  return smoothce::cuda::shard_forward(input, target, weight, stats, vocab_start, num_classes, ignore_index,
+                                       reduction, label_smoothing, compute_grad, float32_loss, grad_output,
+                                       SMOOTHCE_EXTENSIONS, limits());
+}
+
 void scale_grad_emu(at::Tensor& grad, const at::Tensor& grad_output) {
   emu::MemcheckScope memcheck("smoothce_emu::scale_grad_", {{"grad", grad}, {"grad_output", grad_output}});
   smoothce::cuda::scale_grad(grad, grad_output, limits());
@@ -112,6 +134,8 @@ TORCH_LIBRARY(smoothce_emu, m) {
   m.def(smoothce::kScaleGradSchema);
   m.def(smoothce::kGradSchema);
   m.def(smoothce::kLinearForwardSchema);
+  m.def(smoothce::kShardStatsSchema);
+  m.def(smoothce::kShardForwardSchema);
 }
 
 TORCH_LIBRARY_IMPL(smoothce_emu, CPU, m) {
@@ -119,6 +143,8 @@ TORCH_LIBRARY_IMPL(smoothce_emu, CPU, m) {
   m.impl("scale_grad_", &scale_grad_emu);
   m.impl("grad_", &grad_emu_);
   m.impl("linear_forward", &linear_forward_emu);
+  m.impl("shard_stats", &shard_stats_emu);
+  m.impl("shard_forward", &shard_forward_emu);
 }
 
 void bind_ops(pybind11::module_& m) {
@@ -150,11 +176,16 @@ void bind_ops(pybind11::module_& m) {
             kernel = reinterpret_cast<const void*>(&smoothce::cuda::cluster_rows_kernel<scalar_t>);
           if (variant == "split_finish")
             kernel = reinterpret_cast<const void*>(&smoothce::cuda::split_finish_kernel<scalar_t>);
+          if (variant == "shard_stats")
+            kernel = reinterpret_cast<const void*>(&smoothce::cuda::shard_stats_kernel<scalar_t>);
+          if (variant == "shard_finish")
+            kernel = reinterpret_cast<const void*>(&smoothce::cuda::shard_finish_kernel<scalar_t>);
         });
         TORCH_CHECK(kernel, "kernel_attributes: unknown variant '", variant, "'");
         return kernel_attributes_dict(kernel);
       },
-      "cudaFuncGetAttributes of a kernel ('rows', 'strided', 'cluster_rows', 'split_finish') for a dtype "
+      "cudaFuncGetAttributes of a kernel ('rows', 'strided', 'cluster_rows', 'split_finish', 'shard_stats', "
+      "'shard_finish') for a dtype "
       "('float64', 'float32', 'float16', 'bfloat16'); its static size is known once a block of it ran",
       pybind11::arg("variant"), pybind11::arg("dtype"));
   m.def(
