@@ -16,6 +16,7 @@ _ops = torch.ops.smoothce
 REDUCTIONS = {"none": 0, "mean": 1, "sum": 2}
 _REDUCTION_NAMES = {code: name for name, code in REDUCTIONS.items()}
 _HALF_DTYPES = (torch.float16, torch.bfloat16)
+_DTENSOR = "DTensor"  # torch.distributed.tensor.DTensor's name: such logits go to smoothce.distributed
 
 
 def _position_shape(input: torch.Tensor):
@@ -337,6 +338,14 @@ def cross_entropy_impl(
     """For the integrations: float32_loss, an fp32 loss from half logits also outside autocast (their
     libraries return one); divisor (an int or a tensor, with reduction 'sum'), the loss Σ/divisor
     (transformers' sum / num_items_in_batch) with the gradient's 1/divisor applied inside the kernel."""
+    if _DTENSOR in (type(input).__name__, type(target).__name__, type(weight).__name__):
+        from . import distributed  # DTensor logits: the vocabulary-parallel loss (docs/semantics.md §10)
+
+        if divisor is not None or float32_loss:
+            raise ValueError(f"{where}: DTensor logits are not supported by this integration's options")
+        return distributed.dtensor_cross_entropy(where, input, target, weight, ignore_index, reduction,
+                                                 label_smoothing, smoothing, target_values, z_loss, inplace_backward,
+                                                 mixup=mixup, target_b=target_b, lam=lam)
     _check_tensor(where, "input", input)
     _check_tensor(where, "target_a" if mixup else "target", target)
     _check_tensor(where, "weight", weight, optional=True)

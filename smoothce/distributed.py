@@ -21,14 +21,13 @@ from typing import List, Optional, Tuple, Union
 import torch
 import torch.distributed as dist
 
-from . import _C  # noqa: F401  (registers torch.ops.smoothce)
+from . import _function
 from ._function import (REDUCTIONS, _HALF_DTYPES, _check_devices, _check_loss_args, _check_number, _check_tensor,
                         _extension_args, _mixup_lam, _soft_target_grad)
 from ._mixup_target import MixupTarget
 
 __all__ = ["vocab_parallel_cross_entropy", "vocab_parallel_mixup_cross_entropy"]
 
-_ops = torch.ops.smoothce
 # torch 2.14 renamed all_gather_into_tensor (kept, deprecated) to all_gather_single.
 _ALL_GATHER = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
 _STATS = 10  # kShardStats (csrc/smoothce/row_math.h)
@@ -52,6 +51,16 @@ def _shape_fields(shape) -> List[int]:
     dims = list(shape)
     fields = [len(dims)] + (dims + [-1] * _MAX_POSITION_DIMS)[:_MAX_POSITION_DIMS]
     return fields + [hash(tuple(dims[_MAX_POSITION_DIMS:]))]
+
+
+def _fingerprint(values: torch.Tensor) -> int:
+    """An int64 that differs, but for a vanishing chance, between tensors of different values (or order):
+    Σ bits(v_i)·(2i + 1) with wrap-around, over the values' int64 (indices) or float64 bits (lam). One
+    pass over N values, next to the loss's N×C."""
+    flat = values.detach().reshape(-1)
+    bits = flat.to(torch.float64).view(torch.int64) if flat.is_floating_point() else flat.to(torch.int64)
+    odd = torch.arange(1, 2 * flat.numel() + 1, 2, dtype=torch.int64, device=flat.device)
+    return int((bits * odd).sum())
 
 
 class _Agreement:
@@ -103,7 +112,7 @@ class _VocabParallelFunction(torch.autograd.Function):
         shard = (vocab_start, num_classes, ignore_index)
         stats, failure = None, None
         try:
-            stats = _ops.shard_stats(input, target, weight, *shard, label_smoothing, float32_loss, **ext)
+            stats = _function._ops.shard_stats(input, target, weight, *shard, label_smoothing, float32_loss, **ext)
         except (ValueError, TypeError, IndexError, RuntimeError) as error:  # said to every rank, below
             failure = error
         acc = torch.float64 if input.dtype == torch.float64 else torch.float32
@@ -126,7 +135,7 @@ class _VocabParallelFunction(torch.autograd.Function):
         all_stats = gathered[:, :-1].reshape(ranks, positions, _STATS).to(input.device)
         compute_grad = ctx.needs_input_grad[0]
         fuse = compute_grad and reduction != REDUCTIONS["none"]
-        loss, lse, grad = _ops.shard_forward(input, target, weight, all_stats, *shard, reduction, label_smoothing,
+        loss, lse, grad = _function._ops.shard_forward(input, target, weight, all_stats, *shard, reduction, label_smoothing,
                                              fuse, float32_loss, **ext)
         ctx.mark_non_differentiable(lse)
         ctx.set_materialize_grads(False)
@@ -151,9 +160,9 @@ class _VocabParallelFunction(torch.autograd.Function):
         if ctx.needs_input_grad[0]:
             grad_input, ctx.fused_grad = ctx.fused_grad, None
             if grad_input is not None:
-                _ops.scale_grad_(grad_input, grad_loss)
+                _function._ops.scale_grad_(grad_input, grad_loss)
             else:
-                _, _, grad_input = _ops.shard_forward(input, target, weight, all_stats, vocab_start, num_classes,
+                _, _, grad_input = _function._ops.shard_forward(input, target, weight, all_stats, vocab_start, num_classes,
                                                       ignore_index, reduction, label_smoothing, True, float32_loss,
                                                       grad_loss, **ctx.ext)
         return (grad_input, grad_target) + (None,) * (_APPLY_ARGS - 2)
@@ -184,7 +193,9 @@ def _shards(where, sizes: List[int], starts: Optional[List[int]], totals: Option
 
 
 def _vocab_parallel_impl(where, input, target, weight, ignore_index, reduction, label_smoothing, group, vocab_start,
-                         num_classes, smoothing, target_values, z_loss, mixup=False, target_b=None, lam=None):
+                         num_classes, smoothing, target_values, z_loss, mixup=False, target_b=None, lam=None,
+                         num_classes_check=None):
+    """num_classes_check: the total C the shards must add up to (a DTensor's global class count)."""
     if not dist.is_available() or not dist.is_initialized():
         raise RuntimeError(f"{where}: torch.distributed is not initialized (call torch.distributed.init_process_group "
                            f"first; a world of 1 works too)")
@@ -211,6 +222,9 @@ def _vocab_parallel_impl(where, input, target, weight, ignore_index, reduction, 
         if local_classes < 1:
             raise ValueError(f"{where}: every rank's shard must hold at least one class, got shape {tuple(input.shape)}")
         position_shape = tuple(input.shape[:class_dim] + input.shape[class_dim + 1:])
+        if weight is not None and tuple(weight.shape) != (local_classes,):
+            raise ValueError(f"{where}: weight must be this rank's slice of the class weights, shape ({local_classes},) "
+                             f"like its shard of the logits, got shape {tuple(weight.shape)}")
         if (vocab_start is None) != (num_classes is None):
             raise ValueError(f"{where}: pass both vocab_start and num_classes, or neither (shards contiguous in rank "
                              f"order); got vocab_start={vocab_start!r}, num_classes={num_classes!r}")
@@ -255,6 +269,9 @@ def _vocab_parallel_impl(where, input, target, weight, ignore_index, reduction, 
         agreement.add("z_loss", _float_bits(z_loss))
         agreement.add("mixup lam", _float_bits(lam) if isinstance(lam, numbers.Real) else (-2 if lam is None else -3))
         agreement.add("autocast", int(torch.is_autocast_enabled(input.device.type)))
+        agreement.add("targets' values", _fingerprint(target) if not soft else 0)
+        agreement.add("target_b's values", _fingerprint(target_b) if mixup else 0)
+        agreement.add("lam's values", _fingerprint(lam) if isinstance(lam, torch.Tensor) else 0)
     # The same length on every rank (a failed rank sends its first fields and fillers).
     assert len(agreement.values) <= _AGREEMENT_LENGTH
     table = _exchange(agreement.values + [-7] * (_AGREEMENT_LENGTH - len(agreement.values)), group, device)
@@ -279,6 +296,9 @@ def _vocab_parallel_impl(where, input, target, weight, ignore_index, reduction, 
         raise ValueError(f"{where}: some ranks passed vocab_start/num_classes and others did not "
                          f"(vocab_start rank by rank: {[s if s >= 0 else None for s in table[:, 2].tolist()]})")
     starts, total = _shards(where, sizes, starts, table[:, 3].tolist() if starts is not None else None)
+    if num_classes_check is not None and total != num_classes_check:
+        raise ValueError(f"{where}: the shards hold {sizes} classes (rank by rank), not the {num_classes_check} "
+                         f"of the DTensor")
     rank = dist.get_rank(group)
     start = starts[rank]
 
@@ -371,3 +391,54 @@ def vocab_parallel_mixup_cross_entropy(
     return _vocab_parallel_impl(where, input, target_a, weight, ignore_index, reduction, label_smoothing, group,
                                 vocab_start, num_classes, smoothing, target_values, z_loss, mixup=True,
                                 target_b=target_b, lam=lam)
+
+
+# ---------------------------------------------------------------- DTensor
+def dtensor_cross_entropy(where, input, target, weight, ignore_index, reduction, label_smoothing, smoothing,
+                          target_values, z_loss, inplace_backward, mixup=False, target_b=None, lam=None):
+    """smoothce.cross_entropy (or the mixup form) of DTensor logits on a 1-D device mesh: the logits are
+    brought to Shard(class dim) (torchtitan's loss_parallel layout, a no-op then; other placements are
+    redistributed), targets to Replicate (index targets) or Shard(class dim) (probabilities), class
+    weights to Shard(0); the loss is a replicated DTensor, and the logits' gradient keeps their placement."""
+    from torch.distributed.tensor import DTensor, Replicate, Shard
+
+    if not isinstance(input, DTensor):
+        raise TypeError(f"{where}: with DTensor arguments the logits must be a DTensor too, got "
+                        f"{type(input).__name__} (distribute them on the targets' mesh)")
+    mesh = input.device_mesh
+    if mesh.ndim != 1:
+        raise ValueError(f"{where}: DTensor logits on a {mesh.ndim}-D device mesh are not supported: the vocabulary-"
+                         f"parallel loss runs on a 1-D mesh (slice the tensor-parallel dimension, e.g. mesh['tp'])")
+    if inplace_backward:
+        raise ValueError(f"{where}: inplace_backward=True is not supported with DTensor logits")
+    if input.dim() == 0:
+        raise ValueError(f"{where}: input must have at least 1 dimension, got a 0-d DTensor")
+    class_dim = 0 if input.dim() == 1 else 1
+
+    def local(value, placement, name):
+        """This rank's part of `value` in `placement`: a DTensor redistributed there (on the logits' mesh), a plain
+        tensor cut there by hand (Shard) or taken whole (Replicate)."""
+        if value is None or not isinstance(value, torch.Tensor):
+            return value
+        if isinstance(value, DTensor):
+            if value.device_mesh != mesh:
+                raise ValueError(f"{where}: {name} is a DTensor on another device mesh than the logits")
+            return value.redistribute(mesh, [placement]).to_local()
+        if isinstance(placement, Shard):  # (torch.chunk's pieces, as DTensor's Shard cuts)
+            pieces = value.chunk(mesh.size(), dim=placement.dim)
+            return pieces[mesh.get_local_rank()] if len(pieces) == mesh.size() else None
+        return value
+
+    logits = input.redistribute(mesh, [Shard(class_dim)]).to_local()
+    soft = isinstance(target, torch.Tensor) and target.is_floating_point()
+    target_local = local(target, Shard(class_dim) if soft else Replicate(), "target")
+    weight_local = local(weight, Shard(0), "weight")
+    if (soft and target_local is None) or (weight is not None and weight_local is None):
+        raise ValueError(f"{where}: the plain-tensor {'target' if soft else 'weight'} does not split into the mesh's "
+                         f"{mesh.size()} shards like the logits; pass it as a DTensor")
+    num_classes = input.shape[class_dim]
+    loss = _vocab_parallel_impl(where, logits, target_local, weight_local, ignore_index, reduction, label_smoothing,
+                                mesh.get_group(), None, None, smoothing, target_values, z_loss, mixup=mixup,
+                                target_b=local(target_b, Replicate(), "target_b"), lam=local(lam, Replicate(), "lam"),
+                                num_classes_check=num_classes)
+    return DTensor.from_local(loss, mesh, [Replicate()], run_check=False)
