@@ -9,6 +9,7 @@ Run from the repository root:
     python -m bench --variants-only        # only the label-smoothing variants (bench/variants.py)
     python -m bench --linear-only          # only the fused linear + cross-entropy table (bench/linear.py)
     python -m bench --integrations-only    # only the timm / transformers integrations (bench/integrations.py)
+    python -m bench --distributed-only     # only the vocabulary-parallel table (bench/distributed.py)
 
 All contenders run in one process, round-robin: every repetition runs each contender once, in an
 order rotated by one per repetition, so machine noise hits them all alike. Results go to
@@ -19,6 +20,8 @@ linear + cross-entropy table (bench/linear.py) unless --no-linear, then the libr
 (bench/integrations.py: smoothce.integrations.timm's Mixup + SoftTargetCrossEntropy against timm's,
 smoothce.integrations.transformers' LabelSmoother and ForCausalLMLoss against transformers') unless
 --no-integrations; without timm or transformers installed, their rows are skipped with the reason.
+Last, unless --no-distributed, the vocabulary-parallel table (bench/distributed.py: 2 CPU processes over
+gloo) goes to <out>/cpu-distributed.json and .md.
 
 With the main table comes the per-call overhead: fwd+bwd on an 8x10 input, where the time is the
 call's fixed cost (bench/ops.py measure_overhead).
@@ -43,7 +46,7 @@ if __package__ in (None, ""):  # run as `python bench/bench.py`: make the `bench
 
 import torch
 
-from bench import integrations, linear, ops, report, variants
+from bench import distributed, integrations, linear, ops, report, variants
 from bench.harness import (DTYPES, EXTRA_SECONDS, IGNORED_FRACTION, LABEL_SMOOTHING, MAX_RUNS,
                            MEMORY_METHOD, MIN_RUNS, QUICK_RUNS, ROOT, SEGMENTATION_IGNORE_INDEX, TARGET_RUNS,
                            TIMING_METHOD, RunPlanner, device_name, load_average, machine_metadata, parse_dtypes,
@@ -132,19 +135,23 @@ def benchmark_device(device: str, cells: list[Cell], args: argparse.Namespace) -
 
 
 def runs_main_table(args: argparse.Namespace) -> bool:
-    return not (args.variants_only or args.linear_only or args.integrations_only)
+    return not (args.variants_only or args.linear_only or args.integrations_only or args.distributed_only)
 
 
 def runs_variants(args: argparse.Namespace) -> bool:
-    return args.variants and not (args.linear_only or args.integrations_only)
+    return args.variants and not (args.linear_only or args.integrations_only or args.distributed_only)
 
 
 def runs_linear(args: argparse.Namespace) -> bool:
-    return args.linear and not (args.variants_only or args.integrations_only)
+    return args.linear and not (args.variants_only or args.integrations_only or args.distributed_only)
 
 
 def runs_integrations(args: argparse.Namespace) -> bool:
-    return args.integrations and not (args.variants_only or args.linear_only)
+    return args.integrations and not (args.variants_only or args.linear_only or args.distributed_only)
+
+
+def runs_distributed(args: argparse.Namespace) -> bool:
+    return args.distributed and not (args.variants_only or args.linear_only or args.integrations_only)
 
 
 def run_metadata(device: str, name: str, args: argparse.Namespace, libs: Libraries,
@@ -227,6 +234,13 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
                              "not installed; its shapes are fixed, --dtypes filters them)")
     parser.add_argument("--integrations-only", action="store_true",
                         help="only the integrations; writes <device>-integrations.json (.md, .png)")
+    parser.add_argument("--distributed", action=argparse.BooleanOptionalAction, default=True,
+                        help="last, the vocabulary-parallel table: 2 CPU processes over gloo, smoothce's "
+                             "vocab_parallel_cross_entropy against a plain-PyTorch vocab-parallel loss, DTensor "
+                             "loss_parallel() and the loss on the full logits (default: on; its shapes are fixed, "
+                             "--dtypes filters them)")
+    parser.add_argument("--distributed-only", action="store_true",
+                        help="only the vocabulary-parallel table; writes cpu-distributed.json (.md)")
     args = parser.parse_args(argv)
     if args.variants_only and not args.variants:
         parser.error("--variants-only and --no-variants exclude each other")
@@ -234,8 +248,11 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
         parser.error("--linear-only and --no-linear exclude each other")
     if args.integrations_only and not args.integrations:
         parser.error("--integrations-only and --no-integrations exclude each other")
+    if args.distributed_only and not args.distributed:
+        parser.error("--distributed-only and --no-distributed exclude each other")
     only = [option for option, given in (("--variants-only", args.variants_only), ("--linear-only", args.linear_only),
-                                         ("--integrations-only", args.integrations_only)) if given]
+                                         ("--integrations-only", args.integrations_only),
+                                         ("--distributed-only", args.distributed_only)) if given]
     if len(only) > 1:
         parser.error(f"{' and '.join(only)} exclude each other")
     if args.runs is not None and args.runs < 1:
@@ -275,8 +292,8 @@ def main(argv: Optional[list[str]] = None) -> int:
     if args.device == "all" and "cuda" not in devices:
         print("   no CUDA device: measuring cpu only", flush=True)
     args.dtypes_for = {device: args.dtypes or list(DEFAULT_DTYPES[device]) for device in devices}
-    failed_checks = {"variant": 0, "linear": 0, "integration": 0}
-    for device in devices:
+    failed_checks = {"variant": 0, "linear": 0, "integration": 0, "distributed": 0}
+    for device in devices if not args.distributed_only else []:
         data = benchmark_device(device, cells_for(device, args), args)
         json_path = out / f"{output_stem(device, args, data)}.json"
         json_path.write_text(json.dumps(data, indent=1) + "\n", encoding="utf-8")
@@ -285,6 +302,17 @@ def main(argv: Optional[list[str]] = None) -> int:
         print(f"wrote {json_path}, {md_path.name}, {png_path.name} in {data['meta']['elapsed_s']:.0f} s", flush=True)
         for kind, key in (("variant", "variants"), ("linear", "linear"), ("integration", "integrations")):
             failed_checks[kind] += sum(1 for check in data.get(key, {}).get("checks", []) if not check["passed"])
+    if runs_distributed(args):
+        dtypes = args.dtypes or list(DEFAULT_DTYPES["cpu"])
+        if not torch.distributed.is_available() or not torch.distributed.is_gloo_available():
+            print("   vocabulary-parallel table skipped: this torch has no torch.distributed with gloo", flush=True)
+        else:
+            print("   vocabulary-parallel table (2 processes, gloo) ...", flush=True)
+            data = distributed.run(out, args.quick, args.runs, dtypes)
+            print("\n".join(distributed.summary_lines(data)), flush=True)
+            print(f"wrote {out / distributed.output_stem(args.quick)}.json, .md in {data['meta']['elapsed_s']:.0f} s",
+                  flush=True)
+            failed_checks["distributed"] = sum(1 for row in data["rows"] if row["check_failures"])
     if failed_checks["variant"]:
         print(f"error: {failed_checks['variant']} variant check(s) failed: smoothce and the plain-PyTorch version "
               f"disagree (see 'CHECK FAILED' above); those pairs were not timed", flush=True)
@@ -294,6 +322,9 @@ def main(argv: Optional[list[str]] = None) -> int:
     if failed_checks["integration"]:
         print(f"error: {failed_checks['integration']} integration check(s) failed: smoothce.integrations and the "
               f"library disagree (see 'CHECK FAILED' above); those groups were not timed", flush=True)
+    if failed_checks["distributed"]:
+        print(f"error: {failed_checks['distributed']} vocabulary-parallel row(s) failed their check: a contender "
+              f"disagrees with smoothce on the full logits (see 'CHECK FAILED' above)", flush=True)
     return 1 if any(failed_checks.values()) else 0
 
 

@@ -22,8 +22,8 @@ import torch
 import torch.distributed as dist
 
 from . import _function
-from ._function import (REDUCTIONS, _HALF_DTYPES, _check_devices, _check_loss_args, _check_number, _check_tensor,
-                        _extension_args, _mixup_lam, _soft_target_grad)
+from ._function import (REDUCTIONS, _check_devices, _check_kernel_device, _check_loss_args, _check_number,
+                        _check_tensor, _extension_args, _mixup_lam, _soft_target_grad)
 from ._mixup_target import MixupTarget
 
 __all__ = ["vocab_parallel_cross_entropy", "vocab_parallel_mixup_cross_entropy"]
@@ -128,6 +128,7 @@ class _VocabParallelFunction(torch.autograd.Function):
         ranks = gathered.shape[0]
         if failure is not None:
             raise failure
+        # (CUDA: not read, to keep the host from waiting on the device; the healthy ranks' loss is then NaN)
         failed = torch.isnan(gathered[:, -1]).nonzero().flatten().tolist() if device.type == "cpu" else []
         if failed:
             raise RuntimeError(f"smoothce.vocab_parallel_cross_entropy: rank(s) {failed} of the group failed to read "
@@ -213,9 +214,7 @@ def _vocab_parallel_impl(where, input, target, weight, ignore_index, reduction, 
         if input.dim() == 0 or input.dtype not in _DTYPE_CODES:
             raise ValueError(f"{where}: input must be a floating-point tensor (C,), (N, C) or (N, C, d1, ...), got "
                              f"shape {tuple(input.shape)} and dtype {input.dtype}")
-        if input.device.type != "cpu":
-            raise NotImplementedError(f"{where}: the vocabulary-parallel kernels exist for CPU tensors only in this "
-                                      f"version; got a {input.device.type} tensor")
+        _check_kernel_device(input)
         _check_devices(where, input, target, weight, target_b)
         class_dim = 0 if input.dim() == 1 else 1
         local_classes = input.shape[class_dim]

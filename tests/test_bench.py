@@ -44,9 +44,10 @@ def run_python(*args, timeout=900):
 
 def run_quick(out, *extra):
     stdout = run_python("-m", "bench", "--quick", "--device", "cpu", "--out", str(out), *extra)
-    json_files = list(out.glob("*.json"))
-    assert [p.name for p in json_files] == ["cpu-fp32-bf16-quick.json"], stdout
-    return stdout, json_files[0]
+    json_files = sorted(out.glob("*.json"))
+    expected = ["cpu-fp32-bf16-quick.json"] + ([] if "--no-distributed" in extra else ["cpu-distributed-quick.json"])
+    assert sorted(p.name for p in json_files) == sorted(expected), stdout
+    return stdout, out / "cpu-fp32-bf16-quick.json"
 
 
 def md_measurement_rows(md, heading="## All measurements"):
@@ -306,6 +307,60 @@ def test_quick_run_writes_consistent_results(quick_run):
     assert data["meta"]["integrations"] and "integrations" in data, "the integrations run by default"
     assert stdout.count("integrations [") == len(data["integrations"]["cells"]) == 6  # 3 groups x 2 quick shapes
     assert "integrations (fwd+bwd" in stdout
+    check_distributed(json_path.with_name("cpu-distributed-quick.json"), stdout)
+
+
+def check_distributed(json_path, stdout):
+    """The vocabulary-parallel table: every contender timed and checked in each (shape, ε) row, DTensor's
+    loss_parallel skipped with its reason at ε > 0, the .md beside the JSON, a console line per row."""
+    from bench import distributed
+
+    data = json.loads(json_path.read_text(encoding="utf-8"))
+    assert data["meta"]["world_size"] == 2 and data["meta"]["backend"] == "gloo"
+    assert {(tuple(r["shape"]), r["label_smoothing"]) for r in data["rows"]} == {
+        (tuple(shape[:2]), eps) for shape in distributed.QUICK_SHAPES for eps in (0.1, 0.0)}
+    for row in data["rows"]:
+        assert row["check_failures"] == [], row["check_failures"]
+        timed = set(row["times_ms"])
+        if row["label_smoothing"] > 0:
+            assert "dtensor" in row["skipped"] and timed == set(distributed.CONTENDERS) - {"dtensor"}
+        else:
+            assert timed == set(distributed.CONTENDERS)
+        assert all(len(times) == distributed.QUICK_RUNS and min(times) > 0 for times in row["times_ms"].values())
+        assert all(row["peak_bytes"][name] is not None and row["peak_bytes"][name] > 0 for name in timed)
+    md = json_path.with_suffix(".md").read_text(encoding="utf-8")
+    assert md.startswith("# Vocabulary-parallel cross-entropy: 2 ranks (gloo, CPU)")
+    assert md.count("| ok |") == sum(len(r["times_ms"]) for r in data["rows"])
+    assert stdout.count("vocab-parallel ") == len(data["rows"])
+
+
+def test_distributed_options():
+    from bench import bench
+
+    args = bench.parse_args([])
+    assert args.distributed and not args.distributed_only and bench.runs_distributed(args)
+    assert not bench.runs_distributed(bench.parse_args(["--no-distributed"]))
+    args = bench.parse_args(["--distributed-only", "--quick"])
+    assert bench.runs_distributed(args) and not bench.runs_linear(args) and not bench.runs_integrations(args)
+    assert not bench.runs_variants(args) and bench.cells_for("cpu", args) == []
+    for only in ("--linear-only", "--variants-only", "--integrations-only"):
+        assert not bench.runs_distributed(bench.parse_args([only])), only
+    for wrong in (["--distributed-only", "--no-distributed"], ["--distributed-only", "--linear-only"]):
+        with pytest.raises(SystemExit):
+            bench.parse_args(wrong)
+
+
+def test_a_wrong_vocab_parallel_loss_fails_its_check(monkeypatch):
+    """The plain-PyTorch contender made to smooth with the local class count (Megatron-LM's mistake;
+    SMOOTHCE_BENCH_WRONG_VP=1 in the ranks' environment) disagrees with smoothce on the full logits at
+    ε > 0: the rows' checks report it, and only it."""
+    from bench import distributed
+
+    monkeypatch.setenv("SMOOTHCE_BENCH_WRONG_VP", "1")
+    data = distributed.measure(quick=True, runs=1)
+    failures = [f for row in data["rows"] if row["label_smoothing"] > 0 for f in row["check_failures"]]
+    assert failures and all(f.startswith("torch_vp:") for f in failures), failures
+    assert all(not row["check_failures"] for row in data["rows"] if row["label_smoothing"] == 0)
 
 
 def test_smoothce_is_measured_when_importable(quick_run):
