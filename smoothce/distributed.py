@@ -24,9 +24,11 @@ import torch.distributed as dist
 from . import _function
 from ._function import (REDUCTIONS, _check_devices, _check_kernel_device, _check_loss_args, _check_number,
                         _check_tensor, _extension_args, _mixup_lam, _soft_target_grad)
+from ._linear import chunk_rows
 from ._mixup_target import MixupTarget
 
-__all__ = ["vocab_parallel_cross_entropy", "vocab_parallel_mixup_cross_entropy"]
+__all__ = ["vocab_parallel_cross_entropy", "vocab_parallel_mixup_cross_entropy", "vocab_parallel_linear_cross_entropy",
+           "vocab_parallel_linear_mixup_cross_entropy"]
 
 # torch 2.14 renamed all_gather_into_tensor (kept, deprecated) to all_gather_single.
 _ALL_GATHER = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
@@ -110,34 +112,11 @@ class _VocabParallelFunction(torch.autograd.Function):
                 label_smoothing, float32_loss, target_values, z_loss, target_b, lam, lam_value):
         ext = dict(target_values=target_values, z_loss=z_loss, target_b=target_b, lam=lam, lam_value=lam_value)
         shard = (vocab_start, num_classes, ignore_index)
-        stats, failure = None, None
-        try:
-            stats = _function._ops.shard_stats(input, target, weight, *shard, label_smoothing, float32_loss, **ext)
-        except (ValueError, TypeError, IndexError, RuntimeError) as error:  # said to every rank, below
-            failure = error
-        acc = torch.float64 if input.dtype == torch.float64 else torch.float32
-        positions = input.shape[0]
-        # One all-gather: the statistics, and a last value saying whether this rank's failed.
-        mine = torch.empty(positions * _STATS + 1, dtype=acc, device=device)
-        if stats is None:
-            mine.fill_(math.nan)
-        else:
-            mine[:-1].copy_(stats.reshape(-1))
-            mine[-1] = 0.0
-        gathered = _all_gather(mine, group)
-        ranks = gathered.shape[0]
-        if failure is not None:
-            raise failure
-        # (CUDA: not read, to keep the host from waiting on the device; the healthy ranks' loss is then NaN)
-        failed = torch.isnan(gathered[:, -1]).nonzero().flatten().tolist() if device.type == "cpu" else []
-        if failed:
-            raise RuntimeError(f"smoothce.vocab_parallel_cross_entropy: rank(s) {failed} of the group failed to read "
-                               f"their shard (their error says why); this rank's arguments were fine")
-        all_stats = gathered[:, :-1].reshape(ranks, positions, _STATS).to(input.device)
+        all_stats = _gather_stats(input, target, weight, shard, group, device, label_smoothing, float32_loss, ext)
         compute_grad = ctx.needs_input_grad[0]
         fuse = compute_grad and reduction != REDUCTIONS["none"]
-        loss, lse, grad = _function._ops.shard_forward(input, target, weight, all_stats, *shard, reduction, label_smoothing,
-                                             fuse, float32_loss, **ext)
+        loss, lse, grad = _function._ops.shard_forward(input, target, weight, all_stats, *shard, reduction,
+                                                       label_smoothing, fuse, float32_loss, **ext)
         ctx.mark_non_differentiable(lse)
         ctx.set_materialize_grads(False)
         ctx.args = shard + (reduction, label_smoothing, float32_loss)
@@ -193,10 +172,25 @@ def _shards(where, sizes: List[int], starts: Optional[List[int]], totals: Option
     return starts, total
 
 
-def _vocab_parallel_impl(where, input, target, weight, ignore_index, reduction, label_smoothing, group, vocab_start,
-                         num_classes, smoothing, target_values, z_loss, mixup=False, target_b=None, lam=None,
-                         num_classes_check=None):
-    """num_classes_check: the total C the shards must add up to (a DTensor's global class count)."""
+class _Agreed:
+    """What the first all-gather settled: the group, where its collectives' tensors live, this shard's
+    place (start, total C), and the loss options as the kernels take them."""
+
+    def __init__(self, group, device, start, total, label_smoothing, target_values, lam_tensor, lam_value,
+                 float32_loss):
+        self.group, self.device, self.start, self.total = group, device, start, total
+        self.label_smoothing, self.target_values = label_smoothing, target_values
+        self.lam_tensor, self.lam_value, self.float32_loss = lam_tensor, lam_value, float32_loss
+
+
+def _agree(where, group, local_checks, input, target, weight, ignore_index, reduction, label_smoothing, smoothing,
+           target_values, z_loss, vocab_start, num_classes, mixup, target_b, lam, num_classes_check=None) -> _Agreed:
+    """The ranks' agreement (one all-gather of _AGREEMENT_LENGTH integers per rank): every rank checks its
+    own arguments (local_checks() returns the shard's class count and the positions' shape, or raises),
+    then learns the shards' sizes and whether every rank's arguments passed and agree. A rank whose checks
+    failed raises its error; the others raise naming it: every rank raises, none waits. `input` is what
+    the dtype and device come from (the logits, or the fused linear layer's input).
+    num_classes_check: the total C the shards must add up to (a DTensor's global class count)."""
     if not dist.is_available() or not dist.is_initialized():
         raise RuntimeError(f"{where}: torch.distributed is not initialized (call torch.distributed.init_process_group "
                            f"first; a world of 1 works too)")
@@ -211,19 +205,17 @@ def _vocab_parallel_impl(where, input, target, weight, ignore_index, reduction, 
         _check_tensor(where, "target_a" if mixup else "target", target)
         _check_tensor(where, "weight", weight, optional=True)
         label_smoothing = _check_loss_args(where, ignore_index, reduction, label_smoothing)
-        if input.dim() == 0 or input.dtype not in _DTYPE_CODES:
-            raise ValueError(f"{where}: input must be a floating-point tensor (C,), (N, C) or (N, C, d1, ...), got "
-                             f"shape {tuple(input.shape)} and dtype {input.dtype}")
+        if input.dtype not in _DTYPE_CODES:
+            raise TypeError(f"{where}: input must be a floating-point tensor (float64, float32, float16 or bfloat16), "
+                            f"got dtype {input.dtype}")
         _check_kernel_device(input)
         _check_devices(where, input, target, weight, target_b)
-        class_dim = 0 if input.dim() == 1 else 1
-        local_classes = input.shape[class_dim]
+        local_classes, position_shape = local_checks()
         if local_classes < 1:
-            raise ValueError(f"{where}: every rank's shard must hold at least one class, got shape {tuple(input.shape)}")
-        position_shape = tuple(input.shape[:class_dim] + input.shape[class_dim + 1:])
+            raise ValueError(f"{where}: every rank's shard must hold at least one class, got {local_classes}")
         if weight is not None and tuple(weight.shape) != (local_classes,):
             raise ValueError(f"{where}: weight must be this rank's slice of the class weights, shape ({local_classes},) "
-                             f"like its shard of the logits, got shape {tuple(weight.shape)}")
+                             f"like its shard of the classes, got shape {tuple(weight.shape)}")
         if (vocab_start is None) != (num_classes is None):
             raise ValueError(f"{where}: pass both vocab_start and num_classes, or neither (shards contiguous in rank "
                              f"order); got vocab_start={vocab_start!r}, num_classes={num_classes!r}")
@@ -237,14 +229,7 @@ def _vocab_parallel_impl(where, input, target, weight, ignore_index, reduction, 
         _extension_args(where, input, target, label_smoothing, smoothing, target_values, z_loss, False,
                         num_classes=local_classes)
         if mixup:
-            _mixup_lam(where, input, target, target_b, lam)
-        if target.is_floating_point():
-            if target.shape != input.shape:
-                raise ValueError(f"{where}: a probability target must be this rank's shard, shaped like the input "
-                                 f"{tuple(input.shape)}, got {tuple(target.shape)}")
-        elif tuple(target.shape) != position_shape:
-            raise ValueError(f"{where}: target must have the input's shape without the class dimension, "
-                             f"{position_shape}, got {tuple(target.shape)}")
+            _mixup_lam(where, input, target, target_b, lam, positions=torch.Size(position_shape))
     except (ValueError, TypeError, IndexError, RuntimeError, NotImplementedError) as error:
         failure = error
     explicit = vocab_start is not None and num_classes is not None and failure is None
@@ -288,7 +273,7 @@ def _vocab_parallel_impl(where, input, target, weight, ignore_index, reduction, 
             differing.append(name)
     if differing:
         raise ValueError(f"{where}: the ranks of the group disagree on {', '.join(differing)}; every rank must pass "
-                         f"the same targets and options (only the logits and class weights are sharded)")
+                         f"the same targets and options (only the classes and their weights are sharded)")
     sizes = table[:, 1].tolist()
     starts = table[:, 2].tolist() if bool((table[:, 2] >= 0).all()) else None
     if starts is None and bool((table[:, 2] >= 0).any()):
@@ -298,30 +283,55 @@ def _vocab_parallel_impl(where, input, target, weight, ignore_index, reduction, 
     if num_classes_check is not None and total != num_classes_check:
         raise ValueError(f"{where}: the shards hold {sizes} classes (rank by rank), not the {num_classes_check} "
                          f"of the DTensor")
-    rank = dist.get_rank(group)
-    start = starts[rank]
-
     label_smoothing, op_target_values = _extension_args(where, input, target, label_smoothing, smoothing,
                                                         target_values, z_loss, False, num_classes=total)
-    lam_tensor, lam_value = _mixup_lam(where, input, target, target_b, lam) if mixup else (None, 1.0)
-    float32_loss = torch.is_autocast_enabled(input.device.type)
-    if float32_loss and target.is_floating_point() and target.dtype != input.dtype:
+    lam_tensor, lam_value = (_mixup_lam(where, input, target, target_b, lam, positions=torch.Size(position_shape))
+                             if mixup else (None, 1.0))
+    return _Agreed(group, device, starts[dist.get_rank(group)], total, label_smoothing, op_target_values, lam_tensor,
+                   lam_value, torch.is_autocast_enabled(input.device.type))
+
+
+def _vocab_parallel_impl(where, input, target, weight, ignore_index, reduction, label_smoothing, group, vocab_start,
+                         num_classes, smoothing, target_values, z_loss, mixup=False, target_b=None, lam=None,
+                         num_classes_check=None):
+    shape = {}
+
+    def local_checks():
+        if input.dim() == 0:
+            raise ValueError(f"{where}: input must have shape (C,), (N, C) or (N, C, d1, ...), got a 0-d tensor")
+        class_dim = 0 if input.dim() == 1 else 1
+        shape["positions"] = tuple(input.shape[:class_dim] + input.shape[class_dim + 1:])
+        if target.is_floating_point():
+            if target.shape != input.shape:
+                raise ValueError(f"{where}: a probability target must be this rank's shard, shaped like the input "
+                                 f"{tuple(input.shape)}, got {tuple(target.shape)}")
+        elif tuple(target.shape) != shape["positions"]:
+            raise ValueError(f"{where}: target must have the input's shape without the class dimension, "
+                             f"{shape['positions']}, got {tuple(target.shape)}")
+        return input.shape[class_dim], shape["positions"]
+
+    agreed = _agree(where, group, local_checks, input, target, weight, ignore_index, reduction, label_smoothing,
+                    smoothing, target_values, z_loss, vocab_start, num_classes, mixup, target_b, lam,
+                    num_classes_check)
+    if agreed.float32_loss and target.is_floating_point() and target.dtype != input.dtype:
         input, target = input.float(), target.float()
 
     # The kernels read contiguous rows (positions, C_local): the classes moved last (a copy for (N, C, d...)).
     class_dim = 0 if input.dim() == 1 else 1
+    local_classes = input.shape[class_dim]
     rows = input.movedim(class_dim, -1).reshape(-1, local_classes).contiguous()
     if target.is_floating_point():
         target_rows = target.movedim(class_dim, -1).reshape(-1, local_classes).contiguous()
     else:
         target_rows = target.reshape(-1)
     target_b_rows = target_b.reshape(-1) if target_b is not None else None
-    lam_rows = lam_tensor.reshape(-1) if lam_tensor is not None else None
-    loss, _ = _VocabParallelFunction.apply(rows, target_rows, weight, group, device, start, total, int(ignore_index),
-                                           REDUCTIONS[reduction], label_smoothing, float32_loss, op_target_values,
-                                           float(z_loss), target_b_rows, lam_rows, lam_value)
+    lam_rows = agreed.lam_tensor.reshape(-1) if agreed.lam_tensor is not None else None
+    loss, _ = _VocabParallelFunction.apply(rows, target_rows, weight, agreed.group, agreed.device, agreed.start,
+                                           agreed.total, int(ignore_index), REDUCTIONS[reduction],
+                                           agreed.label_smoothing, agreed.float32_loss, agreed.target_values,
+                                           float(z_loss), target_b_rows, lam_rows, agreed.lam_value)
     if reduction == "none":
-        loss = loss.reshape(position_shape)
+        loss = loss.reshape(shape["positions"])
     return loss
 
 
@@ -441,3 +451,292 @@ def dtensor_cross_entropy(where, input, target, weight, ignore_index, reduction,
                                 target_b=local(target_b, Replicate(), "target_b"), lam=local(lam, Replicate(), "lam"),
                                 num_classes_check=num_classes)
     return DTensor.from_local(loss, mesh, [Replicate()], run_check=False)
+
+
+# ---------------------------------------------------------------- fused linear layer + loss
+class _VocabParallelLinearFunction(torch.autograd.Function):
+    """The loss of logits = x·Wᵀ (+ b) for this rank's rows of W, chunk of rows by chunk of rows: each
+    chunk's logits (chunk × V_local, one buffer at a time) give their statistics, one all-gather merges
+    them over the ranks, shard_forward gives the chunk's loss and dlogits, and the gradient GEMMs consume
+    them at once. For mean and sum the gradients are computed in forward for an upstream gradient of 1 and
+    rescaled in backward; 'none' recomputes the chunks in backward from the saved gathered statistics (no
+    collective but the input gradient's all-reduce). Mean's D (the targets' weights, held by the ranks that
+    hold the targets) comes from the gathered statistics: the chunks run as 'sum' and the results are
+    divided by D at the end."""
+
+    @staticmethod
+    def forward(ctx, x, linear_weight, linear_bias, target, weight, agreed, ignore_index, reduction, z_loss,
+                target_b, lam, chunk, reduce_input_grad, fp32_grad_weight):
+        needs = ctx.needs_input_grad
+        mask = (needs[0], needs[1], linear_bias is not None and needs[2], target.is_floating_point() and needs[3])
+        fuse = reduction != REDUCTIONS["none"] and any(mask)
+        ctx.agreed, ctx.mask, ctx.chunk = agreed, mask, chunk
+        ctx.args = (ignore_index, reduction, z_loss, reduce_input_grad, fp32_grad_weight)
+        losses, all_stats, grads = _linear_chunks(x, linear_weight, linear_bias, target, weight, agreed, ignore_index,
+                                                  reduction, z_loss, target_b, lam, chunk, mask if fuse else None,
+                                                  None, reduce_input_grad, fp32_grad_weight)
+        denominator = _mean_denominator(all_stats, target, target_b, lam, agreed, ignore_index)
+        if reduction == REDUCTIONS["none"]:
+            loss = losses
+        else:
+            loss = losses.sum(dtype=torch.float64)
+            if reduction == REDUCTIONS["mean"]:
+                loss = loss / denominator
+            loss = loss.to(losses.dtype)
+        if fuse and reduction == REDUCTIONS["mean"]:
+            grads = [g / denominator if g is not None else None for g in grads]
+        ctx.fused = [g.to(t.dtype) if g is not None else None
+                     for g, t in zip(grads, (x, linear_weight, linear_bias, target))] if fuse else None
+        ctx.save_for_backward(x, linear_weight, linear_bias, target, weight, target_b, lam, *all_stats)
+        return loss
+
+    @staticmethod
+    def backward(ctx, grad_loss):
+        if grad_loss is None:
+            return (None,) * _LINEAR_APPLY_ARGS
+        if torch.is_grad_enabled():
+            raise RuntimeError("smoothce.vocab_parallel_linear_cross_entropy: second-order gradients "
+                               "(create_graph=True) are not supported")
+        if ctx.fused is not None:
+            grads, ctx.fused = ctx.fused, None
+            for g in grads:
+                if g is not None:
+                    _function._ops.scale_grad_(g, grad_loss)
+        else:  # reduction 'none', or a second backward: recompute the chunks for the upstream gradient
+            x, linear_weight, linear_bias, target, weight, target_b, lam = ctx.saved_tensors[:7]
+            ignore_index, reduction, z_loss, reduce_input_grad, fp32_grad_weight = ctx.args
+            stats = list(ctx.saved_tensors[7:])
+            upstream = grad_loss
+            if reduction == REDUCTIONS["mean"]:
+                upstream = grad_loss / _mean_denominator(stats, target, target_b, lam, ctx.agreed, ignore_index)
+            _, _, grads = _linear_chunks(x, linear_weight, linear_bias, target, weight, ctx.agreed, ignore_index,
+                                         reduction, z_loss, target_b, lam, ctx.chunk, ctx.mask, (stats, upstream),
+                                         reduce_input_grad, fp32_grad_weight)
+            grads = [g.to(t.dtype) if g is not None else None
+                     for g, t in zip(grads, (x, linear_weight, linear_bias, target))]
+        return tuple(g if wanted else None for g, wanted in zip(grads, ctx.mask)) + \
+            (None,) * (_LINEAR_APPLY_ARGS - 4)
+
+
+_LINEAR_APPLY_ARGS = 14  # _VocabParallelLinearFunction.forward's arguments after ctx
+
+
+def _mean_denominator(all_stats, target, target_b, lam, agreed, ignore_index):
+    """D of reduction 'mean': the positions (probability targets), else Σ k_a·w_a + k_b·w_b over the
+    positions with the targets' weights from the gathered statistics (fields 8 and 9, summed over the
+    ranks: the one holding a target gave its weight), in float64, the same on every rank."""
+    if target.is_floating_point():
+        return torch.tensor(float(target.shape[0]), dtype=torch.float64, device=target.device)
+    stats = torch.cat(all_stats, dim=1).to(torch.float64)  # (ranks, positions, 10)
+    w_a, w_b = stats[..., 8].sum(0), stats[..., 9].sum(0)
+    share = torch.as_tensor(agreed.lam_value if lam is None else lam, dtype=torch.float64, device=w_a.device)
+    valid_a = (target != ignore_index).to(w_a.device)
+    total = (share * valid_a * w_a).sum()
+    if target_b is not None:
+        total = total + ((1 - share) * (target_b != ignore_index).to(w_a.device) * w_b).sum()
+    return total
+
+
+def _linear_chunks(x, linear_weight, linear_bias, target, weight, agreed, ignore_index, reduction, z_loss, target_b,
+                   lam, chunk, mask, recompute, reduce_input_grad, fp32_grad_weight):
+    """Runs the chunks. mask: the gradients to compute (input, linear_weight, linear_bias, target), for an
+    upstream gradient of 1 ('sum'; the caller divides by mean's D), or None for the loss alone.
+    recompute: (the saved gathered statistics, the upstream gradient) to compute the gradients from instead
+    of exchanging statistics again. Returns the per-position losses ('none') or the chunks' sums, the
+    gathered statistics of each chunk, and the gradients (fp32 accumulators for half-precision weights)."""
+    n = x.shape[0]
+    acc = torch.float64 if x.dtype == torch.float64 else torch.float32
+    wants = mask if mask is not None else (False,) * 4
+    grad_input = torch.zeros_like(x, dtype=acc if x.dtype in (torch.float16, torch.bfloat16) else x.dtype) \
+        if wants[0] else None
+    w_dtype = acc if (fp32_grad_weight and linear_weight.dtype in (torch.float16, torch.bfloat16)) \
+        else linear_weight.dtype
+    grad_weight = torch.zeros(linear_weight.shape, dtype=w_dtype, device=x.device) if wants[1] else None
+    grad_bias = torch.zeros(linear_bias.shape, dtype=w_dtype, device=x.device) if wants[2] else None
+    grad_target = torch.empty_like(target) if wants[3] else None
+    losses, gathered = [], []
+    shard = (agreed.start, agreed.total, ignore_index)
+    ext = dict(target_values=agreed.target_values, z_loss=z_loss)
+    for c, begin in enumerate(range(0, max(n, 1), chunk)):
+        end = min(n, begin + chunk)
+        rows = slice(begin, end)
+        logits = torch.nn.functional.linear(x[rows], linear_weight, linear_bias)
+        t = target[rows]
+        ext_c = dict(ext, target_b=None if target_b is None else target_b[rows],
+                     lam=None if lam is None else lam[rows], lam_value=agreed.lam_value)
+        if recompute is None:
+            stats = _gather_stats(logits, t, weight, shard, agreed.group, agreed.device, agreed.label_smoothing,
+                                  agreed.float32_loss, ext_c)
+            upstream = None
+        else:
+            stats = recompute[0][c]
+            upstream = recompute[1]
+            if upstream.dim() > 0:
+                upstream = upstream[rows]
+        gathered.append(stats)
+        chunk_reduction = REDUCTIONS["none"] if reduction == REDUCTIONS["none"] else REDUCTIONS["sum"]
+        loss, lse, dlogits = _function._ops.shard_forward(
+            logits, t, weight, stats, *shard, chunk_reduction, agreed.label_smoothing,
+            mask is not None and any(mask[:3]), agreed.float32_loss, upstream, **ext_c)
+        losses.append(loss.reshape(-1))
+        if grad_input is not None:
+            grad_input[rows] = (dlogits @ linear_weight).to(grad_input.dtype)
+        if grad_weight is not None:
+            grad_weight.addmm_(dlogits.t().to(w_dtype), x[rows].to(w_dtype))
+        if grad_bias is not None:
+            grad_bias += dlogits.sum(0, dtype=w_dtype)
+        if grad_target is not None:
+            scale = upstream if upstream is not None else torch.ones((), dtype=lse.dtype, device=lse.device)
+            grad_target[rows] = _soft_target_grad(scale, logits, lse, weight, REDUCTIONS["none"] if scale.dim() > 0
+                                                  else REDUCTIONS["sum"], agreed.label_smoothing)
+    if grad_input is not None and reduce_input_grad:
+        dist.all_reduce(grad_input, group=agreed.group)
+    losses = torch.cat(losses) if reduction == REDUCTIONS["none"] else torch.stack(losses)
+    return losses, gathered, [grad_input, grad_weight, grad_bias, grad_target]
+
+
+def _gather_stats(logits, target, weight, shard, group, device, label_smoothing, float32_loss, ext):
+    """shard_stats of a chunk, all-gathered over the group with a flag for a rank whose shard could not
+    be read (every rank raises then); (ranks, positions, 10) with each rank's slice contiguous."""
+    failure = None
+    stats = None
+    try:
+        stats = _function._ops.shard_stats(logits, target, weight, *shard, label_smoothing, float32_loss, **ext)
+    except (ValueError, TypeError, IndexError, RuntimeError) as error:
+        failure = error
+    acc = torch.float64 if logits.dtype == torch.float64 else torch.float32
+    positions = logits.shape[0]
+    mine = torch.empty(positions * _STATS + 1, dtype=acc, device=device)
+    if stats is None:
+        mine.fill_(math.nan)
+    else:
+        mine[:-1].copy_(stats.reshape(-1))
+        mine[-1] = 0.0
+    gathered = _all_gather(mine, group)
+    if failure is not None:
+        raise failure
+    # (CUDA: not read, to keep the host from waiting on the device; the healthy ranks' loss is then NaN)
+    failed = torch.isnan(gathered[:, -1]).nonzero().flatten().tolist() if device.type == "cpu" else []
+    if failed:
+        raise RuntimeError(f"smoothce.distributed: rank(s) {failed} of the group failed to read their shard (their "
+                           f"error says why); this rank's arguments were fine")
+    return gathered[:, :-1].reshape(gathered.shape[0], positions, _STATS).to(logits.device)
+
+
+def _vocab_parallel_linear_impl(where, input, linear_weight, target, linear_bias, weight, reduction, ignore_index,
+                                label_smoothing, group, vocab_start, num_classes, smoothing, target_values, z_loss,
+                                chunk_size, fp32_grad_weight, reduce_input_grad, mixup=False, target_b=None,
+                                lam=None):
+    def local_checks():
+        _check_tensor(where, "linear_weight", linear_weight)
+        _check_tensor(where, "linear_bias", linear_bias, optional=True)
+        if input.dim() < 1:
+            raise ValueError(f"{where}: input must have shape (..., H), got a 0-d tensor")
+        if linear_weight.dim() != 2 or linear_weight.shape[1] != input.shape[-1]:
+            raise ValueError(f"{where}: linear_weight must be this rank's rows of the output layer, shape (V_local, H) "
+                             f"with H = {input.shape[-1]} (the input's last dimension), got {tuple(linear_weight.shape)}")
+        if linear_weight.dtype != input.dtype:
+            raise TypeError(f"{where}: linear_weight must have the input's dtype {input.dtype}, got {linear_weight.dtype}")
+        local = linear_weight.shape[0]
+        if linear_bias is not None and (tuple(linear_bias.shape) != (local,) or linear_bias.dtype != input.dtype):
+            raise ValueError(f"{where}: linear_bias must be this rank's slice, shape ({local},) and dtype {input.dtype}, "
+                             f"got {tuple(linear_bias.shape)} {linear_bias.dtype}")
+        _check_devices(where, input, None, None, None, linear_weight=linear_weight, linear_bias=linear_bias)
+        positions = tuple(input.shape[:-1])
+        expected = positions + ((local,) if target.is_floating_point() else ())
+        if tuple(target.shape) != expected:
+            kind = "a probability target (this rank's slice)" if target.is_floating_point() else "target"
+            raise ValueError(f"{where}: {kind} must have shape {expected}, got {tuple(target.shape)}")
+        if chunk_size is not None:
+            _check_number("chunk_size", chunk_size, numbers.Integral, where)
+            if chunk_size < 1:
+                raise ValueError(f"{where}: chunk_size must be a positive number of rows or None, got {chunk_size}")
+        for name, flag in (("fp32_grad_weight", fp32_grad_weight), ("reduce_input_grad", reduce_input_grad)):
+            if not isinstance(flag, bool):
+                raise TypeError(f"{where}: {name} must be a bool, got {flag!r}")
+        return local, positions
+
+    agreed = _agree(where, group, local_checks, input, target, weight, ignore_index, reduction, label_smoothing,
+                    smoothing, target_values, z_loss, vocab_start, num_classes, mixup, target_b, lam)
+    leading = input.shape[:-1]
+    n, local = leading.numel(), linear_weight.shape[0]
+    x = input.reshape(n, input.shape[-1])
+    t = target.reshape((n, local) if target.is_floating_point() else (n,))
+    t_b = target_b.reshape(n) if target_b is not None else None
+    lam_rows = agreed.lam_tensor.reshape(n) if agreed.lam_tensor is not None else None
+    needs_weight_grad = torch.is_grad_enabled() and linear_weight.requires_grad
+    chunk = chunk_rows(n, x.shape[1], local, x.dtype, device=x.device.type, chunk_size=chunk_size,
+                       fp32_grad_weight=fp32_grad_weight, needs_weight_grad=needs_weight_grad)
+    loss = _VocabParallelLinearFunction.apply(x, linear_weight, linear_bias, t, weight, agreed, int(ignore_index),
+                                              REDUCTIONS[reduction], float(z_loss), t_b, lam_rows, chunk,
+                                              reduce_input_grad, fp32_grad_weight)
+    return loss.reshape(leading) if reduction == "none" else loss
+
+
+def vocab_parallel_linear_cross_entropy(
+    input: torch.Tensor,
+    linear_weight: torch.Tensor,
+    target: torch.Tensor,
+    *,
+    linear_bias: Optional[torch.Tensor] = None,
+    weight: Optional[torch.Tensor] = None,
+    reduction: str = "mean",
+    ignore_index: int = -100,
+    label_smoothing: float = 0.0,
+    group=None,
+    vocab_start: Optional[int] = None,
+    num_classes: Optional[int] = None,
+    smoothing: str = "uniform",
+    target_values: Optional[Tuple[float, float]] = None,
+    z_loss: float = 0.0,
+    chunk_size: Optional[int] = None,
+    fp32_grad_weight: bool = True,
+    reduce_input_grad: bool = True,
+) -> torch.Tensor:
+    """``smoothce.linear_cross_entropy`` with the output layer split by vocabulary across the ranks of
+    ``group``: the loss of logits = input·Wᵀ (+ b) over all the classes, returned on every rank, without
+    any rank holding the N×V logits (nor its N×V_local share: rows go through in chunks).
+
+    input: (..., H), the same on every rank. linear_weight: this rank's rows of the output layer
+        (V_local, H), the classes [vocab_start, vocab_start + V_local); linear_bias: its slice (V_local,).
+    target: global class indices (...), the same on every rank, or this rank's slice of the class
+        probabilities (..., V_local). weight: this rank's slice of the class weights.
+    reduce_input_grad: all-reduce the input's gradient over the group (default), so every rank holds the
+        whole of it; False leaves each rank its partial sum (for a column-parallel layer whose input
+        gradient is all-reduced by the layer before it, as Megatron-LM's copy_to_tensor_model_parallel_region).
+    chunk_size, fp32_grad_weight: as ``smoothce.linear_cross_entropy``; other arguments as
+    ``vocab_parallel_cross_entropy``.
+    """
+    return _vocab_parallel_linear_impl("smoothce.vocab_parallel_linear_cross_entropy", input, linear_weight, target,
+                                       linear_bias, weight, reduction, ignore_index, label_smoothing, group,
+                                       vocab_start, num_classes, smoothing, target_values, z_loss, chunk_size,
+                                       fp32_grad_weight, reduce_input_grad)
+
+
+def vocab_parallel_linear_mixup_cross_entropy(
+    input: torch.Tensor,
+    linear_weight: torch.Tensor,
+    target_a: torch.Tensor,
+    target_b: torch.Tensor,
+    lam: Union[float, torch.Tensor],
+    *,
+    linear_bias: Optional[torch.Tensor] = None,
+    weight: Optional[torch.Tensor] = None,
+    reduction: str = "mean",
+    ignore_index: int = -100,
+    label_smoothing: float = 0.0,
+    group=None,
+    vocab_start: Optional[int] = None,
+    num_classes: Optional[int] = None,
+    smoothing: str = "uniform",
+    target_values: Optional[Tuple[float, float]] = None,
+    z_loss: float = 0.0,
+    chunk_size: Optional[int] = None,
+    fp32_grad_weight: bool = True,
+    reduce_input_grad: bool = True,
+) -> torch.Tensor:
+    """The mixup form of ``vocab_parallel_linear_cross_entropy``: q = lam·q(target_a) + (1 − lam)·q(target_b)."""
+    return _vocab_parallel_linear_impl("smoothce.vocab_parallel_linear_mixup_cross_entropy", input, linear_weight,
+                                       target_a, linear_bias, weight, reduction, ignore_index, label_smoothing, group,
+                                       vocab_start, num_classes, smoothing, target_values, z_loss, chunk_size,
+                                       fp32_grad_weight, reduce_input_grad, mixup=True, target_b=target_b, lam=lam)
