@@ -714,6 +714,31 @@ at::Tensor allocate_grad(const at::Tensor& like) {
   return at::empty({0}, like.options()).set_(cache.storage, 0, like.sizes(), like.strides());
 }
 
+// The launch constants of a checked problem (inputs, targets, class weights in the accumulation type,
+// its layout and the smoothing constants); the outputs and the scale are the caller's to set.
+template <typename scalar_t>
+Params<scalar_t> params_of(const Problem& prob, const at::Tensor& weight_acc,
+                           const Smoothing<acc_type<scalar_t>>& smoothing) {
+  using acc_t = acc_type<scalar_t>;
+  Params<scalar_t> p{};
+  p.input = prob.input.const_data_ptr<scalar_t>();
+  if (prob.soft_target) {
+    p.soft_target = prob.target.const_data_ptr<scalar_t>();
+  } else if (prob.target.scalar_type() == at::kLong) {
+    p.target64 = prob.target.const_data_ptr<int64_t>();
+    p.target_b64 = prob.target_b.defined() ? prob.target_b.const_data_ptr<int64_t>() : nullptr;
+  } else {
+    p.target8 = prob.target.const_data_ptr<uint8_t>();
+    p.target_b8 = prob.target_b.defined() ? prob.target_b.const_data_ptr<uint8_t>() : nullptr;
+  }
+  p.lam = prob.lam.defined() ? prob.lam.const_data_ptr<acc_t>() : nullptr;
+  p.lam_value = static_cast<acc_t>(prob.lam_value);
+  p.weight = weight_acc.defined() ? weight_acc.const_data_ptr<acc_t>() : nullptr;
+  static_cast<PositionLayout&>(p) = prob.layout();
+  static_cast<Smoothing<acc_t>&>(p) = smoothing;
+  return p;
+}
+
 // Runs the kernels on a checked problem into `out`; returns the reduced (or per-position) loss.
 at::Tensor run_forward(const Problem& prob, const ForwardBuffers& out) {
   const at::Tensor& weight_acc = out.weight;
@@ -721,25 +746,10 @@ at::Tensor run_forward(const Problem& prob, const ForwardBuffers& out) {
   double denominator = 1.0;
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, prob.input.scalar_type(), "smoothce_forward_cpu", [&] {
     using acc_t = acc_type<scalar_t>;
-    Params<scalar_t> p{};
-    p.input = prob.input.const_data_ptr<scalar_t>();
-    if (prob.soft_target) {
-      p.soft_target = prob.target.const_data_ptr<scalar_t>();
-    } else if (prob.target.scalar_type() == at::kLong) {
-      p.target64 = prob.target.const_data_ptr<int64_t>();
-      p.target_b64 = prob.target_b.defined() ? prob.target_b.const_data_ptr<int64_t>() : nullptr;
-    } else {
-      p.target8 = prob.target.const_data_ptr<uint8_t>();
-      p.target_b8 = prob.target_b.defined() ? prob.target_b.const_data_ptr<uint8_t>() : nullptr;
-    }
-    p.lam = prob.lam.defined() ? prob.lam.const_data_ptr<acc_t>() : nullptr;
-    p.lam_value = static_cast<acc_t>(prob.lam_value);
-    p.weight = weight_acc.defined() ? weight_acc.const_data_ptr<acc_t>() : nullptr;
+    Params<scalar_t> p = params_of<scalar_t>(prob, weight_acc, prob.smoothing<acc_t>());
     p.grad = prob.compute_grad ? out.kernel_grad.mutable_data_ptr<scalar_t>() : nullptr;
     p.position_loss = out.position_loss.mutable_data_ptr<acc_t>();
     p.lse = out.lse.mutable_data_ptr<acc_t>();
-    static_cast<PositionLayout&>(p) = prob.layout();
-    static_cast<Smoothing<acc_t>&>(p) = prob.smoothing<acc_t>();
     p.weight_sum = weight_acc.defined() ? static_cast<acc_t>(weight_acc.sum().item<double>())
                                         : static_cast<acc_t>(prob.classes);
 
@@ -841,25 +851,9 @@ Shard shard_of(const Problem& prob, int64_t vocab_start, int64_t num_classes) {
 // The launch constants of a shard: the rows kernels' Params with the smoothing of all num_classes.
 template <typename scalar_t>
 Params<scalar_t> shard_params(const Problem& prob, const Shard& shard, const at::Tensor& weight_acc) {
-  using acc_t = acc_type<scalar_t>;
-  Params<scalar_t> p{};
-  p.input = prob.input.const_data_ptr<scalar_t>();
-  if (prob.soft_target) {
-    p.soft_target = prob.target.const_data_ptr<scalar_t>();
-  } else if (prob.target.scalar_type() == at::kLong) {
-    p.target64 = prob.target.const_data_ptr<int64_t>();
-    p.target_b64 = prob.target_b.defined() ? prob.target_b.const_data_ptr<int64_t>() : nullptr;
-  } else {
-    p.target8 = prob.target.const_data_ptr<uint8_t>();
-    p.target_b8 = prob.target_b.defined() ? prob.target_b.const_data_ptr<uint8_t>() : nullptr;
-  }
-  p.lam = prob.lam.defined() ? prob.lam.const_data_ptr<acc_t>() : nullptr;
-  p.lam_value = static_cast<acc_t>(prob.lam_value);
-  p.weight = weight_acc.defined() ? weight_acc.const_data_ptr<acc_t>() : nullptr;
-  static_cast<PositionLayout&>(p) = prob.layout();
   const double* tv = prob.has_target_values ? prob.target_values : nullptr;
-  static_cast<Smoothing<acc_t>&>(p) = Smoothing<acc_t>::make(prob.label_smoothing, shard.num_classes, tv, prob.z_loss);
-  return p;
+  return params_of<scalar_t>(
+      prob, weight_acc, Smoothing<acc_type<scalar_t>>::make(prob.label_smoothing, shard.num_classes, tv, prob.z_loss));
 }
 
 // The global targets of a position (range [0, num_classes)) and their columns in the shard (−1 elsewhere).

@@ -83,6 +83,30 @@ KernelArgs<scalar_t> kernel_args(const Problem& prob, const ForwardBuffers& out,
   return a;
 }
 
+// The prologue every forward runs before its main kernels: for index targets, `launch_partials(grid,
+// partial)` launches the kernel writing one partial sum of D per block (the range check with it), then
+// one block turns them into the DeviceScalars (D, grad_scale with a scalar upstream gradient, Σw).
+template <typename acc_t, typename LaunchPartials>
+void launch_prologue(const Problem& prob, const ForwardBuffers& out, const DeviceLimits& limits,
+                     const acc_t* weight_ptr, DeviceScalars* device_scalars, LaunchPartials&& launch_partials) {
+  const int64_t positions = prob.positions();
+  int64_t partials = 0;
+  at::Tensor partial;
+  if (!prob.soft_target && positions > 0) {
+    partials = std::min<int64_t>(ceil_div(positions, kPrologueThreads * 8), limits.sm_count * 4);
+    partial = at::empty({partials}, prob.input.options().dtype(at::kDouble));
+    launch_partials(dim3(static_cast<unsigned>(partials)), partial.mutable_data_ptr<double>());
+  }
+  auto kernel = &scalars_kernel<acc_t>;
+  const double fixed_denominator = prob.soft_target || positions == 0 ? static_cast<double>(positions) : -1.0;
+  const at::Tensor& upstream = out.upstream;
+  SMOOTHCE_LAUNCH(kernel, dim3(1), dim3(kPrologueThreads), 0,
+                  partial.defined() ? static_cast<const double*>(partial.const_data_ptr<double>()) : nullptr, partials,
+                  fixed_denominator, weight_ptr, prob.classes, prob.reduction,
+                  upstream.defined() && upstream.dim() == 0 ? upstream.const_data_ptr<acc_t>() : nullptr,
+                  device_scalars);
+}
+
 // The loss a forward returns: per position ('none'), or their sum (in fp64), divided for 'mean' by the
 // device's D (scalars[0], DeviceScalars::denominator).
 inline at::Tensor reduced_loss(const ForwardBuffers& out, int64_t reduction, const at::Tensor& scalars) {
@@ -150,12 +174,10 @@ inline std::tuple<at::Tensor, at::Tensor, at::Tensor> forward(
   const Problem prob =
       make_problem(input, target, weight, ignore_index, reduction, label_smoothing, compute_grad, float32_loss, ext);
   const auto options = prob.input.options();
-  const int64_t positions = prob.positions();
   at::Tensor (*allocate_grad)(const at::Tensor&) =
       grad_over_logits ? &grad_over_input : +[](const at::Tensor& like) { return at::empty_like(like); };
   const ForwardBuffers out = make_forward_buffers(prob, input, float32_loss, grad_output, allocate_grad);
   const at::Tensor& weight_acc = out.weight;
-  const at::Tensor& upstream = out.upstream;
   at::Tensor scalars = at::empty({static_cast<int64_t>(sizeof(DeviceScalars) / sizeof(double))}, options.dtype(at::kDouble));
   auto* device_scalars = reinterpret_cast<DeviceScalars*>(scalars.mutable_data_ptr<double>());
 
@@ -170,24 +192,10 @@ inline std::tuple<at::Tensor, at::Tensor, at::Tensor> forward(
     const KernelArgs<scalar_t> a = kernel_args<scalar_t>(prob, out, prob.smoothing<acc_t>(), device_scalars);
 
     // Prologue: D (and the range check) over the targets, then the DeviceScalars.
-    int64_t partials = 0;
-    at::Tensor partial;
-    if (!prob.soft_target && positions > 0) {
-      partials = std::min<int64_t>(ceil_div(positions, kPrologueThreads * 8), limits.sm_count * 4);
-      partial = at::empty({partials}, options.dtype(at::kDouble));
+    launch_prologue<acc_t>(prob, out, limits, weight_ptr, device_scalars, [&](dim3 grid, double* partial) {
       auto kernel = &target_weight_kernel<scalar_t>;
-      SMOOTHCE_LAUNCH(kernel, dim3(static_cast<unsigned>(partials)), dim3(kPrologueThreads), 0, a,
-                      partial.mutable_data_ptr<double>());
-    }
-    {
-      auto kernel = &scalars_kernel<acc_t>;
-      const double fixed_denominator = prob.soft_target || positions == 0 ? static_cast<double>(positions) : -1.0;
-      SMOOTHCE_LAUNCH(kernel, dim3(1), dim3(kPrologueThreads), 0,
-                      partial.defined() ? static_cast<const double*>(partial.const_data_ptr<double>()) : nullptr,
-                      partials, fixed_denominator, weight_ptr, prob.classes, reduction,
-                      upstream.defined() && upstream.dim() == 0 ? upstream.const_data_ptr<acc_t>() : nullptr,
-                      device_scalars);
-    }
+      SMOOTHCE_LAUNCH(kernel, grid, dim3(kPrologueThreads), 0, a, partial);
+    });
     const Plan launched = launch_main(a, plan, fallback, prob.input);
     if (used_plan) *used_plan = launched;
   });
@@ -258,24 +266,10 @@ inline std::tuple<at::Tensor, at::Tensor, at::Tensor> shard_forward(
     const KernelArgs<scalar_t> a = kernel_args<scalar_t>(prob, out, smoothing, device_scalars);
     const acc_t* all = stats.const_data_ptr<acc_t>();
     // Prologue: D from the targets' merged weights, then the DeviceScalars (weight_sum unused: the merged mass).
-    int64_t partials = 0;
-    at::Tensor partial;
-    if (!prob.soft_target && positions > 0) {
-      partials = std::min<int64_t>(ceil_div(positions, kPrologueThreads * 8), limits.sm_count * 4);
-      partial = at::empty({partials}, options.dtype(at::kDouble));
+    launch_prologue<acc_t>(prob, out, limits, nullptr, device_scalars, [&](dim3 grid, double* partial) {
       auto kernel = &shard_weight_kernel<scalar_t>;
-      SMOOTHCE_LAUNCH(kernel, dim3(static_cast<unsigned>(partials)), dim3(kPrologueThreads), 0, a, shard, all,
-                      stats.size(0), stats.stride(0), partial.mutable_data_ptr<double>());
-    }
-    {
-      auto kernel = &scalars_kernel<acc_t>;
-      const double fixed_denominator = prob.soft_target || positions == 0 ? static_cast<double>(positions) : -1.0;
-      SMOOTHCE_LAUNCH(kernel, dim3(1), dim3(kPrologueThreads), 0,
-                      partial.defined() ? static_cast<const double*>(partial.const_data_ptr<double>()) : nullptr,
-                      partials, fixed_denominator, static_cast<const acc_t*>(nullptr), prob.classes, reduction,
-                      out.upstream.defined() && out.upstream.dim() == 0 ? out.upstream.const_data_ptr<acc_t>() : nullptr,
-                      device_scalars);
-    }
+      SMOOTHCE_LAUNCH(kernel, grid, dim3(kPrologueThreads), 0, a, shard, all, stats.size(0), stats.stride(0), partial);
+    });
     if (positions > 0) {
       const dim3 grid(static_cast<unsigned>(std::min<int64_t>(positions, limits.sm_count * 8)));
       auto kernel = &shard_finish_kernel<scalar_t>;
