@@ -331,7 +331,7 @@ at::Tensor grad_over_input(const at::Tensor& input) {
 }
 
 void check_shard(const Problem& p, int64_t vocab_start, int64_t num_classes) {
-  TORCH_CHECK_VALUE(p.inner == 1 && p.class_contiguous() && (p.stride_outer == p.classes || p.outer <= 1),
+  TORCH_CHECK_VALUE(p.classes == 0 || (p.inner == 1 && p.class_contiguous() && (p.stride_outer == p.classes || p.outer <= 1)),
                     "smoothce.shard_stats: the shard must be contiguous rows (positions, classes), got strides ",
                     p.input.strides());
   TORCH_CHECK_VALUE(vocab_start >= 0 && num_classes >= 1 && vocab_start + p.classes <= num_classes,

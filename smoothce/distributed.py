@@ -160,7 +160,10 @@ def _shards(where, sizes: List[int], starts: Optional[List[int]], totals: Option
         raise ValueError(f"{where}: the ranks disagree on num_classes: {totals} (rank by rank)")
     total = totals[0]
     covered = 0
-    for start, size in sorted(zip(starts, sizes)):
+    for start, size in zip(starts, sizes):
+        if size == 0 and not 0 <= start <= total:
+            raise ValueError(f"{where}: an empty shard's vocab_start must lie in [0, num_classes = {total}], got {start}")
+    for start, size in sorted((start, size) for start, size in zip(starts, sizes) if size > 0):
         if start != covered:
             raise ValueError(
                 f"{where}: the shards (vocab_start, classes) = {list(zip(starts, sizes))} (rank by rank) do not tile "
@@ -210,9 +213,7 @@ def _agree(where, group, local_checks, input, target, weight, ignore_index, redu
                             f"got dtype {input.dtype}")
         _check_kernel_device(input)
         _check_devices(where, input, target, weight, target_b)
-        local_classes, position_shape = local_checks()
-        if local_classes < 1:
-            raise ValueError(f"{where}: every rank's shard must hold at least one class, got {local_classes}")
+        local_classes, position_shape = local_checks()  # (a shard may be empty: DTensor's Shard of few classes)
         if weight is not None and tuple(weight.shape) != (local_classes,):
             raise ValueError(f"{where}: weight must be this rank's slice of the class weights, shape ({local_classes},) "
                              f"like its shard of the classes, got shape {tuple(weight.shape)}")
@@ -319,9 +320,10 @@ def _vocab_parallel_impl(where, input, target, weight, ignore_index, reduction, 
     # The kernels read contiguous rows (positions, C_local): the classes moved last (a copy for (N, C, d...)).
     class_dim = 0 if input.dim() == 1 else 1
     local_classes = input.shape[class_dim]
-    rows = input.movedim(class_dim, -1).reshape(-1, local_classes).contiguous()
+    positions = math.prod(shape["positions"])
+    rows = input.movedim(class_dim, -1).reshape(positions, local_classes).contiguous()
     if target.is_floating_point():
-        target_rows = target.movedim(class_dim, -1).reshape(-1, local_classes).contiguous()
+        target_rows = target.movedim(class_dim, -1).reshape(positions, local_classes).contiguous()
     else:
         target_rows = target.reshape(-1)
     target_b_rows = target_b.reshape(-1) if target_b is not None else None
@@ -354,7 +356,7 @@ def vocab_parallel_cross_entropy(
     world): the loss of the whole logits, every class counted, returned on every rank.
 
     input: this rank's shard of the logits, classes on dim 1 (dim 0 for (C,)), holding the global
-        classes [vocab_start, vocab_start + C_local). At least one class per rank; shards may differ in size.
+        classes [vocab_start, vocab_start + C_local). Shards may differ in size (an empty one included).
     target: global class indices, the same on every rank; or this rank's slice of the class probabilities
         (shaped like input).
     weight: this rank's slice of the class weights (C_local,).
@@ -665,7 +667,7 @@ def _vocab_parallel_linear_impl(where, input, linear_weight, target, linear_bias
     t_b = target_b.reshape(n) if target_b is not None else None
     lam_rows = agreed.lam_tensor.reshape(n) if agreed.lam_tensor is not None else None
     needs_weight_grad = torch.is_grad_enabled() and linear_weight.requires_grad
-    chunk = chunk_rows(n, x.shape[1], local, x.dtype, device=x.device.type, chunk_size=chunk_size,
+    chunk = chunk_rows(n, x.shape[1], max(local, 1), x.dtype, device=x.device.type, chunk_size=chunk_size,
                        fp32_grad_weight=fp32_grad_weight, needs_weight_grad=needs_weight_grad)
     loss = _VocabParallelLinearFunction.apply(x, linear_weight, linear_bias, t, weight, agreed, int(ignore_index),
                                               REDUCTIONS[reduction], float(z_loss), t_b, lam_rows, chunk,
