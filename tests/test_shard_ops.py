@@ -24,7 +24,8 @@ class _Ops:
 
 
 ops = _Ops()
-SPLITS = {"even": [250, 250, 251, 250], "uneven": [1, 600, 400], "one_rank": [1001], "single_class_last": [1000, 1]}
+SPLITS = {"even": [250, 250, 251, 250], "uneven": [1, 600, 400], "one_rank": [1001], "single_class_last": [1000, 1],
+          "empty_middle": [500, 0, 501]}
 TOL = {torch.float64: dict(rtol=1e-10, atol=1e-12), torch.float32: dict(rtol=1e-5, atol=1e-6),
        torch.bfloat16: dict(rtol=2e-2, atol=1e-3), torch.float16: dict(rtol=1e-2, atol=1e-4)}
 
@@ -125,7 +126,7 @@ def _op_ext(kw, C, mixup):
 
 
 @pytest.mark.parametrize("variant", list(VARIANTS))
-@pytest.mark.parametrize("split", ["uneven", "even"])
+@pytest.mark.parametrize("split", ["uneven", "even", "empty_middle"])
 @pytest.mark.parametrize("reduction", [0, 1, 2])
 @pytest.mark.parametrize("weighted", [False, True], ids=["unweighted", "weighted"])
 def test_variants(variant, split, reduction, weighted):
@@ -145,7 +146,7 @@ def test_variants(variant, split, reduction, weighted):
     _check(_run_shards(x, target, weight, SPLITS[split], reduction, eps, go, **ext), expected, SPLITS[split], dtype)
 
 
-@pytest.mark.parametrize("split", ["uneven", "even"])
+@pytest.mark.parametrize("split", ["uneven", "even", "empty_middle"])
 @pytest.mark.parametrize("reduction", [0, 1, 2])
 @pytest.mark.parametrize("weighted", [False, True], ids=["unweighted", "weighted"])
 def test_probability_targets(split, reduction, weighted):
