@@ -486,7 +486,9 @@ class _VocabParallelLinearFunction(torch.autograd.Function):
                 loss = loss / denominator
             loss = loss.to(losses.dtype)
         if fuse and reduction == REDUCTIONS["mean"]:
-            grads = [g / denominator if g is not None else None for g in grads]
+            for g in grads:
+                if g is not None:
+                    g.div_(denominator)  # (in place: the accumulators are this call's own)
         ctx.fused = [g.to(t.dtype) if g is not None else None
                      for g, t in zip(grads, (x, linear_weight, linear_bias, target))] if fuse else None
         ctx.save_for_backward(x, linear_weight, linear_bias, target, weight, target_b, lam, *all_stats)
@@ -591,6 +593,7 @@ def _linear_chunks(x, linear_weight, linear_bias, target, weight, agreed, ignore
             scale = upstream if upstream is not None else torch.ones((), dtype=lse.dtype, device=lse.device)
             grad_target[rows] = _soft_target_grad(scale, logits, lse, weight, REDUCTIONS["none"] if scale.dim() > 0
                                                   else REDUCTIONS["sum"], agreed.label_smoothing)
+        del logits, dlogits  # (before the next chunk's: one chunk of logits and one of gradient at a time)
     if grad_input is not None and reduce_input_grad:
         dist.all_reduce(grad_input, group=agreed.group)
     losses = torch.cat(losses) if reduction == REDUCTIONS["none"] else torch.stack(losses)
