@@ -232,3 +232,16 @@ def test_stats_fields_are_the_shards_row_state():
     assert math.isclose(s[2], d.exp().sum() - 2.0, rel_tol=1e-15)  # below the max: not the two 3.0s
     assert math.isclose(s[3], d.sum(), rel_tol=1e-15) and s[4] == 4.0  # Σ(x − max), count of classes
     assert s[6] == 0.0 and s[8] == 0.0  # the target (class 2) is on another rank: no logit, no weight here
+
+
+def test_the_distributed_losses_need_a_process_group():
+    import torch.distributed as dist
+
+    from smoothce.distributed import vocab_parallel_cross_entropy, vocab_parallel_linear_cross_entropy
+
+    if dist.is_available() and dist.is_initialized():
+        pytest.skip("a process group is initialized in this process")
+    with pytest.raises(RuntimeError, match="torch.distributed is not initialized"):
+        vocab_parallel_cross_entropy(torch.randn(2, 3), torch.tensor([0, 1]))
+    with pytest.raises(RuntimeError, match="torch.distributed is not initialized"):
+        vocab_parallel_linear_cross_entropy(torch.randn(2, 4), torch.randn(3, 4), torch.tensor([0, 1]))
