@@ -20,6 +20,7 @@ TORCH_LIBRARY(smoothce, m) {
   m.def(smoothce::kLinearForwardSchema, {at::Tag::pt2_compliant_tag});
   m.def(smoothce::kShardStatsSchema, {at::Tag::pt2_compliant_tag});
   m.def(smoothce::kShardForwardSchema, {at::Tag::pt2_compliant_tag});
+  m.def(smoothce::kShardGradSchema, {at::Tag::pt2_compliant_tag});
 }
 
 namespace smoothce::cpu {

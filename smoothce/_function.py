@@ -88,6 +88,12 @@ def _shard_forward_fake(input, target, weight, stats, vocab_start, num_classes, 
     return loss, input.new_empty((input.shape[0],), dtype=acc), grad
 
 
+@torch.library.register_fake("smoothce::shard_grad_")
+def _shard_grad_fake(input, target, weight, stats, vocab_start, num_classes, ignore_index, reduction, label_smoothing,
+                     float32_loss, grad_output, target_values=None, z_loss=0.0, target_b=None, lam=None, lam_value=1.0):
+    return None
+
+
 class CrossEntropyFunction(torch.autograd.Function):
     """Forward runs the fused kernel; for mean and sum, when the input needs a gradient, the kernel
     writes it too, for an upstream gradient of 1, and the first backward only rescales it in place (a

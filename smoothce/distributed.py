@@ -22,8 +22,8 @@ import torch
 import torch.distributed as dist
 
 from . import _function
-from ._function import (REDUCTIONS, _check_devices, _check_kernel_device, _check_loss_args, _check_number,
-                        _check_tensor, _extension_args, _mixup_lam, _soft_target_grad)
+from ._function import (REDUCTIONS, _check_devices, _check_inplace, _check_kernel_device, _check_loss_args,
+                        _check_number, _check_tensor, _extension_args, _mixup_lam, _soft_target_grad)
 from ._linear import chunk_rows
 from ._mixup_target import MixupTarget
 
@@ -109,12 +109,14 @@ class _VocabParallelFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, input, target, weight, group, device, vocab_start, num_classes, ignore_index, reduction,
-                label_smoothing, float32_loss, target_values, z_loss, target_b, lam, lam_value):
+                label_smoothing, float32_loss, target_values, z_loss, target_b, lam, lam_value, inplace):
         ext = dict(target_values=target_values, z_loss=z_loss, target_b=target_b, lam=lam, lam_value=lam_value)
         shard = (vocab_start, num_classes, ignore_index)
         all_stats = _gather_stats(input, target, weight, shard, group, device, label_smoothing, float32_loss, ext)
         compute_grad = ctx.needs_input_grad[0]
-        fuse = compute_grad and reduction != REDUCTIONS["none"]
+        # inplace_backward: nothing fused; backward writes the gradient over the shard (shard_grad_).
+        fuse = compute_grad and reduction != REDUCTIONS["none"] and not inplace
+        ctx.inplace = inplace
         loss, lse, grad = _function._ops.shard_forward(input, target, weight, all_stats, *shard, reduction,
                                                        label_smoothing, fuse, float32_loss, **ext)
         ctx.mark_non_differentiable(lse)
@@ -141,6 +143,13 @@ class _VocabParallelFunction(torch.autograd.Function):
             grad_input, ctx.fused_grad = ctx.fused_grad, None
             if grad_input is not None:
                 _function._ops.scale_grad_(grad_input, grad_loss)
+            elif ctx.inplace:
+                # Bumping the shard's version makes any other user of it in the graph (a saved tensor, or this
+                # graph's own second backward) raise autograd's "modified by an inplace operation" error.
+                _function._ops.shard_grad_(input, target, weight, all_stats, vocab_start, num_classes, ignore_index,
+                                           reduction, label_smoothing, float32_loss, grad_loss, **ctx.ext)
+                torch.autograd.graph.increment_version(input)
+                grad_input = input
             else:
                 _, _, grad_input = _function._ops.shard_forward(input, target, weight, all_stats, vocab_start, num_classes,
                                                       ignore_index, reduction, label_smoothing, True, float32_loss,
@@ -148,7 +157,7 @@ class _VocabParallelFunction(torch.autograd.Function):
         return (grad_input, grad_target) + (None,) * (_APPLY_ARGS - 2)
 
 
-_APPLY_ARGS = 16  # _VocabParallelFunction.forward's arguments after ctx
+_APPLY_ARGS = 17  # _VocabParallelFunction.forward's arguments after ctx
 
 
 # ---------------------------------------------------------------- the entry point
@@ -294,7 +303,7 @@ def _agree(where, group, local_checks, input, target, weight, ignore_index, redu
 
 def _vocab_parallel_impl(where, input, target, weight, ignore_index, reduction, label_smoothing, group, vocab_start,
                          num_classes, smoothing, target_values, z_loss, mixup=False, target_b=None, lam=None,
-                         num_classes_check=None):
+                         num_classes_check=None, inplace_backward=False):
     shape = {}
 
     def local_checks():
@@ -309,6 +318,10 @@ def _vocab_parallel_impl(where, input, target, weight, ignore_index, reduction, 
         elif tuple(target.shape) != shape["positions"]:
             raise ValueError(f"{where}: target must have the input's shape without the class dimension, "
                              f"{shape['positions']}, got {tuple(target.shape)}")
+        if not isinstance(inplace_backward, bool):
+            raise TypeError(f"{where}: inplace_backward must be a bool, got {inplace_backward!r}")
+        if inplace_backward and torch.is_grad_enabled() and input.requires_grad:
+            _check_inplace(where, input, target)
         return input.shape[class_dim], shape["positions"]
 
     agreed = _agree(where, group, local_checks, input, target, weight, ignore_index, reduction, label_smoothing,
@@ -331,7 +344,8 @@ def _vocab_parallel_impl(where, input, target, weight, ignore_index, reduction, 
     loss, _ = _VocabParallelFunction.apply(rows, target_rows, weight, agreed.group, agreed.device, agreed.start,
                                            agreed.total, int(ignore_index), REDUCTIONS[reduction],
                                            agreed.label_smoothing, agreed.float32_loss, agreed.target_values,
-                                           float(z_loss), target_b_rows, lam_rows, agreed.lam_value)
+                                           float(z_loss), target_b_rows, lam_rows, agreed.lam_value,
+                                           bool(inplace_backward) and torch.is_grad_enabled() and input.requires_grad)
     if reduction == "none":
         loss = loss.reshape(shape["positions"])
     return loss
@@ -351,6 +365,7 @@ def vocab_parallel_cross_entropy(
     smoothing: str = "uniform",
     target_values: Optional[Tuple[float, float]] = None,
     z_loss: float = 0.0,
+    inplace_backward: bool = False,
 ) -> torch.Tensor:
     """``smoothce.cross_entropy`` with the classes split across the ranks of ``group`` (default: the
     world): the loss of the whole logits, every class counted, returned on every rank.
@@ -362,12 +377,13 @@ def vocab_parallel_cross_entropy(
     weight: this rank's slice of the class weights (C_local,).
     vocab_start, num_classes: where this shard starts and the total C; both or neither (default: shards
         contiguous in rank order, their sizes exchanged in the call).
-    Other arguments and the keyword variants as ``smoothce.cross_entropy`` (no inplace_backward).
-    The gradient of input is this shard's slice of the whole gradient.
+    Other arguments and the keyword variants as ``smoothce.cross_entropy`` (inplace_backward: the shard's
+    gradient written over it in backward, as there). The gradient of input is this shard's slice of the
+    whole gradient.
     """
     return _vocab_parallel_impl("smoothce.vocab_parallel_cross_entropy", input, target, weight, ignore_index,
                                 reduction, label_smoothing, group, vocab_start, num_classes, smoothing, target_values,
-                                z_loss)
+                                z_loss, inplace_backward=inplace_backward)
 
 
 def vocab_parallel_mixup_cross_entropy(
@@ -386,6 +402,7 @@ def vocab_parallel_mixup_cross_entropy(
     smoothing: str = "uniform",
     target_values: Optional[Tuple[float, float]] = None,
     z_loss: float = 0.0,
+    inplace_backward: bool = False,
 ) -> torch.Tensor:
     """``smoothce.mixup_cross_entropy`` with the classes split across the ranks of ``group``: q =
     lam·q(target_a) + (1 − lam)·q(target_b), targets global class indices, the same on every rank.
@@ -401,7 +418,7 @@ def vocab_parallel_mixup_cross_entropy(
                         f"smoothce.MixupTarget as target_a)")
     return _vocab_parallel_impl(where, input, target_a, weight, ignore_index, reduction, label_smoothing, group,
                                 vocab_start, num_classes, smoothing, target_values, z_loss, mixup=True,
-                                target_b=target_b, lam=lam)
+                                target_b=target_b, lam=lam, inplace_backward=inplace_backward)
 
 
 # ---------------------------------------------------------------- DTensor

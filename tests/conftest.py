@@ -90,6 +90,7 @@ def _load_emulated_ops():
         torch.library.register_fake("smoothce_emu::linear_forward")(_linear._linear_forward_fake)
         torch.library.register_fake("smoothce_emu::shard_stats")(_function._shard_stats_fake)
         torch.library.register_fake("smoothce_emu::shard_forward")(_function._shard_forward_fake)
+        torch.library.register_fake("smoothce_emu::shard_grad_")(_function._shard_grad_fake)
         _load_emulated_ops.faked = True
 
 

@@ -245,3 +245,32 @@ def test_the_distributed_losses_need_a_process_group():
         vocab_parallel_cross_entropy(torch.randn(2, 3), torch.tensor([0, 1]))
     with pytest.raises(RuntimeError, match="torch.distributed is not initialized"):
         vocab_parallel_linear_cross_entropy(torch.randn(2, 4), torch.randn(3, 4), torch.tensor([0, 1]))
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("reduction", [0, 1, 2])
+@pytest.mark.parametrize("soft", [False, True], ids=["index", "soft"])
+def test_shard_grad_writes_shard_forwards_gradient_over_the_shard(dtype, reduction, soft):
+    """inplace_backward's op: the gradient for grad_output over the shard itself, equal to shard_forward's."""
+    x, target, weight, g = _make(dtype, n=12, C=300)
+    if soft:
+        target = torch.softmax(torch.randn(x.shape, generator=g, dtype=torch.float64), 1).to(dtype)
+    sizes, C = [100, 0, 200], 300
+    stats = torch.stack([ops.shard_stats(x[:, s:s + n].contiguous(), target[:, s:s + n].contiguous() if soft else target,
+                                         weight[s:s + n], s, C, -100, 0.1, False, z_loss=1e-3)
+                         for s, n in ((0, 100), (100, 0), (100, 200))])
+    go = torch.rand(12, generator=g, dtype=_acc(dtype)) if reduction == 0 else torch.tensor(0.7, dtype=_acc(dtype))
+    for s, n in ((0, 100), (100, 0), (100, 200)):
+        shard = x[:, s:s + n].contiguous()
+        t = target[:, s:s + n].contiguous() if soft else target
+        want = ops.shard_forward(shard, t, weight[s:s + n], stats, s, C, -100, reduction, 0.1, True, False, go,
+                                 z_loss=1e-3)[2]
+        ops.shard_grad_(shard, t, weight[s:s + n], stats, s, C, -100, reduction, 0.1, False, go, z_loss=1e-3)
+        assert torch.equal(shard, want)
+
+
+def test_opcheck_shard_grad():
+    x, target, weight, stats = _opcheck_args()
+    for go in (torch.tensor(0.5), torch.rand(x.shape[0])):
+        torch.library.opcheck(ops.shard_grad_.default, (x, target, weight, stats, 25, 40, -100,
+                                                       0 if go.dim() else 1, 0.1, False, go))

@@ -1003,15 +1003,18 @@ void shard_forward_kernel(const Params<scalar_t>& p, const Shard& shard, const a
   });
 }
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor> shard_forward_cpu(
+// smoothce::shard_forward; with grad_over_logits, smoothce::shard_grad_ (the gradient written over the shard:
+// each logit is read before its gradient element is written, the targets' logits come from the stats).
+std::tuple<at::Tensor, at::Tensor, at::Tensor> shard_forward(
     const at::Tensor& input, const at::Tensor& target, const c10::optional<at::Tensor>& weight,
     const at::Tensor& stats, int64_t vocab_start, int64_t num_classes, int64_t ignore_index, int64_t reduction,
     double label_smoothing, bool compute_grad, bool float32_loss, const c10::optional<at::Tensor>& grad_output,
-    SMOOTHCE_EXTENSION_PARAMS) {
+    const Extensions& ext, bool grad_over_logits) {
   const Problem prob = make_problem(input, target, weight, ignore_index, reduction, label_smoothing, compute_grad,
-                                    float32_loss, SMOOTHCE_EXTENSIONS);
+                                    float32_loss, ext);
   const Shard shard = shard_of(prob, vocab_start, num_classes);
-  const ForwardBuffers out = make_forward_buffers(prob, input, float32_loss, grad_output, &allocate_grad);
+  const ForwardBuffers out = make_forward_buffers(prob, input, float32_loss, grad_output,
+                                                  grad_over_logits ? &grad_over_input : &allocate_grad);
   check_shard_stats(prob, stats, out.acc_dtype);
   double denominator = 1.0;
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, input.scalar_type(), "smoothce_shard_forward", [&] {
@@ -1038,6 +1041,23 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> shard_forward_cpu(
   return {at::scalar_tensor(value, input.options().dtype(out.loss_dtype)), out.lse, out.grad};
 }
 
+std::tuple<at::Tensor, at::Tensor, at::Tensor> shard_forward_cpu(
+    const at::Tensor& input, const at::Tensor& target, const c10::optional<at::Tensor>& weight,
+    const at::Tensor& stats, int64_t vocab_start, int64_t num_classes, int64_t ignore_index, int64_t reduction,
+    double label_smoothing, bool compute_grad, bool float32_loss, const c10::optional<at::Tensor>& grad_output,
+    SMOOTHCE_EXTENSION_PARAMS) {
+  return shard_forward(input, target, weight, stats, vocab_start, num_classes, ignore_index, reduction,
+                       label_smoothing, compute_grad, float32_loss, grad_output, SMOOTHCE_EXTENSIONS, false);
+}
+
+void shard_grad_cpu_(at::Tensor& input, const at::Tensor& target, const c10::optional<at::Tensor>& weight,
+                     const at::Tensor& stats, int64_t vocab_start, int64_t num_classes, int64_t ignore_index,
+                     int64_t reduction, double label_smoothing, bool float32_loss, const at::Tensor& grad_output,
+                     SMOOTHCE_EXTENSION_PARAMS) {
+  shard_forward(input, target, weight, stats, vocab_start, num_classes, ignore_index, reduction, label_smoothing, true,
+                float32_loss, grad_output, SMOOTHCE_EXTENSIONS, true);
+}
+
 }  // namespace
 
 void empty_grad_cache() {
@@ -1053,6 +1073,7 @@ TORCH_LIBRARY_IMPL(smoothce, CPU, m) {
   m.impl("linear_forward", &linear_forward_cpu);
   m.impl("shard_stats", &shard_stats_cpu);
   m.impl("shard_forward", &shard_forward_cpu);
+  m.impl("shard_grad_", &shard_grad_cpu_);
 }
 
 }  // namespace cpu

@@ -79,8 +79,17 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> shard_forward_cuda(
     SMOOTHCE_EXTENSION_PARAMS) {
   const c10::cuda::CUDAGuard guard(input.device());
   return shard_forward(input, target, weight, stats, vocab_start, num_classes, ignore_index, reduction,
-                       label_smoothing, compute_grad, float32_loss, grad_output, SMOOTHCE_EXTENSIONS,
+                       label_smoothing, compute_grad, float32_loss, grad_output, SMOOTHCE_EXTENSIONS, false,
                        limits_of(input.device()));
+}
+
+void shard_grad_cuda_(at::Tensor& input, const at::Tensor& target, const c10::optional<at::Tensor>& weight,
+                      const at::Tensor& stats, int64_t vocab_start, int64_t num_classes, int64_t ignore_index,
+                      int64_t reduction, double label_smoothing, bool float32_loss, const at::Tensor& grad_output,
+                      SMOOTHCE_EXTENSION_PARAMS) {
+  const c10::cuda::CUDAGuard guard(input.device());
+  shard_forward(input, target, weight, stats, vocab_start, num_classes, ignore_index, reduction, label_smoothing, true,
+                float32_loss, grad_output, SMOOTHCE_EXTENSIONS, true, limits_of(input.device()));
 }
 
 }  // namespace
@@ -92,6 +101,7 @@ TORCH_LIBRARY_IMPL(smoothce, CUDA, m) {
   m.impl("linear_forward", &linear_forward_cuda);
   m.impl("shard_stats", &shard_stats_cuda);
   m.impl("shard_forward", &shard_forward_cuda);
+  m.impl("shard_grad_", &shard_grad_cuda_);
 }
 
 }  // namespace smoothce::cuda

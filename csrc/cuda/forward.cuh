@@ -205,7 +205,8 @@ inline std::tuple<at::Tensor, at::Tensor, at::Tensor> forward(
 }
 
 // ---------------------------------------------------------------- vocabulary-parallel shards
-// smoothce::shard_stats and smoothce::shard_forward on the device (docs/semantics.md §10; the kernels:
+// smoothce::shard_stats, shard_forward and (grad_over_logits) shard_grad_ on the device (docs/semantics.md §10;
+// shard_finish_kernel reads each logit before it writes its gradient element; the kernels:
 // kernels.cuh "vocabulary-parallel shards"). A block per position, threads for the shard's length.
 inline int shard_threads(int64_t classes) {
   return static_cast<int>(std::min<int64_t>(512, std::max<int64_t>(kWarp, round_up(ceil_div(classes, 8), kWarp))));
@@ -247,12 +248,13 @@ inline std::tuple<at::Tensor, at::Tensor, at::Tensor> shard_forward(
     const at::Tensor& input, const at::Tensor& target_arg, const c10::optional<at::Tensor>& weight,
     const at::Tensor& stats, int64_t vocab_start, int64_t num_classes, int64_t ignore_index, int64_t reduction,
     double label_smoothing, bool compute_grad, bool float32_loss, const c10::optional<at::Tensor>& grad_output,
-    const Extensions& ext_arg, const DeviceLimits& limits) {
+    const Extensions& ext_arg, bool grad_over_logits, const DeviceLimits& limits) {
   const auto [target, ext] = widened_targets(target_arg, ext_arg);
   const Problem prob = shard_problem(input, target, weight, vocab_start, num_classes, ignore_index, reduction,
                                      label_smoothing, compute_grad, float32_loss, ext);
-  const ForwardBuffers out = make_forward_buffers(prob, input, float32_loss, grad_output,
-                                                  +[](const at::Tensor& like) { return at::empty_like(like); });
+  at::Tensor (*allocate_grad)(const at::Tensor&) =
+      grad_over_logits ? &grad_over_input : +[](const at::Tensor& like) { return at::empty_like(like); };
+  const ForwardBuffers out = make_forward_buffers(prob, input, float32_loss, grad_output, allocate_grad);
   check_shard_stats(prob, stats, out.acc_dtype);
   const auto options = prob.input.options();
   const int64_t positions = prob.outer;

@@ -49,6 +49,12 @@ constexpr const char* kShardForwardSchema =
     "int ignore_index, int reduction, float label_smoothing, bool compute_grad, bool float32_loss, "
     "Tensor? grad_output=None, " SMOOTHCE_EXTENSION_ARGS ") -> (Tensor loss, Tensor lse, Tensor grad)";
 
+// shard_forward's gradient for grad_output written over the shard (inplace_backward).
+constexpr const char* kShardGradSchema =
+    "shard_grad_(Tensor(a!) input, Tensor target, Tensor? weight, Tensor stats, int vocab_start, int num_classes, "
+    "int ignore_index, int reduction, float label_smoothing, bool float32_loss, Tensor grad_output, "
+    SMOOTHCE_EXTENSION_ARGS ") -> ()";
+
 constexpr const char* kScaleGradSchema = "scale_grad_(Tensor(a!) grad, Tensor grad_output) -> ()";
 
 }  // namespace smoothce

@@ -94,7 +94,18 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> shard_forward_emu(
                                {"grad_output", grad_output}, {"target_b", target_b}, {"lam", lam}});
   return smoothce::cuda::shard_forward(input, target, weight, stats, vocab_start, num_classes, ignore_index,
                                        reduction, label_smoothing, compute_grad, float32_loss, grad_output,
-                                       SMOOTHCE_EXTENSIONS, limits());
+                                       SMOOTHCE_EXTENSIONS, false, limits());
+}
+
+void shard_grad_emu_(at::Tensor& input, const at::Tensor& target, const c10::optional<at::Tensor>& weight,
+                     const at::Tensor& stats, int64_t vocab_start, int64_t num_classes, int64_t ignore_index,
+                     int64_t reduction, double label_smoothing, bool float32_loss, const at::Tensor& grad_output,
+                     SMOOTHCE_EXTENSION_PARAMS) {
+  emu::MemcheckScope memcheck("smoothce_emu::shard_grad_",
+                              {{"input", input}, {"target", target}, {"weight", weight}, {"stats", stats},
+                               {"grad_output", grad_output}, {"target_b", target_b}, {"lam", lam}});
+  smoothce::cuda::shard_forward(input, target, weight, stats, vocab_start, num_classes, ignore_index, reduction,
+                                label_smoothing, true, float32_loss, grad_output, SMOOTHCE_EXTENSIONS, true, limits());
 }
 
 void scale_grad_emu(at::Tensor& grad, const at::Tensor& grad_output) {
@@ -136,6 +147,7 @@ TORCH_LIBRARY(smoothce_emu, m) {
   m.def(smoothce::kLinearForwardSchema);
   m.def(smoothce::kShardStatsSchema);
   m.def(smoothce::kShardForwardSchema);
+  m.def(smoothce::kShardGradSchema);
 }
 
 TORCH_LIBRARY_IMPL(smoothce_emu, CPU, m) {
@@ -145,6 +157,7 @@ TORCH_LIBRARY_IMPL(smoothce_emu, CPU, m) {
   m.impl("linear_forward", &linear_forward_emu);
   m.impl("shard_stats", &shard_stats_emu);
   m.impl("shard_forward", &shard_forward_emu);
+  m.impl("shard_grad_", &shard_grad_emu_);
 }
 
 void bind_ops(pybind11::module_& m) {
