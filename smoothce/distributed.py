@@ -196,13 +196,15 @@ class _Agreed:
 
 
 def _agree(where, group, local_checks, input, target, weight, ignore_index, reduction, label_smoothing, smoothing,
-           target_values, z_loss, vocab_start, num_classes, mixup, target_b, lam, num_classes_check=None) -> _Agreed:
+           target_values, z_loss, vocab_start, num_classes, mixup, target_b, lam, num_classes_check=None,
+           extra=()) -> _Agreed:
     """The ranks' agreement (one all-gather of _AGREEMENT_LENGTH integers per rank): every rank checks its
     own arguments (local_checks() returns the shard's class count and the positions' shape, or raises),
     then learns the shards' sizes and whether every rank's arguments passed and agree. A rank whose checks
     failed raises its error; the others raise naming it: every rank raises, none waits. `input` is what
     the dtype and device come from (the logits, or the fused linear layer's input).
-    num_classes_check: the total C the shards must add up to (a DTensor's global class count)."""
+    num_classes_check: the total C the shards must add up to (a DTensor's global class count).
+    extra: more (name, int) the ranks must agree on (the fused linear layer's input size H)."""
     if not dist.is_available() or not dist.is_initialized():
         raise RuntimeError(f"{where}: torch.distributed is not initialized (call torch.distributed.init_process_group "
                            f"first; a world of 1 works too)")
@@ -266,6 +268,8 @@ def _agree(where, group, local_checks, input, target, weight, ignore_index, redu
         agreement.add("targets' values", _fingerprint(target) if not soft else 0)
         agreement.add("target_b's values", _fingerprint(target_b) if mixup else 0)
         agreement.add("lam's values", _fingerprint(lam) if isinstance(lam, torch.Tensor) else 0)
+        for name, value in extra:
+            agreement.add(name, value)
     # The same length on every rank (a failed rank sends its first fields and fillers).
     assert len(agreement.values) <= _AGREEMENT_LENGTH
     table = _exchange(agreement.values + [-7] * (_AGREEMENT_LENGTH - len(agreement.values)), group, device)
@@ -503,9 +507,10 @@ class _VocabParallelLinearFunction(torch.autograd.Function):
                 loss = loss / denominator
             loss = loss.to(losses.dtype)
         if fuse and reduction == REDUCTIONS["mean"]:
+            divisor = _gradient_divisor(denominator, target, target_b, ignore_index)
             for g in grads:
                 if g is not None:
-                    g.div_(denominator)  # (in place: the accumulators are this call's own)
+                    g.div_(divisor)  # (in place: the accumulators are this call's own)
         ctx.fused = [g.to(t.dtype) if g is not None else None
                      for g, t in zip(grads, (x, linear_weight, linear_bias, target))] if fuse else None
         ctx.save_for_backward(x, linear_weight, linear_bias, target, weight, target_b, lam, *all_stats)
@@ -556,6 +561,20 @@ def _mean_denominator(all_stats, target, target_b, lam, agreed, ignore_index):
     if target_b is not None:
         total = total + ((1 - share) * (target_b != ignore_index).to(w_a.device) * w_b).sum()
     return total
+
+
+def _gradient_divisor(denominator, target, target_b, ignore_index):
+    """What the chunks' 'sum' gradients are divided by for 'mean': D, as the single-process kernels scale
+    every valid position by 1/D. Where D = 0 they give what those give: all-zero gradients when no position
+    is valid (ignored positions contribute exact zeros), NaN when valid positions weigh 0 (a 1/0 scale);
+    no host synchronisation either way."""
+    if target.is_floating_point():
+        return denominator
+    valid = (target != ignore_index).any()
+    if target_b is not None:
+        valid = valid | (target_b != ignore_index).any()
+    nan_or_one = torch.where(valid, torch.full_like(denominator, math.nan), torch.ones_like(denominator))
+    return torch.where(denominator != 0, denominator, nan_or_one)
 
 
 def _linear_chunks(x, linear_weight, linear_bias, target, weight, agreed, ignore_index, reduction, z_loss, target_b,
@@ -678,8 +697,10 @@ def _vocab_parallel_linear_impl(where, input, linear_weight, target, linear_bias
                 raise TypeError(f"{where}: {name} must be a bool, got {flag!r}")
         return local, positions
 
+    hidden = input.shape[-1] if isinstance(input, torch.Tensor) and input.dim() > 0 else -1
     agreed = _agree(where, group, local_checks, input, target, weight, ignore_index, reduction, label_smoothing,
-                    smoothing, target_values, z_loss, vocab_start, num_classes, mixup, target_b, lam)
+                    smoothing, target_values, z_loss, vocab_start, num_classes, mixup, target_b, lam,
+                    extra=(("the input's size H (its last dimension)", hidden),))
     leading = input.shape[:-1]
     n, local = leading.numel(), linear_weight.shape[0]
     x = input.reshape(n, input.shape[-1])

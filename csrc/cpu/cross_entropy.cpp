@@ -152,7 +152,9 @@ struct Params : PositionLayout, Smoothing<acc_type<scalar_t>> {
   Vectorized<acc_t> soft_q(const Vectorized<acc_t>& prob) const {
     return at::vec::fmadd(prob, Vectorized<acc_t>(acc_t(1) - this->eps), Vectorized<acc_t>(this->eps_over_c));
   }
-  Mass mass() const { return mass_kind(soft_target != nullptr, this->tv.off, weight != nullptr); }
+  bool soft = false;      // probability targets (soft_target may be null: a shard without classes)
+  bool weighted = false;  // class weights given (weight may be null likewise)
+  Mass mass() const { return mass_kind(soft, this->tv.off, weighted); }
 };
 
 // ---------------------------------------------------------------- rows: classes contiguous
@@ -734,6 +736,8 @@ Params<scalar_t> params_of(const Problem& prob, const at::Tensor& weight_acc,
   p.lam = prob.lam.defined() ? prob.lam.const_data_ptr<acc_t>() : nullptr;
   p.lam_value = static_cast<acc_t>(prob.lam_value);
   p.weight = weight_acc.defined() ? weight_acc.const_data_ptr<acc_t>() : nullptr;
+  p.soft = prob.soft_target;
+  p.weighted = weight_acc.defined();
   static_cast<PositionLayout&>(p) = prob.layout();
   static_cast<Smoothing<acc_t>&>(p) = smoothing;
   return p;
