@@ -23,6 +23,11 @@ device mesh of every rank to smoothce.cross_entropy / mixup_cross_entropy / Cros
 loss (a replicated DTensor) and the gradients' full_tensor() with the single-process results;
 "dtensor_error" cases must raise ValueError on every rank (see `Case`).
 
+Fused linear cases ("kind": "linear") call vocab_parallel_linear_cross_entropy (or its mixup form) with this
+rank's rows of the output layer and compare with smoothce.linear_cross_entropy on the whole layer: the loss,
+the rank's rows of the layer's gradients, the input's gradient (summed over the group first when
+reduce_input_grad=False) and a probability target's slice; "linear_error" cases are error cases of it.
+
 --backend emu runs every smoothce call on the CPU emulation of the CUDA kernels (tests/emulator.py, which
 reads SMOOTHCE_EMU_ARITH and SMOOTHCE_EMU_SCHEDULE); cpu (the default) on smoothce's CPU kernels.
 
@@ -61,6 +66,7 @@ TOLERANCE = {torch.float64: (1e-10, 1e-10), torch.float32: (2e-5, 2e-5),
 EXCEPTIONS = {"ValueError": ValueError, "RuntimeError": RuntimeError, "IndexError": IndexError,
               "TypeError": TypeError}
 SHORT_TIMEOUT_S = 15  # the process group of the error cases
+CRASH_TIMEOUT_S = 3  # the process group of the cases known to crash a process (after one died, fail fast)
 HANG_S = 10.0  # an error case that takes longer than this counts as a (timed-out) hang
 
 
@@ -70,7 +76,9 @@ DEFAULTS = dict(kind="compare", shape=[16, 37], dtype="float32", seed=0, reducti
                 explicit=False, vocab_starts=None, num_classes=None, transposed=False, group=None, weight_extra=False,
                 bad_target=None, bad_target_b=None, per_rank={}, raises=["ValueError", "RuntimeError"], match="",
                 check=None, grad=True, placement="shard:class", target_placement=None, target_b_placement=None,
-                weight_placement=None, api="function", dt_error=None)
+                weight_placement=None, api="function", dt_error=None, classes=37, bias=False, chunk_size=None,
+                fp32_grad_weight=True, reduce_input_grad=True, backward_twice=False, requires=None,
+                no_grad=False, bad_hidden=False, crash_group=False, inplace=False)
 
 
 class Case(dict):
@@ -89,6 +97,7 @@ class Case(dict):
     group of every rank; [ranks]: a new group of those ranks, the others skip the case); weight_extra
     [False] (pass one class weight too many: a rank whose own inputs are inconsistent); bad_target [None]
     (a value written at position 0 of the target); bad_target_b [None] (the same for mixup's target_b);
+    inplace [False] (inplace_backward=True on x * 1; with (N, C) logits they must hold the gradient after);
     per_rank [{}] ({"rank": {key: value}} overrides, for error cases; match and raises too); raises [["ValueError",
     "RuntimeError"]]; match [""] (regex, case-insensitive, the error message must contain); check
     [None] | "global_count" | "global_sum" (also show that a known wrong formula gives a clearly
@@ -103,6 +112,23 @@ class Case(dict):
     "module" (smoothce.CrossEntropyLoss(weight, ...)(logits, target)); dt_error [None] | "mesh2d" (logits
     on a 2-D mesh (2, W/2)) | "inplace" (inplace_backward=True) | "other_mesh" (the target a DTensor on
     another 1-D mesh) | "other_mesh_weight" (the weight likewise).
+
+    Fused linear cases (kind "linear": compare; "linear_error": every rank calls, each must raise) go through
+    vocab_parallel_linear_cross_entropy (vocab_parallel_linear_mixup_cross_entropy with mixup) and compare
+    with smoothce.linear_cross_entropy (linear_mixup_cross_entropy) on the full output layer. There shape is
+    the INPUT's shape (..., H), the same on every rank, and classes [37] the vocabulary V; split,
+    explicit, vocab_starts, num_classes, weight (class weights), soft (the rank's slice (..., V_local)),
+    soft_grad, mixup, lam, ignore_*, reduction, the smoothing options and grad as above, and: bias [False]
+    (linear_bias, the rank's slice); chunk_size [None] (passed to both); fp32_grad_weight [True] (both);
+    reduce_input_grad [True] (False: the rank's input gradient is a partial sum; the worker all-reduces it
+    to compare); backward_twice [False] (backward(retain_graph=True) twice: the gradients are 2x);
+    requires [["input", "linear_weight", "linear_bias"]] (which leaves require grad, when grad);
+    no_grad [False] (the call under torch.no_grad(), the leaves requiring grad); bad_hidden [False] (this
+    rank's linear_weight has H + 1 columns: with per_rank, one rank's own input is wrong).
+
+    crash_group [False]: the case is known to crash a process (tests/test_distributed.py sets it and runs such
+    cases last): it runs on a group of every rank whose timeout is CRASH_TIMEOUT_S, so that the ranks left
+    waiting on a dead one give up quickly.
     """
 
     def __getattr__(self, key):
@@ -220,12 +246,18 @@ def run_parallel(api, case, full, start, size, placement, group):
     if weight is not None and case.weight_extra:
         weight = torch.cat([weight, weight[:1]])  # one weight too many on this rank (an error case)
     kw = dict(loss_kwargs(case), group=group, **placement)
+    logits = x
+    if case.inplace:  # inplace_backward: on a layer's output (refused for a leaf), which then holds its gradient
+        logits = x * 1
+        kw["inplace_backward"] = True
     if case.mixup:
-        loss = api.vocab_parallel_mixup_cross_entropy(x, target, full["target_b"], full["lam"], weight, **kw)
+        loss = api.vocab_parallel_mixup_cross_entropy(logits, target, full["target_b"], full["lam"], weight, **kw)
     else:
-        loss = api.vocab_parallel_cross_entropy(x, target, weight, **kw)
+        loss = api.vocab_parallel_cross_entropy(logits, target, weight, **kw)
     if case.grad or case.soft_grad:
         loss.backward(full["upstream"].to(loss.dtype))
+    if case.inplace and case.grad and x.dim() == 2 and not torch.equal(logits.detach(), x.grad):
+        raise AssertionError("inplace_backward: the logits do not hold their gradient after backward")
     return loss.detach(), x.grad, (target.grad if case.soft_grad else None)
 
 
@@ -244,16 +276,16 @@ def run_single(case, full):
     return loss.detach(), x.grad, (target.grad if case.soft_grad else None)
 
 
-def mismatch(actual, expected, dtype, what):
-    """None when actual matches expected to the dtype's tolerance (NaN and inf where expected has them),
-    else a description of the worst difference."""
+def mismatch(actual, expected, dtype, what, tolerance=None):
+    """None when actual matches expected to the dtype's tolerance (TOLERANCE, or the given {dtype: (rtol,
+    atol)}; NaN and inf where expected has them), else a description of the worst difference."""
     if actual is None:
         return f"{what}: missing (None)"
     if tuple(actual.shape) != tuple(expected.shape):
         return f"{what}: shape {tuple(actual.shape)}, expected {tuple(expected.shape)}"
     if actual.dtype != expected.dtype:
         return f"{what}: dtype {actual.dtype}, expected {expected.dtype}"
-    rtol, atol = TOLERANCE[dtype]
+    rtol, atol = (tolerance or TOLERANCE)[dtype]
     a = actual.detach().double().reshape(-1)
     e = expected.detach().double().reshape(-1)
     nan = a.isnan() != e.isnan()
@@ -379,7 +411,12 @@ def run_error(api, case, rank, world, group, rank_in_group):
         run_parallel(api, mine, full, start, size, placement, group)
     except Exception as exc:  # noqa: BLE001
         raised = exc
-    seconds = time.perf_counter() - t0
+    return error_result(mine, raised, time.perf_counter() - t0, group, rank_in_group, world)
+
+
+def error_result(mine, raised, seconds, group, rank_in_group, world):
+    """The verdict of an error case on one rank: raised as expected (type, message), quickly, and the group
+    still works afterwards."""
     problems = []
     if raised is None:
         problems.append("did not raise")
@@ -580,11 +617,186 @@ def run_dtensor_error(case, rank, world, meshes):
     return result
 
 
+# ------------------------------------------------------------------------------------------- fused linear
+
+# bfloat16: both results come from bf16 GEMMs (logits rounded to bf16), chunked differently; compared
+# loosely against the single-process bf16 result.
+LINEAR_TOLERANCE = {**TOLERANCE, torch.bfloat16: (3e-2, 3e-2)}
+LINEAR_LEAVES = ("input", "linear_weight", "linear_bias")
+
+
+def build_linear_full(case):
+    """The full inputs of a fused linear case, from its seed alone (identical on every rank): x (..., H), the
+    whole output layer W (V, H) and bias (V,), the targets, class weights (V,) and the upstream gradient."""
+    shape = tuple(case.shape)
+    dtype = DTYPES[case.dtype]
+    H, V, pos = shape[-1], int(case.classes), shape[:-1]
+    g = torch.Generator().manual_seed(int(case.seed))
+    full = {"C": V, "shape": shape, "dtype": dtype, "positions": pos}
+    # The targets and the upstream gradient first (the layer after them): a rank whose H differs draws the same.
+
+    def index_target():
+        t = torch.randint(0, V, pos, generator=g, dtype=torch.int64)
+        if case.ignore_frac:
+            mask = torch.rand(pos, generator=g, dtype=torch.float64) < case.ignore_frac
+            if case.ignore_frac >= 1:
+                mask = torch.ones(pos, dtype=torch.bool)
+            t = torch.where(mask, torch.full_like(t, case.ignore_index), t)
+        return t
+
+    if case.soft:
+        scores = torch.randn(pos + (V,), generator=g, dtype=torch.float64) * 2
+        full["target"] = torch.softmax(scores, dim=-1).to(dtype)
+    else:
+        full["target"] = index_target()
+    if case.mixup:
+        full["target_b"] = index_target()
+        if case.mixup == "tensor":
+            full["lam"] = torch.rand(pos, generator=g, dtype=torch.float64).to(
+                torch.float32 if dtype != torch.float64 else torch.float64)
+        else:
+            full["lam"] = float(case.lam)
+    full["weight"] = ((torch.rand(V, generator=g, dtype=torch.float64) * 2 + 0.1).to(dtype)
+                      if case.weight else None)
+    if case.reduction == "none":
+        full["upstream"] = torch.randn(pos, generator=g, dtype=torch.float64)
+    else:
+        full["upstream"] = torch.rand((), generator=g, dtype=torch.float64) + 0.5
+    full["x"] = torch.randn(shape, generator=g, dtype=torch.float64).to(dtype)
+    full["W"] = (torch.randn((V, H), generator=g, dtype=torch.float64) * (3.0 / math.sqrt(H))).to(dtype)  # logits ~3
+    full["bias"] = (torch.randn(V, generator=g, dtype=torch.float64) * 0.5).to(dtype) if case.bias else None
+    return full
+
+
+def linear_kwargs(case):
+    kw = dict(loss_kwargs(case), chunk_size=case.chunk_size, fp32_grad_weight=bool(case.fp32_grad_weight))
+    return kw
+
+
+def linear_backward(case, loss, upstream):
+    """backward with the case's upstream gradient; twice (retain_graph) with backward_twice."""
+    upstream = upstream.to(loss.dtype)
+    loss.backward(upstream, retain_graph=bool(case.backward_twice))
+    if case.backward_twice:
+        loss.backward(upstream)
+
+
+def run_linear_parallel(api, case, full, start, size, placement, group):
+    """The fused vocab-parallel loss + backward on this rank's rows of the output layer: (loss, {leaf name:
+    (leaf, grad)}); the input's gradient summed over the group when reduce_input_grad is False."""
+    requires = set(case.requires if case.requires is not None else LINEAR_LEAVES) if case.grad else set()
+    x = full["x"].detach().clone().requires_grad_("input" in requires)
+    lw = shard(full["W"], 0, start, size)
+    if case.bad_hidden:
+        lw = torch.cat([lw, torch.zeros((size, 1), dtype=lw.dtype)], dim=1)  # H + 1 columns on this rank
+    lw.requires_grad_("linear_weight" in requires)
+    lb = shard(full["bias"], 0, start, size).requires_grad_("linear_bias" in requires) \
+        if full["bias"] is not None else None
+    target = full["target"]
+    if case.soft:
+        target = shard(target, target.dim() - 1, start, size).requires_grad_(bool(case.soft_grad))
+    weight = full["weight"][start:start + size].clone() if full["weight"] is not None else None
+    kw = dict(linear_kwargs(case), linear_bias=lb, weight=weight, group=group,
+              reduce_input_grad=bool(case.reduce_input_grad), **placement)
+    with torch.no_grad() if case.no_grad else torch.enable_grad():
+        if case.mixup:
+            loss = api.vocab_parallel_linear_mixup_cross_entropy(x, lw, target, full["target_b"], full["lam"], **kw)
+        else:
+            loss = api.vocab_parallel_linear_cross_entropy(x, lw, target, **kw)
+    if loss.requires_grad:
+        linear_backward(case, loss, full["upstream"])
+    leaves = {"input": (x, x.grad), "linear_weight": (lw, lw.grad), "linear_bias": (lb, lb.grad if lb is not None
+                                                                                    else None),
+              "target": (target, target.grad if case.soft else None)}
+    if not case.reduce_input_grad and x.grad is not None:
+        summed = x.grad.detach().to(torch.float64)  # (the sum in float64: only the ranks' partial sums differ)
+        dist.all_reduce(summed, group=group)
+        leaves["input (summed over the ranks)"] = (x, summed.to(x.grad.dtype))
+    return loss, leaves
+
+
+def run_linear_single(case, full):
+    """smoothce's single-process fused loss + backward on the whole output layer: (loss, {name: grad})."""
+    x = full["x"].detach().clone().requires_grad_(True)
+    W = full["W"].detach().clone().requires_grad_(True)
+    b = full["bias"].detach().clone().requires_grad_(True) if full["bias"] is not None else None
+    target = full["target"]
+    if case.soft_grad:
+        target = target.detach().clone().requires_grad_(True)
+    kw = dict(linear_kwargs(case), linear_bias=b, weight=full["weight"])
+    if case.mixup:
+        loss = smoothce.linear_mixup_cross_entropy(x, W, target, full["target_b"], full["lam"], **kw)
+    else:
+        loss = smoothce.linear_cross_entropy(x, W, target, **kw)
+    loss.backward(full["upstream"].to(loss.dtype))
+    return loss.detach(), {"input": x.grad, "linear_weight": W.grad, "linear_bias": b.grad if b is not None else None,
+                           "target": target.grad if case.soft_grad else None}
+
+
+def run_linear(api, case, rank, world, group):
+    full = build_linear_full(case)
+    start, size, placement = layout(case, full["C"], world, rank)
+    dtype = full["dtype"]
+    loss, leaves = run_linear_parallel(api, case, full, start, size, placement, group)
+    ref_loss, ref = run_linear_single(case, full)
+    times = 2 if case.backward_twice else 1
+    problems = [mismatch(loss.detach(), ref_loss, dtype, "loss", LINEAR_TOLERANCE)]
+    if case.no_grad and loss.requires_grad:
+        problems.append("the loss requires grad under torch.no_grad()")
+    # The expected gradient of each leaf: the whole one (input), this rank's rows (the output layer), its
+    # slice of the classes (a probability target).
+    expected = {"input": ref["input"],
+                "linear_weight": ref["linear_weight"].narrow(0, start, size),
+                "linear_bias": ref["linear_bias"].narrow(0, start, size) if ref["linear_bias"] is not None else None,
+                "target": ref["target"].narrow(-1, start, size) if ref["target"] is not None else None}
+    partial = not case.reduce_input_grad and world > 1
+    for name, (leaf, grad) in leaves.items():
+        if leaf is None:
+            continue
+        wanted = bool(case.soft_grad) if name == "target" else leaf.requires_grad and not case.no_grad
+        what = f"{name} grad" + (" (2 backwards)" if times > 1 else "")
+        if not wanted:
+            if grad is not None:
+                problems.append(f"{what}: it does not require grad (or under no_grad), yet it received one")
+        elif grad is None:
+            problems.append(f"{what}: None (it requires grad)")
+        elif name == "input" and partial:
+            # This rank's partial sum: checked for its shape and dtype here, summed over the ranks below.
+            if grad.dtype != leaf.dtype or tuple(grad.shape) != tuple(leaf.shape):
+                problems.append(f"{what} (this rank's partial sum): {grad.dtype} {tuple(grad.shape)}, expected "
+                                f"{leaf.dtype} {tuple(leaf.shape)}")
+        else:
+            exp = expected["input" if name.startswith("input") else name]
+            problems.append(mismatch(grad, exp * times, dtype, what, LINEAR_TOLERANCE))
+    problems = [p for p in problems if p]
+    result = {"loss": hexes(loss), "shard": [start, size], "ok": not problems}
+    result["detail" if not problems else "error"] = "; ".join(problems) if problems else "matches"
+    return result
+
+
+def run_linear_error(api, case, rank, world, group, rank_in_group):
+    """Every rank calls the fused loss (with its per-rank overrides); each must raise as expected, quickly,
+    and the group must still work afterwards."""
+    overrides = case.per_rank.get(str(rank), {})
+    mine = Case(case, **overrides)
+    full = build_linear_full(mine)
+    start, size, placement = layout(mine, full["C"], world, rank_in_group)
+    t0 = time.perf_counter()
+    raised = None
+    try:
+        run_linear_parallel(api, mine, full, start, size, placement, group)
+    except Exception as exc:  # noqa: BLE001
+        raised = exc
+    return error_result(mine, raised, time.perf_counter() - t0, group, rank_in_group, world)
+
+
 def make_groups(cases, world):
     """Every process group the cases use, created in the same order on every rank (new_group is collective)."""
     groups = {"default": None}
     groups["all"] = dist.new_group(list(range(world)))
     groups["short"] = dist.new_group(list(range(world)), timeout=datetime.timedelta(seconds=SHORT_TIMEOUT_S))
+    if any(Case(case).crash_group for case in cases):
+        groups["crash"] = dist.new_group(list(range(world)), timeout=datetime.timedelta(seconds=CRASH_TIMEOUT_S))
     for case in cases:
         spec = Case(case).group
         if isinstance(spec, list) and repr(spec) not in groups:
@@ -595,12 +807,14 @@ def make_groups(cases, world):
 def case_group(case, groups, rank, world):
     """(group, rank in it, its size), or None when this rank is not a member."""
     spec = case.group
+    if case.crash_group:  # (a case known to crash a process: a group of every rank with a short timeout)
+        return groups["crash"], rank, world
     if isinstance(spec, list):
         members = sorted(spec)
         if rank not in members:
             return None
         return groups[repr(spec)], members.index(rank), len(members)
-    if case.kind in ("error", "bad") or spec == "short":
+    if case.kind in ("error", "bad", "linear_error") or spec == "short":
         return groups["short"], rank, world
     if spec == "all":
         return groups["all"], rank, world
@@ -681,6 +895,10 @@ def main():
                         result = run_dtensor(case, rank, world, meshes)
                     elif case.kind == "dtensor_error":
                         result = run_dtensor_error(case, rank, world, meshes)
+                    elif case.kind == "linear":
+                        result = run_linear(api, case, where[1], where[2], where[0])
+                    elif case.kind == "linear_error":
+                        result = run_linear_error(api, case, rank, where[2], where[0], where[1])
                     else:
                         result = run_error(api, case, rank, where[2], where[0], where[1])
             except Exception as exc:  # noqa: BLE001
@@ -720,11 +938,10 @@ class _GatherClasses(torch.autograd.Function):
 
 
 def _standin(mixup, input, target, target_b, lam, weight, ignore_index, reduction, label_smoothing, group,
-             vocab_start, num_classes, smoothing, target_values, z_loss):
+             vocab_start, num_classes, smoothing, target_values, z_loss, local_error=None):
     world, rank = dist.get_world_size(group), dist.get_rank(group)
     cdim = 0 if input.dim() == 1 else 1
     local = input.shape[cdim] if input.dim() else 0
-    local_error = None
     if weight is not None and tuple(weight.shape) != (local,):
         local_error = f"weight has shape {tuple(weight.shape)}, expected ({local},) (this rank's classes)"
     if (vocab_start is None) != (num_classes is None):
@@ -738,9 +955,11 @@ def _standin(mixup, input, target, target_b, lam, weight, ignore_index, reductio
             "num_classes": num_classes, "explicit vocab_start": vocab_start is not None}
     metas = [None] * world
     dist.all_gather_object(metas, (meta, local, vocab_start, local_error), group=group)
-    for r, (_, _, _, err) in enumerate(metas):
-        if err:
-            raise ValueError(f"vocab_parallel (stand-in): rank {r}: {err}")
+    if local_error:  # this rank's own error; the others name the rank(s) that failed
+        raise ValueError(f"vocab_parallel (stand-in): rank {rank}: {local_error}")
+    failed = [r for r, m in enumerate(metas) if m[3]]
+    if failed:
+        raise RuntimeError(f"vocab_parallel (stand-in): rank(s) {failed} failed: {metas[failed[0]][3]}")
     for key in meta:
         values = [m[0][key] for m in metas]
         if any(v != values[0] for v in values):
@@ -752,7 +971,7 @@ def _standin(mixup, input, target, target_b, lam, weight, ignore_index, reductio
     else:
         starts = [m[2] for m in metas]
         C = num_classes
-        spans = sorted(zip(starts, sizes))
+        spans = sorted((s, n) for s, n in zip(starts, sizes) if n)  # (an empty shard may start anywhere)
         edge = 0
         for s, n in spans:
             if s != edge:
@@ -788,6 +1007,61 @@ class StandIn:
                                            num_classes=None, smoothing="uniform", target_values=None, z_loss=0.0):
         return _standin(True, input, target_a, target_b, lam, weight, ignore_index, reduction, label_smoothing,
                         group, vocab_start, num_classes, smoothing, target_values, z_loss)
+
+    @staticmethod
+    def vocab_parallel_linear_cross_entropy(input, linear_weight, target, **kw):
+        return _standin_linear(False, input, linear_weight, target, None, None, **kw)
+
+    @staticmethod
+    def vocab_parallel_linear_mixup_cross_entropy(input, linear_weight, target_a, target_b, lam, **kw):
+        return _standin_linear(True, input, linear_weight, target_a, target_b, lam, **kw)
+
+
+class _CopyToRegion(torch.autograd.Function):
+    """Identity forward; all-reduces the gradient (Megatron's copy_to_tensor_model_parallel_region)."""
+
+    @staticmethod
+    def forward(ctx, x, group):
+        ctx.group = group
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx, grad):
+        grad = grad.contiguous().clone()
+        dist.all_reduce(grad, group=ctx.group)
+        return grad, None
+
+
+def _standin_linear(mixup, input, linear_weight, target, target_b, lam, *, linear_bias=None, weight=None,
+                    reduction="mean", ignore_index=-100, label_smoothing=0.0, group=None, vocab_start=None,
+                    num_classes=None, smoothing="uniform", target_values=None, z_loss=0.0, chunk_size=None,
+                    fp32_grad_weight=True, reduce_input_grad=True):
+    """The fused form: this rank's logits x·W_rᵀ (+ b_r) as (positions, V_local), then the stand-in above;
+    the input's gradient all-reduced over the group when reduce_input_grad (else each rank's partial sum)."""
+    leading, H = tuple(input.shape[:-1]), input.shape[-1]
+    local = linear_weight.shape[0]
+    error = None
+    if linear_weight.dim() != 2 or linear_weight.shape[1] != H:
+        error = f"linear_weight has shape {tuple(linear_weight.shape)}, expected (V_local, {H})"
+    x = _CopyToRegion.apply(input, group) if reduce_input_grad else input
+    n = math.prod(leading)
+    if error is None:
+        logits = torch.nn.functional.linear(x.reshape(n, H), linear_weight, linear_bias)
+    else:
+        logits = input.new_zeros((n, local))
+    if n == 0 or len(leading) == 0:
+        raise NotImplementedError("stand-in: (H,) or empty inputs")
+    t = target.reshape(n, local) if target.is_floating_point() else target.reshape(n)
+    t_b = target_b.reshape(n) if target_b is not None else None
+    lam = lam.reshape(n) if isinstance(lam, torch.Tensor) else lam
+    loss = _standin(mixup, logits, t, t_b, lam, weight, ignore_index, reduction, label_smoothing, group, vocab_start,
+                    num_classes, smoothing, target_values, z_loss, local_error=error)
+    # (the positions' shape is compared as (n,): also compare the input's own shape, H included)
+    shapes = [None] * dist.get_world_size(group)
+    dist.all_gather_object(shapes, tuple(input.shape), group=group)
+    if any(s != shapes[0] for s in shapes):
+        raise ValueError(f"vocab_parallel (stand-in): the ranks disagree on the input's shape: {shapes}")
+    return loss.reshape(leading) if reduction == "none" else loss
 
 
 if __name__ == "__main__":
