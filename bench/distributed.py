@@ -39,7 +39,8 @@ import torch
 import torch.nn.functional as F
 
 from bench import report
-from bench.harness import DTYPES, IGNORED_FRACTION, LABEL_SMOOTHING, ROOT, cpu_peak_extra_bytes, machine_metadata
+from bench.harness import (DTYPES, IGNORED_FRACTION, LABEL_SMOOTHING, ROOT, cpu_peak_extra_bytes, device_name,
+                           load_average, machine_metadata)
 
 WORLD = 2
 IGNORE_INDEX = -100
@@ -231,7 +232,7 @@ def measure(quick: bool, runs: Optional[int] = None, dtypes: Optional[list[str]]
     """Runs the two ranks and returns the table's data (rows merged over the ranks)."""
     shapes = [s for s in (QUICK_SHAPES if quick else SHAPES) if dtypes is None or s[2] in dtypes]
     runs = runs or (QUICK_RUNS if quick else RUNS)
-    started = time.perf_counter()
+    started, load_before = time.perf_counter(), load_average()
     scratch = ROOT / "build" / "bench-distributed"
     scratch.mkdir(parents=True, exist_ok=True)
     raw_path = scratch / "ranks.json"
@@ -265,9 +266,9 @@ def measure(quick: bool, runs: Optional[int] = None, dtypes: Optional[list[str]]
                                         if r["memory_bytes"][name] is not None), default=None)
                              for name in first["memory_bytes"]}
         rows.append(row)
-    meta = machine_metadata("cpu", "cpu")
+    meta = machine_metadata("cpu", device_name("cpu"))
     meta.update(world_size=WORLD, backend="gloo", threads_per_rank=1, runs=runs, quick=quick,
-                elapsed_s=round(time.perf_counter() - started, 1))
+                load_average_before=load_before, elapsed_s=round(time.perf_counter() - started, 1))
     return {"meta": meta, "rows": rows}
 
 
@@ -285,10 +286,15 @@ def summary_lines(data: dict) -> list[str]:
     return lines
 
 
+def _fmt_load(value) -> str:
+    return "unknown" if value is None else f"{value:.2f}"
+
+
 def markdown(data: dict) -> str:
     meta = data["meta"]
     lines = ["# Vocabulary-parallel cross-entropy: 2 ranks (gloo, CPU)", "",
-             f"{meta['device_name']}, torch {meta['torch_version']}, {meta['date']}; {meta['world_size']} processes "
+             f"{meta['device_name']} ({meta['cpu_capability']}), torch {meta['torch_version']}, {meta['date']} "
+             f"(load average {_fmt_load(meta.get('load_average_before'))} before); {meta['world_size']} processes "
              f"on 127.0.0.1, one thread each; {meta['runs']} timed rounds after one warm-up round, round-robin, a "
              f"barrier before every call; time = the slowest rank's, median (quartiles); peak = the most one rank "
              f"allocated during a call. Classes split in half; ~{IGNORED_FRACTION:.0%} of the targets ignored.",
