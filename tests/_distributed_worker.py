@@ -399,16 +399,18 @@ def group_sum_check(group, rank_in_group, size):
     return None
 
 
-def run_error(api, case, rank, world, group, rank_in_group):
-    """Every rank calls the function (with its per-rank overrides); each must raise as expected."""
+def run_error(api, case, rank, world, group, rank_in_group, build=None, run=None):
+    """Every rank calls the function (with its per-rank overrides); each must raise as expected, quickly,
+    and the group must still work afterwards. build/run: the inputs' builder and the call (default: the
+    logits form; run_linear_error passes the fused linear form's)."""
     overrides = case.per_rank.get(str(rank), {})
     mine = Case(case, **overrides)
-    full = build_full(mine)
+    full = (build or build_full)(mine)
     start, size, placement = layout(mine, full["C"], world, rank_in_group)
     t0 = time.perf_counter()
     raised = None
     try:
-        run_parallel(api, mine, full, start, size, placement, group)
+        (run or run_parallel)(api, mine, full, start, size, placement, group)
     except Exception as exc:  # noqa: BLE001
         raised = exc
     return error_result(mine, raised, time.perf_counter() - t0, group, rank_in_group, world)
@@ -775,19 +777,8 @@ def run_linear(api, case, rank, world, group):
 
 
 def run_linear_error(api, case, rank, world, group, rank_in_group):
-    """Every rank calls the fused loss (with its per-rank overrides); each must raise as expected, quickly,
-    and the group must still work afterwards."""
-    overrides = case.per_rank.get(str(rank), {})
-    mine = Case(case, **overrides)
-    full = build_linear_full(mine)
-    start, size, placement = layout(mine, full["C"], world, rank_in_group)
-    t0 = time.perf_counter()
-    raised = None
-    try:
-        run_linear_parallel(api, mine, full, start, size, placement, group)
-    except Exception as exc:  # noqa: BLE001
-        raised = exc
-    return error_result(mine, raised, time.perf_counter() - t0, group, rank_in_group, world)
+    """run_error for the fused linear form."""
+    return run_error(api, case, rank, world, group, rank_in_group, build=build_linear_full, run=run_linear_parallel)
 
 
 def make_groups(cases, world):

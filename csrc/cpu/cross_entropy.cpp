@@ -889,12 +889,17 @@ void check_shard_targets(const Params<scalar_t>& p, const Shard& shard) {
   }
 }
 
+// Positions per parallel task of the shard kernels: about 32K logits.
+template <typename scalar_t>
+int64_t shard_grain(const Params<scalar_t>& p) {
+  return std::max<int64_t>(1, 32768 / std::max<int64_t>(p.classes, 1));
+}
+
 template <typename scalar_t, Mass kMass>
 void shard_stats_kernel(const Params<scalar_t>& p, const Shard& shard, acc_type<scalar_t>* stats) {
   using acc_t = acc_type<scalar_t>;
   constexpr bool kSoft = kMass == Mass::kSoft;
-  at::parallel_for(0, p.outer, std::max<int64_t>(1, 32768 / std::max<int64_t>(p.classes, 1)),
-                   [&](int64_t begin, int64_t end) {
+  at::parallel_for(0, p.outer, shard_grain(p), [&](int64_t begin, int64_t end) {
     for (int64_t pos = begin; pos < end; ++pos) {
       const scalar_t* x = p.input + pos * p.stride_outer;
       ShardStats<acc_t> s{RowState<acc_t>::empty(), {acc_t(0), acc_t(0), acc_t(0), acc_t(0)}};
@@ -967,8 +972,7 @@ void shard_forward_kernel(const Params<scalar_t>& p, const Shard& shard, const a
                           int64_t ranks, int64_t rank_stride) {
   using acc_t = acc_type<scalar_t>;
   constexpr bool kSoft = kMass == Mass::kSoft;
-  at::parallel_for(0, p.outer, std::max<int64_t>(1, 32768 / std::max<int64_t>(p.classes, 1)),
-                   [&](int64_t begin, int64_t end) {
+  at::parallel_for(0, p.outer, shard_grain(p), [&](int64_t begin, int64_t end) {
     for (int64_t pos = begin; pos < end; ++pos) {
       const scalar_t* x = p.input + pos * p.stride_outer;
       const scalar_t* prob = kSoft ? p.soft_target + pos * p.stride_outer : nullptr;
