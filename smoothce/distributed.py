@@ -151,9 +151,9 @@ class _VocabParallelFunction(torch.autograd.Function):
                 torch.autograd.graph.increment_version(input)
                 grad_input = input
             else:
-                _, _, grad_input = _function._ops.shard_forward(input, target, weight, all_stats, vocab_start, num_classes,
-                                                      ignore_index, reduction, label_smoothing, True, float32_loss,
-                                                      grad_loss, **ctx.ext)
+                _, _, grad_input = _function._ops.shard_forward(input, target, weight, all_stats, vocab_start,
+                                                                num_classes, ignore_index, reduction, label_smoothing,
+                                                                True, float32_loss, grad_loss, **ctx.ext)
         return (grad_input, grad_target) + (None,) * (_APPLY_ARGS - 2)
 
 
@@ -426,6 +426,13 @@ def vocab_parallel_mixup_cross_entropy(
 
 
 # ---------------------------------------------------------------- DTensor
+def _chunk_of(value: torch.Tensor, dim: int, pieces: int, index: int) -> torch.Tensor:
+    """Piece `index` of `value` cut in `pieces` along dim as DTensor's Shard(dim) cuts it: torch.chunk's
+    pieces, and empty ones after them when chunk gives fewer."""
+    chunks = value.chunk(pieces, dim=dim)
+    return chunks[index] if index < len(chunks) else value.narrow(dim, value.shape[dim], 0)
+
+
 def dtensor_cross_entropy(where, input, target, weight, ignore_index, reduction, label_smoothing, smoothing,
                           target_values, z_loss, inplace_backward, mixup=False, target_b=None, lam=None):
     """smoothce.cross_entropy (or the mixup form) of DTensor logits on a 1-D device mesh: the logits are
@@ -446,6 +453,12 @@ def dtensor_cross_entropy(where, input, target, weight, ignore_index, reduction,
     if input.dim() == 0:
         raise ValueError(f"{where}: input must have at least 1 dimension, got a 0-d DTensor")
     class_dim = 0 if input.dim() == 1 else 1
+    members = mesh.mesh.flatten().tolist()
+    if members != sorted(members):  # (the same on every rank: all raise)
+        raise ValueError(f"{where}: a device mesh that lists its ranks out of order ({members}) is not supported: "
+                         f"its process group ranks them in order, and DTensor places a Shard's data and sizes by "
+                         f"different ones of the two")
+    coordinate = mesh.get_coordinate()[0]  # (its rank in the mesh's group, then)
 
     def local(value, placement, name):
         """This rank's part of `value` in `placement`: a DTensor redistributed there (on the logits' mesh), a plain
@@ -456,21 +469,20 @@ def dtensor_cross_entropy(where, input, target, weight, ignore_index, reduction,
             if value.device_mesh != mesh:
                 raise ValueError(f"{where}: {name} is a DTensor on another device mesh than the logits")
             return value.redistribute(mesh, [placement]).to_local()
-        if isinstance(placement, Shard):  # (torch.chunk's pieces, as DTensor's Shard cuts)
-            pieces = value.chunk(mesh.size(), dim=placement.dim)
-            return pieces[mesh.get_local_rank()] if len(pieces) == mesh.size() else None
+        if isinstance(placement, Shard):
+            return _chunk_of(value, placement.dim, mesh.size(), coordinate)
         return value
 
     logits = input.redistribute(mesh, [Shard(class_dim)]).to_local()
     soft = isinstance(target, torch.Tensor) and target.is_floating_point()
     target_local = local(target, Shard(class_dim) if soft else Replicate(), "target")
     weight_local = local(weight, Shard(0), "weight")
-    if (soft and target_local is None) or (weight is not None and weight_local is None):
-        raise ValueError(f"{where}: the plain-tensor {'target' if soft else 'weight'} does not split into the mesh's "
-                         f"{mesh.size()} shards like the logits; pass it as a DTensor")
+    # Where this rank's classes start: DTensor's Shard cuts as torch.chunk does, in mesh order, so the
+    # start is passed rather than left to the group's rank order.
     num_classes = input.shape[class_dim]
+    start = min(coordinate * -(-num_classes // mesh.size()), num_classes)
     loss = _vocab_parallel_impl(where, logits, target_local, weight_local, ignore_index, reduction, label_smoothing,
-                                mesh.get_group(), None, None, smoothing, target_values, z_loss, mixup=mixup,
+                                mesh.get_group(), start, num_classes, smoothing, target_values, z_loss, mixup=mixup,
                                 target_b=local(target_b, Replicate(), "target_b"), lam=local(lam, Replicate(), "lam"),
                                 num_classes_check=num_classes)
     return DTensor.from_local(loss, mesh, [Replicate()], run_check=False)
