@@ -29,6 +29,7 @@ import statistics
 import subprocess
 import sys
 import time
+import traceback
 from pathlib import Path
 from typing import Optional
 
@@ -342,8 +343,19 @@ def main(argv: Optional[list[str]] = None) -> int:
     parser.add_argument("--raw", type=Path, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.rank is not None:  # one of the ranks
-        _rank_main(args.rank, args.port, [tuple(s) for s in json.loads(args.shapes_json)], args.runs, args.raw)
-        return 0
+        # Its results are in args.raw (written and closed) once _rank_main returns. The process then ends
+        # with os._exit: under load, some runs aborted in the interpreter's teardown after all their work
+        # ("terminate called without an active exception": a thread of the profiler or of gloo still
+        # alive at exit), which would fail a benchmark whose numbers were all written.
+        status = 0
+        try:
+            _rank_main(args.rank, args.port, [tuple(s) for s in json.loads(args.shapes_json)], args.runs, args.raw)
+        except BaseException:  # noqa: BLE001  (reported, then the same quick exit with status 1)
+            traceback.print_exc()
+            status = 1
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(status)
     out = args.out or ROOT / "bench" / "results" / ("scratch" if args.quick else "")
     out.mkdir(parents=True, exist_ok=True)
     data = run(out, args.quick, args.runs)
