@@ -253,9 +253,16 @@ def measure(quick: bool, runs: Optional[int] = None, dtypes: Optional[list[str]]
             if p.poll() is None:
                 p.kill()
             p.wait()
-    if any(p.returncode != 0 for p in procs) or not raw_path.exists():
-        raise RuntimeError(f"the distributed benchmark's ranks failed (exit codes {[p.returncode for p in procs]})")
-    ranks = json.loads(raw_path.read_text())
+    codes = [p.returncode for p in procs]
+    # Rank 0 writes every rank's results after they all finished measuring (all_gather_object), so a
+    # complete file stands even if a rank died in its exit afterwards; it is reported with the results.
+    try:
+        ranks = json.loads(raw_path.read_text())
+    except (OSError, ValueError):
+        raise RuntimeError(f"the distributed benchmark's ranks failed (exit codes {codes})") from None
+    if len(ranks) != WORLD:
+        raise RuntimeError(f"the distributed benchmark's ranks failed (exit codes {codes}): results of {len(ranks)} "
+                           f"ranks")
     rows = []
     for per_rank in zip(*ranks):
         first = per_rank[0]
@@ -269,12 +276,14 @@ def measure(quick: bool, runs: Optional[int] = None, dtypes: Optional[list[str]]
         rows.append(row)
     meta = machine_metadata("cpu", device_name("cpu"))
     meta.update(world_size=WORLD, backend="gloo", threads_per_rank=1, runs=runs, quick=quick,
-                load_average_before=load_before, elapsed_s=round(time.perf_counter() - started, 1))
+                load_average_before=load_before, elapsed_s=round(time.perf_counter() - started, 1),
+                rank_exit_codes=codes)
     return {"meta": meta, "rows": rows}
 
 
 def summary_lines(data: dict) -> list[str]:
-    lines = []
+    codes = data["meta"].get("rank_exit_codes") or []
+    lines = [f"note: a rank exited with status {codes} after its results were written"] if any(codes) else []
     for row in data["rows"]:
         medians = {name: statistics.median(times) for name, times in row["times_ms"].items() if times}
         mine = medians.get("smoothce_vp")
