@@ -153,6 +153,18 @@ def positions_of(shape):
     return shape[1:] if len(shape) == 1 else shape[:1] + shape[2:]
 
 
+def draw_index_target(case, classes, positions, g):
+    """Class indices in [0, classes) of the positions' shape from generator g, the case's ignore_frac of
+    them (all when it is 1) set to its ignore_index."""
+    t = torch.randint(0, classes, positions, generator=g, dtype=torch.int64)
+    if case.ignore_frac:
+        mask = torch.rand(positions, generator=g, dtype=torch.float64) < case.ignore_frac
+        if case.ignore_frac >= 1:
+            mask = torch.ones(positions, dtype=torch.bool)
+        t = torch.where(mask, torch.full_like(t, case.ignore_index), t)
+    return t
+
+
 def build_full(case):
     """The full inputs of a case, from its seed alone (identical on every rank)."""
     shape = tuple(case.shape)
@@ -166,13 +178,7 @@ def build_full(case):
     assert tdtype != torch.uint8 or not case.ignore_frac or 0 <= case.ignore_index < 256, "uint8 ignore_index"
 
     def index_target():
-        t = torch.randint(0, C, pos, generator=g, dtype=torch.int64)
-        if case.ignore_frac:
-            mask = torch.rand(pos, generator=g, dtype=torch.float64) < case.ignore_frac
-            if case.ignore_frac >= 1:
-                mask = torch.ones(pos, dtype=torch.bool)
-            t = torch.where(mask, torch.full_like(t, case.ignore_index), t)
-        return t
+        return draw_index_target(case, C, pos, g)
 
     if case.soft:
         scores = torch.randn(shape, generator=g, dtype=torch.float64) * 2
@@ -638,13 +644,7 @@ def build_linear_full(case):
     # The targets and the upstream gradient first (the layer after them): a rank whose H differs draws the same.
 
     def index_target():
-        t = torch.randint(0, V, pos, generator=g, dtype=torch.int64)
-        if case.ignore_frac:
-            mask = torch.rand(pos, generator=g, dtype=torch.float64) < case.ignore_frac
-            if case.ignore_frac >= 1:
-                mask = torch.ones(pos, dtype=torch.bool)
-            t = torch.where(mask, torch.full_like(t, case.ignore_index), t)
-        return t
+        return draw_index_target(case, V, pos, g)
 
     if case.soft:
         scores = torch.randn(pos + (V,), generator=g, dtype=torch.float64) * 2
