@@ -443,7 +443,7 @@ inline void tile_lane_results(const Params<scalar_t>& p, const scalar_t* x, int6
 // In: the lanes' max (the origin: 0 where all logits are −inf), Σexp, rest, mass_dx and log Σexp.
 // Out: lse and loss stored for the count lanes (0 in invalid lanes), lanes.coef and lanes.off, and in
 // target_grad the gradient element at each valid lane's target (with want_grad).
-template <typename scalar_t, Mass kMass, typename acc_t, int64_t V>
+template <typename scalar_t, typename acc_t, int64_t V>
 inline void tile_index_results(const Params<scalar_t>& p, const scalar_t* x, int64_t sc, int64_t pos0, int64_t count,
                                const bool* valid, const PositionTargets<acc_t>* targets, const Vectorized<acc_t>& vmax,
                                const Vectorized<acc_t>& vsum, const Vectorized<acc_t>& vrest,
@@ -564,8 +564,8 @@ void tile_kernel(const Params<scalar_t>& p, const scalar_t* x, const scalar_t* p
   if constexpr (kSoft) {
     tile_lane_results<scalar_t, kMass>(p, x, sc, pos0, valid, targets, lanes);
   } else if (vector_results) {
-    tile_index_results<scalar_t, kMass>(p, x, sc, pos0, count, valid, targets, vorigin, vsum, vrest, vmass_dx,
-                                        Vec::loadu(lanes.log_sum), vinvalid, g != nullptr, lanes, target_grad);
+    tile_index_results<scalar_t>(p, x, sc, pos0, count, valid, targets, vorigin, vsum, vrest, vmass_dx,
+                                 Vec::loadu(lanes.log_sum), vinvalid, g != nullptr, lanes, target_grad);
   } else {
     tile_lane_results<scalar_t, kMass>(p, x, sc, pos0, valid, targets, lanes);
   }
