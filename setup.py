@@ -3,7 +3,8 @@
 CUDA is built when a CUDA toolkit is found and either a GPU is visible or FORCE_CUDA=1.
 Environment knobs (all optional):
   FORCE_CUDA=1                 build the CUDA extension without a visible GPU (compile check).
-  SMOOTHCE_CPU_CAPABILITY      'avx2' or 'default'; by default avx2 when the build machine has it.
+  SMOOTHCE_CPU_CAPABILITY      'avx512', 'avx2' or 'default'; by default the widest the build machine
+                               has (avx512: AVX-512 F, BW, VL and DQ; avx2: AVX2 and FMA).
   MAX_JOBS, TORCH_CUDA_ARCH_LIST, CUDA_HOME  as for any torch extension.
 """
 import glob
@@ -24,24 +25,31 @@ def _read_version() -> str:
 __version__ = _read_version()
 
 
-def _cpu_has_avx2() -> bool:
+def _cpu_flags() -> set:
     try:
         with open("/proc/cpuinfo") as f:
-            flags = f.read()
+            for line in f:
+                if line.startswith("flags"):
+                    return set(line.split(":", 1)[1].split())
     except OSError:
-        return False
-    return " avx2" in flags and " fma" in flags
+        pass
+    return set()
 
 
 def _cpu_capability() -> str:
     wanted = os.environ.get("SMOOTHCE_CPU_CAPABILITY", "").lower()
-    if wanted in ("avx2", "default"):
+    if wanted in ("avx512", "avx2", "default"):
         return wanted
     if wanted:
-        raise SystemExit(f"SMOOTHCE_CPU_CAPABILITY={wanted!r}: expected 'avx2' or 'default'")
+        raise SystemExit(f"SMOOTHCE_CPU_CAPABILITY={wanted!r}: expected 'avx512', 'avx2' or 'default'")
     import platform
 
-    return "avx2" if platform.machine() in ("x86_64", "AMD64") and _cpu_has_avx2() else "default"
+    if platform.machine() not in ("x86_64", "AMD64"):
+        return "default"
+    flags = _cpu_flags()
+    if {"avx512f", "avx512bw", "avx512vl", "avx512dq", "fma"} <= flags:
+        return "avx512"
+    return "avx2" if {"avx2", "fma"} <= flags else "default"
 
 
 def _cuda_wanted() -> bool:
@@ -75,7 +83,12 @@ def extensions():
     cxx = ["-O3", "-fno-math-errno", "-fvisibility=hidden", "-fopenmp"]
     link = ["-fopenmp"]
     define_macros = [("SMOOTHCE_VERSION", f'"{__version__}"')]
-    if capability == "avx2":
+    if capability == "avx512":
+        # at::vec's AVX-512 implementation (16 floats a vector), with the flags torch builds its own
+        # AVX512 kernels with; the module's init refuses to load on a CPU without them.
+        cxx += ["-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512dq", "-mavx2", "-mfma", "-mf16c"]
+        define_macros += [("CPU_CAPABILITY", "AVX512"), ("CPU_CAPABILITY_AVX512", None)]
+    elif capability == "avx2":
         # at::vec picks its AVX2 implementation from CPU_CAPABILITY(_AVX2); the module's init
         # (csrc/ops.cpp) refuses to load on a CPU without AVX2.
         cxx += ["-mavx2", "-mfma", "-mf16c"]

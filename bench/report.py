@@ -73,6 +73,14 @@ INTEGRATION_CONTENDERS = {
 }
 
 
+def smoothce_label(meta: dict) -> str:
+    """'smoothce 0.1.0 (avx512 CPU kernels)': the version and, when known, the CPU build measured."""
+    if not meta.get("smoothce_version"):
+        return "smoothce not installed"
+    capability = (meta.get("smoothce_build") or {}).get("cpu_capability")
+    return f"smoothce {meta['smoothce_version']}" + (f" ({capability} CPU kernels)" if capability else "")
+
+
 def minimal_bytes(numel: int, itemsize: int, mode: str) -> int:
     """Bytes a perfect kernel must move: read the logits; with a backward also write the gradient.
     The copy floor always reads and writes them."""
@@ -447,7 +455,7 @@ def to_markdown(data: dict) -> str:
         f"# smoothce benchmark: {meta['device']}, {title_dtypes}",
         "",
         f"{meta['device_name']} · {meta['threads']} threads · torch {meta['torch_version']} · "
-        f"smoothce {meta.get('smoothce_version') or 'not installed'} · {meta['date']} · "
+        f"{smoothce_label(meta)} · {meta['date']} · "
         f"`{meta.get('command', 'python -m bench')}`",
         "",
     ]
@@ -630,8 +638,7 @@ def linear_markdown(section: dict, meta: dict) -> list[str]:
     groups = linear_groups(rows)
     versions = section.get("versions", {})
     lines = ["", "## Fused linear + cross-entropy: smoothce.linear_cross_entropy against the alternatives", "",
-             f"{meta['device_name']} · {meta['threads']} threads · torch {meta['torch_version']} · smoothce "
-             f"{meta.get('smoothce_version') or 'not installed'}"
+             f"{meta['device_name']} · {meta['threads']} threads · torch {meta['torch_version']} · {smoothce_label(meta)}"
              + "".join(f" · {LINEAR_CONTENDERS.get(k, k)} {v}" for k, v in versions.items() if k != "torch")
              + f" · shapes (N, H, V): N rows of hidden size H, vocabulary V; input (N, H) and weight (V, H) are "
                f"leaves requiring grad; index targets with ignore_index {settings.get('ignore_index')} on "
@@ -733,8 +740,7 @@ def integrations_markdown(section: dict, meta: dict) -> list[str]:
     checks = {(c["integration"], c["shape_str"], c["dtype"]): c for c in section.get("checks", [])}
     definitions = section.get("definitions", {})
     lines = ["", "## Library integrations: timm and transformers against smoothce.integrations", "",
-             f"{meta['device_name']} · {meta['threads']} threads · torch {meta['torch_version']} · smoothce "
-             f"{meta.get('smoothce_version') or 'not installed'}"
+             f"{meta['device_name']} · {meta['threads']} threads · torch {meta['torch_version']} · {smoothce_label(meta)}"
              + "".join(f" · {k} {v}" for k, v in versions.items() if k != "torch")
              + " · each timed call is one training step's loss: forward + loss.backward() on logits that are a "
                "leaf requiring grad (the model's output).",

@@ -70,7 +70,15 @@ PyModuleDef module_def = {PyModuleDef_HEAD_INIT, "_C", "smoothce kernels (ops li
 }  // namespace
 
 extern "C" PyMODINIT_FUNC PyInit__C(void) {
-#if defined(__x86_64__) && defined(CPU_CAPABILITY_AVX2)
+#if defined(__x86_64__) && defined(CPU_CAPABILITY_AVX512)
+  if (!__builtin_cpu_supports("avx512f") || !__builtin_cpu_supports("avx512bw") ||
+      !__builtin_cpu_supports("avx512vl") || !__builtin_cpu_supports("avx512dq")) {
+    PyErr_SetString(PyExc_ImportError,
+                    "smoothce was built with AVX-512 kernels (F, BW, VL, DQ) but this CPU lacks them; rebuild "
+                    "with SMOOTHCE_CPU_CAPABILITY=avx2 (or default) pip install --no-build-isolation .");
+    return nullptr;
+  }
+#elif defined(__x86_64__) && defined(CPU_CAPABILITY_AVX2)
   if (!__builtin_cpu_supports("avx2") || !__builtin_cpu_supports("fma")) {
     PyErr_SetString(PyExc_ImportError,
                     "smoothce was built with AVX2/FMA kernels but this CPU lacks them; rebuild with "

@@ -682,3 +682,32 @@ def test_cpu_exp_accuracy(layout):
     loss = smoothce.cross_entropy(x, torch.zeros(d.numel(), dtype=torch.long), reduction="none")
     want = torch.log1p(torch.exp(-d.double()))
     assert_within(loss, want, 6 * U * want.abs(), "loss")
+
+
+# ------------------------------------------------------------------ 5. the CPU tiles' log1p
+
+@pytest.mark.cpu_only
+@pytest.mark.parametrize("layout", ["tile", "strided"])
+def test_cpu_tile_log1p_accuracy(layout):
+    """The tiles' vector log1p (log Σexp = log1p(Σexp − 1), or log1p(rest) at a sole max), over arguments
+    the exp cannot blur: rows of m logits 0 and the others −1e30 (exp exactly 1 or 0), so the loss at
+    target 0 with ε = 0 is log(m) = log1p(m − 1) exactly (small arguments, exp(−d) at a sole max, are
+    covered by test_cpu_exp_accuracy). Within 2u (1 ulp) + U (the store) of float64; and the argument −1
+    (every logit −inf: Σexp = 0) gives lse = −inf, not NaN or a finite value."""
+    C = 16 if layout == "tile" else 40
+    m = torch.arange(1, C + 1)
+    x = torch.where(torch.arange(C)[None, :] < m[:, None], 0.0, -1e30).float()
+    if layout == "strided":
+        x = x.t().contiguous().t()
+    loss = smoothce.cross_entropy(x, torch.zeros(C, dtype=torch.long), reduction="none")
+    want = torch.log(m.double())
+    assert_within(loss, want, 3 * U * want.abs(), "loss of m equal maxima")
+    # a single-class row is the all-equal case m = 1 (log1p(0) = 0 exactly)
+    assert float(loss[0]) == 0.0
+    # Σexp = 0 in a tile: log1p(−1) = −inf, so lse = −inf (as the rows kernel gives) and the loss NaN
+    x = torch.full((3, C), -float("inf"))
+    if layout == "strided":
+        x = x.t().contiguous().t()
+    got, lse, _ = torch.ops.smoothce.forward(x, torch.zeros(3, dtype=torch.long), None, -100, 0, 0.0, False, False)
+    assert torch.equal(lse, torch.full((3,), -float("inf"))), lse
+    assert torch.isnan(got).all(), got

@@ -67,11 +67,16 @@ inline void store_acc(scalar_t* ptr, const Vectorized<acc_type<scalar_t>>& v,
   if constexpr (std::is_same_v<scalar_t, acc_t>) {
     v.store(ptr, count);
   } else {
-#if defined(CPU_CAPABILITY_AVX2) && !defined(CPU_CAPABILITY_AVX512)
-    if (count == V) {  // 8 floats -> 8 halves in one 16-byte store
-      const __m128i packed = std::is_same_v<scalar_t, at::BFloat16> ? at::vec::cvtfp32_bf16(__m256(v))
-                                                                   : at::vec::cvtfp32_fp16(__m256(v));
-      _mm_storeu_si128(reinterpret_cast<__m128i*>(ptr), packed);
+#if defined(CPU_CAPABILITY_AVX2) || defined(CPU_CAPABILITY_AVX512)
+    if (count == V) {  // V floats -> V halves in one store (16 bytes with AVX2, 32 with AVX-512)
+#if defined(CPU_CAPABILITY_AVX512)
+      using Reg = __m512;
+#else
+      using Reg = __m256;
+#endif
+      const auto packed = std::is_same_v<scalar_t, at::BFloat16> ? at::vec::cvtfp32_bf16(Reg(v))
+                                                                : at::vec::cvtfp32_fp16(Reg(v));
+      std::memcpy(ptr, &packed, sizeof(packed));
       return;
     }
 #endif
@@ -81,42 +86,84 @@ inline void store_acc(scalar_t* ptr, const Vectorized<acc_type<scalar_t>>& v,
   }
 }
 
-// exp for float: 2^n·P(r) with n = round(x·log2 e), r = x − n·ln 2 and at::vec's exp_u20 polynomial
-// P (degree 5), in 14 vector operations instead of exp_u20's 20 (its floor, conversions, blends and
-// two scalings are replaced by rounding with a magic-number add and forming 2^n from the sum's bits;
-// its one-constant reduction, which loses up to 3.3 ulp near −88, by a two-constant one). Measured
+#if defined(CPU_CAPABILITY_AVX2) || defined(CPU_CAPABILITY_AVX512)
+// The handful of float-register operations exp_simd needs, for the AVX2 (__m256) and AVX-512 (__m512)
+// registers, so that one body serves both builds.
+inline __m256 splat(__m256, float v) { return _mm256_set1_ps(v); }
+inline __m256 vmin(__m256 a, __m256 b) { return _mm256_min_ps(a, b); }
+inline __m256 vmax(__m256 a, __m256 b) { return _mm256_max_ps(a, b); }
+inline __m256 vfma(__m256 a, __m256 b, __m256 c) { return _mm256_fmadd_ps(a, b, c); }
+inline __m256 vfnma(__m256 a, __m256 b, __m256 c) { return _mm256_fnmadd_ps(a, b, c); }  // c − a·b
+inline __m256 vsub(__m256 a, __m256 b) { return _mm256_sub_ps(a, b); }
+inline __m256 vmul(__m256 a, __m256 b) { return _mm256_mul_ps(a, b); }
+inline __m256 exponent_bits(__m256 v) {  // (bits of v + 127) << 23, as float bits
+  return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_add_epi32(_mm256_castps_si256(v), _mm256_set1_epi32(127)), 23));
+}
+// u = 2^k·m with m in [√2/2, √2): m and k (as a float), for positive normal u (vlog1p)
+inline void split_exponent(__m256 u, __m256& m, __m256& k) {
+  const __m256i iu = _mm256_add_epi32(_mm256_castps_si256(u), _mm256_set1_epi32(0x3f800000 - 0x3f3504f3));
+  k = _mm256_cvtepi32_ps(_mm256_sub_epi32(_mm256_srai_epi32(iu, 23), _mm256_set1_epi32(127)));
+  m = _mm256_castsi256_ps(
+      _mm256_add_epi32(_mm256_and_si256(iu, _mm256_set1_epi32(0x007fffff)), _mm256_set1_epi32(0x3f3504f3)));
+}
+#if defined(CPU_CAPABILITY_AVX512)
+inline __m512 splat(__m512, float v) { return _mm512_set1_ps(v); }
+inline __m512 vmin(__m512 a, __m512 b) { return _mm512_min_ps(a, b); }
+inline __m512 vmax(__m512 a, __m512 b) { return _mm512_max_ps(a, b); }
+inline __m512 vfma(__m512 a, __m512 b, __m512 c) { return _mm512_fmadd_ps(a, b, c); }
+inline __m512 vfnma(__m512 a, __m512 b, __m512 c) { return _mm512_fnmadd_ps(a, b, c); }
+inline __m512 vsub(__m512 a, __m512 b) { return _mm512_sub_ps(a, b); }
+inline __m512 vmul(__m512 a, __m512 b) { return _mm512_mul_ps(a, b); }
+inline __m512 exponent_bits(__m512 v) {
+  return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_add_epi32(_mm512_castps_si512(v), _mm512_set1_epi32(127)), 23));
+}
+inline void split_exponent(__m512 u, __m512& m, __m512& k) {
+  const __m512i iu = _mm512_add_epi32(_mm512_castps_si512(u), _mm512_set1_epi32(0x3f800000 - 0x3f3504f3));
+  k = _mm512_cvtepi32_ps(_mm512_sub_epi32(_mm512_srai_epi32(iu, 23), _mm512_set1_epi32(127)));
+  m = _mm512_castsi512_ps(
+      _mm512_add_epi32(_mm512_and_si512(iu, _mm512_set1_epi32(0x007fffff)), _mm512_set1_epi32(0x3f3504f3)));
+}
+#endif
+
+// exp for float (AVX2 and AVX-512): 2^n·P(r) with n = round(x·log2 e), r = x − n·ln 2 and at::vec's
+// exp_u20 polynomial P (degree 5), in 14 vector operations instead of exp_u20's 20 (its floor,
+// conversions, blends and two scalings are replaced by rounding with a magic-number add and forming
+// 2^n from the sum's bits; its one-constant reduction, which loses up to 3.3 ulp near −88, by a
+// two-constant one). Measured
 // against exp in double at 10^8 points of [−88, 0]: at most 1.4 ulp (1.64e-7 relative). exp(0) = 1
 // exactly (the kernels rely on it: RowState::rest), exp(−inf) = 0, NaN in gives NaN out (maxps and
 // minps return their second operand when one is NaN), results below 2^−126 flush to 0, and
 // arguments above 88.37 clamp to 2.4e38 (the kernels' arguments are x − max ≤ 0).
-#if defined(CPU_CAPABILITY_AVX2)
-inline Vectorized<float> exp_avx2(const __m256 x) {
-  const __m256 lo = _mm256_set1_ps(-88.02969193111305f);  // −127·ln 2: 2^n has a zero exponent field: +0
-  const __m256 hi = _mm256_set1_ps(88.3762626647949f);    // 2^127·P(r) stays finite
-  const __m256 magic = _mm256_set1_ps(12582912.0f);       // 1.5·2^23: adding it rounds to an integer
-  const __m256 y = _mm256_max_ps(lo, _mm256_min_ps(hi, x));
-  const __m256 shifted = _mm256_fmadd_ps(y, _mm256_set1_ps(1.44269504088896341f), magic);  // n + magic
-  const __m256 n = _mm256_sub_ps(shifted, magic);
+template <typename R>
+inline R exp_simd(const R x) {
+  auto k = [](float v) { return splat(R(), v); };
+  const R lo = k(-88.02969193111305f);  // −127·ln 2: 2^n has a zero exponent field: +0
+  const R hi = k(88.3762626647949f);    // 2^127·P(r) stays finite
+  const R magic = k(12582912.0f);       // 1.5·2^23: adding it rounds to an integer
+  const R y = vmax(lo, vmin(hi, x));
+  const R shifted = vfma(y, k(1.44269504088896341f), magic);  // n + magic
+  const R n = vsub(shifted, magic);
   // r = y − n·ln 2 in two steps (Cody–Waite: n·ln2_hi is exact), |r| ≤ ln 2 / 2
-  __m256 r = _mm256_fnmadd_ps(n, _mm256_set1_ps(0.693145751953125f), y);
-  r = _mm256_fnmadd_ps(n, _mm256_set1_ps(1.428606765330187045e-06f), r);
-  __m256 poly = _mm256_fmadd_ps(r, _mm256_set1_ps(0.00828929059f), _mm256_set1_ps(0.0418978221f));
-  poly = _mm256_fmadd_ps(r, poly, _mm256_set1_ps(0.166676521f));
-  poly = _mm256_fmadd_ps(r, poly, _mm256_set1_ps(0.499991506f));
-  poly = _mm256_fmadd_ps(r, poly, _mm256_set1_ps(0.999999701f));
-  poly = _mm256_fmadd_ps(r, poly, _mm256_set1_ps(1.0f));
+  R r = vfnma(n, k(0.693145751953125f), y);
+  r = vfnma(n, k(1.428606765330187045e-06f), r);
+  R poly = vfma(r, k(0.00828929059f), k(0.0418978221f));
+  poly = vfma(r, poly, k(0.166676521f));
+  poly = vfma(r, poly, k(0.499991506f));
+  poly = vfma(r, poly, k(0.999999701f));
+  poly = vfma(r, poly, k(1.0f));
   // The low bits of n + magic hold n (two's complement); shifted into the exponent field with the
   // bias 127, the magic's own bits fall off the top: 2^n for n in [−127, 127] (−127: +0).
-  const __m256i two_n = _mm256_slli_epi32(_mm256_add_epi32(_mm256_castps_si256(shifted), _mm256_set1_epi32(127)), 23);
-  return _mm256_mul_ps(poly, _mm256_castsi256_ps(two_n));
+  return vmul(poly, exponent_bits(shifted));
 }
 #endif
 
 template <typename acc_t>
 inline Vectorized<acc_t> vexp(const Vectorized<acc_t>& v) {
   if constexpr (std::is_same_v<acc_t, float>) {
-#if defined(CPU_CAPABILITY_AVX2)
-    return exp_avx2(v);
+#if defined(CPU_CAPABILITY_AVX512)
+    return exp_simd(__m512(v));
+#elif defined(CPU_CAPABILITY_AVX2)
+    return exp_simd(__m256(v));
 #else
     return Vectorized<float>::blendv(v.exp_u20(), v, v != v);  // exp_u20 clamps NaN: put it back
 #endif
@@ -124,6 +171,45 @@ inline Vectorized<acc_t> vexp(const Vectorized<acc_t>& v) {
     return v.exp();
   }
 }
+
+// log1p for float vectors, inline: musl's log1pf (FreeBSD's, < 1 ulp) lane by lane, the branches as
+// blends. With AVX-512, at::vec's log1p is a call into Sleef that cost the tiles as much as a fifth of
+// a segmentation map's forward (perf, 16-lane tiles of 21 classes).
+inline Vectorized<float> vlog1p(const Vectorized<float>& x) {
+#if defined(CPU_CAPABILITY_AVX2) || defined(CPU_CAPABILITY_AVX512)
+  using Vec = Vectorized<float>;
+#if defined(CPU_CAPABILITY_AVX512)
+  using Reg = __m512;
+#else
+  using Reg = __m256;
+#endif
+  const Vec one(1.0f), u = x + one;
+  Reg m_reg, k_reg;
+  split_exponent(Reg(u), m_reg, k_reg);
+  Vec k(k_reg), f = Vec(m_reg) - one;
+  // c/u ≈ log1p(x) − log(u): the rounding of u = 1 + x (none once u ≥ 2^25)
+  Vec c = Vec::blendv(x - (u - one), one - (u - x), k >= Vec(2.0f));
+  c = Vec::blendv(c / u, Vec(0.0f), k >= Vec(25.0f));
+  // √2/2 ≤ 1 + x < √2: f = x itself, k = c = 0
+  const Vec near_one = (x >= Vec(-0.29289323f)) & (x < Vec(0.41421357f));
+  f = Vec::blendv(f, x, near_one);
+  k = Vec::blendv(k, Vec(0.0f), near_one);
+  c = Vec::blendv(c, Vec(0.0f), near_one);
+  const Vec s = f / (Vec(2.0f) + f), z = s * s, w = z * z;
+  const Vec t1 = w * at::vec::fmadd(w, Vec(0.24279078841f), Vec(0.40000972152f));
+  const Vec t2 = z * at::vec::fmadd(w, Vec(0.28498786688f), Vec(0.66666662693f));
+  const Vec hfsq = Vec(0.5f) * f * f;
+  Vec out = s * (hfsq + (t2 + t1)) + (k * Vec(9.0580006145e-06f) + c) - hfsq + f + k * Vec(6.9313812256e-01f);
+  // x = −1: −inf; x < −1 or NaN: NaN; +inf: +inf
+  const float inf = std::numeric_limits<float>::infinity();
+  out = Vec::blendv(out, Vec(-inf), x == Vec(-1.0f));
+  out = Vec::blendv(out, Vec(std::numeric_limits<float>::quiet_NaN()), (x < Vec(-1.0f)) | (x != x));
+  return Vec::blendv(out, Vec(inf), x == Vec(inf));
+#else
+  return x.log1p();
+#endif
+}
+inline Vectorized<double> vlog1p(const Vectorized<double>& x) { return x.log1p(); }
 
 // ---------------------------------------------------------------- per-launch constants
 template <typename scalar_t>
@@ -554,7 +640,7 @@ void tile_kernel(const Params<scalar_t>& p, const scalar_t* x, const scalar_t* p
   // vsole is row_math.h's sole_max lane by lane, the same operations on the same values).
   const Vec vat_max = vsum - vrest;
   const Vec vsole = (vrest < Vec(1)) & (vat_max > Vec(acc_t(0.5))) & (vat_max < Vec(acc_t(1.5)));
-  Vec::blendv(vsum - Vec(1), vrest, vsole).log1p().store(lanes.log_sum);
+  vlog1p(Vec::blendv(vsum - Vec(1), vrest, vsole)).store(lanes.log_sum);
   alignas(64) acc_t invalid_bits[V];  // blendv mask: all bits set in ignored / padding lanes
   for (int64_t l = 0; l < V; ++l) std::memset(&invalid_bits[l], valid[l] ? 0 : 0xFF, sizeof(acc_t));
   const Vec vinvalid = Vec::loadu(invalid_bits);
