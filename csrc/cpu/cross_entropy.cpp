@@ -33,6 +33,11 @@ namespace cpu {
 namespace {
 
 using at::vec::Vectorized;
+#if defined(CPU_CAPABILITY_AVX512)
+using FloatReg = __m512;  // the register of a Vectorized<float>
+#elif defined(CPU_CAPABILITY_AVX2)
+using FloatReg = __m256;
+#endif
 
 // ---------------------------------------------------------------- vector load / store / exp
 template <typename scalar_t>
@@ -69,13 +74,8 @@ inline void store_acc(scalar_t* ptr, const Vectorized<acc_type<scalar_t>>& v,
   } else {
 #if defined(CPU_CAPABILITY_AVX2) || defined(CPU_CAPABILITY_AVX512)
     if (count == V) {  // V floats -> V halves in one store (16 bytes with AVX2, 32 with AVX-512)
-#if defined(CPU_CAPABILITY_AVX512)
-      using Reg = __m512;
-#else
-      using Reg = __m256;
-#endif
-      const auto packed = std::is_same_v<scalar_t, at::BFloat16> ? at::vec::cvtfp32_bf16(Reg(v))
-                                                                : at::vec::cvtfp32_fp16(Reg(v));
+      const auto packed = std::is_same_v<scalar_t, at::BFloat16> ? at::vec::cvtfp32_bf16(FloatReg(v))
+                                                                : at::vec::cvtfp32_fp16(FloatReg(v));
       std::memcpy(ptr, &packed, sizeof(packed));
       return;
     }
@@ -129,11 +129,10 @@ inline void split_exponent(__m512 u, __m512& m, __m512& k) {
 // exp_u20 polynomial P (degree 5), in 14 vector operations instead of exp_u20's 20 (its floor,
 // conversions, blends and two scalings are replaced by rounding with a magic-number add and forming
 // 2^n from the sum's bits; its one-constant reduction, which loses up to 3.3 ulp near −88, by a
-// two-constant one). Measured
-// against exp in double at 10^8 points of [−88, 0]: at most 1.4 ulp (1.64e-7 relative). exp(0) = 1
-// exactly (the kernels rely on it: RowState::rest), exp(−inf) = 0, NaN in gives NaN out (maxps and
-// minps return their second operand when one is NaN), results below 2^−126 flush to 0, and
-// arguments above 88.37 clamp to 2.4e38 (the kernels' arguments are x − max ≤ 0).
+// two-constant one). Measured against exp in double at 10^8 points of [−88, 0]: at most 1.4 ulp
+// (1.64e-7 relative). exp(0) = 1 exactly (the kernels rely on it: RowState::rest), exp(−inf) = 0, NaN
+// in gives NaN out (maxps and minps return their second operand when one is NaN), results below
+// 2^−126 flush to 0, and arguments above 88.37 clamp to 2.4e38 (the kernels' arguments are x − max ≤ 0).
 template <typename R>
 inline R exp_simd(const R x) {
   auto k = [](float v) { return splat(R(), v); };
@@ -160,10 +159,8 @@ inline R exp_simd(const R x) {
 template <typename acc_t>
 inline Vectorized<acc_t> vexp(const Vectorized<acc_t>& v) {
   if constexpr (std::is_same_v<acc_t, float>) {
-#if defined(CPU_CAPABILITY_AVX512)
-    return exp_simd(__m512(v));
-#elif defined(CPU_CAPABILITY_AVX2)
-    return exp_simd(__m256(v));
+#if defined(CPU_CAPABILITY_AVX2) || defined(CPU_CAPABILITY_AVX512)
+    return exp_simd(FloatReg(v));
 #else
     return Vectorized<float>::blendv(v.exp_u20(), v, v != v);  // exp_u20 clamps NaN: put it back
 #endif
@@ -178,14 +175,9 @@ inline Vectorized<acc_t> vexp(const Vectorized<acc_t>& v) {
 inline Vectorized<float> vlog1p(const Vectorized<float>& x) {
 #if defined(CPU_CAPABILITY_AVX2) || defined(CPU_CAPABILITY_AVX512)
   using Vec = Vectorized<float>;
-#if defined(CPU_CAPABILITY_AVX512)
-  using Reg = __m512;
-#else
-  using Reg = __m256;
-#endif
   const Vec one(1.0f), u = x + one;
-  Reg m_reg, k_reg;
-  split_exponent(Reg(u), m_reg, k_reg);
+  FloatReg m_reg, k_reg;
+  split_exponent(FloatReg(u), m_reg, k_reg);
   Vec k(k_reg), f = Vec(m_reg) - one;
   // c/u ≈ log1p(x) − log(u): the rounding of u = 1 + x (none once u ≥ 2^25)
   Vec c = Vec::blendv(x - (u - one), one - (u - x), k >= Vec(2.0f));
