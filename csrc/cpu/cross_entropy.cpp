@@ -267,6 +267,19 @@ struct Params : PositionLayout, Smoothing<acc_type<scalar_t>> {
   Mass mass() const { return mass_kind(soft, this->tv.off, weighted); }
 };
 
+// (n, s) of consecutive positions pos = n·inner + s, walked along without a division per position
+// (offset_of and target_offset_of divide).
+struct PositionCursor {
+  int64_t n, s;
+  PositionCursor(const PositionLayout& p, int64_t pos) : n(pos / p.inner), s(pos % p.inner) {}
+  void advance(const PositionLayout& p) {
+    if (++s == p.inner) {
+      s = 0;
+      ++n;
+    }
+  }
+};
+
 // ---------------------------------------------------------------- rows: classes contiguous
 constexpr int64_t kRowBlock = 2048;  // elements re-read from L1 between the max and the exp-sum
 
@@ -724,10 +737,11 @@ void small_rows_kernel(const Params<scalar_t>& p, int64_t tile_begin, int64_t ti
   PositionTargets<acc_type<scalar_t>> targets[V] = {};
   for (int64_t tile = tile_begin; tile < tile_end; ++tile) {
     const int64_t pos0 = tile * V, count = std::min(V, positions - pos0);
-    for (int64_t l = 0; l < count; ++l) {
+    PositionCursor at(p, pos0);
+    for (int64_t l = 0; l < count; ++l, at.advance(p)) {
       const int64_t pos = pos0 + l;
-      offsets[l] = p.offset_of(pos);
-      if (kMass != Mass::kSoft) targets[l] = p.targets_of(pos);
+      offsets[l] = at.n * p.stride_outer + at.s * p.stride_inner;
+      if (kMass != Mass::kSoft) targets[l] = p.targets_at(p.target_offset(at.n, at.s), pos);
       for (int64_t c = 0; c < C; ++c) {
         x_buf[c * V + l] = p.input[offsets[l] + c];
         if constexpr (kMass == Mass::kSoft) prob_buf[c * V + l] = p.soft_target[offsets[l] + c];
@@ -758,16 +772,10 @@ double index_target_total_weight(const Params<scalar_t>& p) {
       const int64_t begin = chunk * kReduceChunk, end = std::min(positions, (chunk + 1) * kReduceChunk);
       auto out_of_range = [&](int64_t t) { return t != p.ignore_index && (t < 0 || t >= p.classes); };
       if (p.target_b64 == nullptr && p.target_b8 == nullptr) {  // no mixup: the common case, kept tight
-        // (n, s) of pos walked along, without a division per position (target_offset_of)
         auto for_each_target = [&](auto&& f) {
-          int64_t n = begin / p.inner, s = begin % p.inner;
-          for (int64_t pos = begin; pos < end; ++pos) {
-            if (!f(p.target_at_offset(p.target_offset(n, s)))) break;
-            if (++s == p.inner) {
-              s = 0;
-              ++n;
-            }
-          }
+          PositionCursor at(p, begin);
+          for (int64_t pos = begin; pos < end; ++pos, at.advance(p))
+            if (!f(p.target_at_offset(p.target_offset(at.n, at.s)))) break;
         };
         bool any_bad = false;
         if (p.weight) {
