@@ -702,7 +702,7 @@ def test_cpu_tile_log1p_accuracy(layout):
     loss = smoothce.cross_entropy(x, torch.zeros(C, dtype=torch.long), reduction="none")
     want = torch.log(m.double())
     assert_within(loss, want, 3 * U * want.abs(), "loss of m equal maxima")
-    # a single-class row is the all-equal case m = 1 (log1p(0) = 0 exactly)
+    # m = 1: a sole max with nothing below it, log1p(rest = 0) = 0 exactly
     assert float(loss[0]) == 0.0
     # Σexp = 0 in a tile: log1p(−1) = −inf, so lse = −inf (as the rows kernel gives) and the loss NaN
     x = torch.full((3, C), -float("inf"))
