@@ -87,43 +87,15 @@ inline void store_acc(scalar_t* ptr, const Vectorized<acc_type<scalar_t>>& v,
 }
 
 #if defined(CPU_CAPABILITY_AVX2) || defined(CPU_CAPABILITY_AVX512)
-// The handful of float-register operations exp_simd needs, for the AVX2 (__m256) and AVX-512 (__m512)
-// registers, so that one body serves both builds.
-inline __m256 splat(__m256, float v) { return _mm256_set1_ps(v); }
-inline __m256 vmin(__m256 a, __m256 b) { return _mm256_min_ps(a, b); }
-inline __m256 vmax(__m256 a, __m256 b) { return _mm256_max_ps(a, b); }
-inline __m256 vfma(__m256 a, __m256 b, __m256 c) { return _mm256_fmadd_ps(a, b, c); }
-inline __m256 vfnma(__m256 a, __m256 b, __m256 c) { return _mm256_fnmadd_ps(a, b, c); }  // c − a·b
-inline __m256 vsub(__m256 a, __m256 b) { return _mm256_sub_ps(a, b); }
-inline __m256 vmul(__m256 a, __m256 b) { return _mm256_mul_ps(a, b); }
-inline __m256 exponent_bits(__m256 v) {  // (bits of v + 127) << 23, as float bits
-  return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_add_epi32(_mm256_castps_si256(v), _mm256_set1_epi32(127)), 23));
-}
-// u = 2^k·m with m in [√2/2, √2): m and k (as a float), for positive normal u (vlog1p)
-inline void split_exponent(__m256 u, __m256& m, __m256& k) {
-  const __m256i iu = _mm256_add_epi32(_mm256_castps_si256(u), _mm256_set1_epi32(0x3f800000 - 0x3f3504f3));
-  k = _mm256_cvtepi32_ps(_mm256_sub_epi32(_mm256_srai_epi32(iu, 23), _mm256_set1_epi32(127)));
-  m = _mm256_castsi256_ps(
-      _mm256_add_epi32(_mm256_and_si256(iu, _mm256_set1_epi32(0x007fffff)), _mm256_set1_epi32(0x3f3504f3)));
-}
+// A float vector's bits as int32 lanes (at::vec::cast<float> is the way back; its generic cast to
+// int32 goes through memory).
+inline Vectorized<int32_t> float_bits(const Vectorized<float>& v) {
 #if defined(CPU_CAPABILITY_AVX512)
-inline __m512 splat(__m512, float v) { return _mm512_set1_ps(v); }
-inline __m512 vmin(__m512 a, __m512 b) { return _mm512_min_ps(a, b); }
-inline __m512 vmax(__m512 a, __m512 b) { return _mm512_max_ps(a, b); }
-inline __m512 vfma(__m512 a, __m512 b, __m512 c) { return _mm512_fmadd_ps(a, b, c); }
-inline __m512 vfnma(__m512 a, __m512 b, __m512 c) { return _mm512_fnmadd_ps(a, b, c); }
-inline __m512 vsub(__m512 a, __m512 b) { return _mm512_sub_ps(a, b); }
-inline __m512 vmul(__m512 a, __m512 b) { return _mm512_mul_ps(a, b); }
-inline __m512 exponent_bits(__m512 v) {
-  return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_add_epi32(_mm512_castps_si512(v), _mm512_set1_epi32(127)), 23));
-}
-inline void split_exponent(__m512 u, __m512& m, __m512& k) {
-  const __m512i iu = _mm512_add_epi32(_mm512_castps_si512(u), _mm512_set1_epi32(0x3f800000 - 0x3f3504f3));
-  k = _mm512_cvtepi32_ps(_mm512_sub_epi32(_mm512_srai_epi32(iu, 23), _mm512_set1_epi32(127)));
-  m = _mm512_castsi512_ps(
-      _mm512_add_epi32(_mm512_and_si512(iu, _mm512_set1_epi32(0x007fffff)), _mm512_set1_epi32(0x3f3504f3)));
-}
+  return _mm512_castps_si512(v);
+#else
+  return _mm256_castps_si256(v);
 #endif
+}
 
 // exp for float (AVX2 and AVX-512): 2^n·P(r) with n = round(x·log2 e), r = x − n·ln 2 and at::vec's
 // exp_u20 polynomial P (degree 5), in 14 vector operations instead of exp_u20's 20 (its floor,
@@ -133,26 +105,26 @@ inline void split_exponent(__m512 u, __m512& m, __m512& k) {
 // (1.64e-7 relative). exp(0) = 1 exactly (the kernels rely on it: RowState::rest), exp(−inf) = 0, NaN
 // in gives NaN out (maxps and minps return their second operand when one is NaN), results below
 // 2^−126 flush to 0, and arguments above 88.37 clamp to 2.4e38 (the kernels' arguments are x − max ≤ 0).
-template <typename R>
-inline R exp_simd(const R x) {
-  auto k = [](float v) { return splat(R(), v); };
-  const R lo = k(-88.02969193111305f);  // −127·ln 2: 2^n has a zero exponent field: +0
-  const R hi = k(88.3762626647949f);    // 2^127·P(r) stays finite
-  const R magic = k(12582912.0f);       // 1.5·2^23: adding it rounds to an integer
-  const R y = vmax(lo, vmin(hi, x));
-  const R shifted = vfma(y, k(1.44269504088896341f), magic);  // n + magic
-  const R n = vsub(shifted, magic);
+inline Vectorized<float> exp_simd(const Vectorized<float>& x) {
+  using Vec = Vectorized<float>;
+  using IVec = Vectorized<int32_t>;
+  const Vec lo(-88.02969193111305f);  // −127·ln 2: 2^n has a zero exponent field: +0
+  const Vec hi(88.3762626647949f);    // 2^127·P(r) stays finite
+  const Vec magic(12582912.0f);       // 1.5·2^23: adding it rounds to an integer
+  const Vec y = at::vec::clamp_min(at::vec::clamp_max(x, hi), lo);  // minps / maxps: NaN passes
+  const Vec shifted = at::vec::fmadd(y, Vec(1.44269504088896341f), magic);  // n + magic
+  const Vec n = shifted - magic;
   // r = y − n·ln 2 in two steps (Cody–Waite: n·ln2_hi is exact), |r| ≤ ln 2 / 2
-  R r = vfnma(n, k(0.693145751953125f), y);
-  r = vfnma(n, k(1.428606765330187045e-06f), r);
-  R poly = vfma(r, k(0.00828929059f), k(0.0418978221f));
-  poly = vfma(r, poly, k(0.166676521f));
-  poly = vfma(r, poly, k(0.499991506f));
-  poly = vfma(r, poly, k(0.999999701f));
-  poly = vfma(r, poly, k(1.0f));
+  Vec r = at::vec::fnmadd(n, Vec(0.693145751953125f), y);
+  r = at::vec::fnmadd(n, Vec(1.428606765330187045e-06f), r);
+  Vec poly = at::vec::fmadd(r, Vec(0.00828929059f), Vec(0.0418978221f));
+  poly = at::vec::fmadd(r, poly, Vec(0.166676521f));
+  poly = at::vec::fmadd(r, poly, Vec(0.499991506f));
+  poly = at::vec::fmadd(r, poly, Vec(0.999999701f));
+  poly = at::vec::fmadd(r, poly, Vec(1.0f));
   // The low bits of n + magic hold n (two's complement); shifted into the exponent field with the
   // bias 127, the magic's own bits fall off the top: 2^n for n in [−127, 127] (−127: +0).
-  return vmul(poly, exponent_bits(shifted));
+  return poly * at::vec::cast<float>((float_bits(shifted) + IVec(127)) << IVec(23));
 }
 #endif
 
@@ -160,7 +132,7 @@ template <typename acc_t>
 inline Vectorized<acc_t> vexp(const Vectorized<acc_t>& v) {
   if constexpr (std::is_same_v<acc_t, float>) {
 #if defined(CPU_CAPABILITY_AVX2) || defined(CPU_CAPABILITY_AVX512)
-    return exp_simd(FloatReg(v));
+    return exp_simd(v);
 #else
     return Vectorized<float>::blendv(v.exp_u20(), v, v != v);  // exp_u20 clamps NaN: put it back
 #endif
@@ -175,10 +147,12 @@ inline Vectorized<acc_t> vexp(const Vectorized<acc_t>& v) {
 inline Vectorized<float> vlog1p(const Vectorized<float>& x) {
 #if defined(CPU_CAPABILITY_AVX2) || defined(CPU_CAPABILITY_AVX512)
   using Vec = Vectorized<float>;
+  using IVec = Vectorized<int32_t>;
   const Vec one(1.0f), u = x + one;
-  FloatReg m_reg, k_reg;
-  split_exponent(FloatReg(u), m_reg, k_reg);
-  Vec k(k_reg), f = Vec(m_reg) - one;
+  // u = 2^k·m with m in [√2/2, √2), read from u's bits; f = m − 1
+  const IVec iu = float_bits(u) + IVec(0x3f800000 - 0x3f3504f3);
+  Vec k = at::vec::convert_to_fp_of_same_size<float>((iu >> IVec(23)) - IVec(127));
+  Vec f = at::vec::cast<float>((iu & IVec(0x007fffff)) + IVec(0x3f3504f3)) - one;
   // c/u ≈ log1p(x) − log(u): the rounding of u = 1 + x (none once u ≥ 2^25)
   Vec c = Vec::blendv(x - (u - one), one - (u - x), k >= Vec(2.0f));
   c = Vec::blendv(c / u, Vec(0.0f), k >= Vec(25.0f));
