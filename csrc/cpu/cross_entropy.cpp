@@ -505,13 +505,14 @@ inline void tile_lane_results(const Params<scalar_t>& p, const scalar_t* x, int6
 // row_math.h for a target mass v = 1 and no second target (t.b = −1, peak_b = 0), the same operations
 // in the same order lane by lane, with blends where those branch on a lane's value. Done lane by lane
 // in scalar code (tile_lane_results), they cost 25–45% of a tile of 10–21 classes.
-// In: the lanes' max (the origin: 0 where all logits are −inf), Σexp, rest, mass_dx and log Σexp.
+// In: the lanes' max (the origin: 0 where all logits are −inf), rest, mass_dx, log Σexp and the lanes
+// whose max is sole (row_math.h's sole_max, as tile_kernel computed it for log Σexp).
 // Out: lse and loss stored for the count lanes (0 in invalid lanes), lanes.coef and lanes.off, and in
 // target_grad the gradient element at each valid lane's target (with want_grad).
 template <typename scalar_t, typename acc_t, int64_t V>
 inline void tile_index_results(const Params<scalar_t>& p, const scalar_t* x, int64_t sc, int64_t pos0, int64_t count,
                                const bool* valid, const PositionTargets<acc_t>* targets, const Vectorized<acc_t>& vmax,
-                               const Vectorized<acc_t>& vsum, const Vectorized<acc_t>& vrest,
+                               const Vectorized<acc_t>& vsole, const Vectorized<acc_t>& vrest,
                                const Vectorized<acc_t>& vmass_dx, const Vectorized<acc_t>& vlog_sum,
                                const Vectorized<acc_t>& vinvalid, bool want_grad, TileLanes<acc_t, V>& lanes,
                                acc_t* target_grad) {
@@ -545,8 +546,7 @@ inline void tile_index_results(const Params<scalar_t>& p, const scalar_t* x, int
   // grad_at at the target: at the row's sole max (sole_max) sole_base − coef·rest/(1 + rest) with
   // sole_base = scale·(off·v·(Σw − w_a) + 2α·v·lse), else coef·p_a − off_coef·w_a − scale·peak_a.
   Vec g = coef * vexp(lp_a) - Vec::blendv(voff * vwa, zero, voff == zero) - vscale * vpeak;
-  const Vec at_max = vsum - vrest;
-  const Vec sole = (vrest < Vec(1)) & (at_max > Vec(acc_t(0.5))) & (at_max < Vec(acc_t(1.5))) & (vxa == vmax);
+  const Vec sole = vsole & (vxa == vmax);  // the target is the sole max
   Vec base = Vec(off) * (Vec(ws) - vwa);
   if (z != acc_t(0)) base = base + Vec(acc_t(2) * z) * lse;
   g = Vec::blendv(g, vscale * base - coef * (vrest / (Vec(1) + vrest)), sole);
@@ -629,7 +629,7 @@ void tile_kernel(const Params<scalar_t>& p, const scalar_t* x, const scalar_t* p
   if constexpr (kSoft) {
     tile_lane_results<scalar_t, kMass>(p, x, sc, pos0, valid, targets, lanes);
   } else if (vector_results) {
-    tile_index_results<scalar_t>(p, x, sc, pos0, count, valid, targets, vorigin, vsum, vrest, vmass_dx,
+    tile_index_results<scalar_t>(p, x, sc, pos0, count, valid, targets, vorigin, vsole, vrest, vmass_dx,
                                  Vec::loadu(lanes.log_sum), vinvalid, g != nullptr, lanes, target_grad);
   } else {
     tile_lane_results<scalar_t, kMass>(p, x, sc, pos0, valid, targets, lanes);
