@@ -256,6 +256,11 @@ LAYOUTS = {
     "shifted_lm": ((3, 9, 30), lambda leaf: leaf[:, :-1].movedim(-1, 1)),     # (B, T, V)[:, :-1] as (B, V, T-1)
     "sliced_nhwc": ((2, 7, 5, 30), lambda leaf: leaf[:, 1:].permute(0, 3, 1, 2)),
     "sliced_w": ((2, 5, 4, 9), lambda leaf: leaf[..., ::2]),                 # H, W do not collapse
+    # few classes (rows gathered into tiles of one lane per row): full tiles and a partial one, rows
+    # one stride apart that is not C, and channels_last rows that are one block
+    "row_step_slice_small": ((60, 20), lambda leaf: leaf[::2]),              # row stride 40, C = 20
+    "offset_slice_small": ((40, 13), lambda leaf: leaf[1:, 3:]),             # row stride 13, C = 10
+    "channels_last_small": ((3, 10, 5, 7), lambda leaf: leaf.to(memory_format=torch.channels_last)),
 }
 
 

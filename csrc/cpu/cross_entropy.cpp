@@ -144,7 +144,7 @@ inline Vectorized<acc_t> vexp(const Vectorized<acc_t>& v) {
 // log1p for float vectors, inline: musl's log1pf (FreeBSD's, < 1 ulp) lane by lane, the branches as
 // blends. With AVX-512, at::vec's log1p is a call into Sleef that cost the tiles as much as a fifth of
 // a segmentation map's forward (perf, 16-lane tiles of 21 classes).
-inline Vectorized<float> vlog1p(const Vectorized<float>& x) {
+C10_ALWAYS_INLINE Vectorized<float> vlog1p(const Vectorized<float>& x) {
 #if defined(CPU_CAPABILITY_AVX2) || defined(CPU_CAPABILITY_AVX512)
   using Vec = Vectorized<float>;
   using IVec = Vectorized<int32_t>;
@@ -209,9 +209,27 @@ struct Params : PositionLayout, Smoothing<acc_type<scalar_t>> {
                                    ignore_index, classes);
   }
   PositionTargets<acc_t> targets_of(int64_t pos) const { return targets_at(target_offset_of(pos), pos); }
+  // Index targets without mixup (no partner, lam = 1): targets_at for `count` positions whose targets
+  // sit at off0 + l·stride, without its per-position branches.
+  bool no_mixup() const { return !target_b64 && !target_b8 && !lam; }
+  void plain_targets(int64_t off0, int64_t stride, int64_t count, PositionTargets<acc_t>* out) const {
+    auto read = [&](const auto* target) {
+      for (int64_t l = 0; l < count; ++l) {
+        const int64_t t = static_cast<int64_t>(target[off0 + l * stride]);
+        const bool valid = t != ignore_index && static_cast<uint64_t>(t) < static_cast<uint64_t>(classes);
+        out[l] = {valid ? t : -1, -1, valid ? acc_t(1) : acc_t(0), acc_t(0)};  // position_targets(t, −, 1)
+      }
+    };
+    if (target64) {
+      read(target64);
+    } else {
+      read(target8);
+    }
+  }
   // Logits (class stride sc from x) and weights at the targets; read before any gradient is written,
   // as the gradient may be written over the logits (inplace_backward).
-  TargetLogits<acc_t> target_logits(const scalar_t* x, int64_t sc, const PositionTargets<acc_t>& t) const {
+  template <typename in_t>
+  TargetLogits<acc_t> target_logits(const in_t* x, int64_t sc, const PositionTargets<acc_t>& t) const {
     TargetLogits<acc_t> out{acc_t(0), acc_t(0), acc_t(0), acc_t(0)};
     if (t.a >= 0) out = {static_cast<acc_t>(x[t.a * sc]), acc_t(0), weight_at(t.a), acc_t(0)};
     if (t.b >= 0) {
@@ -469,12 +487,13 @@ struct TileLanes {
 
 // Loss, lse and gradient coefficients of a tile's valid lanes, from their sums and log Σexp (invalid
 // lanes: zeros), lane by lane: probability targets and mixup (tile_index_results does the rest).
-template <typename scalar_t, Mass kMass, typename acc_t, int64_t V>
-inline void tile_lane_results(const Params<scalar_t>& p, const scalar_t* x, int64_t sc, int64_t pos0,
+template <typename scalar_t, Mass kMass, typename in_t, typename acc_t, int64_t V>
+inline void tile_lane_results(const Params<scalar_t>& p, const in_t* x, int64_t sc, int64_t pos0, int64_t count,
                               const bool* valid, const PositionTargets<acc_t>* targets, TileLanes<acc_t, V>& lanes) {
   for (int64_t l = 0; l < V; ++l) {
     if (!valid[l]) {
       lanes.log_sum[l] = lanes.coef[l] = lanes.off[l] = acc_t(0);
+      if (l < count) p.position_loss[pos0 + l] = p.lse[pos0 + l] = acc_t(0);
       continue;
     }
     RowState<acc_t> state{lanes.max[l], lanes.sum[l], lanes.rest[l], acc_t(0), acc_t(0), acc_t(0)};
@@ -509,13 +528,13 @@ inline void tile_lane_results(const Params<scalar_t>& p, const scalar_t* x, int6
 // whose max is sole (row_math.h's sole_max, as tile_kernel computed it for log Σexp).
 // Out: lse and loss stored for the count lanes (0 in invalid lanes), lanes.coef and lanes.off, and in
 // target_grad the gradient element at each valid lane's target (with want_grad).
-template <typename scalar_t, typename acc_t, int64_t V>
-inline void tile_index_results(const Params<scalar_t>& p, const scalar_t* x, int64_t sc, int64_t pos0, int64_t count,
-                               const bool* valid, const PositionTargets<acc_t>* targets, const Vectorized<acc_t>& vmax,
-                               const Vectorized<acc_t>& vsole, const Vectorized<acc_t>& vrest,
-                               const Vectorized<acc_t>& vmass_dx, const Vectorized<acc_t>& vlog_sum,
-                               const Vectorized<acc_t>& vinvalid, bool want_grad, TileLanes<acc_t, V>& lanes,
-                               acc_t* target_grad) {
+template <typename scalar_t, typename in_t, typename acc_t, int64_t V>
+C10_ALWAYS_INLINE void tile_index_results(const Params<scalar_t>& p, const in_t* x, int64_t sc, int64_t pos0,
+                                          int64_t count, const bool* valid, const PositionTargets<acc_t>* targets,
+                                          const Vectorized<acc_t>& vmax, const Vectorized<acc_t>& vsole,
+                                          const Vectorized<acc_t>& vrest, const Vectorized<acc_t>& vmass_dx,
+                                          const Vectorized<acc_t>& vlog_sum, const Vectorized<acc_t>& vinvalid,
+                                          bool want_grad, TileLanes<acc_t, V>& lanes, acc_t* target_grad) {
   using Vec = Vectorized<acc_t>;
   alignas(64) acc_t xa[V], wa[V], scale[V];
   for (int64_t l = 0; l < V; ++l) {
@@ -560,8 +579,8 @@ inline void tile_index_results(const Params<scalar_t>& p, const scalar_t* x, int
 // `targets` holds the lanes' index targets (unused for soft targets); `exps` (C·V values, may be
 // null) keeps pass 2's exp(x − max) for pass 3. g may be x (inplace_backward): every logit is read
 // before its gradient element is written.
-template <typename scalar_t, Mass kMass>
-void tile_kernel(const Params<scalar_t>& p, const scalar_t* x, const scalar_t* prob, scalar_t* g, int64_t sc,
+template <typename scalar_t, Mass kMass, typename in_t>
+void tile_kernel(const Params<scalar_t>& p, const in_t* x, const in_t* prob, scalar_t* g, int64_t sc,
                  int64_t pos0, int64_t count, const PositionTargets<acc_type<scalar_t>>* targets,
                  acc_type<scalar_t>* exps) {
   using acc_t = acc_type<scalar_t>;
@@ -569,16 +588,18 @@ void tile_kernel(const Params<scalar_t>& p, const scalar_t* x, const scalar_t* p
   constexpr int64_t V = Vec::size();
   constexpr bool kSoft = kMass == Mass::kSoft;
   const int64_t C = p.classes;
-  auto load = [&](const scalar_t* ptr) { return count == V ? load_acc(ptr) : load_acc(ptr, count); };
+  auto load = [&](const in_t* ptr) { return count == V ? load_acc(ptr) : load_acc(ptr, count); };
 
   bool valid[V];
+  alignas(64) acc_t invalid_bits[V];  // blendv mask: all bits set in ignored / padding lanes
   bool any_valid = false;
   for (int64_t l = 0; l < V; ++l) {
     valid[l] = l < count && (kSoft || targets[l].valid());
     any_valid |= valid[l];
+    std::memset(&invalid_bits[l], valid[l] ? 0 : 0xFF, sizeof(acc_t));
   }
-  for (int64_t l = 0; l < count; ++l) p.position_loss[pos0 + l] = p.lse[pos0 + l] = acc_t(0);
   if (!any_valid) {
+    for (int64_t l = 0; l < count; ++l) p.position_loss[pos0 + l] = p.lse[pos0 + l] = acc_t(0);
     if (g)
       for (int64_t c = 0; c < C; ++c) store_acc(g + c * sc, Vec(0), count);
     return;
@@ -620,19 +641,17 @@ void tile_kernel(const Params<scalar_t>& p, const scalar_t* x, const scalar_t* p
   const Vec vat_max = vsum - vrest;
   const Vec vsole = (vrest < Vec(1)) & (vat_max > Vec(acc_t(0.5))) & (vat_max < Vec(acc_t(1.5)));
   vlog1p(Vec::blendv(vsum - Vec(1), vrest, vsole)).store(lanes.log_sum);
-  alignas(64) acc_t invalid_bits[V];  // blendv mask: all bits set in ignored / padding lanes
-  for (int64_t l = 0; l < V; ++l) std::memset(&invalid_bits[l], valid[l] ? 0 : 0xFF, sizeof(acc_t));
   const Vec vinvalid = Vec::loadu(invalid_bits);
   // Index targets without mixup: vector results (tile_index_results); else lane by lane.
   const bool vector_results = !kSoft && !p.target_b64 && !p.target_b8;
   alignas(64) acc_t target_grad[V];
   if constexpr (kSoft) {
-    tile_lane_results<scalar_t, kMass>(p, x, sc, pos0, valid, targets, lanes);
+    tile_lane_results<scalar_t, kMass, in_t>(p, x, sc, pos0, count, valid, targets, lanes);
   } else if (vector_results) {
-    tile_index_results<scalar_t>(p, x, sc, pos0, count, valid, targets, vorigin, vsole, vrest, vmass_dx,
-                                 Vec::loadu(lanes.log_sum), vinvalid, g != nullptr, lanes, target_grad);
+    tile_index_results<scalar_t, in_t>(p, x, sc, pos0, count, valid, targets, vorigin, vsole, vrest, vmass_dx,
+                                       Vec::loadu(lanes.log_sum), vinvalid, g != nullptr, lanes, target_grad);
   } else {
-    tile_lane_results<scalar_t, kMass>(p, x, sc, pos0, valid, targets, lanes);
+    tile_lane_results<scalar_t, kMass, in_t>(p, x, sc, pos0, count, valid, targets, lanes);
   }
   if (!g) return;
 
@@ -688,11 +707,14 @@ void across_kernel(const Params<scalar_t>& p, int64_t tile_begin, int64_t tile_e
     const int64_t n = tile / tiles_per_outer, s0 = (tile % tiles_per_outer) * V;
     const int64_t offset = n * p.stride_outer + s0 * p.stride_inner;
     const int64_t count = std::min(V, p.inner - s0);
-    if (kMass != Mass::kSoft)
+    if (kMass != Mass::kSoft && p.no_mixup()) {
+      p.plain_targets(p.target_offset(n, s0), p.target_stride_inner, count, targets);
+    } else if (kMass != Mass::kSoft) {
       for (int64_t l = 0; l < count; ++l) targets[l] = p.targets_at(p.target_offset(n, s0 + l), n * p.inner + s0 + l);
-    tile_kernel<scalar_t, kMass>(p, p.input + offset, kMass == Mass::kSoft ? p.soft_target + offset : nullptr,
-                                 p.grad ? p.grad + offset : nullptr, p.stride_class, n * p.inner + s0, count,
-                                 targets, exps.empty() ? nullptr : exps.data());
+    }
+    tile_kernel<scalar_t, kMass, scalar_t>(p, p.input + offset, kMass == Mass::kSoft ? p.soft_target + offset : nullptr,
+                                           p.grad ? p.grad + offset : nullptr, p.stride_class, n * p.inner + s0, count,
+                                           targets, exps.empty() ? nullptr : exps.data());
   }
 }
 
@@ -700,31 +722,84 @@ void across_kernel(const Params<scalar_t>& p, int64_t tile_begin, int64_t tile_e
 // class-major buffer (one lane per row), computed as a tile and the gradient scattered back.
 constexpr int64_t kSmallClasses = 32;
 
+// The stride between consecutive positions' rows when it is one stride for all of them ((N, C):
+// inner = 1; channels_last: stride_outer = inner·stride_inner), else −1.
+inline int64_t uniform_stride(int64_t inner, int64_t stride_outer, int64_t stride_inner) {
+  if (inner == 1) return stride_outer;
+  return stride_outer == inner * stride_inner ? stride_inner : -1;
+}
+
+// dst[0..n) = src[0..n) in the accumulation type, with vector conversions.
+template <typename scalar_t>
+void widen(const scalar_t* src, acc_type<scalar_t>* dst, int64_t n) {
+  constexpr int64_t V = Vectorized<acc_type<scalar_t>>::size();
+  int64_t i = 0;
+  for (; i + V <= n; i += V) load_acc(src + i).store(dst + i);
+  if (i < n) load_acc(src + i, n - i).store(dst + i, n - i);
+}
+
+// dst[j·ld_dst + i] = src[i·ld_src + j] for i < rows, j < cols. (at::vec::transpose_mxn's AVX-512
+// register transposes measured no faster for 16×10 fp32 tiles, 25% slower for bf16, and its masked
+// stores made the gradient's way back 15–20% slower.)
+template <typename src_t, typename dst_t>
+inline void transpose(const src_t* src, int64_t ld_src, dst_t* dst, int64_t ld_dst, int64_t rows, int64_t cols) {
+  for (int64_t i = 0; i < rows; ++i)
+    for (int64_t j = 0; j < cols; ++j) dst[j * ld_dst + i] = static_cast<dst_t>(src[i * ld_src + j]);
+}
+
 template <typename scalar_t, Mass kMass>
 void small_rows_kernel(const Params<scalar_t>& p, int64_t tile_begin, int64_t tile_end) {
-  constexpr int64_t V = Vectorized<acc_type<scalar_t>>::size();
+  using acc_t = acc_type<scalar_t>;
+  constexpr int64_t V = Vectorized<acc_t>::size();
+  constexpr bool kSoft = kMass == Mass::kSoft;
   const int64_t C = p.classes, positions = p.outer * p.inner;
-  scalar_t x_buf[kSmallClasses * V], prob_buf[kSmallClasses * V], g_buf[kSmallClasses * V];
-  acc_type<scalar_t> exp_buf[kSmallClasses * V];
-  acc_type<scalar_t>* exps = p.grad ? exp_buf : nullptr;
+  acc_t x_buf[kSmallClasses * V], prob_buf[kSmallClasses * V], exp_buf[kSmallClasses * V], wide[kSmallClasses * V];
+  scalar_t g_buf[kSmallClasses * V];
+  acc_t* exps = p.grad ? exp_buf : nullptr;
   int64_t offsets[V];
-  PositionTargets<acc_type<scalar_t>> targets[V] = {};
+  PositionTargets<acc_t> targets[V] = {};
+  // Rows one stride apart (the common case): a tile is transposed in and out as one block, and
+  // without mixup its targets are read at one stride too, without the general walk.
+  const int64_t row_stride = uniform_stride(p.inner, p.stride_outer, p.stride_inner);
+  const int64_t target_stride =
+      !kSoft && p.no_mixup() ? uniform_stride(p.inner, p.target_stride_outer, p.target_stride_inner) : -1;
+  // A tile of rows one stride apart into the class-major buffer (half types: rows that are one block
+  // widened with vector conversions first; a 16-bit element at a time costs twice as much).
+  auto load_tile = [&](const scalar_t* src, acc_t* dst, int64_t count) {
+    if (!std::is_same_v<scalar_t, acc_t> && row_stride == C) {
+      widen(src, wide, count * C);
+      transpose(wide, C, dst, V, count, C);
+    } else {
+      transpose(src, row_stride, dst, V, count, C);
+    }
+  };
   for (int64_t tile = tile_begin; tile < tile_end; ++tile) {
     const int64_t pos0 = tile * V, count = std::min(V, positions - pos0);
-    PositionCursor at(p, pos0);
-    for (int64_t l = 0; l < count; ++l, at.advance(p)) {
-      const int64_t pos = pos0 + l;
-      offsets[l] = at.n * p.stride_outer + at.s * p.stride_inner;
-      if (kMass != Mass::kSoft) targets[l] = p.targets_at(p.target_offset(at.n, at.s), pos);
-      for (int64_t c = 0; c < C; ++c) {
-        x_buf[c * V + l] = p.input[offsets[l] + c];
-        if constexpr (kMass == Mass::kSoft) prob_buf[c * V + l] = p.soft_target[offsets[l] + c];
+    if (target_stride >= 0) p.plain_targets(pos0 * target_stride, target_stride, count, targets);
+    if (row_stride >= 0) {
+      load_tile(p.input + pos0 * row_stride, x_buf, count);
+      if constexpr (kSoft) load_tile(p.soft_target + pos0 * row_stride, prob_buf, count);
+    }
+    if (row_stride < 0 || (!kSoft && target_stride < 0)) {
+      PositionCursor at(p, pos0);
+      for (int64_t l = 0; l < count; ++l, at.advance(p)) {
+        if (!kSoft && target_stride < 0) targets[l] = p.targets_at(p.target_offset(at.n, at.s), pos0 + l);
+        if (row_stride >= 0) continue;
+        offsets[l] = at.n * p.stride_outer + at.s * p.stride_inner;
+        for (int64_t c = 0; c < C; ++c) {
+          x_buf[c * V + l] = static_cast<acc_t>(p.input[offsets[l] + c]);
+          if constexpr (kSoft) prob_buf[c * V + l] = static_cast<acc_t>(p.soft_target[offsets[l] + c]);
+        }
       }
     }
-    tile_kernel<scalar_t, kMass>(p, x_buf, prob_buf, p.grad ? g_buf : nullptr, V, pos0, count, targets, exps);
-    if (p.grad)
+    tile_kernel<scalar_t, kMass, acc_t>(p, x_buf, prob_buf, p.grad ? g_buf : nullptr, V, pos0, count, targets, exps);
+    if (!p.grad) continue;
+    if (row_stride >= 0) {
+      transpose(g_buf, V, p.grad + pos0 * row_stride, row_stride, C, count);
+    } else {
       for (int64_t l = 0; l < count; ++l)
         for (int64_t c = 0; c < C; ++c) p.grad[offsets[l] + c] = g_buf[c * V + l];
+    }
   }
 }
 
