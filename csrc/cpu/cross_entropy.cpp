@@ -128,6 +128,23 @@ inline Vectorized<float> exp_simd(const Vectorized<float>& x) {
 }
 #endif
 
+// acc + (d != 0 ? v : 0) lane by lane (d NaN: v added): the sums over the logits below the max
+// (RowState::rest, mass_rest). With AVX-512 one masked add on the compare's mask register (at::vec's
+// compare, & and + take four instructions).
+template <typename acc_t>
+inline Vectorized<acc_t> add_below(const Vectorized<acc_t>& acc, const Vectorized<acc_t>& v,
+                                   const Vectorized<acc_t>& d) {
+#if defined(CPU_CAPABILITY_AVX512)
+  if constexpr (std::is_same_v<acc_t, float>) {
+    return _mm512_mask_add_ps(acc, _mm512_cmp_ps_mask(d, _mm512_setzero_ps(), _CMP_NEQ_UQ), acc, v);
+  } else {
+    return _mm512_mask_add_pd(acc, _mm512_cmp_pd_mask(d, _mm512_setzero_pd(), _CMP_NEQ_UQ), acc, v);
+  }
+#else
+  return acc + (v & (d != Vectorized<acc_t>(0)));
+#endif
+}
+
 template <typename acc_t>
 inline Vectorized<acc_t> vexp(const Vectorized<acc_t>& v) {
   if constexpr (std::is_same_v<acc_t, float>) {
@@ -310,9 +327,8 @@ RowState<acc_type<scalar_t>> row_state(const Params<scalar_t>& p, const scalar_t
     auto accumulate = [&](int64_t c, int k) {
       const Vec d = load_acc(x + c) - vorigin;
       const Vec e = vexp(d);
-      const Vec below = d != Vec(0);  // all bits set below the max (RowState::rest)
       vsum[k] += e;
-      vrest[k] += (e & below);
+      vrest[k] = add_below(vrest[k], e, d);
       if (exps) e.store(exps + c);
       if constexpr (kMass == Mass::kUnit) {
         vmass_dx[k] += d;
@@ -325,7 +341,7 @@ RowState<acc_type<scalar_t>> row_state(const Params<scalar_t>& p, const scalar_t
         if (p.weight) v = v * Vec::loadu(p.weight + c);
         vmass_dx[k] = at::vec::fmadd(v, d, vmass_dx[k]);
         vmass[k] += v;
-        vmass_rest[k] += (v & below);
+        vmass_rest[k] = add_below(vmass_rest[k], v, d);
       }
     };
     int64_t c = begin;
@@ -612,9 +628,8 @@ void tile_kernel(const Params<scalar_t>& p, const in_t* x, const in_t* prob, sca
   for (int64_t c = 0; c < C; ++c) {
     const Vec d = load(x + c * sc) - vorigin;
     const Vec e = vexp(d);
-    const Vec below = d != Vec(0);  // all bits set below the max (RowState::rest)
     vsum += e;
-    vrest += (e & below);
+    vrest = add_below(vrest, e, d);
     if (exps) e.store(exps + c * V);
     if constexpr (kMass == Mass::kUnit) {
       vmass_dx += d;
@@ -625,7 +640,7 @@ void tile_kernel(const Params<scalar_t>& p, const in_t* x, const in_t* prob, sca
       if (p.weight) v = v * Vec(p.weight[c]);
       vmass_dx = at::vec::fmadd(v, d, vmass_dx);
       vmass += v;
-      vmass_rest += (v & below);
+      vmass_rest = add_below(vmass_rest, v, d);
     }
   }
   TileLanes<acc_t, V> lanes;
