@@ -257,10 +257,11 @@ struct Params : PositionLayout, Smoothing<acc_type<scalar_t>> {
   }
   // The target elements of a position's gradient, with the exact exp, and at the row's sole max
   // from 1 − p (grad_at in row_math.h): written after the dense part.
-  void write_target_grads(scalar_t* g, int64_t sc, acc_t row_max, acc_t log_sum, const IndexGradCoefs<acc_t>& k,
+  template <typename out_t>
+  void write_target_grads(out_t* g, int64_t sc, acc_t row_max, acc_t log_sum, const IndexGradCoefs<acc_t>& k,
                           const PositionTargets<acc_t>& t, const TargetLogits<acc_t>& x) const {
     auto write = [&](int64_t c, acc_t x_c, acc_t w_c) {
-      g[c * sc] = static_cast<scalar_t>(grad_at(k, x_c, row_max, log_sum, w_c, c == t.a, c == t.b));
+      g[c * sc] = static_cast<out_t>(grad_at(k, x_c, row_max, log_sum, w_c, c == t.a, c == t.b));
     };
     if (t.a >= 0) write(t.a, x.x_a, x.w_a);
     if (t.b >= 0 && t.b != t.a) write(t.b, x.x_b, x.w_b);
@@ -503,8 +504,8 @@ struct TileLanes {
 
 // Loss, lse and gradient coefficients of a tile's valid lanes, from their sums and log Σexp (invalid
 // lanes: zeros), lane by lane: probability targets and mixup (tile_index_results does the rest).
-template <typename scalar_t, Mass kMass, typename in_t, typename acc_t, int64_t V>
-inline void tile_lane_results(const Params<scalar_t>& p, const in_t* x, int64_t sc, int64_t pos0, int64_t count,
+template <typename scalar_t, Mass kMass, typename tile_t, typename acc_t, int64_t V>
+inline void tile_lane_results(const Params<scalar_t>& p, const tile_t* x, int64_t sc, int64_t pos0, int64_t count,
                               const bool* valid, const PositionTargets<acc_t>* targets, TileLanes<acc_t, V>& lanes) {
   for (int64_t l = 0; l < V; ++l) {
     if (!valid[l]) {
@@ -544,8 +545,8 @@ inline void tile_lane_results(const Params<scalar_t>& p, const in_t* x, int64_t 
 // whose max is sole (row_math.h's sole_max, as tile_kernel computed it for log Σexp).
 // Out: lse and loss stored for the count lanes (0 in invalid lanes), lanes.coef and lanes.off, and in
 // target_grad the gradient element at each valid lane's target (with want_grad).
-template <typename scalar_t, typename in_t, typename acc_t, int64_t V>
-C10_ALWAYS_INLINE void tile_index_results(const Params<scalar_t>& p, const in_t* x, int64_t sc, int64_t pos0,
+template <typename scalar_t, typename tile_t, typename acc_t, int64_t V>
+C10_ALWAYS_INLINE void tile_index_results(const Params<scalar_t>& p, const tile_t* x, int64_t sc, int64_t pos0,
                                           int64_t count, const bool* valid, const PositionTargets<acc_t>* targets,
                                           const Vectorized<acc_t>& vmax, const Vectorized<acc_t>& vsole,
                                           const Vectorized<acc_t>& vrest, const Vectorized<acc_t>& vmass_dx,
@@ -589,14 +590,15 @@ C10_ALWAYS_INLINE void tile_index_results(const Params<scalar_t>& p, const in_t*
 }
 
 // A tile is up to V positions pos0 .. pos0+count, lane l of class c at x[c*sc + l] (and P, g alike).
-// Strided layouts ((N, C, H, W), x.t()) are walked in place; small-C rows are gathered into a
-// class-major buffer first. The tile's C×V logits are read from memory once (pass 1: max) and
-// re-read from cache (pass 2: sums, pass 3: gradient).
+// Strided layouts ((N, C, H, W), x.t()) are walked in place (tile_t = scalar_t); small-C rows are
+// gathered into a class-major buffer of the accumulation type first (tile_t = acc_t). The tile's C×V
+// logits are read from memory once (pass 1: max) and re-read from cache (pass 2: sums, pass 3:
+// gradient).
 // `targets` holds the lanes' index targets (unused for soft targets); `exps` (C·V values, may be
 // null) keeps pass 2's exp(x − max) for pass 3. g may be x (inplace_backward): every logit is read
 // before its gradient element is written.
-template <typename scalar_t, Mass kMass, typename in_t>
-void tile_kernel(const Params<scalar_t>& p, const in_t* x, const in_t* prob, scalar_t* g, int64_t sc,
+template <typename scalar_t, Mass kMass, typename tile_t>
+void tile_kernel(const Params<scalar_t>& p, const tile_t* x, const tile_t* prob, tile_t* g, int64_t sc,
                  int64_t pos0, int64_t count, const PositionTargets<acc_type<scalar_t>>* targets,
                  acc_type<scalar_t>* exps) {
   using acc_t = acc_type<scalar_t>;
@@ -604,7 +606,7 @@ void tile_kernel(const Params<scalar_t>& p, const in_t* x, const in_t* prob, sca
   constexpr int64_t V = Vec::size();
   constexpr bool kSoft = kMass == Mass::kSoft;
   const int64_t C = p.classes;
-  auto load = [&](const in_t* ptr) { return count == V ? load_acc(ptr) : load_acc(ptr, count); };
+  auto load = [&](const tile_t* ptr) { return count == V ? load_acc(ptr) : load_acc(ptr, count); };
 
   bool valid[V];
   alignas(64) acc_t invalid_bits[V];  // blendv mask: all bits set in ignored / padding lanes
@@ -661,12 +663,12 @@ void tile_kernel(const Params<scalar_t>& p, const in_t* x, const in_t* prob, sca
   const bool vector_results = !kSoft && !p.target_b64 && !p.target_b8;
   alignas(64) acc_t target_grad[V];
   if constexpr (kSoft) {
-    tile_lane_results<scalar_t, kMass, in_t>(p, x, sc, pos0, count, valid, targets, lanes);
+    tile_lane_results<scalar_t, kMass, tile_t>(p, x, sc, pos0, count, valid, targets, lanes);
   } else if (vector_results) {
-    tile_index_results<scalar_t, in_t>(p, x, sc, pos0, count, valid, targets, vorigin, vsole, vrest, vmass_dx,
+    tile_index_results<scalar_t, tile_t>(p, x, sc, pos0, count, valid, targets, vorigin, vsole, vrest, vmass_dx,
                                        Vec::loadu(lanes.log_sum), vinvalid, g != nullptr, lanes, target_grad);
   } else {
-    tile_lane_results<scalar_t, kMass, in_t>(p, x, sc, pos0, count, valid, targets, lanes);
+    tile_lane_results<scalar_t, kMass, tile_t>(p, x, sc, pos0, count, valid, targets, lanes);
   }
   if (!g) return;
 
@@ -696,7 +698,7 @@ void tile_kernel(const Params<scalar_t>& p, const in_t* x, const in_t* prob, sca
     for (int64_t l = 0; l < count; ++l) {
       if (!valid[l]) continue;
       if (vector_results) {
-        g[targets[l].a * sc + l] = static_cast<scalar_t>(target_grad[l]);
+        g[targets[l].a * sc + l] = static_cast<tile_t>(target_grad[l]);
       } else {
         p.write_target_grads(g + l, sc, lanes.max[l], lanes.log_sum[l], lanes.k[l], targets[l], lanes.x[l]);
       }
@@ -744,13 +746,21 @@ inline int64_t uniform_stride(int64_t inner, int64_t stride_outer, int64_t strid
   return stride_outer == inner * stride_inner ? stride_inner : -1;
 }
 
-// dst[0..n) = src[0..n) in the accumulation type, with vector conversions.
+// dst[0..n) = src[0..n) in the accumulation type, and back (rounded once), with vector conversions.
 template <typename scalar_t>
 void widen(const scalar_t* src, acc_type<scalar_t>* dst, int64_t n) {
   constexpr int64_t V = Vectorized<acc_type<scalar_t>>::size();
   int64_t i = 0;
   for (; i + V <= n; i += V) load_acc(src + i).store(dst + i);
   if (i < n) load_acc(src + i, n - i).store(dst + i, n - i);
+}
+
+template <typename scalar_t>
+void narrow(const acc_type<scalar_t>* src, scalar_t* dst, int64_t n) {
+  using Vec = Vectorized<acc_type<scalar_t>>;
+  int64_t i = 0;
+  for (; i + Vec::size() <= n; i += Vec::size()) store_acc(dst + i, Vec::loadu(src + i));
+  if (i < n) store_acc(dst + i, Vec::loadu(src + i, n - i), n - i);
 }
 
 // dst[j·ld_dst + i] = src[i·ld_src + j] for i < rows, j < cols. (at::vec::transpose_mxn's AVX-512
@@ -768,8 +778,8 @@ void small_rows_kernel(const Params<scalar_t>& p, int64_t tile_begin, int64_t ti
   constexpr int64_t V = Vectorized<acc_t>::size();
   constexpr bool kSoft = kMass == Mass::kSoft;
   const int64_t C = p.classes, positions = p.outer * p.inner;
-  acc_t x_buf[kSmallClasses * V], prob_buf[kSmallClasses * V], exp_buf[kSmallClasses * V], wide[kSmallClasses * V];
-  scalar_t g_buf[kSmallClasses * V];
+  acc_t x_buf[kSmallClasses * V], prob_buf[kSmallClasses * V], g_buf[kSmallClasses * V], exp_buf[kSmallClasses * V];
+  acc_t wide[kSmallClasses * V];
   acc_t* exps = p.grad ? exp_buf : nullptr;
   int64_t offsets[V];
   PositionTargets<acc_t> targets[V] = {};
@@ -778,14 +788,24 @@ void small_rows_kernel(const Params<scalar_t>& p, int64_t tile_begin, int64_t ti
   const int64_t row_stride = uniform_stride(p.inner, p.stride_outer, p.stride_inner);
   const int64_t target_stride =
       !kSoft && p.no_mixup() ? uniform_stride(p.inner, p.target_stride_outer, p.target_stride_inner) : -1;
-  // A tile of rows one stride apart into the class-major buffer (half types: rows that are one block
-  // widened with vector conversions first; a 16-bit element at a time costs twice as much).
+  // A tile of rows one stride apart into the class-major buffer and its gradient back (half types:
+  // rows that are one block widened and narrowed with vector conversions, transposed in fp32; a
+  // 16-bit element at a time costs twice as much).
+  constexpr bool kHalf = !std::is_same_v<scalar_t, acc_t>;
   auto load_tile = [&](const scalar_t* src, acc_t* dst, int64_t count) {
-    if (!std::is_same_v<scalar_t, acc_t> && row_stride == C) {
+    if (kHalf && row_stride == C) {
       widen(src, wide, count * C);
       transpose(wide, C, dst, V, count, C);
     } else {
       transpose(src, row_stride, dst, V, count, C);
+    }
+  };
+  auto store_tile = [&](const acc_t* src, scalar_t* dst, int64_t count) {
+    if (kHalf && row_stride == C) {
+      transpose(src, V, wide, C, C, count);
+      narrow(wide, dst, count * C);
+    } else {
+      transpose(src, V, dst, row_stride, C, count);
     }
   };
   for (int64_t tile = tile_begin; tile < tile_end; ++tile) {
@@ -810,10 +830,10 @@ void small_rows_kernel(const Params<scalar_t>& p, int64_t tile_begin, int64_t ti
     tile_kernel<scalar_t, kMass, acc_t>(p, x_buf, prob_buf, p.grad ? g_buf : nullptr, V, pos0, count, targets, exps);
     if (!p.grad) continue;
     if (row_stride >= 0) {
-      transpose(g_buf, V, p.grad + pos0 * row_stride, row_stride, C, count);
+      store_tile(g_buf, p.grad + pos0 * row_stride, count);
     } else {
       for (int64_t l = 0; l < count; ++l)
-        for (int64_t c = 0; c < C; ++c) p.grad[offsets[l] + c] = g_buf[c * V + l];
+        for (int64_t c = 0; c < C; ++c) p.grad[offsets[l] + c] = static_cast<scalar_t>(g_buf[c * V + l]);
     }
   }
 }
