@@ -226,16 +226,15 @@ struct Params : PositionLayout, Smoothing<acc_type<scalar_t>> {
                                    ignore_index, classes);
   }
   PositionTargets<acc_t> targets_of(int64_t pos) const { return targets_at(target_offset_of(pos), pos); }
-  // Index targets without mixup (no partner, lam = 1): targets_at for `count` positions whose targets
-  // sit at off0 + l·stride, without its per-position branches.
-  bool no_mixup() const { return !target_b64 && !target_b8 && !lam; }
+  // No mixup partner (and so no lam: make_problem takes lam only with target_b; lam_value is 1).
+  bool no_mixup() const { return !target_b64 && !target_b8; }
+  // Without mixup: targets_at for `count` positions whose targets sit at off0 + l·stride, without its
+  // per-position branches (dtype, partner, lam).
   void plain_targets(int64_t off0, int64_t stride, int64_t count, PositionTargets<acc_t>* out) const {
     auto read = [&](const auto* target) {
-      for (int64_t l = 0; l < count; ++l) {
-        const int64_t t = static_cast<int64_t>(target[off0 + l * stride]);
-        const bool valid = t != ignore_index && static_cast<uint64_t>(t) < static_cast<uint64_t>(classes);
-        out[l] = {valid ? t : -1, -1, valid ? acc_t(1) : acc_t(0), acc_t(0)};  // position_targets(t, −, 1)
-      }
+      for (int64_t l = 0; l < count; ++l)
+        out[l] = position_targets<acc_t>(static_cast<int64_t>(target[off0 + l * stride]), ignore_index, acc_t(1),
+                                         ignore_index, classes);
     };
     if (target64) {
       read(target64);
@@ -660,7 +659,7 @@ void tile_kernel(const Params<scalar_t>& p, const tile_t* x, const tile_t* prob,
   vlog1p(Vec::blendv(vsum - Vec(1), vrest, vsole)).store(lanes.log_sum);
   const Vec vinvalid = Vec::loadu(invalid_bits);
   // Index targets without mixup: vector results (tile_index_results); else lane by lane.
-  const bool vector_results = !kSoft && !p.target_b64 && !p.target_b8;
+  const bool vector_results = !kSoft && p.no_mixup();
   alignas(64) acc_t target_grad[V];
   if constexpr (kSoft) {
     tile_lane_results<scalar_t, kMass, tile_t>(p, x, sc, pos0, count, valid, targets, lanes);
@@ -855,7 +854,7 @@ double index_target_total_weight(const Params<scalar_t>& p) {
       double total = 0.0;
       const int64_t begin = chunk * kReduceChunk, end = std::min(positions, (chunk + 1) * kReduceChunk);
       auto out_of_range = [&](int64_t t) { return t != p.ignore_index && (t < 0 || t >= p.classes); };
-      if (p.target_b64 == nullptr && p.target_b8 == nullptr) {  // no mixup: the common case, kept tight
+      if (p.no_mixup()) {  // the common case, kept tight
         auto for_each_target = [&](auto&& f) {
           PositionCursor at(p, begin);
           for (int64_t pos = begin; pos < end; ++pos, at.advance(p))
