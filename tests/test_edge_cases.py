@@ -96,6 +96,41 @@ def test_nonfinite_logit_gives_nan_row(dtype, bad, eps, column):
             assert smoothce.cross_entropy(x, t, reduction=reduction, label_smoothing=eps).isnan()
 
 
+@pytest.mark.parametrize("dtype", DTYPES, ids=dtype_id)
+@pytest.mark.parametrize("C, columns", [
+    (10, (0, 4, 9)), (21, (0, 7, 20)),  # tiles (small rows; strided classes): both max chains
+    (67, (0, 40, 66)),  # rows: the first vector, the loop after the unrolled one, the scalar tail
+    (150, (0, 20, 36, 52, 68, 135, 149)),  # rows: each of the four unrolled max chains (8 and 16 lanes)
+    (2085, (5, 2047, 2048, 2084)),  # two blocks of 2048 classes: each block's max and its last vector
+], ids=lambda v: str(v))
+@pytest.mark.parametrize("layout", ["rows", "classes-strided"])
+@pytest.mark.parametrize("value", ["nan", "huge"])
+def test_any_column_reaches_the_max(dtype, C, columns, layout, value):
+    """One logit, in any column (whichever max chain, vector tail or block of the kernels reads it), is NaN
+    or huge (1e4). NaN: that position's loss and its whole gradient row are NaN (torch's too), the other
+    positions match the reference. Huge: every position matches the reference (a max that missed the
+    column would overflow exp). Rows and (1, C, N) with classes N apart."""
+    N = 37  # tiles of 16 and 8 lanes, a partial one
+    bad = N - 2
+    for column in columns:
+        x = make_logits((N, C), dtype)
+        x[bad, column] = math.nan if value == "nan" else 1e4
+        t = make_index_target((N,), C)
+        if layout == "rows":
+            data, view, tgt, rows = x, None, t, (lambda g: g)
+        else:  # the leaf holds x.t() contiguously
+            data, view, tgt, rows = x.t().contiguous(), (lambda leaf: leaf.unsqueeze(0)), t.unsqueeze(0), (lambda g: g.t())
+        loss, grad, _ = run(smoothce.cross_entropy, data, tgt, view=view, reduction="none", label_smoothing=0.1)
+        truth_loss, truth_grad, _ = run_truth(data, tgt, view=view, reduction="none", label_smoothing=0.1)
+        loss, grad, truth_loss, truth_grad = loss.reshape(-1), rows(grad), truth_loss.reshape(-1), rows(truth_grad)
+        ok = torch.arange(N) != bad if value == "nan" else torch.ones(N, dtype=torch.bool)
+        if value == "nan":
+            assert loss[bad].isnan(), f"column {column}: the NaN position's loss is {loss[bad].item()}"
+            assert grad[bad].isnan().all(), f"column {column}: finite gradient elements in the NaN row"
+        assert_close_to_truth(loss[ok], truth_loss[ok], None, dtype, f"column {column}: loss")
+        assert_close_to_truth(grad[ok], truth_grad[ok], None, dtype, f"column {column}: grad")
+
+
 @pytest.mark.parametrize("eps", [0.0, 0.1])
 def test_nonfinite_logit_in_ignored_row(eps):
     """An ignored row contributes 0 even when its logits are NaN (torch agrees on the loss)."""
