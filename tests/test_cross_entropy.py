@@ -370,6 +370,47 @@ def test_uint8_targets(reduction, eps):
     check_all(mine, theirs, truth, torch.float32)
 
 
+# ------------------------------------------------------------------ index targets in any layout
+
+TARGET_LAYOUTS = {  # (logits' shape, the target's full tensor's shape, a view of it shaped like the positions)
+    "sliced": ((40, 13), (80,), lambda t: t[::2]),  # one stride, 2
+    "offset-slice": ((40, 13), (130,), lambda t: t[7:127:3]),
+    "expanded": ((40, 13), (2,), lambda t: t[1:].expand(40)),  # stride 0 (full[0] is an ignored one)
+    "spatial-sliced": ((3, 13, 4, 5), (3, 8, 5), lambda t: t[:, ::2]),  # not one stride: the cursor walk
+    "spatial-transposed": ((3, 13, 4, 5), (3, 5, 4), lambda t: t.transpose(1, 2)),
+    "spatial-one-stride": ((3, 13, 4, 5), (3, 4, 5, 2), lambda t: t[..., 0]),  # one stride, 2
+}
+
+
+@pytest.mark.parametrize("layout", list(TARGET_LAYOUTS))
+@pytest.mark.parametrize("target_dtype", [torch.int64, torch.uint8], ids=["int64", "uint8"])
+@pytest.mark.parametrize("weighted", [False, True], ids=["", "weight"])
+@pytest.mark.parametrize("reduction", REDUCTIONS)
+def test_index_targets_in_any_layout(layout, target_dtype, weighted, reduction):
+    """Non-contiguous index targets (slices, stride 0, transposed masks), int64 and uint8, with ignored
+    positions: the loss (the mean's denominator counts or weighs the valid targets read through the
+    target's own strides) and gradient equal those of a contiguous copy of the targets, and a bad value
+    seen through the view is an IndexError naming it."""
+    shape, full_shape, view = TARGET_LAYOUTS[layout]
+    C = shape[1]
+    x = make_logits(shape)
+    full = make_index_target(full_shape, C, seed=5, ignore_every=7, ignore_index=255).to(target_dtype)
+    t = view(full)
+    assert not t.is_contiguous() or layout == "expanded"
+    kwargs = dict(ignore_index=255, reduction=reduction, label_smoothing=0.1,
+                  weight=make_weight(C) if weighted else None)
+    mine = run(smoothce.cross_entropy, x, t, **kwargs)
+    copy = run(smoothce.cross_entropy, x, t.contiguous(), **kwargs)
+    torch.testing.assert_close(mine[0], copy[0], rtol=0, atol=0)
+    torch.testing.assert_close(mine[1], copy[1], rtol=0, atol=0)
+    check_all(mine, run(F.cross_entropy, x, t.long(), **kwargs), run_truth(x, t.long(), **kwargs), torch.float32)
+    bad = full.clone()
+    seen = view(bad)
+    seen[tuple(size - 1 for size in seen.shape)] = C  # the view's last position
+    with pytest.raises(IndexError, match=f"target value {C} is out of bounds"):
+        smoothce.cross_entropy(x, seen, **kwargs)
+
+
 # ------------------------------------------------- vector tails, many positions (parallel chunks)
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64], ids=dtype_id)

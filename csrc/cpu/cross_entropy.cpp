@@ -916,7 +916,20 @@ double index_target_total_weight(const Params<scalar_t>& p) {
       const int64_t begin = chunk * kReduceChunk, end = std::min(positions, (chunk + 1) * kReduceChunk);
       auto out_of_range = [&](int64_t t) { return t != p.ignore_index && (t < 0 || t >= p.classes); };
       if (p.no_mixup()) {  // the common case, kept tight
+        // Targets one stride apart ((N,) and (N, H, W) contiguous, any slice of them) are read in a plain
+        // loop: no position cursor and no branch on the targets' dtype per position.
+        const int64_t target_stride = uniform_stride(p.inner, p.target_stride_outer, p.target_stride_inner);
         auto for_each_target = [&](auto&& f) {
+          if (target_stride >= 0) {
+            if (p.target64) {
+              for (int64_t pos = begin; pos < end; ++pos)
+                if (!f(p.target64[pos * target_stride])) break;
+            } else {
+              for (int64_t pos = begin; pos < end; ++pos)
+                if (!f(static_cast<int64_t>(p.target8[pos * target_stride]))) break;
+            }
+            return;
+          }
           PositionCursor at(p, begin);
           for (int64_t pos = begin; pos < end; ++pos, at.advance(p))
             if (!f(p.target_at_offset(p.target_offset(at.n, at.s)))) break;
