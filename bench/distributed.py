@@ -29,7 +29,6 @@ import statistics
 import subprocess
 import sys
 import time
-import traceback
 from pathlib import Path
 from typing import Optional
 
@@ -41,7 +40,7 @@ import torch.nn.functional as F
 
 from bench import report
 from bench.harness import (DTYPES, IGNORED_FRACTION, LABEL_SMOOTHING, ROOT, cpu_peak_extra_bytes, device_name,
-                           load_average, machine_metadata)
+                           load_average, machine_metadata, run_then_exit)
 
 WORLD = 2
 IGNORE_INDEX = -100
@@ -351,20 +350,10 @@ def main(argv: Optional[list[str]] = None) -> int:
     parser.add_argument("--shapes-json", help=argparse.SUPPRESS)
     parser.add_argument("--raw", type=Path, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
-    if args.rank is not None:  # one of the ranks
-        # Its results are in args.raw (written and closed) once _rank_main returns. The process then ends
-        # with os._exit: under load, some runs aborted in the interpreter's teardown after all their work
-        # ("terminate called without an active exception": a thread of the profiler or of gloo still
-        # alive at exit), which would fail a benchmark whose numbers were all written.
-        status = 0
-        try:
-            _rank_main(args.rank, args.port, [tuple(s) for s in json.loads(args.shapes_json)], args.runs, args.raw)
-        except BaseException:  # noqa: BLE001  (reported, then the same quick exit with status 1)
-            traceback.print_exc()
-            status = 1
-        sys.stdout.flush()
-        sys.stderr.flush()
-        os._exit(status)
+    if args.rank is not None:  # one of the ranks: its results are in args.raw (written and closed) once
+        # _rank_main returns; the process then ends with os._exit (see run_then_exit)
+        run_then_exit(lambda: _rank_main(args.rank, args.port, [tuple(s) for s in json.loads(args.shapes_json)],
+                                         args.runs, args.raw))
     out = args.out or ROOT / "bench" / "results" / ("scratch" if args.quick else "")
     out.mkdir(parents=True, exist_ok=True)
     data = run(out, args.quick, args.runs)

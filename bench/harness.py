@@ -17,6 +17,7 @@ import platform
 import statistics
 import sys
 import time
+import traceback
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Optional
@@ -230,6 +231,26 @@ def release_memory(device: str) -> None:
 
 
 # ----------------------------------------------------------------------------- the machine
+
+def run_then_exit(main: Callable[[], None]) -> None:
+    """Runs main() in a process of a torch.distributed (gloo) group, then ends the process with os._exit:
+    status 0, a SystemExit's code, or 1 after printing the traceback of anything else main() raised.
+    main() writes its results and destroys its process group first. Under load such processes now and
+    then aborted in the interpreter's teardown after all their work ("terminate called without an
+    active exception": a thread of gloo or of the profiler still alive at exit), failing runs whose
+    results were all written. A crash inside main() still ends the process with a non-zero status."""
+    status = 0
+    try:
+        main()
+    except SystemExit as exc:  # (argparse)
+        status = exc.code if isinstance(exc.code, int) else 1
+    except BaseException:  # noqa: BLE001  (reported, then the same quick exit with status 1)
+        traceback.print_exc()
+        status = 1
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(status)
+
 
 def error_reason(error: BaseException) -> str:
     return f"{type(error).__name__}: {str(error).strip().splitlines()[0] if str(error).strip() else ''}"

@@ -1058,18 +1058,9 @@ def _standin_linear(mixup, input, linear_weight, target, target_b, lam, *, linea
 
 if __name__ == "__main__":
     # The process ends with os._exit once main() returns (every result and the done file written, the process
-    # group destroyed), as bench/distributed.py's ranks do: under load a rank now and then aborted in the
-    # interpreter's teardown after all its work ("terminate called without an active exception", gloo's
-    # threads at exit), which failed test_workers_exit_cleanly with every case passed. A crash during a
-    # case still leaves its result missing and a non-zero exit code.
-    status = 0
-    try:
-        main()
-    except SystemExit as exc:  # (argparse)
-        status = exc.code if isinstance(exc.code, int) else 1
-    except BaseException:  # noqa: BLE001  (reported, then the same quick exit with status 1)
-        traceback.print_exc()
-        status = 1
-    sys.stdout.flush()
-    sys.stderr.flush()
-    os._exit(status)
+    # group destroyed), as bench/distributed.py's ranks do: a rank now and then aborted in the interpreter's
+    # teardown after every case passed, failing test_workers_exit_cleanly. A crash during a case still
+    # leaves its result missing and a non-zero exit code.
+    from bench.harness import run_then_exit  # noqa: E402  (ROOT is on sys.path)
+
+    run_then_exit(main)
