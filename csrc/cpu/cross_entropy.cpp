@@ -921,12 +921,14 @@ double index_target_total_weight(const Params<scalar_t>& p) {
         const int64_t target_stride = uniform_stride(p.inner, p.target_stride_outer, p.target_stride_inner);
         auto for_each_target = [&](auto&& f) {
           if (target_stride >= 0) {
+            auto walk = [&](const auto* target) {
+              for (int64_t pos = begin; pos < end; ++pos)
+                if (!f(static_cast<int64_t>(target[pos * target_stride]))) break;
+            };
             if (p.target64) {
-              for (int64_t pos = begin; pos < end; ++pos)
-                if (!f(p.target64[pos * target_stride])) break;
+              walk(p.target64);
             } else {
-              for (int64_t pos = begin; pos < end; ++pos)
-                if (!f(static_cast<int64_t>(p.target8[pos * target_stride]))) break;
+              walk(p.target8);
             }
             return;
           }
