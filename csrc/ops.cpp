@@ -26,6 +26,10 @@ TORCH_LIBRARY(smoothce, m) {
 namespace smoothce::cpu {
 void empty_grad_cache();
 }
+namespace smoothce {  // csrc/autograd.cpp
+PyObject* cross_entropy(PyObject*, PyObject* args);
+PyObject* set_differentiable_grad(PyObject*, PyObject* fn);
+}  // namespace smoothce
 
 namespace {
 
@@ -45,6 +49,12 @@ PyMethodDef module_methods[] = {
     {"empty_cache", empty_cache, METH_NOARGS, "Release the cached CPU gradient buffer."},
     {"linear_chunk_rows", linear_chunk_rows, METH_VARARGS,
      "linear_chunk_rows(N, H, V, itemsize, chunk_size, fewest): rows per chunk of the fused linear loss."},
+    {"cross_entropy", smoothce::cross_entropy, METH_VARARGS,
+     "cross_entropy(ns, input, target, weight, ignore_index, reduction, label_smoothing, float32_loss, "
+     "target_values, z_loss, target_b, lam, lam_value, with_grad): the loss, with its C++ autograd node when "
+     "with_grad (smoothce._function)."},
+    {"set_differentiable_grad", smoothce::set_differentiable_grad, METH_O,
+     "The Python function the backward of cross_entropy's node calls under create_graph=True."},
     {nullptr, nullptr, 0, nullptr}};
 
 PyObject* build_info_dict() {

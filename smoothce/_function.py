@@ -38,10 +38,13 @@ def _check_kernel_device(input):
 def _check_devices(where: str, input, target, weight, target_b=None, **others):
     """Before dispatch: a CUDA or meta tensor among CPU ones would otherwise pick that backend's kernel.
     others: more tensor arguments by name (None: absent)."""
+    device = input.device
+    if weight is None and target_b is None and not others and target is not None and target.device == device:
+        return
     named = (("target", target), ("weight", weight), ("target_b", target_b)) + tuple(others.items())
     for name, tensor in named:
-        if tensor is not None and tensor.device != input.device:
-            raise ValueError(f"{where}: {name} must be on the input's device ({input.device}), got {tensor.device}")
+        if tensor is not None and tensor.device != device:
+            raise ValueError(f"{where}: {name} must be on the input's device ({device}), got {tensor.device}")
 
 
 @torch.library.register_fake("smoothce::forward")
@@ -175,6 +178,12 @@ class CrossEntropyFunction(torch.autograd.Function):
 _APPLY_ARGS = 15  # CrossEntropyFunction.forward's arguments after ctx
 
 
+def _cpp_autograd() -> bool:
+    """Whether _C.cross_entropy may serve a call: in eager mode only. torch.compile traces the ops
+    and CrossEntropyFunction, and torch.func's transforms get their errors."""
+    return not torch.compiler.is_compiling() and not torch._C._are_functorch_transforms_active()
+
+
 def _reciprocal(divisor, input):
     """1/divisor in the kernels' accumulation dtype (fp64 for fp64 logits, else fp32)."""
     return torch.reciprocal(divisor.to(torch.float64 if input.dtype == torch.float64 else torch.float32))
@@ -183,19 +192,34 @@ def _reciprocal(divisor, input):
 def _differentiable_backward(ctx, grad_loss):
     """Gradients that autograd can differentiate again (second order: Hessian-vector products,
     meta-learning), from the reference implementation's graph; only used under create_graph=True."""
-    from . import reference
-
     ignore_index, reduction, label_smoothing, _ = ctx.args
     input, target, weight = ctx.saved_tensors[:3]
-    wanted = [t for t, needed in zip((input, target), ctx.needs_input_grad[:2]) if needed]
-    ext = ctx.ext
+    grad_input, grad_target = _differentiable_grads(input, target, weight, ignore_index, reduction, label_smoothing,
+                                                    ctx.ext, grad_loss, ctx.needs_input_grad[:2])
+    return (grad_input, grad_target) + (None,) * (_APPLY_ARGS - 2)
+
+
+def _differentiable_grads(input, target, weight, ignore_index, reduction, label_smoothing, ext, grad_loss, needed):
+    """(∂L/∂input, ∂L/∂target) for grad_loss, each only where `needed` says, with a graph of their own."""
+    from . import reference
+
+    wanted = [t for t, need in zip((input, target), needed) if need]
     with torch.enable_grad():
         loss = reference.loss_with_options(input, target, weight, ignore_index, _REDUCTION_NAMES[reduction],
                                            label_smoothing, **ext)
         grads = iter(torch.autograd.grad(loss, wanted, grad_loss, create_graph=True))
-    grad_input = next(grads) if ctx.needs_input_grad[0] else None
-    grad_target = next(grads) if ctx.needs_input_grad[1] else None
-    return (grad_input, grad_target) + (None,) * (_APPLY_ARGS - 2)
+    return tuple(next(grads) if need else None for need in needed)
+
+
+def _differentiable_input_grad(input, target, weight, ignore_index, reduction, label_smoothing, target_values, z_loss,
+                               target_b, lam, lam_value, grad_loss):
+    """The C++ node's backward under create_graph=True (csrc/autograd.cpp)."""
+    ext = dict(target_values=target_values, z_loss=z_loss, target_b=target_b, lam=lam, lam_value=lam_value)
+    return _differentiable_grads(input, target, weight, ignore_index, reduction, label_smoothing, ext, grad_loss,
+                                 (True, False))[0]
+
+
+_C.set_differentiable_grad(_differentiable_input_grad)
 
 
 def _scaled(grad, grad_loss):
@@ -222,7 +246,13 @@ def _soft_target_grad(grad_loss, input, lse, weight, reduction, label_smoothing)
     return out.to(input.dtype)
 
 
+# The types _check_number accepts without the (slower) numbers ABC check.
+_EXACT_TYPES = {numbers.Integral: (int,), numbers.Real: (float, int)}
+
+
 def _check_number(name: str, value, kind, where="smoothce.cross_entropy"):
+    if type(value) in _EXACT_TYPES[kind]:
+        return
     if isinstance(value, bool) or not isinstance(value, kind):
         expected = "an int" if kind is numbers.Integral else "a float"
         raise TypeError(f"{where}: {name} must be {expected}, got {value!r} ({type(value).__name__})")
@@ -251,6 +281,9 @@ def _extension_args(where, input, target, label_smoothing, smoothing, target_val
     """Checks the docs/semantics.md §3 keywords; returns (label_smoothing, target_values) for the op: "others"
     and explicit values become (on, off) for index targets. num_classes: C when the input is not the
     logits (the fused linear loss)."""
+    if (type(smoothing) is str and smoothing == "uniform" and target_values is None and type(z_loss) in (float, int)
+            and z_loss == 0 and inplace_backward is False):
+        return label_smoothing, None  # the defaults (a quick way through the checks below)
     if not isinstance(smoothing, str) or smoothing not in ("uniform", "others"):
         raise ValueError(f"{where}: smoothing must be 'uniform' or 'others', got {smoothing!r}")
     _check_number("z_loss", z_loss, numbers.Real, where)
@@ -374,15 +407,25 @@ def cross_entropy_impl(
     if float32_loss and target.is_floating_point() and input.is_floating_point() and target.dtype != input.dtype:
         input, target = input.float(), target.float()
     compute_grad = torch.is_grad_enabled() and input.requires_grad
+    inplace = inplace_backward and compute_grad
+    target_grad = target.requires_grad and torch.is_grad_enabled()
+    if not inplace and divisor is None and not target_grad and _cpp_autograd():
+        # Inference and the common training call, through one C++ call; for training, one C++ autograd
+        # node (csrc/autograd.cpp: CrossEntropyFunction's algorithm without the cost of a Python
+        # autograd.Function and a Python backward).
+        return _C.cross_entropy(
+            _ops.name, input, target, weight, int(ignore_index), REDUCTIONS[reduction], label_smoothing, float32_loss,
+            None if op_target_values is None else tuple(op_target_values), z_loss, target_b, lam_tensor, lam_value,
+            compute_grad,
+        )
     ext = (op_target_values, z_loss, target_b, lam_tensor, lam_value)
-    if not (compute_grad or (target.requires_grad and torch.is_grad_enabled())):
+    if not (compute_grad or target_grad):
         # Inference: nothing to differentiate, so skip autograd.Function's bookkeeping.
         loss, _, _ = _ops.forward(
             input, target, weight, int(ignore_index), REDUCTIONS[reduction], label_smoothing, False, float32_loss,
             target_values=op_target_values, z_loss=z_loss, target_b=target_b, lam=lam_tensor, lam_value=lam_value,
         )
         return loss if divisor is None else loss / divisor
-    inplace = inplace_backward and compute_grad
     if inplace:
         _check_inplace(where, input, target)
     loss, _, _ = CrossEntropyFunction.apply(

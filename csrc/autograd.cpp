@@ -1,0 +1,246 @@
+// The eager training path in C++: smoothce.cross_entropy's autograd node for the common case (the
+// logits need a gradient; not inplace_backward, no divisor, the target needs none), so that a call
+// pays for one C++ node instead of a Python autograd.Function and a Python backward. It is the same
+// algorithm as smoothce/_function.py's CrossEntropyFunction (which serves every other case, and
+// torch.compile): for 'mean' and 'sum' the forward kernel writes the gradient for an upstream
+// gradient of 1 and the first backward rescales it in place; 'none' and a second backward through
+// a retained graph recompute it from the saved logits; create_graph=True calls back into Python for
+// a differentiable gradient.
+#include <Python.h>
+
+#include <ATen/core/dispatch/Dispatcher.h>
+#include <torch/csrc/Exceptions.h>
+#include <torch/csrc/autograd/custom_function.h>
+#include <torch/csrc/autograd/python_variable.h>
+#include <pybind11/pybind11.h>
+
+#include <array>
+#include <optional>
+#include <string>
+#include <vector>
+
+namespace smoothce {
+namespace {
+
+using at::Tensor;
+using OptTensor = std::optional<Tensor>;
+using ForwardOp = std::tuple<Tensor, Tensor, Tensor>(const Tensor&, const Tensor&, const OptTensor&, int64_t, int64_t,
+                                                     double, bool, bool, const OptTensor&,
+                                                     std::optional<c10::ArrayRef<double>>, double, const OptTensor&,
+                                                     const OptTensor&, double);
+using ScaleGradOp = void(Tensor&, const Tensor&);
+
+// The ops of one namespace: smoothce, or the test suite's smoothce_emu (the CUDA kernels' source
+// run on CPU). Filled under the GIL on first use and never changed after, so the backward (on
+// autograd's threads, without the GIL) reads them freely.
+struct Ops {
+  std::string ns;
+  c10::TypedOperatorHandle<ForwardOp> forward;
+  c10::TypedOperatorHandle<ScaleGradOp> scale_grad;
+};
+constexpr int kMaxNamespaces = 4;
+std::array<std::optional<Ops>, kMaxNamespaces> g_ops;
+
+int64_t ops_slot(const char* ns) {
+  for (int64_t i = 0; i < kMaxNamespaces; ++i) {
+    if (!g_ops[i].has_value()) {
+      auto& dispatcher = c10::Dispatcher::singleton();
+      g_ops[i] = Ops{ns, dispatcher.findSchemaOrThrow((std::string(ns) + "::forward").c_str(), "").typed<ForwardOp>(),
+                     dispatcher.findSchemaOrThrow((std::string(ns) + "::scale_grad_").c_str(), "")
+                         .typed<ScaleGradOp>()};
+      return i;
+    }
+    if (g_ops[i]->ns == ns) return i;
+  }
+  TORCH_CHECK(false, "smoothce: more than ", kMaxNamespaces, " op namespaces");
+}
+
+// Python's differentiable gradient (smoothce._function._differentiable_input_grad), for create_graph=True.
+PyObject* g_differentiable_grad = nullptr;
+
+// The arguments other than tensors, as the op takes them.
+struct Options {
+  int64_t ops = 0;  // g_ops slot
+  int64_t ignore_index = -100;
+  int64_t reduction = 1;
+  double label_smoothing = 0.0;
+  bool float32_loss = false;
+  std::optional<std::vector<double>> target_values;
+  double z_loss = 0.0;
+  double lam_value = 1.0;
+};
+
+std::optional<c10::ArrayRef<double>> values_ref(const std::optional<std::vector<double>>& values) {
+  if (!values.has_value()) return std::nullopt;
+  return c10::ArrayRef<double>(*values);
+}
+
+OptTensor optional_tensor(const c10::IValue& value) {
+  return value.isNone() ? OptTensor() : OptTensor(value.toTensor());
+}
+
+// Options travel to the backward as one IValue tuple (one map entry instead of eight).
+c10::IValue pack(const Options& o, const OptTensor& target_b, const OptTensor& lam) {
+  c10::IValue values = o.target_values.has_value() ? c10::IValue(*o.target_values) : c10::IValue();
+  return c10::ivalue::Tuple::create(std::vector<c10::IValue>{o.ops, o.ignore_index, o.reduction, o.label_smoothing, o.float32_loss,
+                                     std::move(values), o.z_loss, o.lam_value,
+                                     target_b.has_value() ? c10::IValue(*target_b) : c10::IValue(),
+                                     lam.has_value() ? c10::IValue(*lam) : c10::IValue()});
+}
+
+Options unpack(const c10::IValue& packed, OptTensor& target_b, OptTensor& lam) {
+  const c10::ArrayRef<c10::IValue> e = packed.toTupleRef().elements().asArrayRef();
+  Options o;
+  o.ops = e[0].toInt();
+  o.ignore_index = e[1].toInt();
+  o.reduction = e[2].toInt();
+  o.label_smoothing = e[3].toDouble();
+  o.float32_loss = e[4].toBool();
+  if (!e[5].isNone()) o.target_values = e[5].toDoubleVector();
+  o.z_loss = e[6].toDouble();
+  o.lam_value = e[7].toDouble();
+  target_b = optional_tensor(e[8]);
+  lam = optional_tensor(e[9]);
+  return o;
+}
+
+}  // namespace
+
+// Outside the anonymous namespace: its name is the node's (loss.grad_fn), CppNode<smoothce::CrossEntropyFunction>.
+struct CrossEntropyFunction : public torch::autograd::Function<CrossEntropyFunction> {
+  // target_b and lam are arguments for the graph's sake only: neither is differentiated (the Python
+  // side sends lam detached; target_b holds indices).
+  static Tensor forward(torch::autograd::AutogradContext* ctx, const Tensor& input, const Tensor& target,
+                        const OptTensor& weight, const OptTensor& target_b, const OptTensor& lam, const Options& o) {
+    const Ops& ops = *g_ops[o.ops];
+    // 'mean' and 'sum': the gradient for an upstream gradient of 1 comes with the loss.
+    const bool fuse = o.reduction != 0;
+    auto [loss, lse, grad] = ops.forward.call(input, target, weight, o.ignore_index, o.reduction, o.label_smoothing,
+                                              fuse, o.float32_loss, std::nullopt, values_ref(o.target_values),
+                                              o.z_loss, target_b, lam, o.lam_value);
+    ctx->set_materialize_grads(false);
+    torch::autograd::variable_list saved{input, target};
+    if (weight.has_value() && weight->defined()) saved.push_back(*weight);
+    ctx->save_for_backward(std::move(saved));
+    ctx->saved_data["o"] = pack(o, target_b, lam);
+    // Not a saved tensor: handed out once, consumed in place, and may become input.grad.
+    if (fuse) ctx->saved_data["g"] = std::move(grad);
+    return loss;
+  }
+
+  static torch::autograd::variable_list backward(torch::autograd::AutogradContext* ctx,
+                                                 torch::autograd::variable_list grads) {
+    torch::autograd::variable_list out(6);
+    const Tensor& grad_loss = grads[0];
+    if (!grad_loss.defined()) return out;  // the loss did not reach the graph's outputs
+    auto fused = ctx->saved_data.find("g");
+    if (fused != ctx->saved_data.end() && !c10::GradMode::is_enabled()) {
+      Tensor grad = fused->second.toTensor();
+      ctx->saved_data.erase(fused);  // a second backward recomputes it
+      OptTensor target_b, lam;
+      const Options o = unpack(ctx->saved_data.at("o"), target_b, lam);
+      g_ops[o.ops]->scale_grad.call(grad, grad_loss);
+      out[0] = std::move(grad);
+      return out;
+    }
+    const auto saved = ctx->get_saved_variables();
+    const OptTensor weight = saved.size() > 2 ? OptTensor(saved[2]) : OptTensor();
+    OptTensor target_b, lam;
+    const Options o = unpack(ctx->saved_data.at("o"), target_b, lam);
+    if (c10::GradMode::is_enabled()) {  // create_graph=True: a gradient autograd can differentiate again
+      out[0] = differentiable_grad(saved[0], saved[1], weight, o, target_b, lam, grad_loss);
+      return out;
+    }
+    // 'none', or a second backward (the fused gradient was consumed): recomputed for grad_loss.
+    out[0] = std::get<2>(g_ops[o.ops]->forward.call(saved[0], saved[1], weight, o.ignore_index, o.reduction,
+                                                     o.label_smoothing, true, o.float32_loss, grad_loss,
+                                                     values_ref(o.target_values), o.z_loss, target_b, lam,
+                                                     o.lam_value));
+    return out;
+  }
+
+  static Tensor differentiable_grad(const Tensor& input, const Tensor& target, const OptTensor& weight,
+                                    const Options& o, const OptTensor& target_b, const OptTensor& lam,
+                                    const Tensor& grad_loss) {
+    pybind11::gil_scoped_acquire gil;
+    TORCH_CHECK(g_differentiable_grad != nullptr, "smoothce: the differentiable gradient was not registered");
+    auto wrap = [](const OptTensor& t) { return t.has_value() ? THPVariable_Wrap(*t) : Py_NewRef(Py_None); };
+    PyObject* values = Py_NewRef(Py_None);
+    if (o.target_values.has_value()) {
+      Py_DECREF(values);
+      values = Py_BuildValue("(dd)", (*o.target_values)[0], (*o.target_values)[1]);
+    }
+    PyObject* result = PyObject_CallFunction(
+        g_differentiable_grad, "NNNLLdNdNNdN", THPVariable_Wrap(input), THPVariable_Wrap(target), wrap(weight),
+        static_cast<long long>(o.ignore_index), static_cast<long long>(o.reduction), o.label_smoothing, values,
+        o.z_loss, wrap(target_b), wrap(lam), o.lam_value, THPVariable_Wrap(grad_loss));
+    if (result == nullptr) throw python_error();
+    Tensor grad = THPVariable_Unpack(result);
+    Py_DECREF(result);
+    return grad;
+  }
+};
+
+namespace {
+
+OptTensor tensor_arg(PyObject* obj, const char* name) {
+  if (obj == Py_None) return std::nullopt;
+  TORCH_CHECK_TYPE(THPVariable_Check(obj), "smoothce: ", name, " must be a tensor or None");
+  return THPVariable_Unpack(obj);
+}
+
+}  // namespace
+
+// _C.cross_entropy(ns, input, target, weight, ignore_index, reduction, label_smoothing, float32_loss,
+// target_values, z_loss, target_b, lam, lam_value, with_grad) -> loss: with_grad, with the autograd
+// node (the logits need a gradient); else the loss alone (inference). The Python wrapper has checked
+// the arguments' types.
+PyObject* cross_entropy(PyObject*, PyObject* args) {
+  HANDLE_TH_ERRORS
+  const char* ns = nullptr;
+  PyObject *input_obj, *target_obj, *weight_obj, *values_obj, *target_b_obj, *lam_obj;
+  long long ignore_index = 0, reduction = 0;
+  int float32_loss = 0, with_grad = 0;
+  Options o;
+  if (!PyArg_ParseTuple(args, "sOOOLLdpOdOOdp", &ns, &input_obj, &target_obj, &weight_obj, &ignore_index, &reduction,
+                        &o.label_smoothing, &float32_loss, &values_obj, &o.z_loss, &target_b_obj, &lam_obj,
+                        &o.lam_value, &with_grad)) {
+    return nullptr;
+  }
+  o.ops = ops_slot(ns);
+  o.ignore_index = ignore_index;
+  o.reduction = reduction;
+  o.float32_loss = float32_loss != 0;
+  if (values_obj != Py_None) {
+    TORCH_CHECK_TYPE(PyTuple_Check(values_obj) && PyTuple_GET_SIZE(values_obj) == 2,
+                     "smoothce: target_values must be a tuple (on, off) or None");
+    o.target_values = std::vector<double>{PyFloat_AsDouble(PyTuple_GET_ITEM(values_obj, 0)),
+                                          PyFloat_AsDouble(PyTuple_GET_ITEM(values_obj, 1))};
+    if (PyErr_Occurred()) return nullptr;
+  }
+  const OptTensor input = tensor_arg(input_obj, "input"), target = tensor_arg(target_obj, "target");
+  TORCH_CHECK_TYPE(input.has_value() && target.has_value(), "smoothce: input and target must be tensors");
+  const OptTensor weight = tensor_arg(weight_obj, "weight"), target_b = tensor_arg(target_b_obj, "target_b"),
+                  lam = tensor_arg(lam_obj, "lam");
+  Tensor loss;
+  {
+    pybind11::gil_scoped_release no_gil;
+    if (with_grad) {
+      loss = CrossEntropyFunction::apply(*input, *target, weight, target_b, lam, o);
+    } else {
+      loss = std::get<0>(g_ops[o.ops]->forward.call(*input, *target, weight, o.ignore_index, o.reduction,
+                                                    o.label_smoothing, false, o.float32_loss, std::nullopt,
+                                                    values_ref(o.target_values), o.z_loss, target_b, lam,
+                                                    o.lam_value));
+    }
+  }
+  return THPVariable_Wrap(std::move(loss));
+  END_HANDLE_TH_ERRORS
+}
+
+PyObject* set_differentiable_grad(PyObject*, PyObject* fn) {
+  Py_XSETREF(g_differentiable_grad, Py_NewRef(fn));
+  Py_RETURN_NONE;
+}
+
+}  // namespace smoothce

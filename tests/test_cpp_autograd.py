@@ -1,0 +1,315 @@
+"""The C++ autograd node (csrc/autograd.cpp) that serves eager calls whose logits need a gradient,
+against CrossEntropyFunction (smoothce/_function.py), the Python autograd.Function that serves
+torch.compile, inplace_backward, the integrations' divisor and gradients of the target: the same loss
+and gradient bit for bit, and the same behaviour in autograd's graph (a second backward, higher
+orders, saved-tensor hooks, in-place modification, checkpointing, anomaly mode)."""
+import contextlib
+
+import pytest
+import torch
+
+import smoothce
+from smoothce import _function
+from conftest import BACKEND, make_index_target, make_logits, make_weight, positions_shape
+
+NODE = "CppNode<smoothce::CrossEntropyFunction>"
+PYTHON_NODE = "CrossEntropyFunctionBackward"
+
+
+@pytest.fixture
+def python_path(monkeypatch):
+    """Routes every call through CrossEntropyFunction, as under torch.compile."""
+    monkeypatch.setattr(_function, "_cpp_autograd", lambda: False)
+
+
+def node_name(loss):
+    return loss.grad_fn.name() if loss.grad_fn is not None else None
+
+
+SHAPES = {"2d": (8, 11), "nchw": (3, 7, 2, 3), "unbatched": (11,)}
+OPTIONS = {
+    "plain": {},
+    "eps_weight": {"label_smoothing": 0.2, "weight": True},
+    "ignore": {"label_smoothing": 0.1, "ignore": True},
+    "others": {"label_smoothing": 0.3, "smoothing": "others"},
+    "target_values": {"target_values": (0.8, 0.05)},
+    "z_loss": {"label_smoothing": 0.1, "z_loss": 1e-3, "weight": True},
+    "mixup_float": {"label_smoothing": 0.1, "mixup": 0.3},
+    "mixup_tensor": {"label_smoothing": 0.1, "mixup": "tensor"},
+    "soft": {"soft": True},
+    "autocast": {"label_smoothing": 0.1, "autocast": True},
+}
+
+
+def _loss_fn(shape, dtype, options, reduction):
+    """(logits leaf, a function of the logits giving the loss) for one case."""
+    C = shape[0] if len(shape) == 1 else shape[1]
+    x = make_logits(shape, dtype).requires_grad_(True)
+    options = dict(options)
+    positions = positions_shape(shape)
+    target = make_index_target(positions, C)
+    if options.pop("ignore", False) and target.dim():
+        target.view(-1)[::3] = 5
+        options["ignore_index"] = 5
+    if options.pop("soft", False):
+        target = torch.softmax(make_logits(shape, torch.float32, seed=7), dim=0 if len(shape) == 1 else 1).to(dtype)
+    if options.pop("weight", False):
+        options["weight"] = make_weight(C, dtype)
+    if options.pop("autocast", False):  # an fp32 loss from half logits, with fp32 class weights
+        options["weight"] = make_weight(C, torch.float32)
+        with_autocast = torch.autocast("cpu", dtype=torch.bfloat16)
+    else:
+        with_autocast = contextlib.nullcontext()
+    mixup = options.pop("mixup", None)
+    target_b = make_index_target(positions, C, seed=9)
+    lam = torch.rand(positions, generator=torch.Generator().manual_seed(4)) if mixup == "tensor" else mixup
+
+    def fn(logits):
+        with with_autocast:
+            if mixup is None:
+                return smoothce.cross_entropy(logits, target, reduction=reduction, **options)
+            return smoothce.mixup_cross_entropy(logits, target, target_b, lam, reduction=reduction, **options)
+    return x, fn
+
+
+def _fwd_bwd_twice(shape, dtype, options, reduction):
+    """The loss, the gradient of the first backward (retain_graph) and of a second one, for an upstream
+    gradient that is not 1."""
+    x, fn = _loss_fn(shape, dtype, options, reduction)
+    loss = fn(x)
+    upstream = torch.full_like(loss, 0.75) if reduction != "none" else (
+        torch.rand(loss.shape, generator=torch.Generator().manual_seed(5)).to(loss.dtype))
+    loss.backward(upstream, retain_graph=True)
+    first = x.grad.clone()
+    x.grad = None
+    loss.backward(upstream)
+    return loss.detach(), first, x.grad, node_name(loss)
+
+
+@pytest.mark.parametrize("reduction", ["none", "mean", "sum"])
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16], ids=lambda d: str(d)[6:])
+@pytest.mark.parametrize("options", sorted(OPTIONS))
+@pytest.mark.parametrize("shape", sorted(SHAPES))
+def test_node_matches_the_python_function(shape, options, dtype, reduction, monkeypatch):
+    """Bit for bit: the loss, the first (fused, rescaled) gradient and the second (recomputed) one."""
+    shape = SHAPES[shape]
+    options = OPTIONS[options]
+    loss, first, second, name = _fwd_bwd_twice(shape, dtype, options, reduction)
+    monkeypatch.setattr(_function, "_cpp_autograd", lambda: False)
+    py_loss, py_first, py_second, py_name = _fwd_bwd_twice(shape, dtype, options, reduction)
+    if BACKEND != "cuda":  # on a GPU the graph's last node is the copy back to the CPU
+        assert NODE in name and py_name == PYTHON_NODE
+    assert torch.equal(loss, py_loss)
+    assert torch.equal(first, py_first)
+    assert torch.equal(second, py_second)
+    # (the fused gradient is rescaled after rounding, the recomputed one scaled inside the kernel)
+    eps = torch.finfo(dtype).eps
+    torch.testing.assert_close(first, second, rtol=2 * eps, atol=4 * eps * first.abs().max().item())
+
+
+@pytest.mark.skipif(BACKEND == "cuda", reason="on a GPU the loss's grad_fn is the copy back to the CPU")
+def test_which_calls_the_node_serves():
+    x = make_logits((6, 5)).requires_grad_(True)
+    t = make_index_target((6,), 5)
+    assert NODE in node_name(smoothce.cross_entropy(x, t, label_smoothing=0.1))
+    assert NODE in node_name(smoothce.cross_entropy(x * 1, t, z_loss=1e-4, reduction="none"))
+    # inplace_backward, a target that needs a gradient, the integrations' divisor: the Python Function
+    assert node_name(smoothce.cross_entropy(x * 1, t, inplace_backward=True)) == PYTHON_NODE
+    soft = torch.softmax(make_logits((6, 5), seed=3), 1).requires_grad_(True)
+    assert node_name(smoothce.cross_entropy(x, soft)) == PYTHON_NODE
+    assert node_name(_function.cross_entropy_impl(x, t, None, -100, "sum", 0.1, divisor=4)) == PYTHON_NODE
+    # inference: no graph, whichever way
+    with torch.no_grad():
+        loss = smoothce.cross_entropy(x, t, label_smoothing=0.1)
+    assert loss.grad_fn is None and not loss.requires_grad
+    loss = smoothce.cross_entropy(x.detach(), t, label_smoothing=0.1)
+    assert loss.grad_fn is None and not loss.requires_grad
+    assert torch.equal(loss, smoothce.cross_entropy(x, t, label_smoothing=0.1).detach())
+
+
+@pytest.mark.parametrize("reduction", ["none", "mean", "sum"])
+@pytest.mark.parametrize("options", ["eps_weight", "ignore", "target_values", "z_loss", "mixup_tensor"])
+def test_node_gradcheck_and_gradgradcheck(options, reduction):
+    """float64: the node's gradients (a fresh graph, a retained one) and, under create_graph=True, the
+    differentiable gradient its backward asks Python for."""
+    x, fn = _loss_fn((4, 5), torch.float64, OPTIONS[options], reduction)
+    if BACKEND != "cuda":
+        assert NODE in node_name(fn(x))
+    assert torch.autograd.gradcheck(fn, (x,), eps=1e-6, atol=1e-8, rtol=1e-6)
+    assert torch.autograd.gradgradcheck(fn, (x,), eps=1e-6, atol=1e-7, rtol=1e-5)
+
+
+def test_create_graph_gradient_penalty():
+    """A gradient penalty (the gradient's norm, differentiated again) through the node equals the one
+    through the Python Function and the reference."""
+    results = []
+    for use_node in (True, False):
+        x = make_logits((5, 7), torch.float64).requires_grad_(True)
+        t = make_index_target((5,), 7)
+        _function._cpp_autograd, saved = (lambda: use_node), _function._cpp_autograd
+        try:
+            loss = smoothce.cross_entropy(x, t, label_smoothing=0.1)
+        finally:
+            _function._cpp_autograd = saved
+        (grad,) = torch.autograd.grad(loss, x, create_graph=True)
+        grad.square().sum().backward()
+        results.append((grad.detach(), x.grad))
+    y = make_logits((5, 7), torch.float64).requires_grad_(True)
+    ref_loss = smoothce.reference.cross_entropy(y, make_index_target((5,), 7), label_smoothing=0.1)
+    (ref_grad,) = torch.autograd.grad(ref_loss, y, create_graph=True)
+    ref_grad.square().sum().backward()
+    for grad, penalty_grad in results:
+        torch.testing.assert_close(grad, ref_grad.detach())
+        torch.testing.assert_close(penalty_grad, y.grad)
+
+
+@pytest.mark.parametrize("reduction", ["none", "mean"])
+def test_saved_tensor_hooks_pack_what_backward_reads(reduction):
+    """torch.autograd.graph.saved_tensors_hooks (activation offloading) see the saved logits, and
+    what their unpack hook returns is what the gradient is computed from."""
+    packed, unpacked = [], []
+
+    def pack(t):
+        packed.append(t.shape)
+        return t.clone()
+
+    def unpack(t):
+        unpacked.append(t.shape)
+        return t
+
+    x, fn = _loss_fn((6, 9), torch.float32, OPTIONS["eps_weight"], reduction)
+    expected_loss = fn(x)
+    expected_loss.sum().backward()
+    expected = x.grad
+    x.grad = None
+    with torch.autograd.graph.saved_tensors_hooks(pack, unpack):
+        loss = fn(x)
+    assert (6, 9) in packed
+    loss.sum().backward()
+    assert torch.equal(x.grad, expected)
+    # 'none' recomputes the gradient from the saved logits; 'mean' rescales the fused one
+    assert ((6, 9) in unpacked) == (reduction == "none")
+
+
+def test_logits_modified_in_place_before_backward():
+    """The saved logits are checked against their version: a backward that needs them after an in-place
+    change raises autograd's error, through either path."""
+    for use_python in (False, True):
+        x = make_logits((4, 6)).requires_grad_(True)
+        h = x * 1
+        _function._cpp_autograd, saved = (lambda: not use_python), _function._cpp_autograd
+        try:
+            loss = smoothce.cross_entropy(h, make_index_target((4,), 6), reduction="none")
+        finally:
+            _function._cpp_autograd = saved
+        with torch.no_grad():
+            h.add_(1)
+        with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+            loss.sum().backward()
+
+
+def test_second_backward_after_the_graph_is_freed():
+    x = make_logits((4, 6)).requires_grad_(True)
+    loss = smoothce.cross_entropy(x, make_index_target((4,), 6), reduction="none")
+    loss.sum().backward()
+    with pytest.raises(RuntimeError, match="backward through the graph a second time"):
+        loss.sum().backward()
+
+
+@pytest.mark.filterwarnings("ignore:Anomaly Detection has been enabled")
+def test_checkpoint_and_anomaly_mode():
+    """torch.utils.checkpoint (the loss recomputed in backward) and detect_anomaly give the gradient of
+    a plain call."""
+    torch.manual_seed(0)
+    layer = torch.nn.Linear(8, 5).double()
+    h = torch.randn(6, 8, dtype=torch.float64, requires_grad=True)
+    t = make_index_target((6,), 5)
+
+    def f(h):
+        return smoothce.cross_entropy(layer(h), t, label_smoothing=0.1)
+
+    f(h).backward()
+    expected = h.grad
+    h.grad = None
+    torch.utils.checkpoint.checkpoint(f, h, use_reentrant=False).backward()
+    torch.testing.assert_close(h.grad, expected, rtol=0, atol=0)
+    h.grad = None
+    with torch.autograd.detect_anomaly():
+        f(h).backward()
+    torch.testing.assert_close(h.grad, expected, rtol=0, atol=0)
+
+
+def test_backward_on_another_thread():
+    """The node's backward runs wherever autograd runs it; a loss made on one thread is differentiated
+    on another."""
+    import threading
+
+    x = make_logits((16, 10)).requires_grad_(True)
+    t = make_index_target((16,), 10)
+    smoothce.cross_entropy(x, t, label_smoothing=0.1).backward()
+    expected, x.grad = x.grad, None
+    loss = smoothce.cross_entropy(x, t, label_smoothing=0.1)
+    errors = []
+
+    def work():
+        try:
+            loss.backward()
+        except Exception as e:  # noqa: BLE001
+            errors.append(e)
+
+    thread = threading.Thread(target=work)
+    thread.start()
+    thread.join(timeout=60)
+    assert not thread.is_alive() and not errors
+    assert torch.equal(x.grad, expected)
+
+
+def test_errors_keep_their_types():
+    """Errors raised by the kernels' checks under the C++ call are the same Python exceptions."""
+    x = make_logits((4, 5)).requires_grad_(True)
+    with pytest.raises(IndexError, match="out of bounds"):
+        smoothce.cross_entropy(x, torch.tensor([0, 1, 2, 7]))
+    with pytest.raises(ValueError, match="lam"):
+        smoothce.mixup_cross_entropy(x, torch.tensor([0, 1, 2, 3]), torch.tensor([1, 1, 1, 1]),
+                                     torch.tensor([0.5, 2.0, 0.5, 0.5]))
+
+
+def test_functorch_transforms_are_not_served_by_the_node():
+    """torch.func's transforms see CrossEntropyFunction (and its error), never a node they cannot look into."""
+    x = make_logits((4, 5))
+    t = make_index_target((4,), 5)
+    with pytest.raises(RuntimeError, match="setup_context"):
+        torch.func.grad(lambda x: smoothce.cross_entropy(x, t))(x)
+
+
+@pytest.mark.skipif(BACKEND == "cuda", reason="CPU tensors: the backend's wrapper would leave the fake mode")
+def test_fake_tensor_mode():
+    """Under FakeTensorMode (shape and memory planning) the node runs the ops' fake kernels."""
+    from torch._subclasses.fake_tensor import FakeTensor, FakeTensorMode
+
+    with FakeTensorMode():
+        x = torch.randn(8, 10, requires_grad=True)
+        loss = smoothce.cross_entropy(x, torch.randint(0, 10, (8,)), label_smoothing=0.1, reduction="none")
+        loss.sum().backward()
+    assert isinstance(loss, FakeTensor) and NODE in node_name(loss)
+    assert loss.shape == (8,) and x.grad.shape == (8, 10)
+
+
+def test_compiled_autograd():
+    """torch.compile's compiled autograd traces the node's backward."""
+    import torch._dynamo.compiled_autograd as compiled_autograd
+
+    torch.manual_seed(0)
+    layer = torch.nn.Linear(10, 10)
+    h = torch.randn(8, 10, requires_grad=True)
+    t = make_index_target((8,), 10)
+
+    def step():
+        smoothce.cross_entropy(layer(h), t, label_smoothing=0.1).backward()
+        grad, h.grad = h.grad, None
+        return grad
+
+    expected = step()
+    with compiled_autograd._enable(torch.compile(backend="eager")):
+        got = step()
+    torch.testing.assert_close(got, expected)
