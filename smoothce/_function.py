@@ -28,6 +28,8 @@ _KERNEL_DEVICES = {"cpu", "meta"} | ({"cuda"} if _C.build_info["cuda"] == "yes" 
 
 
 def _check_kernel_device(input):
+    if input.is_cpu and "cpu" in _KERNEL_DEVICES:  # (is_cpu is much quicker to read than .device)
+        return
     if input.device.type not in _KERNEL_DEVICES:
         raise NotImplementedError(
             f"smoothce.cross_entropy: this build of smoothce has no kernels for {input.device.type} tensors "
@@ -38,9 +40,10 @@ def _check_kernel_device(input):
 def _check_devices(where: str, input, target, weight, target_b=None, **others):
     """Before dispatch: a CUDA or meta tensor among CPU ones would otherwise pick that backend's kernel.
     others: more tensor arguments by name (None: absent)."""
+    if (input.is_cpu and (target is None or target.is_cpu) and (weight is None or weight.is_cpu)
+            and (target_b is None or target_b.is_cpu) and not others):
+        return  # all on the CPU (is_cpu is much quicker to read than .device)
     device = input.device
-    if weight is None and target_b is None and not others and target is not None and target.device == device:
-        return
     named = (("target", target), ("weight", weight), ("target_b", target_b)) + tuple(others.items())
     for name, tensor in named:
         if tensor is not None and tensor.device != device:
@@ -176,6 +179,10 @@ class CrossEntropyFunction(torch.autograd.Function):
 
 
 _APPLY_ARGS = 15  # CrossEntropyFunction.forward's arguments after ctx
+
+
+# Whether autocast is on for any device: a quick test before asking for the input's (an older torch may lack it).
+_any_autocast = getattr(torch._C, "_is_any_autocast_enabled", lambda: True)
 
 
 def _cpp_autograd() -> bool:
@@ -403,7 +410,7 @@ def cross_entropy_impl(
     # Under autocast the loss is fp32 (as torch's cross_entropy), read straight from the half logits;
     # fp32 class weights are used as they are. Only probability targets in another dtype than the
     # logits need both in fp32 (torch's autocast copies the logits to fp32 in every case).
-    float32_loss = bool(float32_loss) or torch.is_autocast_enabled(input.device.type)
+    float32_loss = bool(float32_loss) or (_any_autocast() and torch.is_autocast_enabled(input.device.type))
     if float32_loss and target.is_floating_point() and input.is_floating_point() and target.dtype != input.dtype:
         input, target = input.float(), target.float()
     compute_grad = torch.is_grad_enabled() and input.requires_grad

@@ -313,3 +313,31 @@ def test_compiled_autograd():
     with compiled_autograd._enable(torch.compile(backend="eager")):
         got = step()
     torch.testing.assert_close(got, expected)
+
+
+@pytest.mark.cpu_only  # the CPU kernels' own allocations
+@pytest.mark.parametrize("reduction", ["mean", "none"])
+@pytest.mark.parametrize("use_node", [True, False], ids=["node", "python"])
+def test_the_gradient_becomes_grad_without_a_copy(use_node, reduction, monkeypatch):
+    """One N×C allocation per fwd+bwd: the gradient the kernel writes is the one autograd stores in
+    .grad (a copy on the way would double the peak). bench/harness.py's profiler-based peak."""
+    from conftest import load_harness
+
+    harness = load_harness()
+    if not use_node:
+        monkeypatch.setattr(_function, "_cpp_autograd", lambda: False)
+    x = make_logits((512, 1000)).requires_grad_(True)
+    t = make_index_target((512,), 1000)
+
+    def step():
+        loss = smoothce.cross_entropy(x, t, label_smoothing=0.1, reduction=reduction)
+        (loss.sum() if reduction == "none" else loss).backward()
+
+    smoothce.empty_cache()
+    x.grad = None
+    peak = harness.cpu_peak_extra_bytes(step)
+    if peak is None:
+        pytest.skip("the profiler's memory events cannot be read in this torch")
+    assert x.grad is not None
+    gradient = x.numel() * x.element_size()
+    assert gradient <= peak < 1.25 * gradient
