@@ -175,6 +175,10 @@ struct CrossEntropyFunction : public torch::autograd::Function<CrossEntropyFunct
         static_cast<long long>(o.ignore_index), static_cast<long long>(o.reduction), o.label_smoothing, values,
         o.z_loss, wrap(target_b), wrap(lam), o.lam_value, THPVariable_Wrap(grad_loss));
     if (result == nullptr) throw python_error();
+    if (!THPVariable_Check(result)) {
+      Py_DECREF(result);
+      TORCH_CHECK(false, "smoothce: the differentiable gradient must be a tensor");
+    }
     Tensor grad = THPVariable_Unpack(result);
     Py_DECREF(result);
     return grad;
