@@ -16,12 +16,6 @@ NODE = "CppNode<smoothce::CrossEntropyFunction>"
 PYTHON_NODE = "CrossEntropyFunctionBackward"
 
 
-@pytest.fixture
-def python_path(monkeypatch):
-    """Routes every call through CrossEntropyFunction, as under torch.compile."""
-    monkeypatch.setattr(_function, "_cpp_autograd", lambda: False)
-
-
 def node_name(loss):
     return loss.grad_fn.name() if loss.grad_fn is not None else None
 
