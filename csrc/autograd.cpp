@@ -75,6 +75,16 @@ std::optional<c10::ArrayRef<double>> values_ref(const std::optional<std::vector<
   return c10::ArrayRef<double>(*values);
 }
 
+// The forward op of o's namespace, with o's options: (loss, lse, gradient for grad_output when compute_grad).
+std::tuple<Tensor, Tensor, Tensor> call_forward(const Options& o, const Tensor& input, const Tensor& target,
+                                                const OptTensor& weight, const OptTensor& target_b,
+                                                const OptTensor& lam, bool compute_grad,
+                                                const OptTensor& grad_output) {
+  return g_ops[o.ops]->forward.call(input, target, weight, o.ignore_index, o.reduction, o.label_smoothing,
+                                    compute_grad, o.float32_loss, grad_output, values_ref(o.target_values), o.z_loss,
+                                    target_b, lam, o.lam_value);
+}
+
 OptTensor optional_tensor(const c10::IValue& value) {
   return value.isNone() ? OptTensor() : OptTensor(value.toTensor());
 }
@@ -112,12 +122,9 @@ struct CrossEntropyFunction : public torch::autograd::Function<CrossEntropyFunct
   // side sends lam detached; target_b holds indices).
   static Tensor forward(torch::autograd::AutogradContext* ctx, const Tensor& input, const Tensor& target,
                         const OptTensor& weight, const OptTensor& target_b, const OptTensor& lam, const Options& o) {
-    const Ops& ops = *g_ops[o.ops];
     // 'mean' and 'sum': the gradient for an upstream gradient of 1 comes with the loss.
     const bool fuse = o.reduction != 0;
-    auto [loss, lse, grad] = ops.forward.call(input, target, weight, o.ignore_index, o.reduction, o.label_smoothing,
-                                              fuse, o.float32_loss, std::nullopt, values_ref(o.target_values),
-                                              o.z_loss, target_b, lam, o.lam_value);
+    auto [loss, lse, grad] = call_forward(o, input, target, weight, target_b, lam, fuse, std::nullopt);
     ctx->set_materialize_grads(false);
     torch::autograd::variable_list saved{input, target};
     if (weight.has_value() && weight->defined()) saved.push_back(*weight);
@@ -152,10 +159,7 @@ struct CrossEntropyFunction : public torch::autograd::Function<CrossEntropyFunct
       return out;
     }
     // 'none', or a second backward (the fused gradient was consumed): recomputed for grad_loss.
-    out[0] = std::get<2>(g_ops[o.ops]->forward.call(saved[0], saved[1], weight, o.ignore_index, o.reduction,
-                                                     o.label_smoothing, true, o.float32_loss, grad_loss,
-                                                     values_ref(o.target_values), o.z_loss, target_b, lam,
-                                                     o.lam_value));
+    out[0] = std::get<2>(call_forward(o, saved[0], saved[1], weight, target_b, lam, true, grad_loss));
     return out;
   }
 
@@ -232,10 +236,7 @@ PyObject* cross_entropy(PyObject*, PyObject* args) {
     if (with_grad) {
       loss = CrossEntropyFunction::apply(*input, *target, weight, target_b, lam, o);
     } else {
-      loss = std::get<0>(g_ops[o.ops]->forward.call(*input, *target, weight, o.ignore_index, o.reduction,
-                                                    o.label_smoothing, false, o.float32_loss, std::nullopt,
-                                                    values_ref(o.target_values), o.z_loss, target_b, lam,
-                                                    o.lam_value));
+      loss = std::get<0>(call_forward(o, *input, *target, weight, target_b, lam, false, std::nullopt));
     }
   }
   return THPVariable_Wrap(std::move(loss));
