@@ -41,7 +41,6 @@ import argparse
 import datetime
 import json
 import math
-import os
 import pathlib
 import re
 import sys
