@@ -378,55 +378,51 @@ RowState<acc_type<scalar_t>> row_state(const Params<scalar_t>& p, const scalar_t
     const Vec vorigin(origin);
     Vec vsum[2] = {Vec(0), Vec(0)}, vrest[2] = {Vec(0), Vec(0)}, vmass_dx[2] = {Vec(0), Vec(0)},
         vmass[2] = {Vec(0), Vec(0)}, vmass_rest[2] = {Vec(0), Vec(0)};
-    auto accumulate = [&](int64_t c, int k) {
-      const Vec d = load_acc(x + c) - vorigin;
+    // kPart: the block's last count < V elements, in lanes 0..count (the others padded with
+    // d = −inf, exp 0, and no mass); a scalar std::exp per element there cost ~15% of a 1000-class
+    // row.
+    auto accumulate = [&](int64_t c, int k, auto part, int64_t count) {
+      constexpr bool kPart = decltype(part)::value;
+      auto load = [&](const auto* ptr) { return kPart ? load_acc(ptr, count) : load_acc(ptr); };
+      Vec d = load(x + c) - vorigin;
+      if constexpr (kPart) d = Vec::set(Vec(-std::numeric_limits<acc_t>::infinity()), d, count);
       const Vec e = vexp(d);
       vsum[k] += e;
       vrest[k] = add_below(vrest[k], e, d);
-      if (exps) e.store(exps + c);
+      if (exps) e.store(exps + c, count);
+      const Vec d_mass = kPart ? Vec::set(Vec(0), d, count) : d;
       if constexpr (kMass == Mass::kUnit) {
-        vmass_dx[k] += d;
+        vmass_dx[k] += d_mass;
       } else if constexpr (kMass == Mass::kWeighted) {
-        const Vec w = Vec::loadu(p.weight + c);
-        vmass_dx[k] = at::vec::fmadd(w, d, vmass_dx[k]);
+        const Vec w = kPart ? Vec::loadu(p.weight + c, count) : Vec::loadu(p.weight + c);
+        vmass_dx[k] = at::vec::fmadd(w, d_mass, vmass_dx[k]);
         vmass[k] += w;
       } else if constexpr (kMass == Mass::kSoft) {
-        Vec v = p.soft_q(load_acc(prob + c));
-        if (p.weight) v = v * Vec::loadu(p.weight + c);
-        vmass_dx[k] = at::vec::fmadd(v, d, vmass_dx[k]);
+        Vec v = p.soft_q(load(prob + c));
+        if (p.weight) v = v * (kPart ? Vec::loadu(p.weight + c, count) : Vec::loadu(p.weight + c));
+        if constexpr (kPart) v = Vec::set(Vec(0), v, count);
+        vmass_dx[k] = at::vec::fmadd(v, d_mass, vmass_dx[k]);
         vmass[k] += v;
         vmass_rest[k] = add_below(vmass_rest[k], v, d);
       }
     };
+    const std::false_type whole;
     int64_t c = begin;
     for (; c + 2 * V <= vec_end; c += 2 * V) {
       if (grad_row && c % kLine == 0) __builtin_prefetch(grad_row + c, 1, 3);
-      accumulate(c, 0);
-      accumulate(c + V, 1);
+      accumulate(c, 0, whole, V);
+      accumulate(c + V, 1, whole, V);
     }
-    if (c < vec_end) accumulate(c, 0);
+    if (c < vec_end) accumulate(c, 0, whole, V);
+    if (vec_end < end) accumulate(vec_end, 1, std::true_type{}, end - vec_end);
     auto hsum = [](const Vec* v) {
       return at::vec::vec_reduce_all<acc_t>([](Vec& a, Vec& b) { return a + b; }, v[0] + v[1]);
     };
     RowState<acc_t> block{origin, hsum(vsum), hsum(vrest), acc_t(0), acc_t(0), acc_t(0)};
     if constexpr (kMass != Mass::kNone) block.mass_dx = hsum(vmass_dx);
-    if constexpr (kMass == Mass::kUnit) block.mass = static_cast<acc_t>(vec_end - begin);
+    if constexpr (kMass == Mass::kUnit) block.mass = static_cast<acc_t>(end - begin);
     if constexpr (kMass == Mass::kWeighted || kMass == Mass::kSoft) block.mass = hsum(vmass);
     if constexpr (kMass == Mass::kSoft) block.mass_rest = hsum(vmass_rest);
-    for (int64_t c = vec_end; c < end; ++c) {
-      const acc_t d = static_cast<acc_t>(x[c]) - origin;
-      const acc_t e = std::exp(d);
-      block.sum_exp += e;
-      if (d != acc_t(0)) block.rest += e;
-      if (exps) exps[c] = e;
-      if constexpr (kMass != Mass::kNone) {
-        acc_t v = kMass == Mass::kSoft ? soft_target_q(static_cast<acc_t>(prob[c]), p.eps, p.eps_over_c) : acc_t(1);
-        if (kMass != Mass::kUnit) v *= p.weight_at(c);
-        block.mass_dx += v * d;
-        block.mass += v;
-        if (d != acc_t(0)) block.mass_rest += v;
-      }
-    }
     state = begin == 0 ? block : merge(state, block);
   }
   return state;
@@ -451,27 +447,25 @@ void row_grad(const Params<scalar_t>& p, const scalar_t* x, const scalar_t* prob
     const int64_t end = std::min(C, begin + kRowBlock);
     acc_t coef = softmax_coef;
     if (exps) coef *= std::exp((block_origins[begin / kRowBlock] - row_max) - log_sum);
-    auto sub_at = [&](int64_t c) {
-      acc_t sub = kSoft ? off_coef * soft_target_q(static_cast<acc_t>(prob[c]), p.eps, p.eps_over_c) : off_coef;
-      return p.weight ? sub * p.weight[c] : sub;
-    };
     const Vec vmax(row_max), vlog_sum(log_sum), vcoef(coef), voff(off_coef);
-    int64_t c = begin;
-    for (; c + V <= end; c += V) {
-      const Vec e = exps ? Vec::loadu(exps + c) : vexp((load_acc(x + c) - vmax) - vlog_sum);
+    // V elements at c (count < V: the block's last ones, as in row_state)
+    auto write = [&](int64_t c, auto part, int64_t count) {
+      constexpr bool kPart = decltype(part)::value;
+      auto load = [&](const auto* ptr) { return kPart ? Vec::loadu(ptr, count) : Vec::loadu(ptr); };
+      auto load_in = [&](const scalar_t* ptr) { return kPart ? load_acc(ptr, count) : load_acc(ptr); };
+      const Vec e = exps ? load(exps + c) : vexp((load_in(x + c) - vmax) - vlog_sum);
       Vec out = vcoef * e;
       if (subtract) {
         Vec sub = voff;
-        if constexpr (kSoft) sub = sub * p.soft_q(load_acc(prob + c));
-        if (p.weight) sub = sub * Vec::loadu(p.weight + c);
+        if constexpr (kSoft) sub = sub * p.soft_q(load_in(prob + c));
+        if (p.weight) sub = sub * load(p.weight + c);
         out = out - sub;
       }
-      store_acc(g + c, out);
-    }
-    for (; c < end; ++c) {
-      const acc_t e = exps ? exps[c] : std::exp((static_cast<acc_t>(x[c]) - row_max) - log_sum);
-      g[c] = static_cast<scalar_t>(coef * e - (subtract ? sub_at(c) : acc_t(0)));
-    }
+      store_acc(g + c, out, count);
+    };
+    int64_t c = begin;
+    for (; c + V <= end; c += V) write(c, std::false_type{}, V);
+    if (c < end) write(c, std::true_type{}, end - c);
   }
 }
 
