@@ -99,7 +99,7 @@ def test_nonfinite_logit_gives_nan_row(dtype, bad, eps, column):
 @pytest.mark.parametrize("dtype", DTYPES, ids=dtype_id)
 @pytest.mark.parametrize("C, columns", [
     (10, (0, 4, 9)), (21, (0, 7, 20)),  # tiles (small rows; strided classes): both max chains
-    (67, (0, 40, 66)),  # rows: the first vector, the loop after the unrolled one, the scalar tail
+    (67, (0, 40, 66)),  # rows: the first vector, the loop after the unrolled one, the masked last vector
     (150, (0, 20, 36, 52, 68, 135, 149)),  # rows: each of the four unrolled max chains (8 and 16 lanes)
     (2085, (5, 2047, 2048, 2084)),  # two blocks of 2048 classes: each block's max and its last vector
 ], ids=lambda v: str(v))
