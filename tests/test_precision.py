@@ -684,6 +684,35 @@ def test_cpu_exp_accuracy(layout):
     assert_within(loss, want, 6 * U * want.abs(), "loss")
 
 
+@pytest.mark.cpu_only
+@pytest.mark.parametrize("layout", ["tile", "rows", "strided"])
+def test_cpu_exp_underflow(layout):
+    """Below the normal range: the gradient at class 1 of rows (0, −d, −200, …), target 0, ε = 0, is
+    p_1 = exp(−d)/(1 + exp(−d)). AVX-512 builds scale by 2^n with vscalefps, so for d in [87.3, 104]
+    p_1 is a denormal within 3·2^−149 of float64 (AVX2 and default builds flush it to 0, allowed
+    there); past d = 104.7 (p_1 < 2^−151) and for the −200 columns every build gives exactly 0."""
+    d = torch.linspace(80.0, 120.0, 2000, dtype=torch.float32)
+    C = 16 if layout == "tile" else 40
+    x = torch.full((d.numel(), C), -200.0)
+    x[:, 0] = 0.0
+    x[:, 1] = -d
+    if layout == "strided":
+        x = x.t().contiguous().t()
+    x.requires_grad_()
+    smoothce.cross_entropy(x, torch.zeros(d.numel(), dtype=torch.long), reduction="sum").backward()
+    got = x.grad[:, 1].double()
+    want = torch.softmax(x.detach().double(), dim=1)[:, 1]
+    tiny = 2.0 ** -149
+    ok = (got - want).abs() <= torch.maximum(6 * U * want, torch.full_like(want, 3 * tiny))
+    if smoothce.build_info()["cpu_capability"] != "avx512":
+        ok |= (got == 0) & (want < 2.0 ** -126)
+    assert ok.all(), f"d = {d[~ok][:5].tolist()}: got {got[~ok][:5].tolist()}, want {want[~ok][:5].tolist()}"
+    assert (got[want < 2.0 ** -151] == 0).all()
+    assert (x.grad[:, 2:] == 0).all()
+    if smoothce.build_info()["cpu_capability"] == "avx512":  # gradual underflow, not a flush
+        assert (got[(want > 2.0 ** -140) & (want < 2.0 ** -127)] > 0).all()
+
+
 # ------------------------------------------------------------------ 5. the CPU tiles' log1p
 
 @pytest.mark.cpu_only

@@ -104,11 +104,20 @@ inline Vectorized<int32_t> float_bits(const Vectorized<float>& v) {
 // two-constant one). Measured against exp in double at 10^8 points of [−88, 0]: at most 1.4 ulp
 // (1.64e-7 relative). exp(0) = 1 exactly (the kernels rely on it: RowState::rest), exp(−inf) = 0, NaN
 // in gives NaN out (maxps and minps return their second operand when one is NaN), results below
-// 2^−126 flush to 0, and arguments above 88.37 clamp to 2.4e38 (the kernels' arguments are x − max ≤ 0).
+// 2^−126 flush to 0 (AVX2; see below), and arguments above 88.37 clamp to 2.4e38 (the kernels'
+// arguments are x − max ≤ 0).
+// With AVX-512, 2^n·P(r) is one vscalefps (P(r) times 2^n, rounded once, gradual underflow) instead of
+// forming 2^n's bits and multiplying (three operations): 12 in all (forward 2–3% faster, 1 thread),
+// and results down to 2^−149 are denormals instead of 0, as torch's exp gives them. Arguments below
+// −106 (n ≤ −153, 2^n·P(r) < 2^−150) still give exactly 0, −inf among them.
 inline Vectorized<float> exp_simd(const Vectorized<float>& x) {
   using Vec = Vectorized<float>;
+#if defined(CPU_CAPABILITY_AVX512)
+  const Vec lo(-106.0f);
+#else
   using IVec = Vectorized<int32_t>;
   const Vec lo(-88.02969193111305f);  // −127·ln 2: 2^n has a zero exponent field: +0
+#endif
   const Vec hi(88.3762626647949f);    // 2^127·P(r) stays finite
   const Vec magic(12582912.0f);       // 1.5·2^23: adding it rounds to an integer
   const Vec y = at::vec::clamp_min(at::vec::clamp_max(x, hi), lo);  // minps / maxps: NaN passes
@@ -122,9 +131,13 @@ inline Vectorized<float> exp_simd(const Vectorized<float>& x) {
   poly = at::vec::fmadd(r, poly, Vec(0.499991506f));
   poly = at::vec::fmadd(r, poly, Vec(0.999999701f));
   poly = at::vec::fmadd(r, poly, Vec(1.0f));
+#if defined(CPU_CAPABILITY_AVX512)
+  return _mm512_scalef_ps(poly, n);
+#else
   // The low bits of n + magic hold n (two's complement); shifted into the exponent field with the
   // bias 127, the magic's own bits fall off the top: 2^n for n in [−127, 127] (−127: +0).
   return poly * at::vec::cast<float>((float_bits(shifted) + IVec(127)) << IVec(23));
+#endif
 }
 #endif
 
