@@ -898,9 +898,10 @@ inline void rows_to_lanes(const float*, int64_t, float*, int64_t) {}
 inline void lanes_to_rows(const float*, float*, int64_t, int64_t) {}
 #endif
 
-// dst[j·ld_dst + i] = src[i·ld_src + j] for i < rows, j < cols. (at::vec::transpose_mxn's AVX-512
-// register transposes measured no faster for 16×10 fp32 tiles, 25% slower for bf16, and its masked
-// stores made the gradient's way back 15–20% slower.)
+// dst[j·ld_dst + i] = src[i·ld_src + j] for i < rows, j < cols, element by element: partial tiles,
+// fp64 and AVX2 (full fp32 tiles with AVX-512: rows_to_lanes, lanes_to_rows). at::vec::transpose_mxn
+// takes its sizes at run time, and its blocks, indexed by them, live in memory rather than registers:
+// it measured no faster than this loop for 16×10 fp32 tiles.
 template <typename src_t, typename dst_t>
 inline void transpose(const src_t* src, int64_t ld_src, dst_t* dst, int64_t ld_dst, int64_t rows, int64_t cols) {
   for (int64_t i = 0; i < rows; ++i)
