@@ -614,13 +614,20 @@ C10_ALWAYS_INLINE void tile_index_results(const Params<scalar_t>& p, const tile_
                                           const Vectorized<acc_t>& vlog_sum, const Vectorized<acc_t>& vinvalid,
                                           bool want_grad, TileLanes<acc_t, V>& lanes, acc_t* target_grad) {
   using Vec = Vectorized<acc_t>;
+  // Lane by lane only what differs per lane: the target logit, and the target's weight and the
+  // position's scale where there are class weights and per-position scales.
   alignas(64) acc_t xa[V], wa[V], scale[V];
-  for (int64_t l = 0; l < V; ++l) {
-    xa[l] = valid[l] ? static_cast<acc_t>(x[targets[l].a * sc + l]) : acc_t(0);
-    wa[l] = valid[l] ? p.weight_at(targets[l].a) : acc_t(0);
-    scale[l] = l < count ? p.scale_at(pos0 + l) : acc_t(0);
+  for (int64_t l = 0; l < V; ++l) xa[l] = valid[l] ? static_cast<acc_t>(x[targets[l].a * sc + l]) : acc_t(0);
+  const Vec zero(0), vxa = Vec::loadu(xa);
+  Vec vwa = Vec::blendv(Vec(1), zero, vinvalid), vscale = Vec::set(zero, Vec(p.grad_scale), count);
+  if (p.weight) {
+    for (int64_t l = 0; l < V; ++l) wa[l] = valid[l] ? p.weight[targets[l].a] : acc_t(0);
+    vwa = Vec::loadu(wa);
   }
-  const Vec vxa = Vec::loadu(xa), vwa = Vec::loadu(wa), vscale = Vec::loadu(scale), zero(0);
+  if (p.position_scale) {
+    for (int64_t l = 0; l < V; ++l) scale[l] = l < count ? p.scale_at(pos0 + l) : acc_t(0);
+    vscale = Vec::loadu(scale);
+  }
   const acc_t off = p.tv.off, ws = p.weight_sum, z = p.z_loss;
   const Vec vpeak = Vec(p.tv.on - off) * vwa;  // (on − off)·k_a·w_a
   // ℓ = off·v·(Σw·L − mass_dx) − peak_a·lp_a (mass_nll: 0 without mass; no 0·inf where peak_a = 0)
