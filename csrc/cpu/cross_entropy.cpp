@@ -787,13 +787,29 @@ int64_t tile_exps_size(const Params<scalar_t>& p) {
   return p.grad && p.classes * V * sizeof(acc_type<scalar_t>) <= 256 * 1024 ? p.classes * V : 0;
 }
 
-// Strided classes, contiguous positions: tiles walk the tensor in place.
+// Strided classes, contiguous positions: tiles walk the tensor in place. Half types widen each tile
+// (up to kWideTileBytes) into fp32 buffers once and compute it there (the small-rows kernel's
+// tile_kernel instance), then narrow the gradient into place: the passes read fp32 from L1 instead of
+// converting each logit in each pass (bf16 8×21×256×256: forward 7%, fwd+bwd 13% faster, 2 threads,
+// interleaved in one process).
+constexpr int64_t kWideTileBytes = 64 * 1024;
+
 template <typename scalar_t, Mass kMass>
 void across_kernel(const Params<scalar_t>& p, int64_t tile_begin, int64_t tile_end) {
-  constexpr int64_t V = Vectorized<acc_type<scalar_t>>::size();
+  using acc_t = acc_type<scalar_t>;
+  using Vec = Vectorized<acc_t>;
+  constexpr int64_t V = Vec::size();
+  constexpr bool kSoft = kMass == Mass::kSoft;
+  const int64_t C = p.classes, sc = p.stride_class;
   const int64_t tiles_per_outer = (p.inner + V - 1) / V;
-  std::vector<acc_type<scalar_t>> exps(tile_exps_size<scalar_t>(p));
-  PositionTargets<acc_type<scalar_t>> targets[V] = {};
+  std::vector<acc_t> exps(tile_exps_size<scalar_t>(p));
+  const bool widen_tiles =
+      !std::is_same_v<scalar_t, acc_t> && C * V * int64_t(sizeof(acc_t)) * (kSoft ? 3 : 2) <= kWideTileBytes;
+  std::vector<acc_t> wide(widen_tiles ? C * V * (kSoft ? 3 : 2) : 0);
+  acc_t* x_wide = wide.data();
+  acc_t* g_wide = widen_tiles ? x_wide + C * V : nullptr;
+  acc_t* prob_wide = widen_tiles && kSoft ? g_wide + C * V : nullptr;
+  PositionTargets<acc_t> targets[V] = {};
   for (int64_t tile = tile_begin; tile < tile_end; ++tile) {
     const int64_t n = tile / tiles_per_outer, s0 = (tile % tiles_per_outer) * V;
     const int64_t offset = n * p.stride_outer + s0 * p.stride_inner;
@@ -803,9 +819,22 @@ void across_kernel(const Params<scalar_t>& p, int64_t tile_begin, int64_t tile_e
     } else if (kMass != Mass::kSoft) {
       for (int64_t l = 0; l < count; ++l) targets[l] = p.targets_at(p.target_offset(n, s0 + l), n * p.inner + s0 + l);
     }
-    tile_kernel<scalar_t, kMass, scalar_t>(p, p.input + offset, kMass == Mass::kSoft ? p.soft_target + offset : nullptr,
-                                           p.grad ? p.grad + offset : nullptr, p.stride_class, n * p.inner + s0, count,
-                                           targets, exps.empty() ? nullptr : exps.data());
+    acc_t* tile_exps = exps.empty() ? nullptr : exps.data();
+    if (widen_tiles) {
+      auto load = [&](const scalar_t* ptr) { return count == V ? load_acc(ptr) : load_acc(ptr, count); };
+      for (int64_t c = 0; c < C; ++c) {
+        load(p.input + offset + c * sc).store(x_wide + c * V);
+        if constexpr (kSoft) load(p.soft_target + offset + c * sc).store(prob_wide + c * V);
+      }
+      tile_kernel<scalar_t, kMass, acc_t>(p, x_wide, prob_wide, p.grad ? g_wide : nullptr, V, n * p.inner + s0, count,
+                                          targets, tile_exps);
+      if (p.grad)
+        for (int64_t c = 0; c < C; ++c) store_acc(p.grad + offset + c * sc, Vec::loadu(g_wide + c * V), count);
+      continue;
+    }
+    tile_kernel<scalar_t, kMass, scalar_t>(p, p.input + offset, kSoft ? p.soft_target + offset : nullptr,
+                                           p.grad ? p.grad + offset : nullptr, sc, n * p.inner + s0, count, targets,
+                                           tile_exps);
   }
 }
 
