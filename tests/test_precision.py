@@ -663,6 +663,16 @@ def test_soft_target_distillation_grad(C):
 
 # ------------------------------------------------------------------ 4. the CPU kernels' exp
 
+def exp_rows(d, layout):
+    """Rows (0, −d, −200, …): 16 classes for "tile" (tiles of gathered rows), else 40, along rows or
+    strided ("strided": the transpose of a contiguous tensor, tiles in place)."""
+    C = 16 if layout == "tile" else 40
+    x = torch.full((d.numel(), C), -200.0)
+    x[:, 0] = 0.0
+    x[:, 1] = -d
+    return x.t().contiguous().t() if layout == "strided" else x
+
+
 @pytest.mark.cpu_only
 @pytest.mark.parametrize("layout", ["tile", "rows", "strided"])
 def test_cpu_exp_accuracy(layout):
@@ -673,12 +683,7 @@ def test_cpu_exp_accuracy(layout):
     lost up to 3.3 ulp near d = 87 and fails this. The layouts take the three CPU loop shapes: 16
     classes (tiles of gathered rows), 40 classes along rows, and 40 classes strided (tiles in place)."""
     d = torch.linspace(0.01, 87.3, 4000, dtype=torch.float32)
-    C = 16 if layout == "tile" else 40
-    x = torch.full((d.numel(), C), -200.0)
-    x[:, 0] = 0.0
-    x[:, 1] = -d
-    if layout == "strided":
-        x = x.t().contiguous().t()
+    x = exp_rows(d, layout)
     loss = smoothce.cross_entropy(x, torch.zeros(d.numel(), dtype=torch.long), reduction="none")
     want = torch.log1p(torch.exp(-d.double()))
     assert_within(loss, want, 6 * U * want.abs(), "loss")
@@ -692,12 +697,7 @@ def test_cpu_exp_underflow(layout):
     p_1 is a denormal within 3·2^−149 of float64 (AVX2 and default builds flush it to 0, allowed
     there); past d = 104.7 (p_1 < 2^−151) and for the −200 columns every build gives exactly 0."""
     d = torch.linspace(80.0, 120.0, 2000, dtype=torch.float32)
-    C = 16 if layout == "tile" else 40
-    x = torch.full((d.numel(), C), -200.0)
-    x[:, 0] = 0.0
-    x[:, 1] = -d
-    if layout == "strided":
-        x = x.t().contiguous().t()
+    x = exp_rows(d, layout)
     x.requires_grad_()
     smoothce.cross_entropy(x, torch.zeros(d.numel(), dtype=torch.long), reduction="sum").backward()
     got = x.grad[:, 1].double()
