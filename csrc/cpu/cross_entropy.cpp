@@ -928,14 +928,88 @@ inline void lanes_to_rows(const float* src, float* dst, int64_t ld_dst, int64_t 
   }
 }
 constexpr bool kRegisterTranspose = true;
+constexpr bool kMaskedRowStores = true;  // lanes_to_rows writes any rows in place
+#elif defined(CPU_CAPABILITY_AVX2)
+// AVX2: the same with 8×8 blocks, 24 shuffles: unpacks of 32-bit pairs, 64-bit shuffles within 128-bit
+// lanes, then 128-bit lane permutes.
+C10_ALWAYS_INLINE void transpose_8x8(__m256 r[8]) {
+  __m256 t[8];
+#pragma GCC unroll 8
+  for (int i = 0; i < 4; ++i) {
+    t[2 * i] = _mm256_unpacklo_ps(r[2 * i], r[2 * i + 1]);      // a0 b0 a1 b1 | a4 b4 a5 b5
+    t[2 * i + 1] = _mm256_unpackhi_ps(r[2 * i], r[2 * i + 1]);  // a2 b2 a3 b3 | a6 b6 a7 b7
+  }
+  __m256 u[8];
+#pragma GCC unroll 8
+  for (int i = 0; i < 2; ++i) {
+    u[4 * i] = _mm256_shuffle_ps(t[4 * i], t[4 * i + 2], 0x44);      // a0 b0 c0 d0 | a4 b4 c4 d4
+    u[4 * i + 1] = _mm256_shuffle_ps(t[4 * i], t[4 * i + 2], 0xee);  // a1 b1 c1 d1 | a5 b5 c5 d5
+    u[4 * i + 2] = _mm256_shuffle_ps(t[4 * i + 1], t[4 * i + 3], 0x44);
+    u[4 * i + 3] = _mm256_shuffle_ps(t[4 * i + 1], t[4 * i + 3], 0xee);
+  }
+#pragma GCC unroll 8
+  for (int k = 0; k < 4; ++k) {
+    r[k] = _mm256_permute2f128_ps(u[k], u[4 + k], 0x20);      // column k: rows a..d, then e..h
+    r[k + 4] = _mm256_permute2f128_ps(u[k], u[4 + k], 0x31);  // column k + 4
+  }
+}
+
+// 8 rows of cols ≤ 32 floats (ld_src apart) into class-major dst (dst[c·8 + i] = src[i·ld_src + c]); dst
+// has room for 32 rows of 8. Rows cols.. of the last block of 8 get what follows a row in memory (the
+// tile kernel reads only rows < cols): a row's last, partial block is loaded whole where that stays
+// inside the 8 rows' span (masked loads, slow on some CPUs, took half of this function on Zen 1).
+inline void rows_to_lanes(const float* src, int64_t ld_src, float* dst, int64_t cols) {
+  for (int64_t b = 0; b < cols; b += 8) {
+    const int64_t n = std::min<int64_t>(8, cols - b);
+    __m256 r[8];
+    if (n == 8) {
+#pragma GCC unroll 8
+      for (int i = 0; i < 8; ++i) r[i] = _mm256_loadu_ps(src + i * ld_src + b);
+    } else {
+      const __m256i mask = _mm256_cmpgt_epi32(_mm256_set1_epi32(static_cast<int>(n)), _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7));
+#pragma GCC unroll 8
+      for (int i = 0; i < 8; ++i) {
+        // the span ends at src[7·ld_src + cols)
+        if ((7 - i) * ld_src + cols - b >= 8) {
+          r[i] = _mm256_loadu_ps(src + i * ld_src + b);
+        } else {
+          r[i] = _mm256_maskload_ps(src + i * ld_src + b, mask);
+        }
+      }
+    }
+    transpose_8x8(r);
+#pragma GCC unroll 8
+    for (int k = 0; k < 8; ++k) _mm256_storeu_ps(dst + (b + k) * 8, r[k]);
+  }
+}
+
+// The way back into 8 contiguous rows of cols floats (ld_dst == cols) with whole 8-float stores (AVX2's
+// masked stores are microcoded on some CPUs): the last, partial block of classes goes first, each row's
+// spill-over into the next row's first block is overwritten when that block is written, and the last
+// row's spills past the 8·cols floats, so dst needs 7 floats of room after them.
+inline void lanes_to_rows(const float* src, float* dst, int64_t ld_dst, int64_t cols) {
+  TORCH_INTERNAL_ASSERT_DEBUG_ONLY(ld_dst == cols);
+  const int64_t last = (cols - 1) / 8 * 8;
+  for (int64_t b = last; b >= 0; b -= 8) {
+    __m256 r[8];
+#pragma GCC unroll 8
+    for (int k = 0; k < 8; ++k) r[k] = _mm256_loadu_ps(src + (b + k) * 8);
+    transpose_8x8(r);
+#pragma GCC unroll 8
+    for (int i = 0; i < 8; ++i) _mm256_storeu_ps(dst + i * ld_dst + b, r[i]);
+  }
+}
+constexpr bool kRegisterTranspose = true;
+constexpr bool kMaskedRowStores = false;  // lanes_to_rows writes 8 contiguous rows, spilling 7 floats
 #else
 constexpr bool kRegisterTranspose = false;
+constexpr bool kMaskedRowStores = false;
 inline void rows_to_lanes(const float*, int64_t, float*, int64_t) {}
 inline void lanes_to_rows(const float*, float*, int64_t, int64_t) {}
 #endif
 
-// dst[j·ld_dst + i] = src[i·ld_src + j] for i < rows, j < cols, element by element: partial tiles,
-// fp64 and AVX2 (full fp32 tiles with AVX-512: rows_to_lanes, lanes_to_rows). at::vec::transpose_mxn
+// dst[j·ld_dst + i] = src[i·ld_src + j] for i < rows, j < cols, element by element: partial tiles and
+// fp64 (full fp32 tiles with AVX-512 and AVX2: rows_to_lanes, lanes_to_rows). at::vec::transpose_mxn
 // takes its sizes at run time, and its blocks, indexed by them, live in memory rather than registers:
 // it measured no faster than this loop for 16×10 fp32 tiles.
 template <typename src_t, typename dst_t>
@@ -953,7 +1027,7 @@ void small_rows_kernel(const Params<scalar_t>& p, int64_t tile_begin, int64_t ti
   // (zeroed: the register transposes move whole blocks of 16 classes, past C too)
   acc_t x_buf[kSmallClasses * V] = {}, prob_buf[kSmallClasses * V] = {}, g_buf[kSmallClasses * V] = {},
         exp_buf[kSmallClasses * V];
-  acc_t wide[kSmallClasses * V];
+  acc_t wide[kSmallClasses * V + V];  // (+ V: AVX2's lanes_to_rows spills up to 7 floats past a tile)
   acc_t* exps = p.grad ? exp_buf : nullptr;
   int64_t offsets[V];
   PositionTargets<acc_t> targets[V] = {};
@@ -971,6 +1045,8 @@ void small_rows_kernel(const Params<scalar_t>& p, int64_t tile_begin, int64_t ti
   // Full tiles of 16 fp32 lanes (AVX-512) move through 16×16 register transposes instead (the
   // element-wise ones took half of the kernel's time, perf): forward with gradient 28% faster at
   // 65536×10 fp32, 15% bf16, 38% at 65536×16 fp32, 31% at 65536×27 bf16 (1 thread, interleaved A/B).
+  // AVX2, tiles of 8 through 8×8 transposes: 14% (fp32) and 16% (bf16) at 65536×10, 19% and 21% at
+  // 65536×27, forward alone 3–10% (Zen 1, 1 thread, interleaved A/B).
   constexpr bool kRegisters = kRegisterTranspose && std::is_same_v<acc_t, float>;
   auto load_tile = [&](const scalar_t* src, acc_t* dst, int64_t count) {
     if constexpr (kRegisters) {
@@ -994,7 +1070,7 @@ void small_rows_kernel(const Params<scalar_t>& p, int64_t tile_begin, int64_t ti
   auto store_tile = [&](const acc_t* src, scalar_t* dst, int64_t count) {
     if constexpr (kRegisters) {
       if (count == V && row_stride == C) {
-        if constexpr (kHalf) {
+        if constexpr (kHalf || !kMaskedRowStores) {
           lanes_to_rows(src, wide, C, C);
           narrow(wide, dst, V * C);
         } else {
