@@ -401,11 +401,15 @@ def test_invalid_cluster_launches_raise(emu, blocks, cluster_blocks, message):
 
 
 def test_a_cluster_launch_is_fast(emu):
-    """64 clusters x 8 blocks x 256 threads, 3 cluster barriers per thread."""
+    """64 clusters x 8 blocks x 256 threads, 3 cluster barriers per thread: within a small factor of a
+    plain launch of the same grid, timed alongside it, so that the bound follows the machine (a fixed
+    100 ms failed on a 2-core Zen 1 VM: 118 ms idle, the plain launch 30 ms; clusters run as OS threads
+    with blocking barriers would take seconds)."""
     x = torch.randint(-1000, 1000, (64 * 8 * 256,)).float()
-    best = float("inf")
+    best = {8: float("inf"), None: float("inf")}
     for _ in range(3):
-        start = time.perf_counter()
-        emu.selftest.cluster(x, 256, 8, 0, 0)
-        best = min(best, time.perf_counter() - start)
-    assert best < 0.100, f"{best * 1e3:.1f} ms"
+        for cluster_blocks in best:
+            start = time.perf_counter()
+            emu.selftest.cluster(x, 256, cluster_blocks, 0, 0)
+            best[cluster_blocks] = min(best[cluster_blocks], time.perf_counter() - start)
+    assert best[8] < 8 * best[None], f"clusters {best[8] * 1e3:.1f} ms, plain launch {best[None] * 1e3:.1f} ms"
