@@ -86,6 +86,21 @@ inline void store_acc(scalar_t* ptr, const Vectorized<acc_type<scalar_t>>& v,
   }
 }
 
+// Half types: 2V floats (a, then b) -> 2V halves in one store, one pack and lane permute for the pair
+// (at::vec's two-vector conversion) instead of one each.
+template <typename scalar_t>
+inline void store_acc2(scalar_t* ptr, const Vectorized<float>& a, const Vectorized<float>& b) {
+  static_assert(!std::is_same_v<scalar_t, acc_type<scalar_t>>);
+#if defined(CPU_CAPABILITY_AVX2) || defined(CPU_CAPABILITY_AVX512)
+  const auto packed = std::is_same_v<scalar_t, at::BFloat16> ? at::vec::cvtfp32_bf16(FloatReg(a), FloatReg(b))
+                                                            : at::vec::cvtfp32_fp16(FloatReg(a), FloatReg(b));
+  std::memcpy(ptr, &packed, sizeof(packed));
+#else
+  store_acc(ptr, a);
+  store_acc(ptr + Vectorized<float>::size(), b);
+#endif
+}
+
 #if defined(CPU_CAPABILITY_AVX2) || defined(CPU_CAPABILITY_AVX512)
 // A float vector's bits as int32 lanes (at::vec::cast<float> is the way back; its generic cast to
 // int32 goes through memory).
@@ -490,8 +505,8 @@ void row_grad(const Params<scalar_t>& p, const scalar_t* x, const scalar_t* prob
     acc_t coef = softmax_coef;
     if (exps) coef *= std::exp((block_origins[begin / kRowBlock] - row_max) - log_sum);
     const Vec vmax(row_max), vlog_sum(log_sum), vcoef(coef), voff(off_coef);
-    // V elements at c (count < V: the block's last ones, as in row_state)
-    auto write = [&](int64_t c, auto part, int64_t count) {
+    // V gradient elements at c (count < V: the block's last ones, as in row_state)
+    auto value = [&](int64_t c, auto part, int64_t count) {
       constexpr bool kPart = decltype(part)::value;
       auto load = [&](const auto* ptr) { return kPart ? Vec::loadu(ptr, count) : Vec::loadu(ptr); };
       auto load_in = [&](const scalar_t* ptr) { return kPart ? load_acc(ptr, count) : load_acc(ptr); };
@@ -503,11 +518,15 @@ void row_grad(const Params<scalar_t>& p, const scalar_t* x, const scalar_t* prob
         if (p.weight) sub = sub * load(p.weight + c);
         out = out - sub;
       }
-      store_acc(g + c, out, count);
+      return out;
     };
+    const std::false_type whole;
     int64_t c = begin;
-    for (; c + V <= end; c += V) write(c, std::false_type{}, V);
-    if (c < end) write(c, std::true_type{}, end - c);
+    if constexpr (!std::is_same_v<scalar_t, acc_t>) {  // half types: pairs of vectors share a pack
+      for (; c + 2 * V <= end; c += 2 * V) store_acc2(g + c, value(c, whole, V), value(c + V, whole, V));
+    }
+    for (; c + V <= end; c += V) store_acc(g + c, value(c, whole, V));
+    if (c < end) store_acc(g + c, value(c, std::true_type{}, end - c), end - c);
   }
 }
 
