@@ -522,6 +522,42 @@ def test_confident_rows_half(dtype, C, option):
     check_case(case, loss, grad)
 
 
+MASK_BLOCK = 2048  # the CPU rows kernel's block of classes (kRowBlock in csrc/cpu/cross_entropy.cpp)
+ROW_SHIFTS = (1.0, 120.0, -5.0, 30.0)  # each row's max becomes −shift (fp32's exp underflows below −103)
+
+
+@pytest.mark.parametrize("option", ["plain-none", "weighted-sum", "zloss-weighted-mean", "mixup-same-weighted-sum"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+def test_confident_rows_masked_blocks(dtype, option):
+    """Rows with whole blocks of masked (−inf) logits, as a vocabulary padded to a multiple of the block and
+    masked ends with, and every logit below 0: the 2053 classes of a confident batch sit in the classes
+    2048..4095 and 6144..6148 of 6149, the rest −inf, each row shifted so that its max is −1, −120, 5 or
+    −30. A block with no finite logit has no max: taking its sums' origin 0 for one made the row's max 0,
+    measured every logit from 0 (exp(−120) underflows: an infinite loss) and lost the confident rows'
+    precision. The truth is the compact rows' (a −inf logit adds nothing where ε = 0); the gradient
+    is exactly 0 at the masked classes."""
+    x, a = confident_batch(MASK_BLOCK + 5, seed=7)
+    P, C0 = x.shape
+    shift = torch.tensor(ROW_SHIFTS * (P // len(ROW_SHIFTS) + 1))[:P, None]
+    x = (x - x.amax(1, keepdim=True) - shift).to(dtype)
+    case = make_case(x, a, OPTIONS[option], seed=7)
+    cols = torch.cat([torch.arange(MASK_BLOCK, 2 * MASK_BLOCK), torch.arange(3 * MASK_BLOCK, 3 * MASK_BLOCK + 5)])
+    C = 3 * MASK_BLOCK + 5
+    wide = torch.full((P, C), -math.inf, dtype=dtype)
+    wide[:, cols] = case.x
+    weight = None
+    if case.weight is not None:
+        weight = torch.ones(C, dtype=dtype)
+        weight[cols] = case.weight
+    spread = lambda t: t if t is None else torch.where(t == IGNORE, t, cols[t.clamp_min(0)])  # noqa: E731
+    wide_case = case._replace(x=wide, a=spread(case.a), b=spread(case.b), weight=weight)
+    loss, grad = run_smoothce(wide_case)
+    masked = torch.ones(C, dtype=torch.bool)
+    masked[cols] = False
+    assert torch.count_nonzero(grad[:, masked]) == 0
+    check_case(case, loss, grad[:, cols])
+
+
 # ------------------------------------------------------------------ 3. the issue's statements
 
 def test_issue_example_two_classes():

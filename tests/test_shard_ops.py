@@ -222,6 +222,33 @@ def test_opcheck(reduction, compute_grad):
                           (x, target, weight, stats, 25, 40, -100, reduction, 0.1, compute_grad, False))
 
 
+@pytest.mark.parametrize("masked_rank", [0, 2], ids=lambda r: f"masked_rank{r}")
+def test_masked_shard_and_logits_below_zero(masked_rank):
+    """A rank whose shard is all −inf (a masked, padded vocabulary's last classes) while every other logit
+    is below 0: that shard's statistics have max −inf, so the merged max is the row's own. (With 0, the
+    row was measured from 0: at max −120 fp32's exp underflows to an infinite loss, and the confident
+    row at max −1 lost its precision.)"""
+    sizes = [400, 600, 300]
+    starts = [0, 400, 1000]
+    C = sum(sizes)
+    g = torch.Generator().manual_seed(5)
+    x = torch.randn(2, C, generator=g, dtype=torch.float64) * 2
+    target = torch.tensor([starts[1] + 3, starts[1] + 5])
+    x[1, target[1]] = x[1].max() + 20.0  # confident
+    x = x - x.amax(1, keepdim=True) - torch.tensor([[120.0], [1.0]])
+    x[:, starts[masked_rank]:starts[masked_rank] + sizes[masked_rank]] = -math.inf
+    x = x.float()
+    truth_loss, truth_grad = _expected(x.double(), target, None, 0)
+    results = _run_shards(x, target, None, sizes, 0, grad_output=torch.ones(2))
+    for (loss, _, grad), s, n in zip(results, starts, sizes):
+        assert ((loss.double() - truth_loss).abs() <= 8 * torch.finfo(torch.float32).eps * truth_loss.abs()).all()
+        expect = truth_grad[:, s:s + n]
+        assert torch.equal(grad[expect == 0], torch.zeros_like(grad[expect == 0]))
+        big = expect.abs() > 1e-30
+        rel = (grad.double() - expect).abs()[big] / expect.abs()[big]
+        assert (rel < 64 * torch.finfo(torch.float32).eps).all()
+
+
 def test_stats_fields_are_the_shards_row_state():
     """The 10 values: max, Σexp(x − max), the part below the max, and the unit-mass smoothing sums."""
     x = torch.tensor([[1.0, 3.0, 2.0, 3.0]], dtype=torch.float64)

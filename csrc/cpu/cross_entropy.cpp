@@ -395,8 +395,13 @@ acc_type<scalar_t> vec_max(const scalar_t* x, int64_t n, acc_type<scalar_t>* wid
 constexpr int64_t kRowBlock = 2048;  // elements re-read from L1 between the max and the exp-sum
 
 // Online state of one contiguous row x[0..C) (soft targets: P with the same layout).
-// With `exps`, exp(x − origin of its block) is also stored there and each block's origin in
-// `block_origins`, so the gradient pass rescales instead of calling exp again.
+// With `exps`, exp(x − origin of its block) is also stored there and each block's max in
+// `block_maxes`, so the gradient pass rescales instead of calling exp again.
+// A block of −inf logits only (a masked, padded vocabulary's last block) takes its sums (0) from
+// origin 0 (shift_origin), but its max, in its state and in block_maxes, is −inf (RowState's
+// convention): the row's max comes from the other blocks. (With 0 as its max, a row whose logits
+// are all below 0 was measured from 0: an infinite loss where exp(−120) underflows, and confident
+// rows lost `rest`'s precision.)
 // grad_row (half types, or null): the row's gradient, which row_grad writes after this pass from the
 // fp32 exps. Its lines are prefetched for writing here, one per 64 bytes, so that fetching them for
 // ownership overlaps this pass's arithmetic instead of stalling the gradient pass: bf16 4096×32000
@@ -404,7 +409,7 @@ constexpr int64_t kRowBlock = 2048;  // elements re-read from L1 between the max
 // anyway; prefetching ahead there measured 7–15% slower.)
 template <typename scalar_t, Mass kMass>
 RowState<acc_type<scalar_t>> row_state(const Params<scalar_t>& p, const scalar_t* x, const scalar_t* prob,
-                                       acc_type<scalar_t>* exps, acc_type<scalar_t>* block_origins,
+                                       acc_type<scalar_t>* exps, acc_type<scalar_t>* block_maxes,
                                        scalar_t* grad_row) {
   using acc_t = acc_type<scalar_t>;
   using Vec = Vectorized<acc_t>;
@@ -429,7 +434,7 @@ RowState<acc_type<scalar_t>> row_state(const Params<scalar_t>& p, const scalar_t
       block_max = (v != v || block_max != block_max) ? v + block_max : std::max(block_max, v);
     }
     const acc_t origin = shift_origin(block_max);
-    if (exps) block_origins[begin / kRowBlock] = origin;
+    if (exps) block_maxes[begin / kRowBlock] = block_max;
     // Σ exp(x − origin), its part below the max (RowState::rest) and the mass sums; two independent
     // accumulator sets so that two exp polynomials (long dependency chains) are in flight at once.
     const Vec vorigin(origin);
@@ -490,7 +495,7 @@ RowState<acc_type<scalar_t>> row_state(const Params<scalar_t>& p, const scalar_t
       return at::vec::vec_reduce_all<acc_t>([](Vec& a, Vec& b) { return a + b; }, v[0] + v[1]);
     };
     const acc_t sum = hsum(vsum);
-    RowState<acc_t> block{origin, sum, below ? sum : hsum(vrest), acc_t(0), acc_t(0), acc_t(0)};
+    RowState<acc_t> block{block_max, sum, below ? sum : hsum(vrest), acc_t(0), acc_t(0), acc_t(0)};
     if constexpr (kMass != Mass::kNone) block.mass_dx = hsum(vmass_dx);
     if constexpr (kMass == Mass::kUnit) block.mass = static_cast<acc_t>(end - begin);
     if constexpr (kMass == Mass::kWeighted || kMass == Mass::kSoft) block.mass = hsum(vmass);
@@ -504,12 +509,13 @@ RowState<acc_type<scalar_t>> row_state(const Params<scalar_t>& p, const scalar_t
 // p = exp((x − row_max) − log_sum) (see log_prob in row_math.h):
 //   index: g = softmax_coef·p − off_coef·w
 //   soft:  g = softmax_coef·p − scale·w·q       (softmax_coef = scale·Σ w·q)
-// With exps (from row_state: exp(x − origin_b)), p is that times exp((origin_b − row_max) − log_sum),
-// one scalar exp per block; exps may alias g (fp32/fp64), each element is read before it is written.
+// With exps (from row_state: exp(x − origin_b)), p is that times exp((max_b − row_max) − log_sum),
+// one scalar exp per block (max_b = origin_b, or −inf for a block of −inf logits: a factor 0 for
+// its exps, which are 0); exps may alias g (fp32/fp64), each element is read before it is written.
 template <typename scalar_t, bool kSoft>
 void row_grad(const Params<scalar_t>& p, const scalar_t* x, const scalar_t* prob, scalar_t* g,
               acc_type<scalar_t> row_max, acc_type<scalar_t> log_sum, acc_type<scalar_t> softmax_coef,
-              acc_type<scalar_t> off_coef, const acc_type<scalar_t>* exps, const acc_type<scalar_t>* block_origins) {
+              acc_type<scalar_t> off_coef, const acc_type<scalar_t>* exps, const acc_type<scalar_t>* block_maxes) {
   using acc_t = acc_type<scalar_t>;
   using Vec = Vectorized<acc_t>;
   constexpr int64_t V = Vec::size();
@@ -518,7 +524,7 @@ void row_grad(const Params<scalar_t>& p, const scalar_t* x, const scalar_t* prob
   for (int64_t begin = 0; begin < C; begin += kRowBlock) {
     const int64_t end = std::min(C, begin + kRowBlock);
     acc_t coef = softmax_coef;
-    if (exps) coef *= std::exp((block_origins[begin / kRowBlock] - row_max) - log_sum);
+    if (exps) coef *= std::exp((block_maxes[begin / kRowBlock] - row_max) - log_sum);
     const Vec vmax(row_max), vlog_sum(log_sum), vcoef(coef), voff(off_coef);
     // V gradient elements at c (count < V: the block's last ones, as in row_state)
     auto value = [&](int64_t c, auto part, int64_t count) {
@@ -547,13 +553,13 @@ void row_grad(const Params<scalar_t>& p, const scalar_t* x, const scalar_t* prob
 
 // The class of a row's (sole) max: searched in the blocks whose origin is the row's max.
 template <typename scalar_t>
-int64_t sole_max_class(const Params<scalar_t>& p, const scalar_t* x, const acc_type<scalar_t>* block_origins,
+int64_t sole_max_class(const Params<scalar_t>& p, const scalar_t* x, const acc_type<scalar_t>* block_maxes,
                        acc_type<scalar_t> row_max) {
   using Vec = Vectorized<acc_type<scalar_t>>;
   constexpr int64_t V = Vec::size();
   const Vec vmax(row_max);
   for (int64_t begin = 0; begin < p.classes; begin += kRowBlock) {
-    if (block_origins[begin / kRowBlock] != row_max) continue;
+    if (block_maxes[begin / kRowBlock] != row_max) continue;
     const int64_t end = std::min(p.classes, begin + kRowBlock);
     int64_t c = begin;
     while (c + V <= end && (load_acc(x + c) == vmax).zero_mask() == (1 << V) - 1) c += V;  // no lane equal
@@ -570,9 +576,9 @@ void rows_kernel(const Params<scalar_t>& p, int64_t pos_begin, int64_t pos_end) 
   // The sum pass keeps its exps for the gradient pass: in the gradient itself for fp32/fp64, in a
   // per-task fp32 row buffer for half types (which would lose the exp's precision).
   constexpr bool kExpsInGrad = std::is_same_v<scalar_t, acc_t>;
-  std::vector<acc_t> block_origins(p.grad ? (p.classes + kRowBlock - 1) / kRowBlock : 0);
+  std::vector<acc_t> block_maxes(p.grad ? (p.classes + kRowBlock - 1) / kRowBlock : 0);
   std::vector<acc_t> exp_row(p.grad && !kExpsInGrad ? p.classes : 0);
-  acc_t* origins = block_origins.empty() ? nullptr : block_origins.data();
+  acc_t* maxes = block_maxes.empty() ? nullptr : block_maxes.data();
   for (int64_t pos = pos_begin; pos < pos_end; ++pos) {
     const int64_t offset = p.offset_of(pos);
     const scalar_t* x = p.input + offset;
@@ -598,7 +604,7 @@ void rows_kernel(const Params<scalar_t>& p, int64_t pos_begin, int64_t pos_end) 
         exps = exp_row.data();
       }
     }
-    const RowState<acc_t> state = row_state<scalar_t, kMass>(p, x, prob, exps, origins, kExpsInGrad ? nullptr : g);
+    const RowState<acc_t> state = row_state<scalar_t, kMass>(p, x, prob, exps, maxes, kExpsInGrad ? nullptr : g);
     const acc_t log_sum = row_log_sum(state);
     const PositionResult<acc_t> r =
         kSoft ? soft_target_position(state, log_sum, p.scale_at(pos), p.z_loss)
@@ -607,9 +613,9 @@ void rows_kernel(const Params<scalar_t>& p, int64_t pos_begin, int64_t pos_end) 
     p.position_loss[pos] = r.loss;
     if (g) {
       // Probability targets: the sole max's class, found before the gradient may overwrite the logits.
-      const int64_t sole = kSoft && r.coefs.sole_rest >= acc_t(0) ? sole_max_class(p, x, origins, state.max) : -1;
+      const int64_t sole = kSoft && r.coefs.sole_rest >= acc_t(0) ? sole_max_class(p, x, maxes, state.max) : -1;
       row_grad<scalar_t, kSoft>(p, x, prob, g, state.max, r.log_sum, r.coefs.softmax_coef, r.coefs.off_coef, exps,
-                                origins);
+                                maxes);
       if (!kSoft) p.write_target_grads(g, 1, state.max, r.log_sum, r.coefs, t, xt);
       if (sole >= 0) g[sole] = static_cast<scalar_t>(sole_max_grad(r.coefs));
     }
