@@ -97,6 +97,44 @@ def test_nonfinite_logit_gives_nan_row(dtype, bad, eps, column):
             assert smoothce.cross_entropy(x, t, reduction=reduction, label_smoothing=eps).isnan()
 
 
+def _nan_bits(bits):
+    return torch.tensor([bits], dtype=torch.int32).view(torch.float32)[0]
+
+
+@pytest.mark.parametrize("eps", [0.0, 0.1])
+def test_bf16_gradient_keeps_nan_and_inf(eps):
+    """bf16 rows round their gradient without a NaN test where the row's values cannot hold one (finite
+    max, log Σexp and coefficients; row_grad in csrc/cpu/cross_entropy.cpp), and with it elsewhere: an
+    fp32 upstream gradient (autocast) whose NaNs carry low payload bits, which that rounding would turn
+    into 0 or −0 (0x7fffffff, 0xffffffff), a NaN or +inf logit, an infinite upstream gradient and one
+    that overflows bf16 give NaN and ±inf exactly where the fp32 logits' gradient has them."""
+    C = 600
+    x = make_logits((10, C), torch.float32).bfloat16()
+    t = make_index_target((10,), C)
+    x[1, 7] = math.nan
+    x[2, 9] = math.inf
+    x[3, 100:300] = -math.inf
+    t[3] = 5
+    up = torch.rand(10) + 0.5
+    up[4], up[5] = _nan_bits(0x7FFFFFFF), _nan_bits(-1)
+    up[6], up[7], up[8] = math.inf, 3e38, -3e38
+    grads = []
+    for logits in (x, x.float()):
+        leaf = logits.detach().requires_grad_()
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            loss = smoothce.cross_entropy(leaf, t, reduction="none", label_smoothing=eps)
+        assert loss.dtype == torch.float32
+        loss.backward(up)
+        grads.append(leaf.grad)
+    got, want = grads[0], grads[1].bfloat16()
+    assert got.dtype == torch.bfloat16
+    assert got[[1, 2, 4, 5, 6]].isnan().any(1).all()
+    assert torch.equal(got.isnan(), want.isnan())
+    assert torch.equal(got.isposinf(), want.isposinf()) and torch.equal(got.isneginf(), want.isneginf())
+    finite = want.isfinite()
+    torch.testing.assert_close(got[finite].float(), want[finite].float(), rtol=2 ** -7, atol=1e-30)
+
+
 @pytest.mark.parametrize("dtype", DTYPES, ids=dtype_id)
 @pytest.mark.parametrize("C, columns", [
     (10, (0, 4, 9)), (21, (0, 7, 20)),  # tiles (small rows; strided classes): both max chains

