@@ -584,7 +584,8 @@ void row_grad(const Params<scalar_t>& p, const scalar_t* x, const scalar_t* prob
     int64_t c = begin;
     if constexpr (!std::is_same_v<scalar_t, acc_t>) {  // half types: pairs of vectors share a pack
       if (no_nan) {
-        for (; c + 2 * V <= end; c += 2 * V) store_acc2<scalar_t, true>(g + c, value(c, whole, V), value(c + V, whole, V));
+        for (; c + 2 * V <= end; c += 2 * V)
+          store_acc2<scalar_t, true>(g + c, value(c, whole, V), value(c + V, whole, V));
       }
       for (; c + 2 * V <= end; c += 2 * V) store_acc2(g + c, value(c, whole, V), value(c + V, whole, V));
     }
@@ -593,7 +594,7 @@ void row_grad(const Params<scalar_t>& p, const scalar_t* x, const scalar_t* prob
   }
 }
 
-// The class of a row's (sole) max: searched in the blocks whose origin is the row's max.
+// The class of a row's (sole) max: searched in the blocks whose max is the row's max.
 template <typename scalar_t>
 int64_t sole_max_class(const Params<scalar_t>& p, const scalar_t* x, const acc_type<scalar_t>* block_maxes,
                        acc_type<scalar_t> row_max) {
