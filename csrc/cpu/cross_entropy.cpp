@@ -586,8 +586,9 @@ void row_grad(const Params<scalar_t>& p, const scalar_t* x, const scalar_t* prob
       if (no_nan) {
         for (; c + 2 * V <= end; c += 2 * V)
           store_acc2<scalar_t, true>(g + c, value(c, whole, V), value(c + V, whole, V));
+      } else {
+        for (; c + 2 * V <= end; c += 2 * V) store_acc2(g + c, value(c, whole, V), value(c + V, whole, V));
       }
-      for (; c + 2 * V <= end; c += 2 * V) store_acc2(g + c, value(c, whole, V), value(c + V, whole, V));
     }
     for (; c + V <= end; c += V) store_acc(g + c, value(c, whole, V));
     if (c < end) store_acc(g + c, value(c, std::true_type{}, end - c), end - c);
