@@ -35,6 +35,26 @@ def test_index_targets_grid(C, N, reduction, eps, weighted, dtype):
     check_all(mine, theirs, truth, dtype)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=dtype_id)
+@pytest.mark.parametrize("padded", [False, True], ids=["contiguous", "padded_rows"])
+def test_rows_beyond_the_caches(dtype, padded):
+    """Inputs of 16 MiB and more: the CPU rows kernel prefetches each next block of 2048 classes and
+    each next row while it sums exps (fp32/fp64). Two full blocks and a 4-class tail per row, rows
+    contiguous or 3 elements apart (a slice), split over threads; ignored and weighted positions."""
+    C = 4100
+    N = (16 << 20) // (C * dtype.itemsize) + 8  # just past the gate, with the gradient twice that
+    x = make_logits((N, C + 3 if padded else C), dtype, seed=7)
+    t = make_index_target((N,), C, ignore_every=5)
+    w = make_weight(C, dtype)
+    view = (lambda leaf: leaf[:, :C]) if padded else None
+    mine, theirs, truth = run_all(smoothce.cross_entropy, x, t, weight=w, view=view,
+                                  label_smoothing=0.1)
+    check_all(mine, theirs, truth, dtype)
+    with torch.no_grad():  # forward only
+        loss = smoothce.cross_entropy(x[:, :C], t, weight=w, label_smoothing=0.1)
+    assert_close_to_truth(loss, truth[0], theirs[0], dtype, "forward-only loss", magnitude=truth[3])
+
+
 @pytest.mark.parametrize("dtype", DTYPES, ids=dtype_id)
 @pytest.mark.parametrize("reduction", ["mean", "sum"])
 def test_scaled_upstream(dtype, reduction):
