@@ -432,8 +432,11 @@ constexpr int64_t kRowBlock = 2048;  // elements re-read from L1 between the max
 // elements at the same place there, so that the next max pass does not wait on memory. Zen 1 VM
 // (8 MiB L3), interleaved A/B: fp32 fwd+bwd 12–17% faster at 2 threads (4096×1000, 1024×32000,
 // 256×128256; 10–11% at 1 thread), forward 5–7% at 32000 and 128256 classes, 4096×1000's forward
-// unchanged. Ungated, the prefetches cost inputs that stay in cache 2–10% (256×1000 to 1024×1000,
-// 16384×100, 16384×40), hence the size gate. Half-type rows measured 4–11% slower with them (their
+// unchanged, 16384×512 11% faster (1 thread). Ungated, the prefetches cost inputs that stay in cache
+// 2–10% (256×1000 to 1024×1000, 16384×100, 16384×40), hence the size gate. Past it, rows of few
+// classes measured 2–5% slower at 131072×64 and 0–4% at 65536×100 (1 thread), and as much with the
+// prefetches turned off for rows under 512 classes: the per-row cost of this code or the VM's noise,
+// not the prefetches; 32768×300: 1% faster. Half-type rows measured 4–11% slower with them (their
 // max pass widens into an L1 buffer that the exp pass reads) and do without. The vocabulary-parallel
 // statistics pass (shard_stats_kernel) prefetches alike: 2–10% faster at 1024×32000 and 256×128256
 // fp32 (2 threads; 2–3% at 1 thread).
