@@ -40,7 +40,8 @@ def test_index_targets_grid(C, N, reduction, eps, weighted, dtype):
 def test_rows_beyond_the_caches(dtype, padded):
     """Inputs of 16 MiB and more: the CPU rows kernel prefetches each next block of 2048 classes and
     each next row while it sums exps (fp32/fp64). Two full blocks and a 4-class tail per row, rows
-    contiguous or 3 elements apart (a slice), split over threads; ignored and weighted positions."""
+    contiguous or with 3 elements between them (a slice), split over threads; ignored and weighted
+    positions."""
     C = 4100
     N = (16 << 20) // (C * dtype.itemsize) + 8  # just past the gate, with the gradient twice that
     x = make_logits((N, C + 3 if padded else C), dtype, seed=7)
