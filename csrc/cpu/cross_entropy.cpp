@@ -597,14 +597,21 @@ void row_grad(const Params<scalar_t>& p, const scalar_t* x, const scalar_t* prob
     acc_t coef = softmax_coef;
     if (exps) coef *= std::exp((block_maxes[begin / kRowBlock] - row_max) - log_sum);
     const Vec vmax(row_max), vlog_sum(log_sum), vcoef(coef), voff(off_coef);
-    // V gradient elements at c (count < V: the block's last ones, as in row_state)
-    auto value = [&](int64_t c, auto part, int64_t count) {
+    // V gradient elements at c (count < V: the block's last ones, as in row_state). `general` false:
+    // index targets without class weights, g = coef·p − off_coef with the tests of off_coef and of
+    // the weights out of the loop (off_coef 0: minus +0, which changes no value, −0 included); GCC
+    // contracts it into one fused multiply-subtract, rounded once. bf16 fwd+bwd 3–5% faster at
+    // 1024×32000, 256×128256 and 16384×512 (Zen 1, 1 thread, interleaved A/B), fp32 0–2%.
+    const Vec vsub = subtract ? voff : Vec(0);
+    auto value = [&](int64_t c, auto part, int64_t count, auto general) {
       constexpr bool kPart = decltype(part)::value;
       auto load = [&](const auto* ptr) { return kPart ? Vec::loadu(ptr, count) : Vec::loadu(ptr); };
       auto load_in = [&](const scalar_t* ptr) { return kPart ? load_acc(ptr, count) : load_acc(ptr); };
       const Vec e = exps ? load(exps + c) : vexp((load_in(x + c) - vmax) - vlog_sum);
       Vec out = vcoef * e;
-      if (subtract) {
+      if constexpr (!decltype(general)::value) {
+        out = out - vsub;
+      } else if (subtract) {
         Vec sub = voff;
         if constexpr (kSoft) sub = sub * p.soft_q(load_in(prob + c));
         if (p.weight) sub = sub * load(p.weight + c);
@@ -612,18 +619,26 @@ void row_grad(const Params<scalar_t>& p, const scalar_t* x, const scalar_t* prob
       }
       return out;
     };
-    const std::false_type whole;
-    int64_t c = begin;
-    if constexpr (!std::is_same_v<scalar_t, acc_t>) {  // half types: pairs of vectors share a pack
-      if (no_nan) {
-        for (; c + 2 * V <= end; c += 2 * V)
-          store_acc2<scalar_t, true>(g + c, value(c, whole, V), value(c + V, whole, V));
-      } else {
-        for (; c + 2 * V <= end; c += 2 * V) store_acc2(g + c, value(c, whole, V), value(c + V, whole, V));
+    auto sweep = [&](auto general) {
+      const std::false_type whole;
+      int64_t c = begin;
+      if constexpr (!std::is_same_v<scalar_t, acc_t>) {  // half types: pairs of vectors share a pack
+        if (no_nan) {
+          for (; c + 2 * V <= end; c += 2 * V)
+            store_acc2<scalar_t, true>(g + c, value(c, whole, V, general), value(c + V, whole, V, general));
+        } else {
+          for (; c + 2 * V <= end; c += 2 * V)
+            store_acc2(g + c, value(c, whole, V, general), value(c + V, whole, V, general));
+        }
       }
+      for (; c + V <= end; c += V) store_acc(g + c, value(c, whole, V, general));
+      if (c < end) store_acc(g + c, value(c, std::true_type{}, end - c, general), end - c);
+    };
+    if (kSoft || p.weight) {
+      sweep(std::true_type{});
+    } else if constexpr (!kSoft) {
+      sweep(std::false_type{});
     }
-    for (; c + V <= end; c += V) store_acc(g + c, value(c, whole, V));
-    if (c < end) store_acc(g + c, value(c, std::true_type{}, end - c), end - c);
   }
 }
 
