@@ -437,7 +437,9 @@ constexpr int64_t kRowBlock = 2048;  // elements re-read from L1 between the max
 // classes measured 2–5% slower at 131072×64 and 0–4% at 65536×100 (1 thread), and as much with the
 // prefetches turned off for rows under 512 classes: the per-row cost of this code or the VM's noise,
 // not the prefetches; 32768×300: 1% faster. Half-type rows measured 4–11% slower with them (their
-// max pass widens into an L1 buffer that the exp pass reads) and do without. The vocabulary-parallel
+// max pass widens into an L1 buffer that the exp pass reads) and do without: with the prefetch test
+// in their exp loop (one prefetch per line), even a forward below the gate, 4096×1000 bf16, was 12%
+// slower, so their loop's code, not the prefetches, is what costs. The vocabulary-parallel
 // statistics pass (shard_stats_kernel) prefetches alike: 2–10% faster at 1024×32000 and 256×128256
 // fp32 (2 threads; 2–3% at 1 thread).
 constexpr int64_t kPrefetchAheadBytes = 16 << 20;
