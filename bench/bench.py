@@ -24,7 +24,9 @@ Last, unless --no-distributed, the vocabulary-parallel table (bench/distributed.
 gloo) goes to <out>/cpu-distributed.json and .md.
 
 With the main table comes the per-call overhead: fwd+bwd on an 8x10 input, where the time is the
-call's fixed cost (bench/ops.py measure_overhead).
+call's fixed cost, next to the autograd floor x.sum().backward() on the same input (what
+loss.backward() costs on the machine whatever the loss) and smoothce's time above that floor
+(bench/ops.py measure_overhead).
 
 This file is the command line and runs the suites in turn: the main table (bench/ops.py), the variants,
 the linear table, the integrations; each suite imports the shared machinery (bench/harness.py) and no

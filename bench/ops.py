@@ -314,15 +314,19 @@ def measure_overhead(device: str, libs: Libraries, use_compile: bool, quick: boo
     cell = Cell(OVERHEAD_SHAPE, "fp32")
     inputs = build_inputs(cell, device)
     contenders, skipped, _ = make_contenders(cell, inputs, device, libs, use_compile)
+    logits = inputs.logits
+    # The machine's floor for any autograd loss: the smallest graph torch can differentiate (one sum,
+    # its backward, .grad set to None before each call as for the contenders).
+    def clear():
+        logits.grad = None
+    floor = Task(report.OVERHEAD_FLOOR, clear, lambda: logits.sum().backward())
     tasks = []
-    for contender in contenders:
-        single = contender_task(contender, "fwd+bwd", inputs)
-
+    for single in [contender_task(contender, "fwd+bwd", inputs) for contender in contenders] + [floor]:
         def loop(single=single):
             for _ in range(OVERHEAD_CALLS):
                 single.prepare()
                 single.step()
-        tasks.append(Task(contender.name, lambda: None, loop))
+        tasks.append(Task(single.name, lambda: None, loop))
     warm_up(tasks, device)
     times = run_rounds(tasks, device, OVERHEAD_ROUNDS["quick" if quick else "full"])
     inputs.logits.grad = None
@@ -332,6 +336,6 @@ def measure_overhead(device: str, libs: Libraries, use_compile: bool, quick: boo
                "rows": rows, "skipped": [{"contender": name, "reason": reason} for name, reason in skipped]}
     report.derive_overhead(section)
     for row in section["rows"]:
-        print(f"   overhead {cell.name} fwd+bwd  {row['contender']:<10} {row['median_us']:8.1f} us per call "
+        print(f"   overhead {cell.name} fwd+bwd  {row['contender']:<14} {row['median_us']:8.1f} us per call "
               f"[IQR {row['q1_us']:.1f}-{row['q3_us']:.1f}]", flush=True)
     return section

@@ -132,38 +132,52 @@ def derive(data: dict) -> dict:
 
 # Issue-tracked goal for smoothce's per-call overhead (fwd+bwd on the overhead shape), in µs.
 OVERHEAD_GOAL_US = 40.0
+# The overhead section's extra row: x.sum().backward() on the same logits, the least any autograd loss
+# costs on the machine (torch's backward call and engine); smoothce's own share is its time above it.
+OVERHEAD_FLOOR = "autograd_floor"
+OVERHEAD_TITLES = {OVERHEAD_FLOOR: "x.sum().backward() (autograd floor)"}
 
 
 def derive_overhead(section: dict) -> dict:
-    """The per-call overhead rows' median and quartiles (µs per call) and smoothce's ratio to each. Idempotent."""
-    mine = None
+    """The per-call overhead rows' median and quartiles (µs per call), smoothce's ratio to each and its
+    time above the autograd floor (None where either is missing; older files have no floor). Idempotent."""
+    rows = {}
     for row in section["rows"]:
         stats = time_stats(row["times_us"])
         row.update({"median_us": stats["median_ms"], "q1_us": stats["q1_ms"], "q3_us": stats["q3_ms"]})
-        if row["contender"] == "smoothce":
-            mine = row
+        rows[row["contender"]] = row
+    mine, floor = rows.get("smoothce"), rows.get(OVERHEAD_FLOOR)
     for row in section["rows"]:
         row["smoothce_speedup"] = row["median_us"] / mine["median_us"] if mine else None
+    section["smoothce_above_floor_us"] = mine["median_us"] - floor["median_us"] if mine and floor else None
     return section
 
 
 def overhead_summary_lines(section: dict) -> list[str]:
     """The per-call overhead in words (plain ASCII, for the console)."""
     shown = ", ".join(f"{row['contender']} {row['median_us']:.1f} us" for row in section["rows"])
-    return [f"per-call overhead ({section['shape_str']} {section['dtype']} {section['mode']}): {shown}"]
+    above = section.get("smoothce_above_floor_us")
+    floor = "" if above is None else f"; smoothce {above:.1f} us above the autograd floor"
+    return [f"per-call overhead ({section['shape_str']} {section['dtype']} {section['mode']}): {shown}{floor}"]
 
 
 def overhead_markdown(section: dict) -> list[str]:
-    rows = [[CONTENDERS.get(row["contender"], row["contender"]),
+    titles = {**CONTENDERS, **OVERHEAD_TITLES}
+    rows = [[titles.get(row["contender"], row["contender"]),
              f"**{row['median_us']:.1f} µs** [IQR {row['q1_us']:.1f}–{row['q3_us']:.1f}]",
              fmt_ratio(row["smoothce_speedup"])] for row in section["rows"]]
     calls = section["rows"][0]["calls_per_run"] if section["rows"] else 0
+    above = section.get("smoothce_above_floor_us")
+    floor = [] if above is None else [
+        "", f"smoothce's own share, its time above the autograd floor: **{above:.1f} µs**. The floor is "
+        f"the smallest graph torch differentiates (one sum of the same logits and its backward): what "
+        f"`loss.backward()` costs on this machine whatever the loss."]
     return ["", f"## Per-call overhead: {section['mode']} on {section['shape_str']} {section['dtype']}", "",
             f"An input this small costs almost nothing to compute: the time is the call's fixed cost (Python, "
             f"autograd, dispatch, allocation, starting threads). Each timed run is a loop of {calls} calls, .grad "
             f"set to None before each; round-robin with the other contenders; label smoothing "
             f"{section['label_smoothing']}. Goal for smoothce: below {OVERHEAD_GOAL_US:g} µs.", ""] + \
-        markdown_table(["contender", "time per call", "smoothce speed-up"], rows)
+        markdown_table(["contender", "time per call", "smoothce speed-up"], rows) + floor
 
 
 def derive_variants(section: dict) -> dict:

@@ -58,23 +58,47 @@ def md_measurement_rows(md, heading="## All measurements"):
 
 
 def check_overhead(data, md):
-    """The per-call overhead section: every contender of the main table's fwd+bwd but the copy, timed as
-    loops of calls (µs per call), smoothce's ratio taken to each, all shown in the .md."""
+    """The per-call overhead section: every contender of the main table's fwd+bwd but the copy, and the
+    autograd floor (x.sum().backward()), timed as loops of calls (µs per call), smoothce's ratio taken to
+    each and its time above the floor, all shown in the .md."""
+    report = load_report_module()
     section = data["overhead"]
     assert (section["shape_str"], section["dtype"], section["mode"]) == ("8x10", "fp32", "fwd+bwd")
     main_contenders = {row["contender"] for row in data["measurements"] if row["mode"] == "fwd+bwd"}
     rows = {row["contender"]: row for row in section["rows"]}
-    assert set(rows) == main_contenders - {"copy"}
+    assert set(rows) == main_contenders - {"copy"} | {report.OVERHEAD_FLOOR}
     for row in rows.values():
         assert row["calls_per_run"] > 1 and row["times_us"] and all(t > 0 for t in row["times_us"])
         assert row["q1_us"] <= row["median_us"] <= row["q3_us"]
         if "smoothce" in rows:
             assert row["smoothce_speedup"] == pytest.approx(row["median_us"] / rows["smoothce"]["median_us"])
+    above = rows["smoothce"]["median_us"] - rows[report.OVERHEAD_FLOOR]["median_us"]
+    assert section["smoothce_above_floor_us"] == pytest.approx(above)
     table = md_measurement_rows(md, "## Per-call overhead")
-    names = load_report_module().CONTENDERS
+    names = {**report.CONTENDERS, **report.OVERHEAD_TITLES}
     assert [cells[0] for cells in table] == [names.get(name, name) for name in rows]
     for cells, row in zip(table, rows.values()):
         assert f"{row['median_us']:.1f} µs" in cells[1]
+    overhead_text = md.split("## Per-call overhead", 1)[1].split("\n#", 1)[0]
+    assert f"above the autograd floor: **{above:.1f} µs**" in overhead_text
+
+
+def test_overhead_without_floor_derives():
+    """A results file from before the floor row (no autograd_floor) still derives and renders."""
+    report = load_report_module()
+    section = {"shape_str": "8x10", "dtype": "fp32", "mode": "fwd+bwd", "label_smoothing": 0.1, "skipped": [],
+               "rows": [{"contender": name, "calls_per_run": 100, "times_us": times}
+                        for name, times in (("eager", [5.0, 6.0, 7.0]), ("smoothce", [2.0, 3.0, 4.0]))]}
+    report.derive_overhead(section)
+    assert section["smoothce_above_floor_us"] is None
+    assert section["rows"][0]["smoothce_speedup"] == pytest.approx(2.0)
+    text = "\n".join(report.overhead_markdown(section))
+    assert "autograd floor" not in text and "**3.0 µs**" in text
+    section["rows"].append({"contender": report.OVERHEAD_FLOOR, "calls_per_run": 100, "times_us": [1.0, 2.0, 2.5]})
+    report.derive_overhead(section)
+    assert section["smoothce_above_floor_us"] == pytest.approx(1.0)
+    text = "\n".join(report.overhead_markdown(section))
+    assert "x.sum().backward() (autograd floor)" in text and "above the autograd floor: **1.0 µs**" in text
 
 
 def check_variants(data, md):
