@@ -314,14 +314,11 @@ def measure_overhead(device: str, libs: Libraries, use_compile: bool, quick: boo
     cell = Cell(OVERHEAD_SHAPE, "fp32")
     inputs = build_inputs(cell, device)
     contenders, skipped, _ = make_contenders(cell, inputs, device, libs, use_compile)
-    logits = inputs.logits
-    # The machine's floor for any autograd loss: the smallest graph torch can differentiate (one sum,
-    # its backward, .grad set to None before each call as for the contenders).
-    def clear():
-        logits.grad = None
-    floor = Task(report.OVERHEAD_FLOOR, clear, lambda: logits.sum().backward())
+    # The machine's floor for any autograd loss: the smallest graph torch can differentiate (one sum and
+    # its backward), timed as a contender.
+    floor = Contender(report.OVERHEAD_FLOOR, lambda logits, target: logits.sum())
     tasks = []
-    for single in [contender_task(contender, "fwd+bwd", inputs) for contender in contenders] + [floor]:
+    for single in [contender_task(contender, "fwd+bwd", inputs) for contender in contenders + [floor]]:
         def loop(single=single):
             for _ in range(OVERHEAD_CALLS):
                 single.prepare()
