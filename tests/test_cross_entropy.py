@@ -445,10 +445,11 @@ def test_class_counts_around_vector_widths(C, dtype):
     check_all(mine, theirs, truth, dtype)
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64], ids=dtype_id)
-@pytest.mark.parametrize("inner", [1, 2, 3, 7, 8, 9, 15, 16, 17, 33])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16, torch.float64], ids=dtype_id)
+@pytest.mark.parametrize("inner", [1, 2, 3, 7, 8, 9, 15, 16, 17, 31, 32, 33, 40, 65])
 def test_spatial_sizes_around_vector_widths(inner, dtype):
-    """Across-positions kernels ((N, C, d) with classes strided): every remainder of d."""
+    """Across-positions kernels ((N, C, d) with classes strided): every remainder of d, also of the
+    half types' groups of tiles (a 64-byte line of each class: 32 positions)."""
     x = make_logits((3, 6, inner), dtype, seed=inner)
     t = make_index_target((3, inner), 6, ignore_every=4)
     for soft in (False, True):
@@ -461,9 +462,10 @@ def test_spatial_sizes_around_vector_widths(inner, dtype):
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=dtype_id)
 @pytest.mark.parametrize("reduction", REDUCTIONS)
-@pytest.mark.parametrize("shape", [(70000, 3), (4097, 37), (8, 21, 64, 64), (3, 5000, 7)], ids=str)
+@pytest.mark.parametrize("shape", [(70000, 3), (4097, 37), (8, 21, 64, 64), (3, 5000, 7), (3, 5, 1000, 7)], ids=str)
 def test_many_positions(shape, reduction, dtype):
-    """Enough positions to be split across threads / parallel chunks: reductions must combine."""
+    """Enough positions to be split across threads / parallel chunks: reductions must combine.
+    (3, 5, 1000, 7): the chunks of tiles split the half types' groups of tiles and the maps."""
     x = make_logits(shape, dtype)
     t = make_index_target(positions_shape(shape), shape[1], ignore_every=11)
     up = _upstream(positions_shape(shape)) if reduction == "none" else None
