@@ -828,7 +828,8 @@ C10_ALWAYS_INLINE void tile_index_results(const Params<scalar_t>& p, const tile_
 // logits are read from memory once (pass 1: max) and re-read from cache (pass 2: sums, pass 3:
 // gradient).
 // `targets` holds the lanes' index targets (unused for soft targets); `exps` (C·V values, may be
-// null) keeps pass 2's exp(x − max) for pass 3. g may be x (inplace_backward): every logit is read
+// null) keeps pass 2's exp(x − max) for pass 3; `ahead` (may be null): pass 1 prefetches the line
+// at ahead + c·sc for each class c (across_kernel). g may be x (inplace_backward): every logit is read
 // before its gradient element is written.
 // Always inlined into its three callers (which pass constant strides or buffers): left to itself,
 // GCC inlined some instances and not others, and flipped with unrelated edits (out of line, fp32
@@ -836,7 +837,8 @@ C10_ALWAYS_INLINE void tile_index_results(const Params<scalar_t>& p, const tile_
 template <typename scalar_t, Mass kMass, typename tile_t>
 C10_ALWAYS_INLINE void tile_kernel(const Params<scalar_t>& p, const tile_t* x, const tile_t* prob, tile_t* g,
                                    int64_t sc, int64_t pos0, int64_t count,
-                                   const PositionTargets<acc_type<scalar_t>>* targets, acc_type<scalar_t>* exps) {
+                                   const PositionTargets<acc_type<scalar_t>>* targets, acc_type<scalar_t>* exps,
+                                   const tile_t* ahead = nullptr) {
   using acc_t = acc_type<scalar_t>;
   using Vec = Vectorized<acc_t>;
   constexpr int64_t V = Vec::size();
@@ -860,8 +862,13 @@ C10_ALWAYS_INLINE void tile_kernel(const Params<scalar_t>& p, const tile_t* x, c
   }
 
   // Two max chains (see LaneMax): 65536×10 forward 3–4% faster than one.
+  if (ahead) __builtin_prefetch(ahead, 0, 3);
   LaneMax<acc_t> max0(load(x)), max1 = max0;
   for (int64_t c = 1; c < C; c += 2) {
+    if (ahead) {
+      __builtin_prefetch(ahead + c * sc, 0, 3);
+      if (c + 1 < C) __builtin_prefetch(ahead + (c + 1) * sc, 0, 3);
+    }
     max0.add(load(x + c * sc));
     if (c + 1 < C) max1.add(load(x + (c + 1) * sc));
   }
@@ -1046,6 +1053,13 @@ void across_kernel(const Params<scalar_t>& p, int64_t tile_begin, int64_t tile_e
   using acc_t = acc_type<scalar_t>;
   constexpr int64_t V = Vectorized<acc_t>::size();
   constexpr bool kSoft = kMass == Mass::kSoft;
+  // Each tile's max pass prefetches, class by class, the line after the one it reads (the next tile's
+  // where a tile is a line; a tile reads one line per class, C lines a stride apart). With many
+  // classes at a power-of-two stride the hardware prefetchers do not follow (C streams whose lines
+  // share a few cache sets): fp32 1×1000×64×64 forward 17–28% and fwd+bwd 4–11% less time (Zen 4
+  // VM, AVX-512, torch 2.14.1, 1 thread, interleaved processes); 8×21×256×256, 16×19×97×101,
+  // 2×400×64×64, small maps, fp64 and bf16 within ±6% (noise). AVX2 builds: unmeasured.
+  constexpr int64_t kAhead = std::max<int64_t>(V, 64 / sizeof(scalar_t));
   const int64_t sc = p.stride_class;
   const int64_t tiles_per_outer = (p.inner + V - 1) / V;
   std::vector<acc_t> exps(tile_exps_size<scalar_t>(p));
@@ -1055,9 +1069,10 @@ void across_kernel(const Params<scalar_t>& p, int64_t tile_begin, int64_t tile_e
     const int64_t offset = n * p.stride_outer + s0 * p.stride_inner;
     const int64_t count = std::min(V, p.inner - s0);
     map_targets<scalar_t, kMass>(p, n, s0, count, targets);
+    const scalar_t* ahead = s0 + kAhead + V <= p.inner ? p.input + offset + kAhead : nullptr;
     tile_kernel<scalar_t, kMass, scalar_t>(p, p.input + offset, kSoft ? p.soft_target + offset : nullptr,
                                            p.grad ? p.grad + offset : nullptr, sc, n * p.inner + s0, count, targets,
-                                           exps.empty() ? nullptr : exps.data());
+                                           exps.empty() ? nullptr : exps.data(), ahead);
   }
 }
 
