@@ -982,7 +982,10 @@ inline void map_targets(const Params<scalar_t>& p, int64_t n, int64_t s0, int64_
 // faster than converting in place, 2 threads, interleaved in one process), and each class's line is
 // read by consecutive loads and written once instead of in 16-byte pieces, one tile at a time
 // (AVX2 VM, 1 thread, interleaved processes: bf16 4×150×64×64 forward 14%, fwd+bwd 15% less time,
-// 8×21×256×256 fwd+bwd 6%; 16×19×97×101 within ±5% either way).
+// 8×21×256×256 fwd+bwd 6%; 16×19×97×101 within ±5% either way. Zen 4 VM, AVX-512, two tiles a
+// group: bf16 and fp16 4×150×64×64 fwd+bwd 26–27%, 2×400×64×64 34–35% less time). fp32 and fp64
+// through here were slower (copying each tile's lines into a buffer: 4×150×64×64 fwd+bwd 12%,
+// fp64 42% more time on that VM): they stay in place (across_kernel).
 // Used where one tile's buffers fit kWideTileBytes (widens_tiles).
 constexpr int64_t kWideTileBytes = 64 * 1024;
 
