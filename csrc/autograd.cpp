@@ -125,8 +125,8 @@ Options unpack(const c10::IValue& packed, OptTensor& target_b, OptTensor& lam) {
 // rescale reads the gradient, but runs the kernel's arithmetic again: fwd+bwd with loss / 3 took
 // 1.3–1.7× the time of loss * 0.5 (Zen 4 VM, 2 threads). fp32 and fp64 rescale: at most 1 ulp of the
 // accumulation dtype. On a GPU, reading grad_loss would synchronize with the device: rescaled.
-// smoothce/_function.py's _rescale_rounds_once is the same test for the Python autograd.Function.
-bool rescale_rounds_once(const Tensor& grad, const Tensor& grad_loss) {
+// smoothce/_function.py's _rescale_fused_grad is the same test for the Python autograd.Function.
+bool rescale_fused_grad(const Tensor& grad, const Tensor& grad_loss) {
   const auto dtype = grad.scalar_type();
   if ((dtype != at::kBFloat16 && dtype != at::kHalf) || !grad_loss.device().is_cpu() || grad_loss.dim() != 0)
     return true;
@@ -165,7 +165,7 @@ struct CrossEntropyFunction : public torch::autograd::Function<CrossEntropyFunct
     if (fused != ctx->saved_data.end() && !c10::GradMode::is_enabled()) {
       Tensor grad = fused->second.toTensor();
       ctx->saved_data.erase(fused);  // a second backward recomputes it
-      if (rescale_rounds_once(grad, grad_loss)) {
+      if (rescale_fused_grad(grad, grad_loss)) {
         OptTensor target_b, lam;
         const Options o = unpack(ctx->saved_data.at("o"), target_b, lam);
         g_ops[o.ops]->scale_grad.call(grad, grad_loss);

@@ -156,7 +156,7 @@ class CrossEntropyFunction(torch.autograd.Function):
             grad_target = _soft_target_grad(upstream, input, lse, weight, reduction, label_smoothing)
         if ctx.needs_input_grad[0]:
             grad_input, ctx.fused_grad = ctx.fused_grad, None
-            if grad_input is not None and not _rescale_rounds_once(grad_input, grad_loss):
+            if grad_input is not None and not _rescale_fused_grad(grad_input, grad_loss):
                 grad_input = None  # recomputed below, scaled inside the kernel
             if grad_input is not None:
                 _ops.scale_grad_(grad_input, grad_loss)
@@ -231,10 +231,10 @@ def _differentiable_input_grad(input, target, weight, ignore_index, reduction, l
 _C.set_differentiable_grad(_differentiable_input_grad)
 
 
-def _rescale_rounds_once(grad, grad_loss):
+def _rescale_fused_grad(grad, grad_loss):
     """Whether to rescale the fused gradient by grad_loss rather than recompute it scaled inside the
     kernel: fp32/fp64, tensors off the CPU, and half types for 1 and (bf16) powers of two.
-    csrc/autograd.cpp's rescale_rounds_once is the same test for the C++ node, and says why."""
+    csrc/autograd.cpp's rescale_fused_grad is the same test for the C++ node, and says why."""
     if (grad.dtype not in (torch.bfloat16, torch.float16) or grad_loss.device.type != "cpu" or grad_loss.dim() != 0
             or torch._C._are_functorch_transforms_active()):
         return True
