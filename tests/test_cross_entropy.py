@@ -400,6 +400,9 @@ TARGET_LAYOUTS = {  # (logits' shape, the target's full tensor's shape, a view o
     "spatial-sliced": ((3, 13, 4, 5), (3, 8, 5), lambda t: t[:, ::2]),  # not one stride: the cursor walk
     "spatial-transposed": ((3, 13, 4, 5), (3, 5, 4), lambda t: t.transpose(1, 2)),
     "spatial-one-stride": ((3, 13, 4, 5), (3, 4, 5, 2), lambda t: t[..., 0]),  # one stride, 2
+    # channels_last logits (classes contiguous: the small-rows tiles), 60 positions (a partial last tile)
+    "channels-last-spatial-sliced": ((3, 13, 4, 5), (3, 8, 5), lambda t: t[:, ::2]),
+    "channels-last-one-stride": ((3, 13, 4, 5), (3, 4, 5, 2), lambda t: t[..., 0]),
 }
 
 
@@ -415,6 +418,8 @@ def test_index_targets_in_any_layout(layout, target_dtype, weighted, reduction):
     shape, full_shape, view = TARGET_LAYOUTS[layout]
     C = shape[1]
     x = make_logits(shape)
+    if layout.startswith("channels-last"):
+        x = x.contiguous(memory_format=torch.channels_last)
     full = make_index_target(full_shape, C, seed=5, ignore_every=7, ignore_index=255).to(target_dtype)
     t = view(full)
     assert not t.is_contiguous() or layout == "expanded"
