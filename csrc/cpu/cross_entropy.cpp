@@ -1577,14 +1577,19 @@ double sum_positions(const at::Tensor& position_loss) {
     const scalar_t* data = position_loss.const_data_ptr<scalar_t>();
     at::parallel_for(0, chunks, 1, [&](int64_t chunk_begin, int64_t chunk_end) {
       for (int64_t chunk = chunk_begin; chunk < chunk_end; ++chunk) {
-        // four interleaved partial sums (a chain of dependent adds would take 4 cycles per element)
-        double part[4] = {0.0, 0.0, 0.0, 0.0};
+        // 16 interleaved partial sums, which the compiler keeps in vector registers (a chain of
+        // dependent adds would take 4 cycles per element; with 4 partials in scalar registers this took
+        // ~1 cycle per element, 3% of a 65536×10 fp32 fwd+bwd)
+        constexpr int kParts = 16;
+        double part[kParts] = {};
         const int64_t end = std::min(positions, (chunk + 1) * kReduceChunk);
         int64_t i = chunk * kReduceChunk;
-        for (; i + 4 <= end; i += 4)
-          for (int k = 0; k < 4; ++k) part[k] += static_cast<double>(data[i + k]);
+        for (; i + kParts <= end; i += kParts)
+          for (int k = 0; k < kParts; ++k) part[k] += static_cast<double>(data[i + k]);
         for (; i < end; ++i) part[0] += static_cast<double>(data[i]);
-        partial[chunk] = (part[0] + part[1]) + (part[2] + part[3]);
+        for (int width = kParts / 2; width > 0; width /= 2)  // pairwise
+          for (int k = 0; k < width; ++k) part[k] += part[k + width];
+        partial[chunk] = part[0];
       }
     });
   });
