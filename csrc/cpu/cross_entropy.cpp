@@ -749,7 +749,7 @@ struct TileLanes {
 // their classes' stores (blend_class), the scalar per-lane work took 17% of a 65536×10 fp32 tile
 // kernel (perf). Zen 4 VM, AVX-512, 1 thread, interleaved processes, against the per-lane code:
 // 65536×10 fwd+bwd 15–20% less time (fp32, bf16, fp16), forward 15–17%; 8×21×256×256 fwd+bwd 5–16%,
-// 16×19×97×101 5–17%; 4×150×64×64 and 2×400×64×64 within ±3%; fp64 5–7% less time.
+// 16×19×97×101 5–17%; 4×150×64×64 and 2×400×64×64 within ±3%; fp64 fwd+bwd 7% less time.
 template <typename acc_t, int64_t V>
 struct TileTargets {
   alignas(64) int32_t cls[V];
