@@ -744,10 +744,11 @@ struct TileLanes {
 // The index targets of a tile's lanes: with Params::plain_index_targets, each lane's class in `cls`
 // (−1: ignored, or past the tile's positions; Params::plain_targets), else each lane's PositionTargets
 // in `t` (mixup). Probability targets use neither.
-// One int32 a lane instead of a 24-byte PositionTargets filled lane by lane, with the target logits
-// and weights gathered by vector gathers (gather_valid) and the target gradient elements blended into
-// their classes' stores (blend_class), the scalar per-lane work took 17% of a 65536×10 fp32 tile
-// kernel (perf). Zen 4 VM, AVX-512, 1 thread, interleaved processes, against the per-lane code:
+// Filling a 24-byte PositionTargets a lane, reading the target logits and weights lane by lane and
+// storing the target gradient elements lane by lane after their classes' vectors took 17% of a
+// 65536×10 fp32 tile kernel (perf). Now a lane's class is one int32, the logits and weights are read
+// by masked vector gathers (gather_valid) and the elements blended into their classes' stores
+// (blend_class). Zen 4 VM, AVX-512, 1 thread, interleaved processes, against the per-lane code:
 // 65536×10 fwd+bwd 15–20% less time (fp32, bf16, fp16), forward 15–17%; 8×21×256×256 fwd+bwd 5–16%,
 // 16×19×97×101 5–17%; 4×150×64×64 and 2×400×64×64 within ±3%; fp64 fwd+bwd 7% less time.
 template <typename acc_t, int64_t V>
