@@ -196,6 +196,60 @@ def test_nonfinite_logit_in_ignored_row_grad_is_zero(eps):
     assert torch.equal(grad[1], torch.zeros(9)), grad[1]
 
 
+VARIANTS = {  # name: (loss function, keywords, probability targets)
+    "soft": (smoothce.cross_entropy, dict(label_smoothing=0.1), True),
+    "mixup": (smoothce.mixup_cross_entropy, dict(lam=0.7, label_smoothing=0.1), False),
+    "z_loss": (smoothce.cross_entropy, dict(label_smoothing=0.1, z_loss=1e-3), False),
+    "others": (smoothce.cross_entropy, dict(label_smoothing=0.1, smoothing="others"), False),
+    "values": (smoothce.cross_entropy, dict(target_values=(0.9, 0.01)), False),
+    "weighted": (smoothce.cross_entropy, dict(label_smoothing=0.1, weight=None), False),  # make_weight(C)
+}
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=dtype_id)
+@pytest.mark.parametrize("C", [10, 21])
+@pytest.mark.parametrize("layout", ["rows", "classes-strided"])
+@pytest.mark.parametrize("variant", sorted(VARIANTS))
+def test_nan_logit_in_a_variant(dtype, C, layout, variant):
+    """A NaN logit in a tile (small rows; strided classes), with each variant's own per-position
+    path: that position's loss and its whole gradient row are NaN, the other positions are untouched.
+    (The tiles' max pass lets a NaN through to the exp-sum, which must carry it everywhere.)"""
+    fn, kwargs, soft = VARIANTS[variant]
+    kwargs = dict(kwargs)
+    if "weight" in kwargs:
+        kwargs["weight"] = make_weight(C, dtype)
+    N, bad = 37, 20
+    x = make_logits((N, C), dtype)
+    x[bad, 3] = math.nan
+    if soft:
+        args = (make_prob_target((N, C), dtype),)
+    elif fn is smoothce.mixup_cross_entropy:
+        args = (make_index_target((N,), C), make_index_target((N,), C, seed=7))
+    else:
+        args = (make_index_target((N,), C),)
+    if layout == "rows":
+        leaf = x.clone().requires_grad_()
+        loss = fn(leaf, *args, reduction="none", **kwargs)
+        grad_rows = lambda g: g  # noqa: E731
+    else:  # (1, C, N) with classes N apart
+        leaf = x.t().contiguous().requires_grad_()
+        args = tuple(a.t().unsqueeze(0) if a.dim() == 2 else a.unsqueeze(0) for a in args)
+        loss = fn(leaf.unsqueeze(0), *args, reduction="none", **kwargs).reshape(-1)
+        grad_rows = lambda g: g.t()  # noqa: E731
+    loss.backward(torch.ones_like(loss))
+    grad = grad_rows(leaf.grad)
+    assert loss[bad].isnan(), f"the NaN position's loss is {loss[bad].item()}"
+    assert grad[bad].isnan().all(), f"finite gradient elements in the NaN position's row: {grad[bad]}"
+    ok = torch.arange(N) != bad
+    assert loss[ok].isfinite().all() and grad[ok].isfinite().all()
+    clean = x.clone()
+    clean[bad] = 0.0
+    leaf2 = (clean if layout == "rows" else clean.t().contiguous()).requires_grad_()
+    loss2 = fn(leaf2 if layout == "rows" else leaf2.unsqueeze(0), *args, reduction="none", **kwargs).reshape(-1)
+    loss2.backward(torch.ones_like(loss2))
+    assert torch.equal(loss[ok], loss2[ok]) and torch.equal(grad[ok], grad_rows(leaf2.grad)[ok])
+
+
 @pytest.mark.parametrize("reduction", REDUCTIONS)
 def test_fp16_smoothing_does_not_overflow(reduction):
     """docs/semantics.md §1.4 (item 3): torch's fp16 smoothing sum overflows to inf (64 x 3000);
