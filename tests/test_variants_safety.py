@@ -64,6 +64,8 @@ def _case(name, N=6, C=9):
     elif name == "sliced":  # a (N, C) window of a wider (N, C + 3) tensor: row stride C + 3
         spec.update(leaf="wide", view=lambda h: h[:, 1:C + 1], kwargs=dict(weight=True, ignore_index=0),
                     ignore_index=0, ignore_every=4)
+    elif name == "sliced_tiles":  # as "sliced", with full tiles of rows (16 a tile with AVX-512, 8 with AVX2)
+        spec.update(shape=(40, C), leaf="wide", view=lambda h: h[:, 1:C + 1], kwargs=dict(label_smoothing=0.1))
     elif name == "strided_rows":
         spec.update(leaf="tall", view=lambda h: h[::2], kwargs=dict(label_smoothing=0.3))
     elif name == "z_loss":
@@ -94,7 +96,7 @@ def _case(name, N=6, C=9):
 
 
 CASES = ["2d", "2d_weight_ignore_smoothing", "unbatched", "nchw", "channels_last", "transposed", "sliced",
-         "strided_rows", "z_loss", "others", "target_values", "soft_target", "mixup_float", "mixup_tensor",
+         "sliced_tiles", "strided_rows", "z_loss", "others", "target_values", "soft_target", "mixup_float", "mixup_tensor",
          "mixup_nchw_per_pixel", "mixup_others_z_loss", "mixup_target_values_transposed"]
 
 

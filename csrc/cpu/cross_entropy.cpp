@@ -1475,12 +1475,12 @@ void small_rows_kernel(const Params<scalar_t>& p, int64_t tile_begin, int64_t ti
   };
   auto store_tile = [&](const acc_t* src, scalar_t* dst, int64_t count) {
     if constexpr (kRegisters) {
-      if (count == V && (kMaskedRowStores || row_stride == C)) {
+      if (count == V && row_stride == C) {  // (a gradient's rows are dense: problem.cpp)
         if constexpr ((kHalf && !kHalfRows) || !kMaskedRowStores) {
           lanes_to_rows(src, wide, C, C);
           narrow(wide, dst, V * C);
         } else {
-          lanes_to_rows(src, dst, row_stride, C);
+          lanes_to_rows(src, dst, C, C);
         }
         return;
       }
