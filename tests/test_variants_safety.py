@@ -96,8 +96,8 @@ def _case(name, N=6, C=9):
 
 
 CASES = ["2d", "2d_weight_ignore_smoothing", "unbatched", "nchw", "channels_last", "transposed", "sliced",
-         "sliced_tiles", "strided_rows", "z_loss", "others", "target_values", "soft_target", "mixup_float", "mixup_tensor",
-         "mixup_nchw_per_pixel", "mixup_others_z_loss", "mixup_target_values_transposed"]
+         "sliced_tiles", "strided_rows", "z_loss", "others", "target_values", "soft_target", "mixup_float",
+         "mixup_tensor", "mixup_nchw_per_pixel", "mixup_others_z_loss", "mixup_target_values_transposed"]
 
 
 def _materialize(name, dtype, device):
