@@ -1452,7 +1452,7 @@ void small_rows_kernel(const Params<scalar_t>& p, int64_t tile_begin, int64_t ti
   // With AVX-512, half-type rows are converted in registers on the way (load_row, store_row, with
   // masked 16-bit loads and stores), not widened into and narrowed out of `wide`, whose 64-byte stores
   // the transpose's loads straddle: bf16 and fp16 fwd+bwd 6–9% less time at 65536×10, 4–7% at
-  // 65536×27, forward 3–5% (Zen 4 VM, 1 thread, interleaved processes); fp32 unchanged.
+  // 65536×27, forward 2–5% (Zen 4 VM, 1 thread, interleaved processes); fp32 unchanged.
   constexpr bool kRegisters = kRegisterTranspose && std::is_same_v<acc_t, float>;
   auto load_tile = [&](const scalar_t* src, acc_t* dst, int64_t count) {
     if constexpr (kRegisters) {
