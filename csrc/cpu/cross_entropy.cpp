@@ -1022,15 +1022,13 @@ C10_ALWAYS_INLINE void tile_kernel(const Params<scalar_t>& p, const tile_t* x, c
   const Vec vsole = (vrest < Vec(1)) & (vat_max > Vec(acc_t(0.5))) & (vat_max < Vec(acc_t(1.5)));
   vlog1p(Vec::blendv(vsum - Vec(1), vrest, vsole)).store(lanes.log_sum);
   const Vec vinvalid = Vec::loadu(invalid_bits);
-  // Plain index targets: vector results (tile_index_results); else lane by lane.
+  // Plain index targets: vector results (tile_index_results; never for probability targets, whose
+  // instances leave it out); else lane by lane.
   alignas(64) acc_t target_grad[V];
-  if constexpr (!kSoft) {
-    if (plain) {
+  if (plain) {
+    if constexpr (!kSoft)
       tile_index_results<scalar_t, tile_t>(p, x, sc, pos0, count, targets.cls, vorigin, vsole, vrest, vmass_dx,
                                          Vec::loadu(lanes.log_sum), vinvalid, g != nullptr, lanes, target_grad);
-    } else {
-      tile_lane_results<scalar_t, kMass, tile_t>(p, x, sc, pos0, count, valid, targets.t, lanes);
-    }
   } else {
     tile_lane_results<scalar_t, kMass, tile_t>(p, x, sc, pos0, count, valid, targets.t, lanes);
   }
