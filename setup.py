@@ -5,6 +5,8 @@ Environment knobs (all optional):
   FORCE_CUDA=1                 build the CUDA extension without a visible GPU (compile check).
   SMOOTHCE_CPU_CAPABILITY      'avx512', 'avx2' or 'default'; by default the widest the build machine
                                has (avx512: AVX-512 F, BW, VL and DQ; avx2: AVX2 and FMA).
+  SMOOTHCE_CPU_BF16            '1' or '0': with 'avx512', convert fp32 to bf16 with AVX512-BF16's
+                               instructions; by default when the build machine has them (avx512_bf16).
   MAX_JOBS, TORCH_CUDA_ARCH_LIST, CUDA_HOME  as for any torch extension.
 """
 import glob
@@ -52,6 +54,15 @@ def _cpu_capability() -> str:
     return "avx2" if {"avx2", "fma"} <= flags else "default"
 
 
+def _cpu_bf16(capability: str) -> bool:
+    wanted = os.environ.get("SMOOTHCE_CPU_BF16", "")
+    if wanted not in ("", "0", "1"):
+        raise SystemExit(f"SMOOTHCE_CPU_BF16={wanted!r}: expected '1' or '0'")
+    if capability != "avx512" or wanted == "0":
+        return False
+    return wanted == "1" or "avx512_bf16" in _cpu_flags()
+
+
 def _cuda_wanted() -> bool:
     """True when a CUDA toolkit is found and a GPU is visible or FORCE_CUDA=1."""
     if os.environ.get("FORCE_CUDA", "0") != "1":
@@ -88,6 +99,11 @@ def extensions():
         # AVX512 kernels with; the module's init refuses to load on a CPU without them.
         cxx += ["-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512dq", "-mavx2", "-mfma", "-mf16c"]
         define_macros += [("CPU_CAPABILITY", "AVX512"), ("CPU_CAPABILITY_AVX512", None)]
+        if _cpu_bf16(capability):
+            # vcvtneps2bf16 for the bf16 stores (csrc/cpu/cross_entropy.cpp: bf16_from); the module's init
+            # refuses to load on a CPU without AVX512-BF16.
+            cxx += ["-mavx512bf16"]
+            define_macros += [("SMOOTHCE_AVX512_BF16", None)]
     elif capability == "avx2":
         # at::vec picks its AVX2 implementation from CPU_CAPABILITY(_AVX2); the module's init
         # (csrc/ops.cpp) refuses to load on a CPU without AVX2.

@@ -66,6 +66,11 @@ PyObject* build_info_dict() {
   };
   set_str("version", SMOOTHCE_VERSION);
   set_str("cpu_capability", SMOOTHCE_CPU_CAPABILITY);
+#ifdef SMOOTHCE_AVX512_BF16
+  PyDict_SetItemString(info, "cpu_bf16", Py_True);
+#else
+  PyDict_SetItemString(info, "cpu_bf16", Py_False);
+#endif
 #ifdef SMOOTHCE_WITH_CUDA
   set_str("cuda", "yes");
 #else
@@ -88,6 +93,14 @@ extern "C" PyMODINIT_FUNC PyInit__C(void) {
                     "with SMOOTHCE_CPU_CAPABILITY=avx2 (or default) pip install --no-build-isolation .");
     return nullptr;
   }
+#if defined(SMOOTHCE_AVX512_BF16)
+  if (!__builtin_cpu_supports("avx512bf16")) {
+    PyErr_SetString(PyExc_ImportError,
+                    "smoothce was built with AVX512-BF16 conversions but this CPU lacks them; rebuild with "
+                    "SMOOTHCE_CPU_BF16=0 pip install --no-build-isolation .");
+    return nullptr;
+  }
+#endif
 #elif defined(__x86_64__) && defined(CPU_CAPABILITY_AVX2)
   if (!__builtin_cpu_supports("avx2") || !__builtin_cpu_supports("fma")) {
     PyErr_SetString(PyExc_ImportError,

@@ -749,6 +749,41 @@ def test_cpu_exp_underflow(layout):
         assert (got[(want > 2.0 ** -140) & (want < 2.0 ** -127)] > 0).all()
 
 
+@pytest.mark.cpu_only
+@pytest.mark.parametrize("layout,C", [("tile", 16), ("rows", 48), ("strided", 40), ("strided", 600)])
+def test_cpu_bf16_denormal_gradient(layout, C):
+    """bf16 gradient elements below the normal range round to bf16's denormals, as torch rounds fp32 to
+    bf16 (the kernels compute in fp32 and round once). Rows (0, −d, −200, …), target 0, ε = 0: the
+    gradient at class 1 is p_1 = exp(−d)/(1 + exp(−d)), 2^−121 … 2^−134 for d = x_0 − x_1 in [84, 94). Builds with
+    AVX512-BF16 conversions (build_info()["cpu_bf16"]) convert with vcvtneps2bf16, which reads a
+    denormal as 0: vectors holding one must round another way. AVX-512 builds: within half a bf16 ulp
+    (2^−134 among denormals) plus fp32's bound of float64, and nonzero wherever float64 is at least
+    bf16's smallest denormal (2^−133); AVX2 and default builds may flush below 2^−126 (their exp does).
+    The layouts take the bf16 stores: gathered rows of 16 classes (masked row stores), rows of 48
+    (stores of two vectors and of one), strided maps of 40 classes (widened tiles) and of 600 (tiles
+    in place)."""
+    d = torch.linspace(84.0, 93.0, 300).to(torch.bfloat16).unique().float()  # 0.5 apart
+    frac = torch.arange(64) / 64  # the leading logit, so that x_0 − x_1 is 1/64 apart
+    x = torch.full((d.numel() * frac.numel(), C), -200.0)
+    x[:, 0] = frac.repeat(d.numel())
+    x[:, 1] = -d.repeat_interleave(frac.numel())
+    if layout == "strided":
+        x = x.t().contiguous().t()
+    x = x.to(torch.bfloat16).requires_grad_()
+    smoothce.cross_entropy(x, torch.zeros(x.shape[0], dtype=torch.long), reduction="sum").backward()
+    got = x.grad[:, 1].double()
+    want = torch.softmax(x.detach().double(), dim=1)[:, 1]
+    tol = torch.maximum(want * (2.0 ** -8 + 6 * U), torch.full_like(want, 2.0 ** -134 + 3 * 2.0 ** -149))
+    ok = (got - want).abs() <= tol
+    if smoothce.build_info()["cpu_capability"] != "avx512":
+        ok |= (got == 0) & (want < 2.0 ** -126)
+    assert ok.all(), f"x_1 = {x.detach()[~ok, 1][:5].tolist()}: got {got[~ok][:5].tolist()}, want {want[~ok][:5].tolist()}"
+    if smoothce.build_info()["cpu_capability"] == "avx512":
+        assert (got[want >= 2.0 ** -133] > 0).all()
+        assert ((got > 0) & (got < 2.0 ** -126)).sum() > 500  # denormals were produced and kept
+    assert (x.grad[:, 2:] == 0).all()
+
+
 # ------------------------------------------------------------------ 5. the CPU tiles' log1p
 
 @pytest.mark.cpu_only

@@ -39,6 +39,27 @@ using FloatReg = __m512;  // the register of a Vectorized<float>
 using FloatReg = __m256;
 #endif
 
+#if defined(SMOOTHCE_AVX512_BF16)
+// fp32 -> bf16 (round to nearest even) with AVX512-BF16's vcvtneps2bf16: one instruction for 16
+// values, or for 32 from two vectors, where at::vec's conversion (integer rounding, a NaN test) is 7
+// operations a vector. The instruction reads denormal inputs as 0, while torch (and at::vec) round
+// them to bf16's denormals: a vector holding one (vfpclassps) takes at::vec's conversion instead.
+// NaN stays NaN (sign and payload kept, quieted, where at::vec writes one fixed NaN).
+constexpr int kDenormal = 0x20;  // vfpclassps: denormal
+inline __m256i bf16_from(__m512 v) {
+  if (C10_UNLIKELY(_mm512_fpclass_ps_mask(v, kDenormal) != 0)) return at::vec::cvtfp32_bf16(v);
+  return reinterpret_cast<__m256i>(_mm512_cvtneps_pbh(v));
+}
+inline __m512i bf16_from(__m512 a, __m512 b) {  // a's 16 values, then b's
+  if (C10_UNLIKELY((_mm512_fpclass_ps_mask(a, kDenormal) | _mm512_fpclass_ps_mask(b, kDenormal)) != 0))
+    return at::vec::cvtfp32_bf16(a, b);
+  return reinterpret_cast<__m512i>(_mm512_cvtne2ps_pbh(b, a));
+}
+#elif defined(CPU_CAPABILITY_AVX2) || defined(CPU_CAPABILITY_AVX512)
+inline auto bf16_from(FloatReg v) { return at::vec::cvtfp32_bf16(v); }
+inline auto bf16_from(FloatReg a, FloatReg b) { return at::vec::cvtfp32_bf16(a, b); }
+#endif
+
 // ---------------------------------------------------------------- vector load / store / exp
 template <typename scalar_t>
 inline Vectorized<acc_type<scalar_t>> load_acc(const scalar_t* ptr) {
@@ -74,7 +95,7 @@ inline void store_acc(scalar_t* ptr, const Vectorized<acc_type<scalar_t>>& v,
   } else {
 #if defined(CPU_CAPABILITY_AVX2) || defined(CPU_CAPABILITY_AVX512)
     if (count == V) {  // V floats -> V halves in one store (16 bytes with AVX2, 32 with AVX-512)
-      const auto packed = std::is_same_v<scalar_t, at::BFloat16> ? at::vec::cvtfp32_bf16(FloatReg(v))
+      const auto packed = std::is_same_v<scalar_t, at::BFloat16> ? bf16_from(FloatReg(v))
                                                                 : at::vec::cvtfp32_fp16(FloatReg(v));
       std::memcpy(ptr, &packed, sizeof(packed));
       return;
@@ -119,12 +140,14 @@ template <typename scalar_t, bool kNoNaN = false>
 inline void store_acc2(scalar_t* ptr, const Vectorized<float>& a, const Vectorized<float>& b) {
   static_assert(!std::is_same_v<scalar_t, acc_type<scalar_t>>);
 #if defined(CPU_CAPABILITY_AVX2) || defined(CPU_CAPABILITY_AVX512)
+#if !defined(SMOOTHCE_AVX512_BF16)  // (there, one instruction converts with or without NaN)
   if constexpr (kNoNaN && std::is_same_v<scalar_t, at::BFloat16>) {
     const auto packed = bf16_pair_no_nan(a, b);
     std::memcpy(ptr, &packed, sizeof(packed));
     return;
   }
-  const auto packed = std::is_same_v<scalar_t, at::BFloat16> ? at::vec::cvtfp32_bf16(FloatReg(a), FloatReg(b))
+#endif
+  const auto packed = std::is_same_v<scalar_t, at::BFloat16> ? bf16_from(FloatReg(a), FloatReg(b))
                                                             : at::vec::cvtfp32_fp16(FloatReg(a), FloatReg(b));
   std::memcpy(ptr, &packed, sizeof(packed));
 #else
@@ -1289,7 +1312,7 @@ inline __m512 load_row(const at::Half* ptr, __mmask16 mask) {
 }
 inline void store_row(float* ptr, __mmask16 mask, __m512 v) { _mm512_mask_storeu_ps(ptr, mask, v); }
 inline void store_row(at::BFloat16* ptr, __mmask16 mask, __m512 v) {
-  _mm256_mask_storeu_epi16(ptr, mask, at::vec::cvtfp32_bf16(v));
+  _mm256_mask_storeu_epi16(ptr, mask, bf16_from(v));
 }
 inline void store_row(at::Half* ptr, __mmask16 mask, __m512 v) {
   _mm256_mask_storeu_epi16(ptr, mask, at::vec::cvtfp32_fp16(v));
