@@ -450,12 +450,16 @@ inline Vectorized<acc_t> max_or_first(const Vectorized<acc_t>& v, const Vectoriz
 // chains: with one (and at::vec::maximum), the max loop took ~40% of a bf16 row's forward (perf,
 // 256×32000); now that forward is 20% faster, fp32's 11% (1 thread).
 // Half types: x[0..n) is also stored into `wide` in fp32, so that the exp-sum pass reads it from L1
-// without converting each element a second time.
-template <typename scalar_t>
+// without converting each element a second time. kPrefetch (half types, prefetch_ahead_for): each
+// step prefetches the lines kMaxPassAheadBytes past its own.
+constexpr int64_t kMaxPassAheadBytes = 2048;
+
+template <typename scalar_t, bool kPrefetch = false>
 acc_type<scalar_t> vec_max(const scalar_t* x, int64_t n, acc_type<scalar_t>* wide) {
   using acc_t = acc_type<scalar_t>;
   using Vec = Vectorized<acc_t>;
   constexpr int64_t V = Vec::size();
+  constexpr int64_t kLine = 64 / sizeof(scalar_t);  // elements per cache line
   auto load = [&](int64_t c) {
     const Vec v = load_acc(x + c);
     if constexpr (!std::is_same_v<scalar_t, acc_t>) v.store(wide + c);
@@ -464,6 +468,10 @@ acc_type<scalar_t> vec_max(const scalar_t* x, int64_t n, acc_type<scalar_t>* wid
   LaneMax<acc_t> m0(load(0)), m1 = m0, m2 = m0, m3 = m0;
   int64_t c = V;
   for (; c + 4 * V <= n; c += 4 * V) {
+    if constexpr (kPrefetch) {
+      for (int64_t a = 0; a < 4 * V; a += kLine)
+        __builtin_prefetch(x + c + a + kMaxPassAheadBytes / int64_t(sizeof(scalar_t)), 0, 3);
+    }
     m0.add(load(c));
     m1.add(load(c + V));
     m2.add(load(c + 2 * V));
@@ -495,12 +503,24 @@ constexpr int64_t kRowBlock = 2048;  // elements re-read from L1 between the max
 // slower, so their loop's code, not the prefetches, is what costs. The vocabulary-parallel
 // statistics pass (shard_stats_kernel) prefetches alike: 2–10% faster at 1024×32000 and 256×128256
 // fp32 (2 threads; 2–3% at 1 thread).
+// Half-type rows whose input is at most this many bytes prefetch in their max pass instead (vec_max:
+// the lines kMaxPassAheadBytes ahead of each step's), which otherwise waited on the L3 (perf: the max
+// pass 31% of bf16 4096×1000's fwd+bwd, fp32's 8% with its prefetches ahead). Zen 4 VM, AVX-512,
+// 1 thread, interleaved processes: fwd+bwd 9–21% less time at 4096×1000 (bf16, fp16), 7–18% at
+// 16384×512, forward 1–9%; 256×1000 within ±2%. Past the gate (from DRAM) the forward measured
+// bf16 10–20% slower with them (1024×32000, 1024×128256), fp16 15% faster: left out there.
 constexpr int64_t kPrefetchAheadBytes = 16 << 20;
 
+// Whether row_state prefetches: fp32/fp64 ahead in the exp-sum pass past the gate, half types in the
+// max pass up to it.
 template <typename scalar_t>
 bool prefetch_ahead_for(const Params<scalar_t>& p, bool writes_grad) {
-  return std::is_same_v<scalar_t, acc_type<scalar_t>> &&
-         p.outer * p.inner * p.classes * int64_t(sizeof(scalar_t)) * (writes_grad ? 2 : 1) >= kPrefetchAheadBytes;
+  const int64_t bytes = p.outer * p.inner * p.classes * int64_t(sizeof(scalar_t));
+  if constexpr (std::is_same_v<scalar_t, acc_type<scalar_t>>) {
+    return bytes * (writes_grad ? 2 : 1) >= kPrefetchAheadBytes;
+  } else {
+    return bytes <= kPrefetchAheadBytes;
+  }
 }
 
 // Online state of one contiguous row x[0..C) (soft targets: P with the same layout).
@@ -516,8 +536,9 @@ bool prefetch_ahead_for(const Params<scalar_t>& p, bool writes_grad) {
 // ownership overlaps this pass's arithmetic instead of stalling the gradient pass: bf16 4096×32000
 // and 1024×128256 fwd+bwd 16% faster at 2 threads. (fp32 stores its exps into the gradient in this pass
 // anyway; prefetching its gradient row there measured 7–15% slower.)
-// prefetch_ahead (fp32/fp64): prefetch the logits ahead (kPrefetchAheadBytes); next_row: the row
-// after this one, or null.
+// prefetch_ahead (prefetch_ahead_for): fp32/fp64 prefetch the logits ahead in the exp-sum pass
+// (kPrefetchAheadBytes); half types in the max pass (vec_max). next_row: the row after this one, or
+// null.
 template <typename scalar_t, Mass kMass>
 RowState<acc_type<scalar_t>> row_state(const Params<scalar_t>& p, const scalar_t* x, const scalar_t* prob,
                                        acc_type<scalar_t>* exps, acc_type<scalar_t>* block_maxes,
@@ -539,7 +560,8 @@ RowState<acc_type<scalar_t>> row_state(const Params<scalar_t>& p, const scalar_t
     // max of the block (NaN-propagating)
     acc_t block_max = -std::numeric_limits<acc_t>::infinity();
     if (vec_end > begin) {
-      block_max = vec_max(x + begin, vec_end - begin, wide);
+      block_max = kWiden && prefetch_ahead ? vec_max<scalar_t, true>(x + begin, vec_end - begin, wide)
+                                           : vec_max(x + begin, vec_end - begin, wide);
     }
     for (int64_t c = vec_end; c < end; ++c) {
       const acc_t v = static_cast<acc_t>(x[c]);
