@@ -660,9 +660,12 @@ def distillation_target(x, fraction):
     return target.float()
 
 
-def distillation_case(C):
+def distillation_case(C, eps=0.0, repeat=1, strided=False, inplace=False):
+    """Rows of margins 5 … 30 (`repeat` times over) against distillation_target; eps: label smoothing,
+    q = (1 − ε)·P + ε/C; strided: the logits as the transpose of a contiguous tensor; inplace: with
+    inplace_backward (on a copy of the leaf)."""
     g = torch.Generator().manual_seed(300 + C)
-    margins = (5.0, 10.0, 15.0, 20.0, 30.0)
+    margins = (5.0, 10.0, 15.0, 20.0, 30.0) * repeat
     x = torch.randn(len(margins), C, generator=g, dtype=torch.float64) * 2
     for i, margin in enumerate(margins):
         hot = int(torch.randint(0, C, (), generator=g))
@@ -673,10 +676,11 @@ def distillation_case(C):
     target = distillation_target(x, 0.5)
     P = x.shape[0]
     ones = torch.ones(P, dtype=torch.float64)
-    truth = exact(x.double(), target.double(), ones, torch.ones(C, dtype=torch.float64), ones,
-                  torch.zeros(P, dtype=torch.float64))
-    leaf = x.clone().requires_grad_(True)
-    loss = smoothce.cross_entropy(leaf, target, reduction="none")
+    q = (1 - eps) * target.double() + eps / C
+    truth = exact(x.double(), q, ones, torch.ones(C, dtype=torch.float64), ones, torch.zeros(P, dtype=torch.float64))
+    leaf = (x.t().contiguous().t() if strided else x.clone()).requires_grad_(True)
+    loss = smoothce.cross_entropy(leaf * 1 if inplace else leaf, target, reduction="none", label_smoothing=eps,
+                                  inplace_backward=inplace)
     loss.backward(torch.ones_like(loss))
     return truth, loss.detach(), leaf.grad
 
@@ -695,6 +699,32 @@ def test_soft_target_distillation_grad(C):
     numbers of size δ and 1 − p_max, which M·p_max − w·q (both ≈ 1) cannot give."""
     truth, _, grad = distillation_case(C)
     assert_within(grad, truth.grad, truth.grad_tol, "input grad (probability target)")
+
+
+@pytest.mark.parametrize("C,strided", [(150, False), (1000, False), (3000, False), (150, True), (1000, True)])
+def test_soft_target_smoothing_confident(C, strided):
+    """The distillation rows with label smoothing ε = 0.1: q = (1 − ε)·P + ε/C adds the same ε/C at every
+    class, and a kernel that sums Σq (the gradient's softmax coefficient) or its part below the max one
+    class after another in fp32 rounds all those adds the same way. The strided tiles (one lane per
+    position, 20 positions: a whole tile and a part) summed so and were 2e-6 relative off at the argmax
+    at 150 classes, 1.1e-5 at 1000 (4–7 times the gradient's bound); they sum compensated now. Loss and
+    gradient within the bounds. (Their Σexp is still one sequential fp32 sum a lane: at 3000 classes a
+    partial tile's gradient came to 3 times the bound, which is set for the rows' split sums.)"""
+    truth, loss, grad = distillation_case(C, eps=0.1, repeat=4, strided=strided)
+    assert_within(loss, truth.loss, truth.loss_tol, "loss (smoothed probability target)")
+    assert_within(grad, truth.grad, truth.grad_tol, "input grad (smoothed probability target)")
+
+
+@pytest.mark.parametrize("C", [17, 1000, 3000])
+def test_soft_target_inplace_backward(C):
+    """inplace_backward writes the gradient over the logits: the distillation rows' gradient must be,
+    bitwise, what it is without it, and within the bound. fp32 rows used to keep their exps in the
+    gradient, over the logits, when the gradient at a sole max looked for its class in them: none was
+    found, and that element lost its cancellation-free form (0.28 relative error at margin 20)."""
+    truth, _, grad = distillation_case(C, eps=0.1)
+    _, _, grad_inplace = distillation_case(C, eps=0.1, inplace=True)
+    assert torch.equal(grad_inplace, grad)
+    assert_within(grad_inplace, truth.grad, truth.grad_tol, "input grad (inplace_backward)")
 
 
 # ------------------------------------------------------------------ 4. the CPU kernels' exp
