@@ -320,6 +320,77 @@ def test_non_contiguous_target_and_weight():
     check_all(mine, theirs, truth, torch.float32, check_target_grad=True)
 
 
+# ------------------------------------------------------------------------ maps of many classes
+
+MANY_CLASS_VARIANTS = {
+    "plain": lambda t, P, w: dict(target=t, label_smoothing=0.1),
+    "weight": lambda t, P, w: dict(target=t, weight=w, label_smoothing=0.1),
+    "soft": lambda t, P, w: dict(target=P, label_smoothing=0.1),
+    "soft_weight": lambda t, P, w: dict(target=P, weight=w),
+    "z_loss": lambda t, P, w: dict(target=t, label_smoothing=0.1, z_loss=1e-3),
+    "target_values": lambda t, P, w: dict(target=t, target_values=(0.8, 0.001)),
+    "others": lambda t, P, w: dict(target=t, label_smoothing=0.2, smoothing="others"),
+    "inplace": lambda t, P, w: dict(target=t, label_smoothing=0.1, inplace_backward=True),
+    "inplace_soft": lambda t, P, w: dict(target=P, label_smoothing=0.1, inplace_backward=True),
+}
+
+
+@pytest.mark.cpu_only
+@pytest.mark.parametrize("variant", list(MANY_CLASS_VARIANTS))
+@pytest.mark.parametrize("shape", [(2, 2100, 37), (1, 8200, 21)], ids=str)
+def test_many_class_maps_match_rows(shape, variant):
+    """(N, C, L) fp32 maps of thousands of classes (a vocabulary over a sequence) are computed as rows in
+    AVX-512 builds: 16 positions at a time are transposed into rows, computed by the rows kernel and
+    their gradient transposed back (with a gradient from 2048 classes, without one from 8192). Every
+    position of such a tile must give bitwise the gradient (and the loss, where that comes from a pass
+    of the same kind) that the same logits laid out as rows give; the last L mod 16 positions of each n (computed in place) agree within fp32 rounding,
+    and so does every position elsewhere (AVX2 and default builds) and the forward without a gradient.
+    Confident positions (one logit 30 above the others) check the gradient at a sole max."""
+    N, C, L = shape
+    gen = torch.Generator().manual_seed(C + L)
+    x = torch.randn(N, C, L, generator=gen) * 2
+    x[:, 7, ::5] = 30.0
+    t = torch.randint(0, C, (N, L), generator=gen)
+    t[:, ::6] = -100
+    t[:, ::5] = 7
+    P = torch.softmax(torch.randn(N, C, L, generator=gen), 1)
+    P[:, :, ::5] = 0
+    P[:, 7, ::5] = 1
+    w = torch.rand(C, generator=gen) + 0.5
+    kwargs = MANY_CLASS_VARIANTS[variant](t, P, w)
+    as_rows = lambda v: v.transpose(1, 2).reshape(N * L, C).contiguous()  # noqa: E731 (a copy, never a view)
+    full = torch.zeros(N, L, dtype=torch.bool)
+    full[:, : L // 16 * 16] = True
+    for reduction in ("none", "mean"):
+        results = []
+        for layout in ("map", "rows"):
+            leaf = x.clone().requires_grad_()
+            inp = leaf * 1 if kwargs.get("inplace_backward") else leaf
+            k = dict(kwargs, reduction=reduction)
+            tgt = k.pop("target")
+            if layout == "rows":
+                inp, tgt = as_rows(inp), (as_rows(tgt) if tgt.dim() == 3 else tgt.reshape(-1))
+            loss = smoothce.cross_entropy(inp, tgt, **k)
+            up = torch.linspace(0.5, 1.5, loss.numel()).reshape(loss.shape) if reduction == "none" else None
+            loss.backward(up)
+            results.append((loss.detach().reshape(N, L) if reduction == "none" else loss.detach(), leaf.grad))
+        (loss_m, g_m), (loss_r, g_r) = results
+        g_m, g_r = as_rows(g_m).reshape(N, L, C), as_rows(g_r).reshape(N, L, C)
+        torch.testing.assert_close(loss_m, loss_r, rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(g_m, g_r, rtol=2e-5, atol=2e-8)
+        if smoothce.build_info()["cpu_capability"] == "avx512":
+            # reduction "none": the losses come from a forward without a gradient (that comes in
+            # backward), computed as rows from 8192 classes
+            if reduction == "none" and C >= 8192:
+                assert torch.equal(loss_m[full], loss_r[full]), variant
+            assert torch.equal(g_m[full], g_r[full]), variant
+        if not kwargs.get("inplace_backward"):
+            with torch.no_grad():
+                k = dict(kwargs, reduction=reduction)
+                loss_f = smoothce.cross_entropy(x, k.pop("target"), **k)
+            torch.testing.assert_close(loss_f.reshape(loss_m.shape), loss_m, rtol=1e-5, atol=1e-6)
+
+
 # ------------------------------------------------------------------------ probability targets
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=dtype_id)
