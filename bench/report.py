@@ -77,7 +77,10 @@ def smoothce_label(meta: dict) -> str:
     """'smoothce 0.1.0 (avx512 CPU kernels)': the version and, when known, the CPU build measured."""
     if not meta.get("smoothce_version"):
         return "smoothce not installed"
-    capability = (meta.get("smoothce_build") or {}).get("cpu_capability")
+    build = meta.get("smoothce_build") or {}
+    capability = build.get("cpu_capability")
+    if capability and build.get("cpu_bf16"):
+        capability += " + AVX512-BF16"
     return f"smoothce {meta['smoothce_version']}" + (f" ({capability} CPU kernels)" if capability else "")
 
 

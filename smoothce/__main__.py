@@ -6,7 +6,7 @@ import smoothce
 info = smoothce.build_info()
 print(f"smoothce {smoothce.__version__}")
 print(f"torch {torch.__version__} (CUDA runtime {torch.version.cuda or 'none'}, {torch.get_num_threads()} CPU threads)")
-print(f"CPU kernels: {info['cpu_capability']}")
+print(f"CPU kernels: {info['cpu_capability']}" + (" with AVX512-BF16 conversions" if info.get("cpu_bf16") else ""))
 cuda = info["cuda"]
 if cuda == "no":
     print("CUDA kernels: not built")
