@@ -516,7 +516,8 @@ constexpr int64_t kRowBlock = 2048;  // elements re-read from L1 between the max
 // pass 31% of bf16 4096×1000's fwd+bwd, fp32's 8% with its prefetches ahead). Zen 4 VM, AVX-512,
 // 1 thread, interleaved processes: fwd+bwd 9–21% less time at 4096×1000 (bf16, fp16), 7–18% at
 // 16384×512, forward 1–9%; 256×1000 within ±2%. Past the gate (from DRAM) the forward measured
-// bf16 10–20% slower with them (1024×32000, 1024×128256), fp16 15% faster: left out there.
+// bf16 10–20% slower with them (1024×32000, 1024×128256), fp16 15% faster: left out there. (The
+// statistics pass of a vocabulary shard takes the same gate for half types: unmeasured there.)
 constexpr int64_t kPrefetchAheadBytes = 16 << 20;
 
 // Whether row_state prefetches: fp32/fp64 ahead in the exp-sum pass past the gate, half types in the
