@@ -343,8 +343,9 @@ def test_many_class_maps_match_rows(shape, variant):
     AVX-512 builds: 16 positions at a time are transposed into rows, computed by the rows kernel and
     their gradient transposed back (with a gradient from 2048 classes, without one from 8192). Every
     position of such a tile must give bitwise the gradient (and the loss, where that comes from a pass
-    of the same kind) that the same logits laid out as rows give; the last L mod 16 positions of each n (computed in place) agree within fp32 rounding,
-    and so does every position elsewhere (AVX2 and default builds) and the forward without a gradient.
+    of the same kind) that the same logits laid out as rows give; the last L mod 16 positions of each
+    n (computed in place) agree within fp32 rounding, and so does every position elsewhere (AVX2 and
+    default builds) and the forward without a gradient.
     Confident positions (one logit 30 above the others) check the gradient at a sole max."""
     N, C, L = shape
     gen = torch.Generator().manual_seed(C + L)

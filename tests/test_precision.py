@@ -784,9 +784,9 @@ def test_cpu_exp_underflow(layout):
 def test_cpu_bf16_denormal_gradient(layout, C):
     """bf16 gradient elements below the normal range round to bf16's denormals, as torch rounds fp32 to
     bf16 (the kernels compute in fp32 and round once). Rows (0, −d, −200, …), target 0, ε = 0: the
-    gradient at class 1 is p_1 = exp(−d)/(1 + exp(−d)), 2^−121 … 2^−134 for d = x_0 − x_1 in [84, 94). Builds with
-    AVX512-BF16 conversions (build_info()["cpu_bf16"]) convert with vcvtneps2bf16, which reads a
-    denormal as 0: vectors holding one must round another way. AVX-512 builds: within half a bf16 ulp
+    gradient at class 1 is p_1 = exp(−d)/(1 + exp(−d)), 2^−121 … 2^−134 for d = x_0 − x_1 in [84, 94).
+    Builds with AVX512-BF16 conversions (build_info()["cpu_bf16"]) convert with vcvtneps2bf16, which
+    reads a denormal as 0: vectors holding one must round another way. AVX-512 builds: within half a bf16 ulp
     (2^−134 among denormals) plus fp32's bound of float64, and nonzero wherever float64 is at least
     bf16's smallest denormal (2^−133); AVX2 and default builds may flush below 2^−126 (their exp does).
     The layouts take the bf16 stores: gathered rows of 16 classes (masked row stores), rows of 48
@@ -807,7 +807,8 @@ def test_cpu_bf16_denormal_gradient(layout, C):
     ok = (got - want).abs() <= tol
     if smoothce.build_info()["cpu_capability"] != "avx512":
         ok |= (got == 0) & (want < 2.0 ** -126)
-    assert ok.all(), f"x_1 = {x.detach()[~ok, 1][:5].tolist()}: got {got[~ok][:5].tolist()}, want {want[~ok][:5].tolist()}"
+    assert ok.all(), (f"x_1 = {x.detach()[~ok, 1][:5].tolist()}: got {got[~ok][:5].tolist()}, "
+                      f"want {want[~ok][:5].tolist()}")
     if smoothce.build_info()["cpu_capability"] == "avx512":
         assert (got[want >= 2.0 ** -133] > 0).all()
         assert ((got > 0) & (got < 2.0 ** -126)).sum() > 500  # denormals were produced and kept
