@@ -701,7 +701,6 @@ def test_soft_target_distillation_grad(C):
     assert_within(grad, truth.grad, truth.grad_tol, "input grad (probability target)")
 
 
-@pytest.mark.cpu_only  # the CPU kernels' sums (the emulated CUDA strided kernel: see the docstring)
 @pytest.mark.parametrize("C,strided", [(150, False), (1000, False), (3000, False), (150, True), (1000, True)])
 def test_soft_target_smoothing_confident(C, strided):
     """The distillation rows with label smoothing ε = 0.1: q = (1 − ε)·P + ε/C adds the same ε/C at every
@@ -711,9 +710,9 @@ def test_soft_target_smoothing_confident(C, strided):
     at 150 classes, 1.1e-5 at 1000 (4–7 times the gradient's bound); they sum compensated now. Loss and
     gradient within the bounds. (Their Σexp is still one sequential fp32 sum a lane: at 3000 classes a
     partial tile's gradient came to 3 times the bound, which is set for the rows' split sums.) The
-    CUDA strided kernel, a thread per position, sums the same way and is not compensated: on the
-    emulator with device arithmetic its gradient came to 27 ulps (bound 18) at 150 classes and its
-    loss to 131 ulps (bound 24) at 1000."""
+    CUDA strided kernel, a thread per position, summed the same way: on the emulator with device
+    arithmetic its gradient came to 27 ulps (bound 18) at 150 classes and its loss to 131 ulps (bound
+    24) at 1000; it sums compensated too."""
     truth, loss, grad = distillation_case(C, eps=0.1, repeat=4, strided=strided)
     assert_within(loss, truth.loss, truth.loss_tol, "loss (smoothed probability target)")
     assert_within(grad, truth.grad, truth.grad_tol, "input grad (smoothed probability target)")

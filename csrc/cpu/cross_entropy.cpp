@@ -231,14 +231,6 @@ inline Vectorized<acc_t> add_below(const Vectorized<acc_t>& acc, const Vectorize
 #endif
 }
 
-// sum += v, compensated: `lost` carries what each add rounded away into the next (Kahan).
-template <typename acc_t>
-C10_ALWAYS_INLINE void kahan_add(Vectorized<acc_t>& sum, Vectorized<acc_t>& lost, const Vectorized<acc_t>& v) {
-  const Vectorized<acc_t> y = v - lost, t = sum + y;
-  lost = (t - sum) - y;
-  sum = t;
-}
-
 template <typename acc_t>
 inline Vectorized<acc_t> vexp(const Vectorized<acc_t>& v) {
   if constexpr (std::is_same_v<acc_t, float>) {

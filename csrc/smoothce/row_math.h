@@ -416,6 +416,41 @@ SMOOTHCE_HOST_DEVICE SMOOTHCE_MATH_ABI void accumulate(RowState<acc_t>& s, acc_t
   }
 }
 
+// What the adds to a state's mass and mass_rest rounded away, carried into the next add (Kahan).
+template <typename acc_t>
+struct MassLost {
+  acc_t mass = acc_t(0), mass_rest = acc_t(0);
+};
+
+// sum += v, compensated: `lost` carries what each add rounded away into the next (Kahan). Also for the
+// CPU kernels' vectors (at::vec::Vectorized).
+template <typename acc_t>
+SMOOTHCE_HOST_DEVICE void kahan_add(acc_t& sum, acc_t& lost, const acc_t& v) {
+  const acc_t y = v - lost, t = sum + y;
+  lost = (t - sum) - y;
+  sum = t;
+}
+
+// accumulate<acc_t, true> with mass and mass_rest summed compensated. One thread walking all C classes
+// of a probability target with label smoothing adds the same ε/C at (nearly) every class, and plain
+// fp32 adds round all of those the same way: a confident position's gradient at its max (Σ_{j≠max} v_j
+// less a tiny term) drifted by ~C/2 ulps. A rescale (x above the max) restarts mass_rest from mass,
+// and its companion from mass's.
+template <typename acc_t>
+SMOOTHCE_HOST_DEVICE SMOOTHCE_MATH_ABI void accumulate_compensated(RowState<acc_t>& s, MassLost<acc_t>& lost, acc_t x,
+                                                                   acc_t v) {
+  acc_t mass = s.mass, mass_rest = s.mass_rest;
+  if (!(x <= s.max)) {
+    mass_rest = mass;
+    lost.mass_rest = lost.mass;
+  }
+  accumulate<acc_t, true>(s, x, v);  // sum_exp, rest, mass_dx (mass, mass_rest: replaced below)
+  kahan_add(mass, lost.mass, v);
+  if (x != s.max) kahan_add(mass_rest, lost.mass_rest, v);
+  s.mass = mass;
+  s.mass_rest = mass_rest;
+}
+
 // Probability target mass of class c: w_c·q_c with q = (1 − ε)·P + ε/C (§2.3).
 template <typename acc_t>
 SMOOTHCE_HOST_DEVICE acc_t soft_target_q(acc_t prob, acc_t eps, acc_t eps_over_c) {
