@@ -1054,35 +1054,51 @@ C10_ALWAYS_INLINE void tile_kernel(const Params<scalar_t>& p, const tile_t* x, c
   const Vec vorigin = Vec::blendv(vmax, Vec(0), vmax == Vec(-std::numeric_limits<acc_t>::infinity()));
   Vec vsum(0), vrest(0), vmass_dx(0), vmass(0), vmass_rest(0), vmass_lost(0), vmass_rest_lost(0);
   const bool compensated = kSoft && p.eps != acc_t(0) && C > 32;  // (the bias grows with C: 21 classes, 2e-8)
-  for (int64_t c = 0; c < C; ++c) {
-    if (g_ahead) __builtin_prefetch(g_ahead + c * sc, 1, 3);
-    const Vec d = load(x + c * sc) - vorigin;
-    const Vec e = vexp(d);
-    vsum += e;
-    vrest = add_below(vrest, e, d);
-    if (exps) e.store(exps + c * V);
-    if constexpr (kMass == Mass::kUnit) {
-      vmass_dx += d;
-    } else if constexpr (kMass == Mass::kWeighted) {
-      vmass_dx = at::vec::fmadd(Vec(p.weight[c]), d, vmass_dx);
-    } else if constexpr (kSoft) {
-      Vec v = p.soft_q(load(prob + c * sc));
-      if (p.weight) v = v * Vec(p.weight[c]);
-      vmass_dx = at::vec::fmadd(v, d, vmass_dx);
-      // With label smoothing, Σv and its part below the max are compensated (Kahan; *_lost: what the
-      // last add rounded away). One lane sums all C classes in turn, and smoothing adds the same ε/C at
-      // every class but the target, whose roundings all lean one way: summed plainly, a confident
-      // position's gradient at its max (Σ_{j≠max} v_j less a tiny term) was 2e-6 relative off at 150
-      // classes and 1.1e-5 at 1000 (ε = 0.1, fp32). It costs soft-target tiles with smoothing 8–15%
-      // of their fwd+bwd at 4×150×64×64 (Zen 4 VM, 1 thread, interleaved processes; 4–10% at 10 and 21
-      // classes), so tiles of up to 32 classes and targets without smoothing (whose own values vary)
-      // sum plainly.
-      if (compensated) {
-        kahan_add(vmass, vmass_lost, v);
-        kahan_add(vmass_rest, vmass_rest_lost, Vec::blendv(v, Vec(0), d == Vec(0)));
-      } else {
-        vmass += v;
-        vmass_rest = add_below(vmass_rest, v, d);
+  // One lane sums all C classes of its position: in chunks of walk_chunk(C) classes (row_math.h), each
+  // chunk's partial sums added to the totals.
+  const int64_t chunk = walk_chunk(C);
+  for (int64_t c0 = 0; c0 < C; c0 += chunk) {
+    const int64_t c1 = std::min(C, c0 + chunk);
+    Vec csum(0), crest(0), cmass_dx(0), cmass(0), cmass_rest(0);
+    for (int64_t c = c0; c < c1; ++c) {
+      if (g_ahead) __builtin_prefetch(g_ahead + c * sc, 1, 3);
+      const Vec d = load(x + c * sc) - vorigin;
+      const Vec e = vexp(d);
+      csum += e;
+      crest = add_below(crest, e, d);
+      if (exps) e.store(exps + c * V);
+      if constexpr (kMass == Mass::kUnit) {
+        cmass_dx += d;
+      } else if constexpr (kMass == Mass::kWeighted) {
+        cmass_dx = at::vec::fmadd(Vec(p.weight[c]), d, cmass_dx);
+      } else if constexpr (kSoft) {
+        Vec v = p.soft_q(load(prob + c * sc));
+        if (p.weight) v = v * Vec(p.weight[c]);
+        cmass_dx = at::vec::fmadd(v, d, cmass_dx);
+        // With label smoothing, Σv and its part below the max are compensated (Kahan; *_lost: what
+        // the last add rounded away) over all the classes: smoothing adds the same ε/C at every class
+        // but the target, whose roundings all lean one way. Summed plainly in one run, a confident
+        // position's gradient at its max (Σ_{j≠max} v_j less a tiny term) was 2e-6 relative off at
+        // 150 classes and 1.1e-5 at 1000 (ε = 0.1, fp32). It costs soft-target tiles with smoothing
+        // 8–15% of their fwd+bwd at 4×150×64×64 (Zen 4 VM, 1 thread, interleaved processes; 4–10% at
+        // 10 and 21 classes), so tiles of up to 32 classes and targets without smoothing (whose own
+        // values vary) sum plainly, in chunks.
+        if (compensated) {
+          kahan_add(vmass, vmass_lost, v);
+          kahan_add(vmass_rest, vmass_rest_lost, Vec::blendv(v, Vec(0), d == Vec(0)));
+        } else {
+          cmass += v;
+          cmass_rest = add_below(cmass_rest, v, d);
+        }
+      }
+    }
+    vsum += csum;
+    vrest += crest;
+    vmass_dx += cmass_dx;
+    if constexpr (kSoft) {
+      if (!compensated) {
+        vmass += cmass;
+        vmass_rest += cmass_rest;
       }
     }
   }
