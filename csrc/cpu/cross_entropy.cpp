@@ -508,19 +508,26 @@ constexpr int64_t kRowBlock = 2048;  // elements re-read from L1 between the max
 // pass 31% of bf16 4096×1000's fwd+bwd, fp32's 8% with its prefetches ahead). Zen 4 VM, AVX-512,
 // 1 thread, interleaved processes: fwd+bwd 9–21% less time at 4096×1000 (bf16, fp16), 7–18% at
 // 16384×512, forward 1–9%; 256×1000 within ±2%. Past the gate (from DRAM) the forward measured
-// bf16 10–20% slower with them (1024×32000, 1024×128256), fp16 15% faster: left out there. (The
-// statistics pass of a vocabulary shard takes the same gate for half types: unmeasured there.)
+// bf16 10–20% slower with them (1024×32000, 1024×128256), fp16 15% faster: left out there. AVX2
+// builds prefetch there too: on a Zen 3 VM (AVX2, same build with and without, interleaved processes)
+// the forward took 7–9% less time with them at 1024×32000 and 256×128256 (bf16 and fp16, 1 thread),
+// 7% at 4096×32000 bf16 (2 threads), fwd+bwd 4–7%. (The statistics pass of a vocabulary shard takes
+// the same gate for half types: unmeasured there.)
 constexpr int64_t kPrefetchAheadBytes = 16 << 20;
 
 // Whether row_state prefetches: fp32/fp64 ahead in the exp-sum pass past the gate, half types in the
-// max pass up to it.
+// max pass up to it (AVX2 builds: at every size).
 template <typename scalar_t>
 bool prefetch_ahead_for(const Params<scalar_t>& p, bool writes_grad) {
   const int64_t bytes = p.outer * p.inner * p.classes * int64_t(sizeof(scalar_t));
   if constexpr (std::is_same_v<scalar_t, acc_type<scalar_t>>) {
     return bytes * (writes_grad ? 2 : 1) >= kPrefetchAheadBytes;
   } else {
+#if defined(CPU_CAPABILITY_AVX2)
+    return true;  // (AVX2 builds: at every size, see kPrefetchAheadBytes)
+#else
     return bytes <= kPrefetchAheadBytes;
+#endif
   }
 }
 
