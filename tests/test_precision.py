@@ -525,6 +525,20 @@ def test_confident_rows_half(dtype, C, option):
     check_case(case, loss, grad)
 
 
+@pytest.mark.parametrize("option", ["plain-none", "smooth-weighted-mean", "zloss-smooth-none"])
+@pytest.mark.parametrize("C", [40, 3000])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
+def test_confident_rows_half_strided(dtype, C, option):
+    """The same with the classes strided ((N, C, H, W): the CPU's widened tiles, the CUDA strided kernel),
+    where one lane or thread walks a position's classes. (The half types' own rounding, 1 ulp, is far
+    above what chunking the sums changes: test_confident_rows_strided_classes checks that in fp32.)"""
+    x, a = confident_batch(C, seed=300 + C, rows=16)
+    case = make_case(x.to(dtype), a, OPTIONS[option], seed=C)
+    loss, grad = run_smoothce(case, "NCHW")
+    assert loss.dtype == dtype and grad.dtype == dtype
+    check_case(case, loss, grad)
+
+
 MASK_BLOCK = 2048  # the CPU rows kernel's block of classes (kRowBlock in csrc/cpu/cross_entropy.cpp)
 ROW_SHIFTS = (1.0, 120.0, -5.0, 30.0)  # each row's max becomes −shift (fp32's exp underflows below −103)
 
