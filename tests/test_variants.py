@@ -17,8 +17,8 @@ import torch
 import torch.nn.functional as F
 
 import smoothce
-from conftest import (DTYPES, REDUCTIONS, dtype_id, make_index_target, make_logits, make_weight, positions_shape,
-                      ref, run, run_truth)
+from conftest import (DTYPES, REDUCTIONS, dtype_id, make_index_target, make_logits, make_prob_target,
+                      make_weight, positions_shape, ref, run, run_truth)
 
 # max|error| allowed, relative to max|truth| of the tensor compared. Observed errors (CPU and emulated
 # CUDA kernels): fp64 ~5e-16, fp32 ~2e-7, fp16 ~4e-4, bf16 ~3e-3 (the output's own rounding: ½ ulp of
@@ -685,6 +685,61 @@ def test_mixup_ignored_targets_by_hand(reduction):
     else:
         assert torch.count_nonzero(loss) == 0
     assert torch.count_nonzero(grad) == 0
+
+
+# ------------------------------------------- maps whose class lines share cache sets (CPU layouts)
+
+COLLIDING_OPTIONS = {
+    "eps": dict(label_smoothing=0.1),
+    "others_zloss": dict(smoothing="others", label_smoothing=0.2, z_loss=1e-2),
+    "values": OPTIONS["values"],
+    "inplace_all": OPTIONS["inplace_all"],
+    "mixup": dict(label_smoothing=0.1),
+    "soft": dict(label_smoothing=0.1),
+}
+
+
+@pytest.mark.cpu_only
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=dtype_id)
+@pytest.mark.parametrize("option", sorted(COLLIDING_OPTIONS))
+def test_colliding_class_lines(option, dtype):
+    """(N, C, H, W) maps whose C class lines, a power-of-two stride apart, share a few cache sets (16 KiB
+    apart in fp32: AVX2 builds compute them in widened groups of tiles there, as every build does half
+    types; elsewhere the tiles in place), every option, forward + backward against the reference."""
+    C, pos = 21, (2, 64, 64)
+    x = make_logits((2, C, 64, 64), dtype, seed=7)
+    kwargs = dict(COLLIDING_OPTIONS[option])
+    w = make_weight(C, dtype)
+    common = dict(weight=w, upstream=upstream_for("none", pos), reduction="none",
+                  view=non_leaf if kwargs.get("inplace_backward") else None, **kwargs)
+    if option == "mixup":
+        a, b = mixup_targets(pos, C, -100)
+        lam = torch.rand(pos, generator=torch.Generator().manual_seed(4))
+        mine, truth = run_mixup(x, a, b, lam, **common), run_mixup_truth(x, a, b, lam, **common)
+    else:
+        t = make_prob_target((2, C, 64, 64), dtype) if option == "soft" else make_index_target(pos, C, ignore_every=5)
+        mine, truth = run(smoothce.cross_entropy, x, t, **common), run_truth(x, t, **common)
+    check(mine, truth, dtype)
+
+
+@pytest.mark.cpu_only
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=dtype_id)
+@pytest.mark.parametrize("soft", [False, True], ids=["index", "soft"])
+def test_colliding_class_lines_partial_groups(soft, dtype):
+    """Forward alone reads a view in place: 4001 positions of every 4096, so each map's last group of
+    tiles is cut short (and one tile of it partial) while the class lines still collide."""
+    C = 21
+    x = make_logits((2, C, 4096), dtype, seed=8)[..., :4001]
+    if soft:
+        t = make_prob_target((2, C, 4096), dtype)[..., :4001]
+    else:
+        t = make_index_target((2, 4001), C, ignore_every=5)
+    w = make_weight(C, dtype)
+    with torch.no_grad():
+        got = smoothce.cross_entropy(x, t, weight=w, reduction="none", label_smoothing=0.1)
+    want = ref.cross_entropy(x.double(), t.double() if soft else t, weight=w.double(), reduction="none",
+                             label_smoothing=0.1)
+    assert_near(got, want, dtype, "loss")
 
 
 # -------------------------------------------------------- 4. "others" with C = 1, C = 2; off = 0 values
