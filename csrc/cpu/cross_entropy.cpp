@@ -1584,7 +1584,8 @@ inline void rows_to_lanes(const float* src, int64_t ld_src, float* dst, int64_t 
 // The way back into 8 contiguous rows of cols floats (ld_dst == cols) with whole 8-float stores (AVX2's
 // masked stores are microcoded on some CPUs): the last, partial block of classes goes first, each row's
 // spill-over into the next row's first block is overwritten when that block is written, and the last
-// row's spills past the 8·cols floats, so dst needs 7 floats of room after them.
+// row's spills past the 8·cols floats, so dst needs 7 floats of room after them that are written
+// later (small_rows_kernel: the next tile's rows, or a buffer's).
 inline void lanes_to_rows(const float* src, float* dst, int64_t ld_dst, int64_t cols) {
   TORCH_INTERNAL_ASSERT_DEBUG_ONLY(ld_dst == cols);
   const int64_t last = (cols - 1) / 8 * 8;
@@ -1651,7 +1652,22 @@ void small_rows_kernel(const Params<scalar_t>& p, int64_t tile_begin, int64_t ti
   // masked 16-bit loads and stores), not widened into and narrowed out of `wide`, whose 64-byte stores
   // the transpose's loads straddle: bf16 and fp16 fwd+bwd 6–9% less time at 65536×10, 4–7% at
   // 65536×27, forward 2–5% (Zen 4 VM, 1 thread, interleaved processes); fp32 unchanged.
+  // AVX2 builds write fp32 gradient tiles in place as well where the 7 floats that lanes_to_rows spills
+  // past a tile fall on the next tile's first row, which this task writes next (`spill`), instead of
+  // through `wide`: Zen 3 VM, 1 thread, interleaved processes, both orders: fp32 fwd+bwd 3–14% less time at
+  // 65536×3, 65536×10, 65536×27 and 16384×32. (Half-type rows converted in registers as well, 8
+  // elements a load and store, cost bf16 7–9% at 65536×3 and 65536×10, whose blocks of 8 classes are
+  // mostly padding, and gained 1–9% at 27 and 32 classes: not kept.)
   constexpr bool kRegisters = kRegisterTranspose && std::is_same_v<acc_t, float>;
+  // (the input and a probability target apart from the gradient: the next tile's rows are read after
+  // this tile's gradient is written)
+  auto apart = [&](const scalar_t* a) {
+    const auto begin = reinterpret_cast<uintptr_t>(a), grad = reinterpret_cast<uintptr_t>(p.grad);
+    const auto bytes = static_cast<uintptr_t>((positions * C + V) * int64_t(sizeof(scalar_t)));
+    return !a || begin + bytes <= grad || grad + bytes <= begin;
+  };
+  const bool may_spill = !kHalf && !kMaskedRowStores && p.grad && row_stride == C && apart(p.input) &&
+                         apart(p.soft_target);
   auto load_tile = [&](const scalar_t* src, acc_t* dst, int64_t count) {
     if constexpr (kRegisters) {
       if (count == V && (kHalf && !kHalfRows ? row_stride == C : true)) {
@@ -1671,10 +1687,13 @@ void small_rows_kernel(const Params<scalar_t>& p, int64_t tile_begin, int64_t ti
       transpose(src, row_stride, dst, V, count, C);
     }
   };
-  auto store_tile = [&](const acc_t* src, scalar_t* dst, int64_t count) {
+  auto store_tile = [&](const acc_t* src, scalar_t* dst, int64_t count, bool spill) {
     if constexpr (kRegisters) {
       if (count == V && row_stride == C) {  // (a gradient's rows are dense: problem.cpp)
         if constexpr ((kHalf && !kHalfRows) || !kMaskedRowStores) {
+          if constexpr (!kHalf) {
+            if (spill) return lanes_to_rows(src, dst, C, C);
+          }
           lanes_to_rows(src, wide, C, C);
           narrow(wide, dst, V * C);
         } else {
@@ -1721,7 +1740,9 @@ void small_rows_kernel(const Params<scalar_t>& p, int64_t tile_begin, int64_t ti
     tile_kernel<scalar_t, kMass, acc_t>(p, x_buf, prob_buf, p.grad ? g_buf : nullptr, V, pos0, count, targets, exps);
     if (!p.grad) continue;
     if (row_stride >= 0) {
-      store_tile(g_buf, p.grad + pos0 * row_stride, count);
+      // (the next tile: this task's, written next and whole)
+      const bool spill = may_spill && tile + 1 < tile_end && pos0 + 2 * V <= positions;
+      store_tile(g_buf, p.grad + pos0 * row_stride, count, spill);
     } else {
       for (int64_t l = 0; l < count; ++l)
         for (int64_t c = 0; c < C; ++c) p.grad[offsets[l] + c] = static_cast<scalar_t>(g_buf[c * V + l]);
