@@ -1221,7 +1221,8 @@ inline void map_targets(const Params<scalar_t>& p, int64_t n, int64_t s0, int64_
 // between them (at a power-of-two stride of 16 KiB or more, all C of them fall in a few sets), so
 // every pass read the L3. Zen 3 VM, AVX2, 1 thread, interleaved processes, against the tiles in place:
 // fwd+bwd 13–16% less time at 8×21×256×256 (1 and 2 threads), 17–35% at 4×150×64×64, 14–26% at
-// 2×400×64×64, forward 20% at 8×21×256×256. Where the lines do not collide, the copy cost fp32 11–56%
+// 2×400×64×64, forward 20% at 8×21×256×256 (groups of half a line or of two lines a class instead of
+// one: 13–58% more time there). Where the lines do not collide, the copy cost fp32 11–56%
 // (forward and fwd+bwd at 8×21×250×262, 8×21×256×250 and 16×19×97×101 on that VM; 12% at 4×150×64×64
 // on a Zen 4 VM, AVX-512, earlier), and fp64 42% (Zen 4): those stay in place (across_kernel),
 // and so do fp32 maps in AVX-512 builds, where colliding lines were not measured widened since (and
@@ -1657,7 +1658,8 @@ void small_rows_kernel(const Params<scalar_t>& p, int64_t tile_begin, int64_t ti
   // through `wide`: Zen 3 VM, 1 thread, interleaved processes, both orders: fp32 fwd+bwd 3–14% less time at
   // 65536×3, 65536×10, 65536×27 and 16384×32. (Half-type rows converted in registers as well, 8
   // elements a load and store, cost bf16 7–9% at 65536×3 and 65536×10, whose blocks of 8 classes are
-  // mostly padding, and gained 1–9% at 27 and 32 classes: not kept.)
+  // mostly padding, and gained 1–9% at 27 and 32 classes; the loads alone cost bf16 and fp16 5–15% at
+  // 3, 10 and 27 classes, both orders of the interleaving: not kept.)
   constexpr bool kRegisters = kRegisterTranspose && std::is_same_v<acc_t, float>;
   // (the input and a probability target apart from the gradient: the next tile's rows are read after
   // this tile's gradient is written)
