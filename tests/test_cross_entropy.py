@@ -541,12 +541,16 @@ def test_spatial_sizes_around_vector_widths(inner, dtype):
         check_all(mine, theirs, truth, dtype, check_target_grad=soft)
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=dtype_id)
-@pytest.mark.parametrize("reduction", REDUCTIONS)
+# (fp16 without 'sum': a sum of 10^4–10^5 losses exceeds its largest value, 65504: inf, as in torch)
+@pytest.mark.parametrize("reduction,dtype", [(r, d) for d in (torch.float32, torch.float16, torch.bfloat16)
+                                             for r in REDUCTIONS if (r, d) != ("sum", torch.float16)],
+                         ids=lambda v: dtype_id(v) if isinstance(v, torch.dtype) else v)
 @pytest.mark.parametrize("shape", [(70000, 3), (4097, 37), (8, 21, 64, 64), (3, 5000, 7), (3, 5, 1000, 7)], ids=str)
 def test_many_positions(shape, reduction, dtype):
     """Enough positions to be split across threads / parallel chunks: reductions must combine.
-    (3, 5, 1000, 7): the chunks of tiles split the half types' groups of tiles and the maps."""
+    (3, 5, 1000, 7): the chunks of tiles split the half types' groups of tiles and the maps. (70000, 3):
+    AVX2 builds write fp32 and fp16 tiles of rows in place, spilling into the next tile's first row
+    only where the same task writes it next."""
     x = make_logits(shape, dtype)
     t = make_index_target(positions_shape(shape), shape[1], ignore_every=11)
     up = _upstream(positions_shape(shape)) if reduction == "none" else None

@@ -1582,12 +1582,21 @@ inline void rows_to_lanes(const float* src, int64_t ld_src, float* dst, int64_t 
   }
 }
 
-// The way back into 8 contiguous rows of cols floats (ld_dst == cols) with whole 8-float stores (AVX2's
-// masked stores are microcoded on some CPUs): the last, partial block of classes goes first, each row's
-// spill-over into the next row's first block is overwritten when that block is written, and the last
-// row's spills past the 8·cols floats, so dst needs 7 floats of room after them that are written
-// later (small_rows_kernel: the next tile's rows, or a buffer's).
-inline void lanes_to_rows(const float* src, float* dst, int64_t ld_dst, int64_t cols) {
+// 8 fp32 lanes into a row's block of 8 elements (fp16: converted in one instruction, rounded once as
+// store_acc).
+inline void store8(float* ptr, __m256 v) { _mm256_storeu_ps(ptr, v); }
+inline void store8(at::Half* ptr, __m256 v) {
+  _mm_storeu_si128(reinterpret_cast<__m128i*>(ptr), at::vec::cvtfp32_fp16(v));
+}
+
+// The way back into 8 contiguous rows of cols elements (ld_dst == cols) with whole 8-element stores
+// (AVX2's masked stores are microcoded on some CPUs, and it has none for 16 bits): the last, partial
+// block of classes goes first, each row's spill-over into the next row's first block is overwritten
+// when that block is written, and the last row's spills past the 8·cols elements, so dst needs 7
+// elements of room after them that are written later (small_rows_kernel: the next tile's rows, or a
+// buffer's).
+template <typename dst_t>
+inline void lanes_to_rows(const float* src, dst_t* dst, int64_t ld_dst, int64_t cols) {
   TORCH_INTERNAL_ASSERT_DEBUG_ONLY(ld_dst == cols);
   const int64_t last = (cols - 1) / 8 * 8;
   for (int64_t b = last; b >= 0; b -= 8) {
@@ -1596,7 +1605,7 @@ inline void lanes_to_rows(const float* src, float* dst, int64_t ld_dst, int64_t 
     for (int k = 0; k < 8; ++k) r[k] = _mm256_loadu_ps(src + (b + k) * 8);
     transpose_8x8(r);
 #pragma GCC unroll 8
-    for (int i = 0; i < 8; ++i) _mm256_storeu_ps(dst + i * ld_dst + b, r[i]);
+    for (int i = 0; i < 8; ++i) store8(dst + i * ld_dst + b, r[i]);
   }
 }
 constexpr bool kRegisterTranspose = true;
@@ -1607,7 +1616,8 @@ constexpr bool kRegisterTranspose = false;
 constexpr bool kMaskedRowStores = false;
 constexpr bool kHalfRows = false;
 inline void rows_to_lanes(const float*, int64_t, float*, int64_t) {}
-inline void lanes_to_rows(const float*, float*, int64_t, int64_t) {}
+template <typename dst_t>
+inline void lanes_to_rows(const float*, dst_t*, int64_t, int64_t) {}
 #endif
 
 // dst[j·ld_dst + i] = src[i·ld_src + j] for i < rows, j < cols, element by element: partial tiles and
@@ -1653,13 +1663,13 @@ void small_rows_kernel(const Params<scalar_t>& p, int64_t tile_begin, int64_t ti
   // masked 16-bit loads and stores), not widened into and narrowed out of `wide`, whose 64-byte stores
   // the transpose's loads straddle: bf16 and fp16 fwd+bwd 6–9% less time at 65536×10, 4–7% at
   // 65536×27, forward 2–5% (Zen 4 VM, 1 thread, interleaved processes); fp32 unchanged.
-  // AVX2 builds write fp32 gradient tiles in place as well where the 7 floats that lanes_to_rows spills
-  // past a tile fall on the next tile's first row, which this task writes next (`spill`), instead of
-  // through `wide`: Zen 3 VM, 1 thread, interleaved processes, both orders: fp32 fwd+bwd 3–14% less time at
-  // 65536×3, 65536×10, 65536×27 and 16384×32. (Half-type rows converted in registers as well, 8
-  // elements a load and store, cost bf16 7–9% at 65536×3 and 65536×10, whose blocks of 8 classes are
-  // mostly padding, and gained 1–9% at 27 and 32 classes; the loads alone cost bf16 and fp16 5–15% at
-  // 3, 10 and 27 classes, both orders of the interleaving: not kept.)
+  // AVX2 builds write fp32 and fp16 gradient tiles in place as well where the 7 elements that
+  // lanes_to_rows spills past a tile fall on the next tile's first row, which this task writes next
+  // (`spill`), instead of through `wide`: Zen 3 VM, 1 thread, interleaved processes, both orders:
+  // fp32 fwd+bwd 3–14% less time at 65536×3, 65536×10, 65536×27 and 16384×32, fp16 2–8%. bf16 stays
+  // with `wide` and narrow: its conversion is 7 operations a vector (one for fp16), and converting 8
+  // classes a row and block cost it 3–4% at 10, 27 and 32 classes. (Half-type rows loaded in
+  // registers too cost bf16 and fp16 5–15% at 3, 10 and 27 classes: not kept.)
   constexpr bool kRegisters = kRegisterTranspose && std::is_same_v<acc_t, float>;
   // (the input and a probability target apart from the gradient: the next tile's rows are read after
   // this tile's gradient is written)
@@ -1668,7 +1678,7 @@ void small_rows_kernel(const Params<scalar_t>& p, int64_t tile_begin, int64_t ti
     const auto bytes = static_cast<uintptr_t>((positions * C + V) * int64_t(sizeof(scalar_t)));
     return !a || begin + bytes <= grad || grad + bytes <= begin;
   };
-  const bool may_spill = !kHalf && !kMaskedRowStores && p.grad && row_stride == C && apart(p.input) &&
+  const bool may_spill = (!kHalf || std::is_same_v<scalar_t, at::Half>) && !kMaskedRowStores && p.grad && row_stride == C && apart(p.input) &&
                          apart(p.soft_target);
   auto load_tile = [&](const scalar_t* src, acc_t* dst, int64_t count) {
     if constexpr (kRegisters) {
@@ -1693,7 +1703,7 @@ void small_rows_kernel(const Params<scalar_t>& p, int64_t tile_begin, int64_t ti
     if constexpr (kRegisters) {
       if (count == V && row_stride == C) {  // (a gradient's rows are dense: problem.cpp)
         if constexpr ((kHalf && !kHalfRows) || !kMaskedRowStores) {
-          if constexpr (!kHalf) {
+          if constexpr (!std::is_same_v<scalar_t, at::BFloat16>) {
             if (spill) return lanes_to_rows(src, dst, C, C);
           }
           lanes_to_rows(src, wide, C, C);
