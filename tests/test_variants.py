@@ -704,8 +704,8 @@ COLLIDING_OPTIONS = {
 @pytest.mark.parametrize("option", sorted(COLLIDING_OPTIONS))
 def test_colliding_class_lines(option, dtype):
     """(N, C, H, W) maps whose C class lines, a power-of-two stride apart, share a few cache sets (16 KiB
-    apart in fp32: AVX2 builds compute them in widened groups of tiles there, as every build does half
-    types; elsewhere the tiles in place), every option, forward + backward against the reference."""
+    apart in fp32: tiles in place; bf16: widened groups of tiles, without the prefetch of the next
+    group's lines), every option, forward + backward against the reference."""
     C, pos = 21, (2, 64, 64)
     x = make_logits((2, C, 64, 64), dtype, seed=7)
     kwargs = dict(COLLIDING_OPTIONS[option])
@@ -727,7 +727,7 @@ def test_colliding_class_lines(option, dtype):
 @pytest.mark.parametrize("soft", [False, True], ids=["index", "soft"])
 def test_colliding_class_lines_partial_groups(soft, dtype):
     """Forward alone reads a view in place: 4001 positions of every 4096, so each map's last group of
-    tiles is cut short (and one tile of it partial) while the class lines still collide."""
+    tiles (bf16) is cut short, and one tile of it partial, while the class lines still collide."""
     C = 21
     x = make_logits((2, C, 4096), dtype, seed=8)[..., :4001]
     if soft:

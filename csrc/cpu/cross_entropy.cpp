@@ -1205,45 +1205,37 @@ inline void map_targets(const Params<scalar_t>& p, int64_t n, int64_t s0, int64_
   }
 }
 
-// Strided classes, contiguous positions, widened: a group of up to kLineTiles consecutive tiles (a
-// 64-byte line of each class, all of one outer index) is copied into buffers in the accumulation type
-// once and computed there (the small-rows kernel's tile_kernel instance), and its gradient is copied
-// into place, each class's line whole (half types: two vectors per pack and store, store_acc2).
-// Half types: the passes read fp32 from L1 instead of converting each logit in each pass (bf16
-// 8×21×256×256: forward 7%, fwd+bwd 13% faster than converting in place, 2 threads, interleaved in
-// one process), and each class's line is read by consecutive loads and written once instead of in
-// 16-byte pieces, one tile at a time (AVX2 VM, 1 thread, interleaved processes: bf16 4×150×64×64
-// forward 14%, fwd+bwd 15% less time, 8×21×256×256 fwd+bwd 6%; 16×19×97×101 within ±5% either way.
-// Zen 4 VM, AVX-512, two tiles a group: bf16 and fp16 4×150×64×64 fwd+bwd 26–27%, 2×400×64×64 34–35%
-// less time).
-// fp32: only where the classes' lines collide in the cache (class_lines_collide): in place, a tile
-// reads its C lines in each of its three passes, and lines that share a cache set evict each other
-// between them (at a power-of-two stride of 16 KiB or more, all C of them fall in a few sets), so
-// every pass read the L3. Zen 3 VM, AVX2, 1 thread, interleaved processes, against the tiles in place:
-// fwd+bwd 13–16% less time at 8×21×256×256 (1 and 2 threads), 17–35% at 4×150×64×64, 14–26% at
-// 2×400×64×64, forward 20% at 8×21×256×256 (groups of half a line or of two lines a class instead of
-// one: 13–58% more time there). Where the lines do not collide, the copy cost fp32 11–56%
-// (forward and fwd+bwd at 8×21×250×262, 8×21×256×250 and 16×19×97×101 on that VM; 12% at 4×150×64×64
-// on a Zen 4 VM, AVX-512, earlier), and fp64 42% (Zen 4): those stay in place (across_kernel),
-// and so do fp32 maps in AVX-512 builds, where colliding lines were not measured widened since (and
-// the default build, unmeasured).
+// Strided classes, contiguous positions, half types: a group of up to kLineTiles consecutive tiles
+// (a 64-byte line of each class, all of one outer index) is widened into fp32 buffers once and
+// computed there (the small-rows kernel's tile_kernel instance), and its gradient is narrowed into
+// place, each class's line whole, two vectors per pack and store (store_acc2). The passes read fp32
+// from L1 instead of converting each logit in each pass (bf16 8×21×256×256: forward 7%, fwd+bwd 13%
+// faster than converting in place, 2 threads, interleaved in one process), and each class's line is
+// read by consecutive loads and written once instead of in 16-byte pieces, one tile at a time
+// (AVX2 VM, 1 thread, interleaved processes: bf16 4×150×64×64 forward 14%, fwd+bwd 15% less time,
+// 8×21×256×256 fwd+bwd 6%; 16×19×97×101 within ±5% either way. Zen 4 VM, AVX-512, two tiles a
+// group: bf16 and fp16 4×150×64×64 fwd+bwd 26–27%, 2×400×64×64 34–35% less time). fp32 and fp64
+// through here were slower (copying each tile's lines into a buffer: 4×150×64×64 fwd+bwd 12%,
+// fp64 42% more time on that VM): they stay in place (across_kernel).
+// fp32 maps whose class lines collide in the cache (class_lines_collide) were tried here again on a
+// Zen 3 VM (AVX2): in a fresh process that times only them, 8×21×256×256 fwd+bwd took 13–16% less
+// time than in place and 4×150×64×64 17–35% less, but in the benchmark's process (2 threads, the
+// harness's round-robin) 8×21×256×256 took 5–22% more, forward up to 50% more in 2 of 3 runs:
+// whether lines collide in the L2 depends on the physical pages under the tensor, which the
+// virtual strides do not tell. Not kept.
 // Used where one tile's buffers fit kWideTileBytes (widens_tiles).
 constexpr int64_t kWideTileBytes = 64 * 1024;
 #if defined(CPU_CAPABILITY_AVX2)
-constexpr bool kWidenCollidingFloat = true;
 constexpr bool kWidePrefetch = true;  // (across_wide_kernel; measured with AVX2 only)
 #else
-constexpr bool kWidenCollidingFloat = false;
 constexpr bool kWidePrefetch = false;
 #endif
-template <typename scalar_t>
-constexpr bool kMayWiden = std::is_same_v<scalar_t, float> ? kWidenCollidingFloat
-                                                            : !std::is_same_v<scalar_t, acc_type<scalar_t>>;
 
 // Whether more than 4 of the C lines one class stride apart fall into one set of a cache indexed by
 // address bits 6–15 (1024 sets of 64-byte lines: a 512 KiB 8-way L2 such as Zen 3's; larger L2s have
-// more sets, and strides that collide here collide there too). With the gradient's lines at the same
-// stride, that is more lines than the set's 8 ways.
+// more sets, and strides that collide here collide there too), as far as the virtual addresses tell
+// (the L2 is indexed by physical ones; on a fresh allocation the two agreed in these bits on the
+// Zen 3 VM). With the gradient's lines at the same stride, that is more lines than the set's 8 ways.
 template <typename scalar_t>
 bool class_lines_collide(const Params<scalar_t>& p) {
   constexpr int64_t kPeriod = 64 * 1024, kMostPerSet = 4;
@@ -1258,16 +1250,15 @@ template <typename scalar_t, Mass kMass>
 bool widens_tiles(const Params<scalar_t>& p) {
   using acc_t = acc_type<scalar_t>;
   constexpr int64_t V = Vectorized<acc_t>::size();
-  if (!kMayWiden<scalar_t> || p.classes * V * int64_t(sizeof(acc_t)) * (kMass == Mass::kSoft ? 3 : 2) > kWideTileBytes)
-    return false;
-  return !std::is_same_v<scalar_t, acc_t> || class_lines_collide(p);
+  return !std::is_same_v<scalar_t, acc_t> &&
+         p.classes * V * int64_t(sizeof(acc_t)) * (kMass == Mass::kSoft ? 3 : 2) <= kWideTileBytes;
 }
 
 template <typename scalar_t, Mass kMass>
 void across_wide_kernel(const Params<scalar_t>& p, int64_t tile_begin, int64_t tile_end, bool prefetch_lines) {
   using acc_t = acc_type<scalar_t>;
   using Vec = Vectorized<acc_t>;
-  static_assert(kMayWiden<scalar_t>);
+  static_assert(!std::is_same_v<scalar_t, acc_t>);
   constexpr int64_t V = Vec::size();
   constexpr bool kSoft = kMass == Mass::kSoft;
   constexpr int64_t kLineTiles = std::max<int64_t>(1, 64 / (V * int64_t(sizeof(scalar_t))));
@@ -1295,13 +1286,12 @@ void across_wide_kernel(const Params<scalar_t>& p, int64_t tile_begin, int64_t t
     // the next group's last position is prefetched: the line the group would miss on where lines do
     // not start at a group (its first is this group's last). Zen 3 VM, AVX2, 1 thread, interleaved
     // processes, against no prefetch: bf16 and fp16 fwd+bwd 15–20% less time at 8×21×250×262, 0–12%
-    // at 16×19×97×101. Where the lines collide, the prefetched lines evict each other before they
-    // are read: bf16 6% more time at 4×150×64×64; 8×21×256×256 with 2 threads, bf16 9% more, and fp32
-    // 14% more than its tiles in place (16% less without the prefetch).
-    // Prefetching the next group's first line instead missed the unaligned maps' lines; prefetching
-    // its gradient lines for writing cost fp32 2×400×64×64 fwd+bwd 20%. AVX2 builds only: an AVX-512
-    // build, whose groups are two tiles, was not measured with it (the tile passes' prefetch of
-    // across_kernel cost this kernel up to 21%).
+    // at 16×19×97×101 (fresh processes that time only these maps). Where the lines collide, the
+    // prefetched lines evict each other before they are read: bf16 6% more time at 4×150×64×64, 9%
+    // at 8×21×256×256 with 2 threads. Prefetching the next group's first line instead missed the
+    // unaligned maps' lines; prefetching its gradient lines for writing cost 20% (fp32 widened,
+    // 2×400×64×64 fwd+bwd). AVX2 builds only: an AVX-512 build, whose groups are two tiles, was not
+    // measured with it (the tile passes' prefetch of across_kernel cost this kernel up to 21%).
     const bool prefetch = prefetch_lines && tile + tiles < tile_end;
     for (int64_t c = 0; c < C; ++c) {
       if (prefetch) __builtin_prefetch(p.input + offset + c * sc + 2 * GV - 1, 0, 3);
@@ -1320,8 +1310,7 @@ void across_wide_kernel(const Params<scalar_t>& p, int64_t tile_begin, int64_t t
         scalar_t* dst = p.grad + offset + c * sc;
         const acc_t* src = g_wide + c * GV;
         int64_t j = 0;
-        if constexpr (!std::is_same_v<scalar_t, acc_t>)
-          for (; j + 2 * V <= width; j += 2 * V) store_acc2(dst + j, Vec::loadu(src + j), Vec::loadu(src + j + V));
+        for (; j + 2 * V <= width; j += 2 * V) store_acc2(dst + j, Vec::loadu(src + j), Vec::loadu(src + j + V));
         for (; j < width; j += V) store_acc(dst + j, Vec::loadu(src + j), std::min(V, width - j));
       }
     }
@@ -1666,7 +1655,8 @@ void small_rows_kernel(const Params<scalar_t>& p, int64_t tile_begin, int64_t ti
   // AVX2 builds write fp32 and fp16 gradient tiles in place as well where the 7 elements that
   // lanes_to_rows spills past a tile fall on the next tile's first row, which this task writes next
   // (`spill`), instead of through `wide`: Zen 3 VM, 1 thread, interleaved processes, both orders:
-  // fp32 fwd+bwd 3–14% less time at 65536×3, 65536×10, 65536×27 and 16384×32, fp16 2–8%. bf16 stays
+  // fp32 fwd+bwd 3–14% less time at 65536×3, 65536×10, 65536×27 and 16384×32, fp16 2–8% (the
+  // benchmark's own process, 2 threads, medians of 3 runs each: 65536×10 fp32 9%). bf16 stays
   // with `wide` and narrow: its conversion is 7 operations a vector (one for fp16), and converting 8
   // classes a row and block cost it 3–4% at 10, 27 and 32 classes. (Half-type rows loaded in
   // registers too cost bf16 and fp16 5–15% at 3, 10 and 27 classes: not kept.)
@@ -1974,11 +1964,10 @@ void run_kernel(const Params<scalar_t>& p) {
     const bool wide = widens_tiles<scalar_t, kMass>(p);
     const bool prefetch_lines = kWidePrefetch && wide && !class_lines_collide(p);
     at::parallel_for(0, tiles, std::max<int64_t>(1, kGrainElements / (C * V)), [&](int64_t begin, int64_t end) {
-      if constexpr (std::is_same_v<scalar_t, float> && kMaskedRowStores) {
-        if (across_rows(p)) return across_rows_kernel<scalar_t, kMass>(p, begin, end);
-      }
-      if constexpr (kMayWiden<scalar_t>) {
+      if constexpr (!std::is_same_v<scalar_t, acc_type<scalar_t>>) {
         if (wide) return across_wide_kernel<scalar_t, kMass>(p, begin, end, prefetch_lines);
+      } else if constexpr (std::is_same_v<scalar_t, float> && kMaskedRowStores) {
+        if (across_rows(p)) return across_rows_kernel<scalar_t, kMass>(p, begin, end);
       }
       across_kernel<scalar_t, kMass>(p, begin, end);
     });
