@@ -1668,8 +1668,8 @@ void small_rows_kernel(const Params<scalar_t>& p, int64_t tile_begin, int64_t ti
     const auto bytes = static_cast<uintptr_t>((positions * C + V) * int64_t(sizeof(scalar_t)));
     return !a || begin + bytes <= grad || grad + bytes <= begin;
   };
-  const bool may_spill = (!kHalf || std::is_same_v<scalar_t, at::Half>) && !kMaskedRowStores && p.grad && row_stride == C && apart(p.input) &&
-                         apart(p.soft_target);
+  constexpr bool kSpills = !kMaskedRowStores && !std::is_same_v<scalar_t, at::BFloat16>;  // (bf16: `wide`)
+  const bool may_spill = kSpills && p.grad && row_stride == C && apart(p.input) && apart(p.soft_target);
   auto load_tile = [&](const scalar_t* src, acc_t* dst, int64_t count) {
     if constexpr (kRegisters) {
       if (count == V && (kHalf && !kHalfRows ? row_stride == C : true)) {
@@ -1693,7 +1693,7 @@ void small_rows_kernel(const Params<scalar_t>& p, int64_t tile_begin, int64_t ti
     if constexpr (kRegisters) {
       if (count == V && row_stride == C) {  // (a gradient's rows are dense: problem.cpp)
         if constexpr ((kHalf && !kHalfRows) || !kMaskedRowStores) {
-          if constexpr (!std::is_same_v<scalar_t, at::BFloat16>) {
+          if constexpr (kSpills) {
             if (spill) return lanes_to_rows(src, dst, C, C);
           }
           lanes_to_rows(src, wide, C, C);
