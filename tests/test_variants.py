@@ -703,9 +703,9 @@ COLLIDING_OPTIONS = {
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=dtype_id)
 @pytest.mark.parametrize("option", sorted(COLLIDING_OPTIONS))
 def test_colliding_class_lines(option, dtype):
-    """(N, C, H, W) maps whose C class lines, a power-of-two stride apart, share a few cache sets (16 KiB
-    apart in fp32: tiles in place; bf16: widened groups of tiles, without the prefetch of the next
-    group's lines), every option, forward + backward against the reference."""
+    """(N, C, H, W) maps whose C class lines, a power-of-two stride apart, share one L1 set (16 KiB apart
+    in fp32; AVX2 builds copy such fp32 maps' groups of tiles into buffers, as the half types' always),
+    every option, forward + backward against the reference."""
     C, pos = 21, (2, 64, 64)
     x = make_logits((2, C, 64, 64), dtype, seed=7)
     kwargs = dict(COLLIDING_OPTIONS[option])
@@ -727,7 +727,7 @@ def test_colliding_class_lines(option, dtype):
 @pytest.mark.parametrize("soft", [False, True], ids=["index", "soft"])
 def test_colliding_class_lines_partial_groups(soft, dtype):
     """Forward alone reads a view in place: 4001 positions of every 4096, so each map's last group of
-    tiles (bf16) is cut short, and one tile of it partial, while the class lines still collide."""
+    tiles is cut short, and one tile of it partial, while the class lines still share an L1 set."""
     C = 21
     x = make_logits((2, C, 4096), dtype, seed=8)[..., :4001]
     if soft:
@@ -740,6 +740,21 @@ def test_colliding_class_lines_partial_groups(soft, dtype):
     want = ref.cross_entropy(x.double(), t.double() if soft else t, weight=w.double(), reduction="none",
                              label_smoothing=0.1)
     assert_near(got, want, dtype, "loss")
+
+
+@pytest.mark.cpu_only
+@pytest.mark.parametrize("soft", [False, True], ids=["index", "soft"])
+@pytest.mark.parametrize("shape", [(2, 12, 32, 32), (2, 13, 32, 32), (2, 13, 30, 34)], ids=str)
+def test_class_lines_in_one_l1_set_threshold(shape, soft):
+    """fp32 maps on either side of the widening threshold (AVX2 builds: more than 12 class lines in one
+    L1 set): 12 and 13 classes 4 KiB apart, and 13 classes at a stride that spreads them over the sets,
+    forward + backward against the reference."""
+    C, pos = shape[1], (shape[0],) + shape[2:]
+    x = make_logits(shape, torch.float32, seed=9)
+    t = make_prob_target(shape, torch.float32) if soft else make_index_target(pos, C, ignore_every=5)
+    kwargs = dict(weight=make_weight(C, torch.float32), upstream=upstream_for("none", pos), reduction="none",
+                  label_smoothing=0.1)
+    check(run(smoothce.cross_entropy, x, t, **kwargs), run_truth(x, t, **kwargs), torch.float32)
 
 
 # -------------------------------------------------------- 4. "others" with C = 1, C = 2; off = 0 values

@@ -1205,42 +1205,50 @@ inline void map_targets(const Params<scalar_t>& p, int64_t n, int64_t s0, int64_
   }
 }
 
-// Strided classes, contiguous positions, half types: a group of up to kLineTiles consecutive tiles
-// (a 64-byte line of each class, all of one outer index) is widened into fp32 buffers once and
-// computed there (the small-rows kernel's tile_kernel instance), and its gradient is narrowed into
-// place, each class's line whole, two vectors per pack and store (store_acc2). The passes read fp32
-// from L1 instead of converting each logit in each pass (bf16 8×21×256×256: forward 7%, fwd+bwd 13%
-// faster than converting in place, 2 threads, interleaved in one process), and each class's line is
-// read by consecutive loads and written once instead of in 16-byte pieces, one tile at a time
-// (AVX2 VM, 1 thread, interleaved processes: bf16 4×150×64×64 forward 14%, fwd+bwd 15% less time,
-// 8×21×256×256 fwd+bwd 6%; 16×19×97×101 within ±5% either way. Zen 4 VM, AVX-512, two tiles a
-// group: bf16 and fp16 4×150×64×64 fwd+bwd 26–27%, 2×400×64×64 34–35% less time). fp32 and fp64
-// through here were slower (copying each tile's lines into a buffer: 4×150×64×64 fwd+bwd 12%,
-// fp64 42% more time on that VM): they stay in place (across_kernel).
-// fp32 maps whose class lines collide in the cache (class_lines_collide) were tried here again on a
-// Zen 3 VM (AVX2): in a fresh process that times only them, 8×21×256×256 fwd+bwd took 13–16% less
-// time than in place and 4×150×64×64 17–35% less, but in the benchmark's process (2 threads, the
-// harness's round-robin) 8×21×256×256 took 5–22% more, forward up to 50% more in 2 of 3 runs:
-// whether lines collide in the L2 depends on the physical pages under the tensor, which the
-// virtual strides do not tell. Not kept.
+// Strided classes, contiguous positions, widened: a group of up to kLineTiles consecutive tiles (a
+// 64-byte line of each class, all of one outer index) is copied into buffers in the accumulation type
+// once and computed there (the small-rows kernel's tile_kernel instance), and its gradient is copied
+// into place, each class's line whole (half types: two vectors per pack and store, store_acc2).
+// Half types, always: the passes read fp32 from L1 instead of converting each logit in each pass
+// (bf16 8×21×256×256: forward 7%, fwd+bwd 13% faster than converting in place, 2 threads,
+// interleaved in one process), and each class's line is read by consecutive loads and written once
+// instead of in 16-byte pieces, one tile at a time (AVX2 VM, 1 thread, interleaved processes: bf16
+// 4×150×64×64 forward 14%, fwd+bwd 15% less time, 8×21×256×256 fwd+bwd 6%; 16×19×97×101 within ±5%
+// either way. Zen 4 VM, AVX-512, two tiles a group: bf16 and fp16 4×150×64×64 fwd+bwd 26–27%,
+// 2×400×64×64 34–35% less time).
+// fp32, AVX2 builds: only where more than 12 of a tile's C lines fall into one set of the L1
+// (class_lines_share_l1_set; the L1's set is chosen by address bits 6–11, which virtual and physical
+// addresses share, so the strides tell it). In place, each of a tile's passes then reads all of them
+// again from beyond the L1. Zen 3 VM, 1 thread, fresh processes, interleaved, against in place:
+// fwd+bwd 4–37% less time at 8×21×256×256, 8×16×256×256, 12×12×256×256, 16×19×64×64,
+// 4×150×64×64, 2×400×64×64 and 2×150×128×128 (2% more at 8×21×128×128), forward 2–26% less; 2
+// threads, fwd+bwd 7% less at 8×21×256×256, 30% at 4×150×64×64 and equal at 8×21×128×128. In the
+// benchmark's own process (2 threads, 4 runs of each build, in alternating order), 8×21×256×256 fp32
+// forward 19% less time (medians 5.8 against 7.2 ms), fwd+bwd within noise (11.5 against 11.6 ms;
+// bf16, whose change there is the prefetch below: forward 16%, fwd+bwd 6% less). 8 lines in one set (16×8×256×256) stay in place (fwd+bwd 4%
+// more widened), and so do maps whose lines spread over the sets, widened 25–51% slower at
+// 8×21×250×262, 16×19×97×101, 2×400×60×60 and 4×150×56×56 (about 10 lines a set there).
+// fp64 widened was 42% slower (Zen 4), and AVX-512 builds were not measured with fp32 widened:
+// those stay in place (across_kernel).
 // Used where one tile's buffers fit kWideTileBytes (widens_tiles).
 constexpr int64_t kWideTileBytes = 64 * 1024;
 #if defined(CPU_CAPABILITY_AVX2)
 constexpr bool kWidePrefetch = true;  // (across_wide_kernel; measured with AVX2 only)
+constexpr bool kWidenFloat = true;
 #else
 constexpr bool kWidePrefetch = false;
+constexpr bool kWidenFloat = false;
 #endif
-
-// Whether more than 4 of the C lines one class stride apart fall into one set of a cache indexed by
-// address bits 6–15 (1024 sets of 64-byte lines: a 512 KiB 8-way L2 such as Zen 3's; larger L2s have
-// more sets, and strides that collide here collide there too), as far as the virtual addresses tell
-// (the L2 is indexed by physical ones; on a fresh allocation the two agreed in these bits on the
-// Zen 3 VM). With the gradient's lines at the same stride, that is more lines than the set's 8 ways.
 template <typename scalar_t>
-bool class_lines_collide(const Params<scalar_t>& p) {
-  constexpr int64_t kPeriod = 64 * 1024, kMostPerSet = 4;
-  std::array<uint16_t, kPeriod / 64> lines_in_set{};
-  const int64_t step = p.stride_class * int64_t(sizeof(scalar_t)) % kPeriod;  // (c · step < 2^63: c < 2^47)
+constexpr bool kMayWiden = std::is_same_v<scalar_t, float> ? kWidenFloat : !std::is_same_v<scalar_t, acc_type<scalar_t>>;
+
+// Whether more than 12 of the C lines one class stride apart fall into one of the 64 sets of a 32 KiB
+// 8-way L1 of 64-byte lines (indexed by address bits 6–11).
+template <typename scalar_t>
+bool class_lines_share_l1_set(const Params<scalar_t>& p) {
+  constexpr int64_t kPeriod = 4096, kMostPerSet = 12;
+  std::array<int64_t, kPeriod / 64> lines_in_set{};
+  const int64_t step = p.stride_class * int64_t(sizeof(scalar_t)) % kPeriod;  // (c · step < 2^63: c < 2^51)
   for (int64_t c = 0; c < p.classes; ++c)
     if (++lines_in_set[c * step % kPeriod / 64] > kMostPerSet) return true;
   return false;
@@ -1250,15 +1258,16 @@ template <typename scalar_t, Mass kMass>
 bool widens_tiles(const Params<scalar_t>& p) {
   using acc_t = acc_type<scalar_t>;
   constexpr int64_t V = Vectorized<acc_t>::size();
-  return !std::is_same_v<scalar_t, acc_t> &&
-         p.classes * V * int64_t(sizeof(acc_t)) * (kMass == Mass::kSoft ? 3 : 2) <= kWideTileBytes;
+  if (!kMayWiden<scalar_t> || p.classes * V * int64_t(sizeof(acc_t)) * (kMass == Mass::kSoft ? 3 : 2) > kWideTileBytes)
+    return false;
+  return !std::is_same_v<scalar_t, acc_t> || class_lines_share_l1_set(p);
 }
 
 template <typename scalar_t, Mass kMass>
-void across_wide_kernel(const Params<scalar_t>& p, int64_t tile_begin, int64_t tile_end, bool prefetch_lines) {
+void across_wide_kernel(const Params<scalar_t>& p, int64_t tile_begin, int64_t tile_end) {
   using acc_t = acc_type<scalar_t>;
   using Vec = Vectorized<acc_t>;
-  static_assert(!std::is_same_v<scalar_t, acc_t>);
+  static_assert(kMayWiden<scalar_t>);
   constexpr int64_t V = Vec::size();
   constexpr bool kSoft = kMass == Mass::kSoft;
   constexpr int64_t kLineTiles = std::max<int64_t>(1, 64 / (V * int64_t(sizeof(scalar_t))));
@@ -1282,17 +1291,22 @@ void across_wide_kernel(const Params<scalar_t>& p, int64_t tile_begin, int64_t t
       for (; j + V <= width; j += V) load_acc(src + j).store(dst + j);
       if (j < width) load_acc(src + j, width - j).store(dst + j);
     };
-    // Meanwhile, where the class lines do not collide (prefetch_lines), each class's line that holds
-    // the next group's last position is prefetched: the line the group would miss on where lines do
-    // not start at a group (its first is this group's last). Zen 3 VM, AVX2, 1 thread, interleaved
-    // processes, against no prefetch: bf16 and fp16 fwd+bwd 15–20% less time at 8×21×250×262, 0–12%
-    // at 16×19×97×101 (fresh processes that time only these maps). Where the lines collide, the
-    // prefetched lines evict each other before they are read: bf16 6% more time at 4×150×64×64, 9%
-    // at 8×21×256×256 with 2 threads. Prefetching the next group's first line instead missed the
-    // unaligned maps' lines; prefetching its gradient lines for writing cost 20% (fp32 widened,
-    // 2×400×64×64 fwd+bwd). AVX2 builds only: an AVX-512 build, whose groups are two tiles, was not
-    // measured with it (the tile passes' prefetch of across_kernel cost this kernel up to 21%).
-    const bool prefetch = prefetch_lines && tile + tiles < tile_end;
+    // Meanwhile (AVX2 builds), each class's line that holds the next group's last position is
+    // prefetched: the line the group would miss on where lines do not start at a group (its first is
+    // this group's last). Zen 3 VM, AVX2, 1 thread, interleaved processes, against no prefetch: bf16
+    // and fp16 fwd+bwd 15–20% less time at 8×21×250×262, 0–12% at 16×19×97×101. Maps whose lines
+    // share a few cache sets (power-of-two strides) were left out of it for a while, where prefetched
+    // lines might evict each other before they are read (once measured 6–9% slower so), but measured
+    // again it pays there too on balance: bf16 fwd+bwd 17% less at 8×21×256×256, 8% more at
+    // 4×150×64×64 and ±3% at 2×400×64×64, 8×21×128×128 and 16×19×64×64 (1 thread); 2 threads 6% and
+    // 11% less at the first two; fp32 (widened, see above) forward 0–21% less, fwd+bwd 6–16% less
+    // at 4×150×64×64 and 2×400×64×64 but 4–6% more at 8×21×256×256, 8×21×128×128 and 16×19×64×64
+    // (1 thread; 2 threads 5–9% less at 8×21×256×256, 4×150×64×64 and 8×21×128×128). Prefetching
+    // the next group's first line instead missed the unaligned maps' lines; prefetching its gradient
+    // lines for writing cost 20% (fp32 widened, 2×400×64×64 fwd+bwd). AVX2 builds only: an AVX-512
+    // build, whose groups are two tiles, was not measured with it (the tile passes' prefetch of
+    // across_kernel cost this kernel up to 21%).
+    const bool prefetch = kWidePrefetch && tile + tiles < tile_end;
     for (int64_t c = 0; c < C; ++c) {
       if (prefetch) __builtin_prefetch(p.input + offset + c * sc + 2 * GV - 1, 0, 3);
       widen(p.input + offset + c * sc, x_wide + c * GV);
@@ -1310,7 +1324,8 @@ void across_wide_kernel(const Params<scalar_t>& p, int64_t tile_begin, int64_t t
         scalar_t* dst = p.grad + offset + c * sc;
         const acc_t* src = g_wide + c * GV;
         int64_t j = 0;
-        for (; j + 2 * V <= width; j += 2 * V) store_acc2(dst + j, Vec::loadu(src + j), Vec::loadu(src + j + V));
+        if constexpr (!std::is_same_v<scalar_t, acc_t>)
+          for (; j + 2 * V <= width; j += 2 * V) store_acc2(dst + j, Vec::loadu(src + j), Vec::loadu(src + j + V));
         for (; j < width; j += V) store_acc(dst + j, Vec::loadu(src + j), std::min(V, width - j));
       }
     }
@@ -1962,11 +1977,11 @@ void run_kernel(const Params<scalar_t>& p) {
   } else {
     const int64_t tiles = p.outer * ((p.inner + V - 1) / V);
     const bool wide = widens_tiles<scalar_t, kMass>(p);
-    const bool prefetch_lines = kWidePrefetch && wide && !class_lines_collide(p);
     at::parallel_for(0, tiles, std::max<int64_t>(1, kGrainElements / (C * V)), [&](int64_t begin, int64_t end) {
-      if constexpr (!std::is_same_v<scalar_t, acc_type<scalar_t>>) {
-        if (wide) return across_wide_kernel<scalar_t, kMass>(p, begin, end, prefetch_lines);
-      } else if constexpr (std::is_same_v<scalar_t, float> && kMaskedRowStores) {
+      if constexpr (kMayWiden<scalar_t>) {
+        if (wide) return across_wide_kernel<scalar_t, kMass>(p, begin, end);
+      }
+      if constexpr (std::is_same_v<scalar_t, float> && kMaskedRowStores) {
         if (across_rows(p)) return across_rows_kernel<scalar_t, kMass>(p, begin, end);
       }
       across_kernel<scalar_t, kMass>(p, begin, end);
