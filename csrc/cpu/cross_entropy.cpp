@@ -1216,20 +1216,20 @@ inline void map_targets(const Params<scalar_t>& p, int64_t n, int64_t s0, int64_
 // 4×150×64×64 forward 14%, fwd+bwd 15% less time, 8×21×256×256 fwd+bwd 6%; 16×19×97×101 within ±5%
 // either way. Zen 4 VM, AVX-512, two tiles a group: bf16 and fp16 4×150×64×64 fwd+bwd 26–27%,
 // 2×400×64×64 34–35% less time).
-// fp32, AVX2 builds: only where more than 12 of a tile's C lines fall into one set of the L1
-// (class_lines_share_l1_set; the L1's set is chosen by address bits 6–11, which virtual and physical
-// addresses share, so the strides tell it). In place, each of a tile's passes then reads all of them
-// again from beyond the L1. Zen 3 VM, 1 thread, fresh processes, interleaved, against in place:
-// fwd+bwd 4–37% less time at 8×21×256×256, 8×16×256×256, 12×12×256×256, 16×19×64×64,
-// 4×150×64×64, 2×400×64×64 and 2×150×128×128 (2% more at 8×21×128×128), forward 2–26% less; 2
-// threads, fwd+bwd 7% less at 8×21×256×256, 30% at 4×150×64×64 and equal at 8×21×128×128. In the
-// benchmark's own process (2 threads, 4 runs of each build, in alternating order), 8×21×256×256 fp32
-// forward 19% less time (medians 5.8 against 7.2 ms), fwd+bwd within noise (11.5 against 11.6 ms;
-// bf16, whose change there is the prefetch below: forward 16%, fwd+bwd 6% less). 8 lines in one set (16×8×256×256) stay in place (fwd+bwd 4%
-// more widened), and so do maps whose lines spread over the sets, widened 25–51% slower at
-// 8×21×250×262, 16×19×97×101, 2×400×60×60 and 4×150×56×56 (about 10 lines a set there).
-// fp64 widened was 42% slower (Zen 4), and AVX-512 builds were not measured with fp32 widened:
-// those stay in place (across_kernel).
+// fp32, AVX2 builds: only where more of a tile's C lines fall into one set of the L1 than it has
+// ways, 8 (class_lines_share_l1_set; the L1's set is chosen by address bits 6–11, which virtual and
+// physical addresses share, so the strides tell it). In place, each of a tile's passes then reads
+// them all again from beyond the L1. Zen 3 VM, 1 thread, fresh processes, interleaved, against in
+// place: fwd+bwd 4–37% less time at 8×21×256×256, 8×16×256×256, 16×19×64×64, 4×150×64×64,
+// 2×400×64×64 and 2×150×128×128 (2% more at 8×21×128×128), forward 2–26% less; 2 threads, fwd+bwd
+// 7% less at 8×21×256×256, 30% at 4×150×64×64 and equal at 8×21×128×128; with the gradient
+// prefetch below, 12×12×256×256 fwd+bwd 20% less (forward 2%). In the benchmark's own process
+// (2 threads, 4 runs of each build, in alternating order), 8×21×256×256 fp32 forward 19% less time
+// (medians 5.8 against 7.2 ms), fwd+bwd within noise (11.5 against 11.6 ms) before that prefetch.
+// Maps whose lines spread over the sets stay in place: widened, 8×21×250×262 took 21–51% more
+// time, 2×400×60×60 25%, and 16×19×97×101 and 4×150×56×56 (about 10 lines a set) 28–35% more
+// without the gradient prefetch, 4–16% less with it. fp64 widened was 42% slower (Zen 4), and
+// AVX-512 builds were not measured with fp32 widened: those stay in place (across_kernel).
 // Used where one tile's buffers fit kWideTileBytes (widens_tiles).
 constexpr int64_t kWideTileBytes = 64 * 1024;
 #if defined(CPU_CAPABILITY_AVX2)
@@ -1242,11 +1242,11 @@ constexpr bool kWidenFloat = false;
 template <typename scalar_t>
 constexpr bool kMayWiden = std::is_same_v<scalar_t, float> ? kWidenFloat : !std::is_same_v<scalar_t, acc_type<scalar_t>>;
 
-// Whether more than 12 of the C lines one class stride apart fall into one of the 64 sets of a 32 KiB
+// Whether more than 8 of the C lines one class stride apart fall into one of the 64 sets of a 32 KiB
 // 8-way L1 of 64-byte lines (indexed by address bits 6–11).
 template <typename scalar_t>
 bool class_lines_share_l1_set(const Params<scalar_t>& p) {
-  constexpr int64_t kPeriod = 4096, kMostPerSet = 12;
+  constexpr int64_t kPeriod = 4096, kMostPerSet = 8;
   std::array<int64_t, kPeriod / 64> lines_in_set{};
   const int64_t step = p.stride_class * int64_t(sizeof(scalar_t)) % kPeriod;  // (c · step < 2^63: c < 2^51)
   for (int64_t c = 0; c < p.classes; ++c)
