@@ -1292,7 +1292,7 @@ void across_wide_kernel(const Params<scalar_t>& p, int64_t tile_begin, int64_t t
       if (j < width) load_acc(src + j, width - j).store(dst + j);
     };
     // Meanwhile (AVX2 builds), each class's line that holds the next group's last position is
-    // prefetched (and, with a gradient, this group's gradient line, below): the line the group would miss on where lines do not start at a group (its first is
+    // prefetched: the line the group would miss on where lines do not start at a group (its first is
     // this group's last). Zen 3 VM, AVX2, 1 thread, interleaved processes, against no prefetch: bf16
     // and fp16 fwd+bwd 15–20% less time at 8×21×250×262, 0–12% at 16×19×97×101. Maps whose lines
     // share a few cache sets (power-of-two strides) were left out of it for a while, where prefetched
@@ -1302,14 +1302,16 @@ void across_wide_kernel(const Params<scalar_t>& p, int64_t tile_begin, int64_t t
     // 11% less at the first two; fp32 (widened, see above) forward 0–21% less, fwd+bwd 6–16% less
     // at 4×150×64×64 and 2×400×64×64 but 4–6% more at 8×21×256×256, 8×21×128×128 and 16×19×64×64
     // (1 thread; 2 threads 5–9% less at 8×21×256×256, 4×150×64×64 and 8×21×128×128). Prefetching
-    // the next group's first line instead missed the unaligned maps' lines; prefetching its gradient
-    // lines for writing cost 20% (fp32 widened, 2×400×64×64 fwd+bwd); this group's gradient lines,
-    // prefetched for writing as its logits are widened (so that their fetch for ownership overlaps the
-    // group's arithmetic instead of stalling the stores of the copy back), pay: fwd+bwd 0–36% less
-    // time at 8×21×256×256, 4×150×64×64, 2×400×64×64, 8×21×128×128, 8×21×250×262 and 16×19×97×101,
-    // bf16 and fp32, 1 and 2 threads (2% more once, fp32 8×21×128×128, 1 thread; interleaved
-    // processes, Zen 3 VM). AVX2 builds only: an AVX-512 build, whose groups are two tiles, was not
-    // measured with them (the tile passes' prefetch of across_kernel cost this kernel up to 21%).
+    // the next group's first line instead missed the unaligned maps' lines.
+    // With a gradient, this group's own gradient lines are prefetched for writing as its logits are
+    // widened, so that their fetch for ownership overlaps the group's arithmetic instead of stalling
+    // the stores that copy the gradient back (perf: 14% of the fp32 widened kernel's samples): fwd+bwd
+    // 0–36% less time at 8×21×256×256, 4×150×64×64, 2×400×64×64, 8×21×128×128, 8×21×250×262 and
+    // 16×19×97×101, bf16 and fp32, 1 and 2 threads (2% more once, fp32 8×21×128×128, 1 thread;
+    // interleaved processes, Zen 3 VM). The next group's gradient lines instead cost 13% (fp32
+    // 8×21×256×256, 1 thread) and 20% (2×400×64×64). AVX2 builds only: an AVX-512 build, whose groups
+    // are two tiles, was not measured with these prefetches (the tile passes' prefetch of across_kernel
+    // cost this kernel up to 21%).
     const bool prefetch = kWidePrefetch && tile + tiles < tile_end;
     for (int64_t c = 0; c < C; ++c) {
       if (prefetch) __builtin_prefetch(p.input + offset + c * sc + 2 * GV - 1, 0, 3);
