@@ -1401,8 +1401,12 @@ void widen(const scalar_t* src, acc_type<scalar_t>* dst, int64_t n) {
 template <typename scalar_t>
 void narrow(const acc_type<scalar_t>* src, scalar_t* dst, int64_t n) {
   using Vec = Vectorized<acc_type<scalar_t>>;
+  constexpr int64_t V = Vec::size();
   int64_t i = 0;
-  for (; i + Vec::size() <= n; i += Vec::size()) store_acc(dst + i, Vec::loadu(src + i));
+  // (half types: two vectors a pack, as store_acc2)
+  if constexpr (!std::is_same_v<scalar_t, acc_type<scalar_t>>)
+    for (; i + 2 * V <= n; i += 2 * V) store_acc2(dst + i, Vec::loadu(src + i), Vec::loadu(src + i + V));
+  for (; i + V <= n; i += V) store_acc(dst + i, Vec::loadu(src + i));
   if (i < n) store_acc(dst + i, Vec::loadu(src + i, n - i), n - i);
 }
 
@@ -1680,7 +1684,9 @@ void small_rows_kernel(const Params<scalar_t>& p, int64_t tile_begin, int64_t ti
   // fp32 fwd+bwd 3–14% less time at 65536×3, 65536×10, 65536×27 and 16384×32, fp16 2–8% (the
   // benchmark's own process, 2 threads, medians of 3 runs each: 65536×10 fp32 9%). bf16 stays
   // with `wide` and narrow: its conversion is 7 operations a vector (one for fp16), and converting 8
-  // classes a row and block cost it 3–4% at 10, 27 and 32 classes. (Half-type rows loaded in
+  // classes a row and block cost it 3–4% at 10, 27 and 32 classes. narrow converts two vectors a
+  // pack (store_acc2): bf16 fwd+bwd 4–10% less time at 65536×10, 65536×27 and 16384×32 than one
+  // vector a pack (Zen 3 VM, 1 thread, interleaved processes in both orders). (Half-type rows loaded in
   // registers too cost bf16 and fp16 5–15% at 3, 10 and 27 classes: not kept.)
   constexpr bool kRegisters = kRegisterTranspose && std::is_same_v<acc_t, float>;
   // (the input and a probability target apart from the gradient: the next tile's rows are read after
