@@ -1686,8 +1686,8 @@ void small_rows_kernel(const Params<scalar_t>& p, int64_t tile_begin, int64_t ti
   // with `wide` and narrow: its conversion is 7 operations a vector (one for fp16), and converting 8
   // classes a row and block cost it 3–4% at 10, 27 and 32 classes. narrow converts two vectors a
   // pack (store_acc2): bf16 fwd+bwd 4–10% less time at 65536×10, 65536×27 and 16384×32 than one
-  // vector a pack (Zen 3 VM, 1 thread, interleaved processes in both orders). (Half-type rows loaded in
-  // registers too cost bf16 and fp16 5–15% at 3, 10 and 27 classes: not kept.)
+  // vector a pack (Zen 3 VM, 1 thread, interleaved processes in both orders). (Half-type rows loaded
+  // in registers too cost bf16 and fp16 5–15% at 3, 10 and 27 classes: not kept.)
   constexpr bool kRegisters = kRegisterTranspose && std::is_same_v<acc_t, float>;
   // (the input and a probability target apart from the gradient: the next tile's rows are read after
   // this tile's gradient is written)
