@@ -218,10 +218,15 @@ Problem make_problem(const at::Tensor& input_arg, const at::Tensor& target_arg,
     return inner > 1 ? s_inner == 1 : (s_outer == 1 || n_outer == 1);
   };
   bool walkable = ok && walkable_view();
-  if (walkable && compute_grad && !input.is_non_overlapping_and_dense()) {
-    // A view with gaps (e.g. a language model's logits[:, :-1]): a dense copy in the same order of
-    // dimensions, so the classes stay contiguous (a row copy, then the per-row kernel) rather than
-    // contiguous() turning a (N, C, T) view with classes innermost into a transpose.
+  // A view with gaps whose classes are contiguous (a vocabulary's padding sliced off, a language
+  // model's logits[:, :-1] as (B, V, T − 1)) keeps its layout: the gradient gets the same strides
+  // (empty_grad_like), so the kernels walk both without a copy of the logits.
+  const bool kept = compute_grad && grad_keeps_layout(input);
+  TORCH_INTERNAL_ASSERT(!kept || walkable);
+  if (walkable && compute_grad && !kept && !input.is_non_overlapping_and_dense()) {
+    // Other views with gaps: a dense copy in the same order of dimensions, so the classes stay
+    // contiguous (a row copy, then the per-row kernel) rather than contiguous() turning a (N, C, T)
+    // view with classes innermost into a transpose.
     input = at::empty_like(input, at::MemoryFormat::Preserve).copy_(input);
     ok = view_of(input, inner, s_outer, s_class, s_inner);
     walkable = ok && walkable_view() && input.is_non_overlapping_and_dense();
@@ -233,8 +238,8 @@ Problem make_problem(const at::Tensor& input_arg, const at::Tensor& target_arg,
   }
   if (p.soft_target && target.strides() != input.strides()) {
     // The kernels read P with the input's strides: match them (a copy only when layouts differ).
-    if (input.is_non_overlapping_and_dense()) {
-      target = at::empty_like(input).copy_(target);
+    if (input.is_non_overlapping_and_dense() || grad_keeps_layout(input)) {
+      target = at::empty_strided(input.sizes(), input.strides(), input.options()).copy_(target);
     } else {
       input = input.contiguous();
       target = target.contiguous();
@@ -313,20 +318,34 @@ ForwardBuffers make_forward_buffers(const Problem& p, const at::Tensor& input, b
   return b;
 }
 
-at::Tensor grad_over_input(const at::Tensor& input) {
-  // No two elements may share memory: with the dimensions ordered by stride, each stride must exceed
-  // the span of the smaller ones (smoothce/_function.py's _elements_apart checks the same).
+int64_t disjoint_span(const at::Tensor& t) {
   std::vector<std::pair<int64_t, int64_t>> dims;  // (stride, size) of the dimensions of size > 1
-  for (int64_t d = 0; d < input.dim(); ++d)
-    if (input.size(d) > 1) dims.emplace_back(input.stride(d), input.size(d));
+  for (int64_t d = 0; d < t.dim(); ++d)
+    if (t.size(d) > 1) dims.emplace_back(t.stride(d), t.size(d));
   std::sort(dims.begin(), dims.end());
   int64_t span = 0;
   for (const auto& [stride, size] : dims) {
-    TORCH_CHECK_VALUE(stride > span, "smoothce.grad_: the gradient cannot be written over logits whose elements may "
-                      "share memory (strides ", input.strides(), " for shape ", input.sizes(),
-                      ", e.g. expand or unfold); pass a tensor with its own storage, or use inplace_backward=False");
+    if (stride <= span) return -1;
     span += (size - 1) * stride;
   }
+  return span + 1;
+}
+
+bool grad_keeps_layout(const at::Tensor& input) {
+  if (input.dim() < 2 || input.dim() > 3 || input.numel() == 0 || input.stride(1) != 1) return false;
+  const int64_t span = disjoint_span(input);
+  return span > 0 && span <= input.numel() + input.numel() / 4;
+}
+
+at::Tensor empty_grad_like(const at::Tensor& input) {
+  return grad_keeps_layout(input) ? at::empty_strided(input.sizes(), input.strides(), input.options())
+                                  : at::empty_like(input);
+}
+
+at::Tensor grad_over_input(const at::Tensor& input) {
+  TORCH_CHECK_VALUE(disjoint_span(input) >= 0, "smoothce.grad_: the gradient cannot be written over logits whose elements may "
+                    "share memory (strides ", input.strides(), " for shape ", input.sizes(),
+                    ", e.g. expand or unfold); pass a tensor with its own storage, or use inplace_backward=False");
   return input;
 }
 

@@ -59,8 +59,20 @@ def _forward_fake(input, target, weight, ignore_index, reduction, label_smoothin
     loss_dtype = torch.float32 if float32_loss and input.dtype in _HALF_DTYPES else input.dtype
     loss = input.new_empty(positions if reduction == 0 else (), dtype=loss_dtype)
     lse = input.new_empty(positions, dtype=acc_dtype)
-    grad = torch.empty_like(input) if compute_grad else input.new_empty((0,))
+    grad = _grad_like(input) if compute_grad else input.new_empty((0,))
     return loss, lse, grad
+
+
+def _grad_like(input):
+    """An empty gradient laid out as the kernels lay it out (problem.h's grad_keeps_layout): with the
+    input's strides where it is 2-d or 3-d with contiguous classes, its elements apart and their span
+    at most 5/4 of their number (a padded vocabulary sliced off, a language model's logits[:, :-1] as
+    (B, V, T - 1)); else as torch.empty_like."""
+    if 2 <= input.dim() <= 3 and input.numel() > 0 and input.stride(1) == 1 and _elements_apart(input):
+        span = 1 + sum((size - 1) * stride for size, stride in zip(input.shape, input.stride()))
+        if span <= input.numel() + input.numel() // 4:
+            return input.new_empty_strided(input.shape, input.stride())
+    return torch.empty_like(input)
 
 
 @torch.library.register_fake("smoothce::scale_grad_")
@@ -342,7 +354,7 @@ def _extension_args(where, input, target, label_smoothing, smoothing, target_val
 def _elements_apart(tensor) -> bool:
     """True when no two elements of `tensor` can share memory: with its dimensions ordered by stride,
     each stride exceeds the span of the smaller ones (slices, transposes, channels_last pass; expand,
-    unfold and some exotic as_strided layouts do not). The C++ op checks the same (grad_over_input)."""
+    unfold and some exotic as_strided layouts do not). The C++ op checks the same (disjoint_span)."""
     span = 0
     for stride, size in sorted((st, s) for s, st in zip(tensor.shape, tensor.stride()) if s > 1):
         if stride <= span:

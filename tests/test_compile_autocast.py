@@ -13,10 +13,18 @@ from conftest import (assert_close_to_truth, make_index_target, make_logits, mak
 # ----------------------------------------------------------------------------- torch.compile
 
 @pytest.mark.slow
-@pytest.mark.parametrize("case", ["index_weight_mean", "prob_none_nchw"])
+@pytest.mark.parametrize("case", ["index_weight_mean", "prob_none_nchw", "shifted_lm_view"])
 def test_compile_function_matches_eager(case):
     torch._dynamo.reset()
-    if case == "index_weight_mean":
+    view = None
+    if case == "shifted_lm_view":
+        # a view with gaps whose gradient keeps its strides (the fake kernel must say the same)
+        x = make_logits((3, 9, 30))
+        view = lambda leaf: leaf[:, :-1].movedim(-1, 1)  # noqa: E731  ((B, T, V)[:, :-1] as (B, V, T - 1))
+        target = make_index_target((3, 8), 30, ignore_every=5)
+        kwargs = dict(weight=make_weight(30), reduction="sum", label_smoothing=0.1)
+        upstream = torch.tensor(0.5)
+    elif case == "index_weight_mean":
         x = make_logits((8, 37))
         target = make_index_target((8,), 37, ignore_every=3)
         kwargs = dict(weight=make_weight(37), reduction="mean", label_smoothing=0.1)
@@ -27,11 +35,11 @@ def test_compile_function_matches_eager(case):
         kwargs = dict(weight=None, reduction="none", label_smoothing=0.2)
         upstream = make_logits((2, 3, 4), seed=5)
     compiled = torch.compile(smoothce.cross_entropy, fullgraph=True)
-    loss_c, grad_c, _ = run(compiled, x, target, upstream=upstream, **kwargs)
-    loss_e, grad_e, _ = run(smoothce.cross_entropy, x, target, upstream=upstream, **kwargs)
+    loss_c, grad_c, _ = run(compiled, x, target, upstream=upstream, view=view, **kwargs)
+    loss_e, grad_e, _ = run(smoothce.cross_entropy, x, target, upstream=upstream, view=view, **kwargs)
     torch.testing.assert_close(loss_c, loss_e, rtol=1e-6, atol=1e-6)
     torch.testing.assert_close(grad_c, grad_e, rtol=1e-6, atol=1e-7)
-    loss_t, grad_t, _ = run_truth(x, target, upstream=upstream, **kwargs)
+    loss_t, grad_t, _ = run_truth(x, target, upstream=upstream, view=view, **kwargs)
     assert_close_to_truth(loss_c, loss_t, None, torch.float32, "compiled loss")
     assert_close_to_truth(grad_c, grad_t, None, torch.float32, "compiled grad")
 

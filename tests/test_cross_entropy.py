@@ -273,14 +273,17 @@ LAYOUTS = {
     "channels_last": ((2, 30, 5, 7), lambda leaf: leaf.to(memory_format=torch.channels_last)),
     "expanded_rows": ((1, 40), lambda leaf: leaf.expand(6, 40)),             # stride 0 over N
     "transposed_3d": ((4, 9, 3), lambda leaf: leaf.transpose(1, 2)),         # C on a strided dim
-    # gaps with the classes innermost (copied in the same order, see problem.cpp) or not walkable
+    # gaps with the classes innermost: walked in place with a gradient of the same strides (2-d and
+    # 3-d views spanning at most 5/4 of their elements), else copied in the same order (problem.cpp)
     "shifted_lm": ((3, 9, 30), lambda leaf: leaf[:, :-1].movedim(-1, 1)),     # (B, T, V)[:, :-1] as (B, V, T-1)
+    "vocab_padding": ((9, 1030), lambda leaf: leaf[:, :1000]),               # rows 1030 apart
     "sliced_nhwc": ((2, 7, 5, 30), lambda leaf: leaf[:, 1:].permute(0, 3, 1, 2)),
     "sliced_w": ((2, 5, 4, 9), lambda leaf: leaf[..., ::2]),                 # H, W do not collapse
     # few classes (rows gathered into tiles of one lane per row): full tiles and a partial one, rows
     # one stride apart that is not C, and channels_last rows that are one block
     "row_step_slice_small": ((60, 20), lambda leaf: leaf[::2]),              # row stride 40, C = 20
     "offset_slice_small": ((40, 13), lambda leaf: leaf[1:, 3:]),             # row stride 13, C = 10
+    "vocab_padding_small": ((40, 12), lambda leaf: leaf[:, :10]),            # gradient rows 12 apart too
     "channels_last_small": ((3, 10, 5, 7), lambda leaf: leaf.to(memory_format=torch.channels_last)),
 }
 
@@ -298,10 +301,31 @@ def test_non_contiguous_input(layout, reduction, dtype):
     mine, theirs, truth = run_all(smoothce.cross_entropy, x, t, weight=w, view=view, upstream=up,
                                   reduction=reduction, label_smoothing=0.1)
     check_all(mine, theirs, truth, dtype)
-    # Without a gradient the kernels walk the view itself (with one, a view that is not dense is copied).
+    # Without a gradient the kernels walk every walkable view itself.
     with torch.no_grad():
         loss = smoothce.cross_entropy(view(x), t, weight=w, reduction=reduction, label_smoothing=0.1)
     assert_close_to_truth(loss, truth[0], theirs[0], dtype, "loss without grad", magnitude=truth[3])
+
+
+@pytest.mark.cpu_only  # the CPU kernels' own allocations
+def test_view_with_gaps_is_not_copied():
+    """A forward that writes the gradient of a view with gaps (a padded vocabulary sliced off) allocates
+    that gradient, with the view's strides, and nothing else of its size: no dense copy of the logits."""
+    from conftest import load_harness
+
+    harness = load_harness()
+    base = make_logits((512, 1040)).requires_grad_(True)
+    t = make_index_target((512,), 1000)
+
+    def step():
+        smoothce.cross_entropy(base[:, :1000], t, label_smoothing=0.1)
+
+    smoothce.empty_cache()
+    peak = harness.cpu_peak_extra_bytes(step)
+    if peak is None:
+        pytest.skip("the profiler's memory events cannot be read in this torch")
+    gradient = (511 * 1040 + 1000) * 4  # its storage spans the gaps between the rows
+    assert gradient <= peak < 1.25 * gradient
 
 
 def test_non_contiguous_target_and_weight():

@@ -235,6 +235,63 @@ def test_opcheck_scale_grad(ops, shape, kind):
     torch.library.opcheck(ops.scale_grad_.default, (grad, go))
 
 
+# ------------------------------------------------------ views with gaps: the gradient's layout
+
+GAP_VIEWS = {
+    # name: (base shape, view of the base as the input, whether the gradient takes the view's strides)
+    "vocab_padding": ((9, 1030), lambda b: b[:, :1000], True),                  # rows 1030 apart
+    "vocab_padding_small": ((40, 12), lambda b: b[:, :10], True),               # few classes, rows 12 apart
+    "shifted_lm": ((3, 9, 30), lambda b: b[:, :-1].movedim(-1, 1), True),       # (B, T, V)[:, :-1] as (B, V, T-1)
+    "offset_window": ((7, 53), lambda b: b[1:, 3:], True),                      # storage offset 56
+    "dense": ((6, 11), lambda b: b, True),
+    "wide_gaps": ((12, 50), lambda b: b[::3], False),                           # spans 2.5x its elements
+    "small_wide_gaps": ((40, 13), lambda b: b[1:, 3:], False),                  # spans 1.29x
+    "sliced_map": ((2, 7, 5, 30), lambda b: b[:, 1:].permute(0, 3, 1, 2), False),  # 4-d
+    "class_step": ((6, 22), lambda b: b[:, ::2], False),                        # classes not contiguous
+}
+
+
+def _gap_case(name, dtype=torch.float32, soft=False):
+    base_shape, view, kept = GAP_VIEWS[name]
+    x = view(make_logits(base_shape, dtype, seed=3))
+    C = x.shape[1]
+    # (a soft target with other strides is copied into the input's layout, gaps and all)
+    target = (make_prob_target(x.shape, dtype) if soft
+              else make_index_target(positions_shape(x.shape), C, ignore_every=3))
+    return x, target, make_weight(C, dtype), kept
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16], ids=dtype_id)
+@pytest.mark.parametrize("soft", [False, True], ids=["index", "soft"])
+@pytest.mark.parametrize("reduction", REDUCTIONS)
+@pytest.mark.parametrize("name", sorted(GAP_VIEWS))
+def test_forward_grad_layout_of_views(ops, name, reduction, soft, dtype):
+    """A view with gaps whose classes are contiguous (2-d or 3-d, spanning at most 5/4 of its elements)
+    gets a gradient with its own strides, written by the kernels without a copy of the logits; other
+    layouts get torch.empty_like's. The values are those of the view's contiguous copy."""
+    x, target, weight, kept = _gap_case(name, dtype, soft)
+    go = make_logits(positions_shape(x.shape), seed=8) if reduction == "none" else torch.tensor(1.5)
+    args = (target, weight, -100, REDUCTION_CODE[reduction], 0.1, True, False, go)
+    loss, lse, grad = ops.forward(x, *args)
+    expected = ops.forward(x.contiguous(), *args)
+    assert grad.stride() == (x.stride() if kept else torch.empty_like(x).stride())
+    tol = dict(rtol=1e-12, atol=1e-12) if dtype == torch.float64 else (
+        dict(rtol=1e-6, atol=1e-6) if dtype == torch.float32 else dict(rtol=1e-2, atol=1e-3))
+    for mine, theirs in zip((loss, lse, grad), expected):
+        torch.testing.assert_close(mine, theirs, **tol)
+
+
+@pytest.mark.parametrize("case", [f"{name}-{kind}" for name in sorted(GAP_VIEWS) for kind in ("mean", "none", "soft")])
+def test_opcheck_forward_views(ops, case):
+    """The fake kernel lays the gradient out as the kernels do (opcheck compares the strides)."""
+    name, kind = case.rsplit("-", 1)
+    x, target, weight, _ = _gap_case(name, soft=kind == "soft")
+    go = make_logits(positions_shape(x.shape), seed=8) if kind == "none" else None
+    torch.library.opcheck(ops.forward.default,
+                          (x, target, weight, -100, REDUCTION_CODE["none" if kind == "none" else "mean"], 0.1, True,
+                           False, go))
+
+
 # ---------------------------------------------- the docs/semantics.md §3 extension arguments, grad_
 
 EXT_KINDS = ["plain", "target_values", "z_loss", "mixup_lam", "mixup_lam_expanded", "mixup_lam_value", "all"]

@@ -2037,9 +2037,11 @@ bool grad_cache_enabled() {
   return enabled;
 }
 
-// A tensor laid out as at::empty_like(like) would lay it out (for a dense `like`: its strides).
+// A tensor laid out as empty_grad_like(like) lays it out (problem.h): like's strides, from the cache,
+// where like is dense or keeps its layout.
 at::Tensor allocate_grad(const at::Tensor& like) {
-  if (!grad_cache_enabled() || !like.is_non_overlapping_and_dense()) return at::empty_like(like);
+  if (!grad_cache_enabled() || !(like.is_non_overlapping_and_dense() || grad_keeps_layout(like)))
+    return empty_grad_like(like);
   const size_t needed = at::detail::computeStorageNbytes(like.sizes(), like.strides(), like.element_size());
   GradCache& cache = grad_cache();
   std::lock_guard<std::mutex> guard(cache.mutex);

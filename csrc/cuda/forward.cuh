@@ -174,8 +174,7 @@ inline std::tuple<at::Tensor, at::Tensor, at::Tensor> forward(
   const Problem prob =
       make_problem(input, target, weight, ignore_index, reduction, label_smoothing, compute_grad, float32_loss, ext);
   const auto options = prob.input.options();
-  at::Tensor (*allocate_grad)(const at::Tensor&) =
-      grad_over_logits ? &grad_over_input : +[](const at::Tensor& like) { return at::empty_like(like); };
+  at::Tensor (*allocate_grad)(const at::Tensor&) = grad_over_logits ? &grad_over_input : &empty_grad_like;
   const ForwardBuffers out = make_forward_buffers(prob, input, float32_loss, grad_output, allocate_grad);
   const at::Tensor& weight_acc = out.weight;
   at::Tensor scalars = at::empty({static_cast<int64_t>(sizeof(DeviceScalars) / sizeof(double))}, options.dtype(at::kDouble));
@@ -252,8 +251,7 @@ inline std::tuple<at::Tensor, at::Tensor, at::Tensor> shard_forward(
   const auto [target, ext] = widened_targets(target_arg, ext_arg);
   const Problem prob = shard_problem(input, target, weight, vocab_start, num_classes, ignore_index, reduction,
                                      label_smoothing, compute_grad, float32_loss, ext);
-  at::Tensor (*allocate_grad)(const at::Tensor&) =
-      grad_over_logits ? &grad_over_input : +[](const at::Tensor& like) { return at::empty_like(like); };
+  at::Tensor (*allocate_grad)(const at::Tensor&) = grad_over_logits ? &grad_over_input : &empty_grad_like;
   const ForwardBuffers out = make_forward_buffers(prob, input, float32_loss, grad_output, allocate_grad);
   check_shard_stats(prob, stats, out.acc_dtype);
   const auto options = prob.input.options();

@@ -92,7 +92,7 @@ struct ForwardBuffers {
 
 // Checks forward's grad_output (defined only with compute_grad, on the input's device, floating, a
 // scalar or, for reduction 'none', one value per position) and allocates the outputs; the gradient
-// with `allocate_grad(input)`, which must lay it out as at::empty_like(input).
+// with `allocate_grad(input)`, which must lay it out as empty_grad_like(input).
 ForwardBuffers make_forward_buffers(const Problem& p, const at::Tensor& input, bool float32_loss,
                                     const c10::optional<at::Tensor>& grad_output,
                                     at::Tensor (*allocate_grad)(const at::Tensor&));
@@ -100,6 +100,23 @@ ForwardBuffers make_forward_buffers(const Problem& p, const at::Tensor& input, b
 // allocate_grad for smoothce::grad_: the gradient goes over the logits themselves (refused when
 // elements may share memory: expand, unfold).
 at::Tensor grad_over_input(const at::Tensor& input);
+
+// The span of a tensor's elements in memory (1 + Σ (size − 1)·stride), or −1 when two of them may
+// share memory: with the dimensions of size > 1 ordered by stride, each stride must exceed the span
+// of the smaller ones (slices, transposes and channels_last pass; expand and unfold do not).
+// smoothce/_function.py's _elements_apart is the same test.
+int64_t disjoint_span(const at::Tensor& t);
+
+// Whether a gradient of `input` takes the input's own strides: 2-d and 3-d inputs with contiguous
+// classes whose elements do not share memory and span at most 5/4 of their number (the gaps the
+// gradient's storage then holds), dense or with gaps (a vocabulary's padding sliced off, a language
+// model's logits[:, :-1] as (B, V, T − 1)). Other layouts get at::empty_like's. The fake kernels
+// (smoothce/_function.py, _grad_like) lay the gradient out by the same rule.
+bool grad_keeps_layout(const at::Tensor& input);
+
+// The gradient's layout for `input` (above): the input's strides where grad_keeps_layout, else
+// at::empty_like(input)'s (the same for dense inputs).
+at::Tensor empty_grad_like(const at::Tensor& input);
 
 // Vocabulary-parallel shards (smoothce::shard_stats, shard_forward), on every backend: the shard is
 // contiguous rows (positions, classes) whose classes lie in [0, num_classes) from vocab_start; the
