@@ -343,8 +343,9 @@ at::Tensor empty_grad_like(const at::Tensor& input) {
 }
 
 at::Tensor grad_over_input(const at::Tensor& input) {
-  TORCH_CHECK_VALUE(disjoint_span(input) >= 0, "smoothce.grad_: the gradient cannot be written over logits whose elements may "
-                    "share memory (strides ", input.strides(), " for shape ", input.sizes(),
+  TORCH_CHECK_VALUE(disjoint_span(input) >= 0,
+                    "smoothce.grad_: the gradient cannot be written over logits whose elements may share memory "
+                    "(strides ", input.strides(), " for shape ", input.sizes(),
                     ", e.g. expand or unfold); pass a tensor with its own storage, or use inplace_backward=False");
   return input;
 }
