@@ -55,8 +55,8 @@ class LabelSmoother:
             labels = labels.squeeze(-1)
         if shift_labels:
             # Shift the labels, not the logits (as ForCausalLMLoss). A slice logits[..., :-1, :] has gaps:
-            # the kernels would copy it to write its gradient, and the slice's backward would allocate
-            # the full gradient again.
+            # flattening it into rows would copy it, and the slice's backward would allocate the full
+            # gradient again.
             labels = _shifted(labels, self.ignore_index)
         return _token_loss(where, logits, labels, self.ignore_index, self.epsilon, num_items_in_batch)
 
