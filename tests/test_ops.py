@@ -243,6 +243,7 @@ GAP_VIEWS = {
     "vocab_padding_small": ((40, 12), lambda b: b[:, :10], True),               # few classes, rows 12 apart
     "shifted_lm": ((3, 9, 30), lambda b: b[:, :-1].movedim(-1, 1), True),       # (B, T, V)[:, :-1] as (B, V, T-1)
     "offset_window": ((7, 53), lambda b: b[1:, 3:], True),                      # storage offset 56
+    "misaligned_window": ((9, 1030), lambda b: b[:, 1:1001], True),             # 4 bytes off the gradient
     "dense": ((6, 11), lambda b: b, True),
     "wide_gaps": ((12, 50), lambda b: b[::3], False),                           # spans 2.5x its elements
     "small_wide_gaps": ((40, 13), lambda b: b[1:, 3:], False),                  # spans 1.29x
