@@ -451,8 +451,9 @@ inline Vectorized<acc_t> max_or_first(const Vectorized<acc_t>& v, const Vectoriz
 // chains: with one (and at::vec::maximum), the max loop took ~40% of a bf16 row's forward (perf,
 // 256×32000); now that forward is 20% faster, fp32's 11% (1 thread).
 // Half types: x[0..n) is also stored into `wide` in fp32, so that the exp-sum pass reads it from L1
-// without converting each element a second time. kPrefetch (half types, prefetch_ahead_for): each
-// step prefetches the lines kMaxPassAheadBytes past its own.
+// without converting each element a second time. kPrefetch (row_state: half types with
+// prefetch_ahead_for, fp32/fp64 without): each step prefetches the lines kMaxPassAheadBytes past its
+// own.
 constexpr int64_t kMaxPassAheadBytes = 2048;
 
 template <typename scalar_t, bool kPrefetch = false>
@@ -514,10 +515,17 @@ constexpr int64_t kRowBlock = 2048;  // elements re-read from L1 between the max
 // the forward took 7–9% less time with them at 1024×32000 and 256×128256 (bf16 and fp16, 1 thread),
 // 7% at 4096×32000 bf16 (2 threads), fwd+bwd 4–7%. (The statistics pass of a vocabulary shard takes
 // the same gate for half types: unmeasured there.)
+// fp32/fp64 rows below the gate prefetch in their max pass as the half types do. Zen 3 VM (32 MiB
+// L3), AVX2, 1 thread, interleaved processes, against no prefetch there: forward 6% less time at
+// 2048×1000 and 4096×1000 fp32 (4096×1000 also with 2 threads), 1–3% at 256×1000 and 1024×1000,
+// fp64 2–5% at 1024×1000, 2048×1000 and 4096×300; fwd+bwd 4–10% less at 256×1000 and 1024×1000, 3%
+// at 2048×1000, within the noise (±2%) at 4096×300, 8192×200 and 16384×100. Past the gate, the
+// max-pass prefetch cost fwd+bwd 3% on top of the exp-sum pass's (4096×1000) and 25–32% instead of
+// it (4096×1000, 4096×32000, 1024×128256).
 constexpr int64_t kPrefetchAheadBytes = 16 << 20;
 
-// Whether row_state prefetches: fp32/fp64 ahead in the exp-sum pass past the gate, half types in the
-// max pass up to it (AVX2 builds: at every size).
+// Whether row_state prefetches: fp32/fp64 ahead in the exp-sum pass past the gate (in the max pass
+// when false), half types in the max pass up to it (AVX2 builds: at every size).
 template <typename scalar_t>
 bool prefetch_ahead_for(const Params<scalar_t>& p, bool writes_grad) {
   const int64_t bytes = p.outer * p.inner * p.classes * int64_t(sizeof(scalar_t));
@@ -546,8 +554,8 @@ bool prefetch_ahead_for(const Params<scalar_t>& p, bool writes_grad) {
 // and 1024×128256 fwd+bwd 16% faster at 2 threads. (fp32 stores its exps into the gradient in this pass
 // anyway; prefetching its gradient row there measured 7–15% slower.)
 // prefetch_ahead (prefetch_ahead_for): fp32/fp64 prefetch the logits ahead in the exp-sum pass
-// (kPrefetchAheadBytes); half types in the max pass (vec_max). next_row: the row after this one, or
-// null.
+// (kPrefetchAheadBytes), and in the max pass (vec_max) when it is false; half types in the max pass
+// when it is true. next_row: the row after this one, or null.
 template <typename scalar_t, Mass kMass>
 RowState<acc_type<scalar_t>> row_state(const Params<scalar_t>& p, const scalar_t* x, const scalar_t* prob,
                                        acc_type<scalar_t>* exps, acc_type<scalar_t>* block_maxes,
@@ -569,8 +577,10 @@ RowState<acc_type<scalar_t>> row_state(const Params<scalar_t>& p, const scalar_t
     // max of the block (NaN-propagating)
     acc_t block_max = -std::numeric_limits<acc_t>::infinity();
     if (vec_end > begin) {
-      block_max = kWiden && prefetch_ahead ? vec_max<scalar_t, true>(x + begin, vec_end - begin, wide)
-                                           : vec_max(x + begin, vec_end - begin, wide);
+      // (the max pass prefetches: half types with prefetch_ahead, fp32/fp64 without, see kPrefetchAheadBytes)
+      const bool max_pass_prefetch = kWiden ? prefetch_ahead : !prefetch_ahead;
+      block_max = max_pass_prefetch ? vec_max<scalar_t, true>(x + begin, vec_end - begin, wide)
+                                    : vec_max(x + begin, vec_end - begin, wide);
     }
     for (int64_t c = vec_end; c < end; ++c) {
       const acc_t v = static_cast<acc_t>(x[c]);
