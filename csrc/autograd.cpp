@@ -3,11 +3,13 @@
 // pays for one C++ node instead of a Python autograd.Function and a Python backward. It is the same
 // algorithm as smoothce/_function.py's CrossEntropyFunction (which serves every other case, and
 // torch.compile): for 'mean' and 'sum' the forward kernel writes the gradient for an upstream
-// gradient of 1 and the first backward rescales it in place; 'none' and a second backward through
+// gradient of 1 (on CPU: the last one a backward received, g_expected_scale) and the first backward
+// rescales it in place where it differs; 'none' and a second backward through
 // a retained graph recompute it from the saved logits; create_graph=True calls back into Python for
 // a differentiable gradient.
 #include <Python.h>
 
+#include <ATen/Dispatch.h>
 #include <ATen/core/dispatch/Dispatcher.h>
 #include <torch/csrc/Exceptions.h>
 #include <torch/csrc/autograd/custom_function.h>
@@ -15,6 +17,7 @@
 #include <pybind11/pybind11.h>
 
 #include <array>
+#include <atomic>
 #include <cmath>
 #include <optional>
 #include <string>
@@ -115,6 +118,14 @@ Options unpack(const c10::IValue& packed, OptTensor& target_b, OptTensor& lam) {
   return o;
 }
 
+// A CPU scalar's value, read in place (no aten::item round trip).
+double cpu_scalar(const Tensor& t) {
+  double value = 0.0;
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, t.scalar_type(), "smoothce_cpu_scalar",
+                                  [&] { value = static_cast<double>(*t.const_data_ptr<scalar_t>()); });
+  return value;
+}
+
 // Whether to rescale the fused gradient (computed for an upstream gradient of 1 and already rounded
 // to its dtype) by grad_loss, rather than recompute it scaled inside the kernel. Rescaling rounds
 // each element a second time. In bf16 and fp16 that is a visible error (bf16 512×1000, ε = 0.1,
@@ -130,10 +141,23 @@ bool rescale_fused_grad(const Tensor& grad, const Tensor& grad_loss) {
   const auto dtype = grad.scalar_type();
   if ((dtype != at::kBFloat16 && dtype != at::kHalf) || !grad_loss.device().is_cpu() || grad_loss.dim() != 0)
     return true;
-  const double g = grad_loss.item<double>();
+  const double g = cpu_scalar(grad_loss);
   int exponent = 0;
   return g == 1.0 || (std::abs(std::frexp(g, &exponent)) == 0.5 && dtype == at::kBFloat16);
 }
+
+// The upstream gradient the next fused forward of bf16 or fp16 logits on CPU scales its gradient by:
+// the last finite, nonzero scalar a fused backward on CPU received (1 at first). A training loop that
+// scales its loss the same way at every step (gradient accumulation's loss / k, a loss scaler's
+// factor) then gets the gradient scaled inside the kernel, and its backward does nothing, instead of
+// a recompute (or, for powers of two in bf16, a rescale: one more read and write of N×C). A backward
+// that receives another upstream gradient recomputes the gradient scaled inside the kernel, or,
+// where the forward used 1, goes on as rescale_fused_grad says. Either way the gradient has the bits
+// it had without the guess: the recompute's, or the exact rescale's by a power of two (which are the
+// same). fp32 and fp64 rescale their gradient (rounding twice, by at most 1 ulp), so a gradient
+// scaled inside their kernel would change its last bits with the history of the calls: they keep 1.
+// On a GPU, reading the upstream gradient would synchronize with the device: there it stays 1.
+std::atomic<double> g_expected_scale{1.0};
 
 }  // namespace
 
@@ -145,14 +169,22 @@ struct CrossEntropyFunction : public torch::autograd::Function<CrossEntropyFunct
                         const OptTensor& weight, const OptTensor& target_b, const OptTensor& lam, const Options& o) {
     // 'mean' and 'sum': the gradient for an upstream gradient of 1 comes with the loss.
     const bool fuse = o.reduction != 0;
-    auto [loss, lse, grad] = call_forward(o, input, target, weight, target_b, lam, fuse, std::nullopt);
+    // (g_expected_scale: the upstream gradient this one is expected to be; 1 but for half types on CPU)
+    const auto dtype = input.scalar_type();
+    const bool guess = fuse && input.device().is_cpu() && (dtype == at::kBFloat16 || dtype == at::kHalf);
+    const double expected = guess ? g_expected_scale.load(std::memory_order_relaxed) : 1.0;
+    const OptTensor scale = expected != 1.0 ? OptTensor(at::scalar_tensor(expected, at::kDouble)) : std::nullopt;
+    auto [loss, lse, grad] = call_forward(o, input, target, weight, target_b, lam, fuse, scale);
     ctx->set_materialize_grads(false);
     torch::autograd::variable_list saved{input, target};
     if (weight.has_value() && weight->defined()) saved.push_back(*weight);
     ctx->save_for_backward(std::move(saved));
     ctx->saved_data["o"] = pack(o, target_b, lam);
     // Not a saved tensor: handed out once, consumed in place, and may become input.grad.
-    if (fuse) ctx->saved_data["g"] = std::move(grad);
+    if (fuse) {
+      ctx->saved_data["g"] = std::move(grad);
+      ctx->saved_data["s"] = expected;
+    }
     return loss;
   }
 
@@ -165,7 +197,17 @@ struct CrossEntropyFunction : public torch::autograd::Function<CrossEntropyFunct
     if (fused != ctx->saved_data.end() && !c10::GradMode::is_enabled()) {
       Tensor grad = fused->second.toTensor();
       ctx->saved_data.erase(fused);  // a second backward recomputes it
-      if (rescale_fused_grad(grad, grad_loss)) {
+      const double expected = ctx->saved_data.at("s").toDouble();  // (see g_expected_scale)
+      if (grad_loss.device().is_cpu() && grad_loss.dim() == 0) {
+        const double g = cpu_scalar(grad_loss);
+        if (std::isfinite(g) && g != 0.0) g_expected_scale.store(g, std::memory_order_relaxed);
+        if (g == expected) {
+          out[0] = std::move(grad);  // scaled inside the kernel already
+          return out;
+        }
+      }
+      // (scaled for another upstream gradient than 1: recomputed)
+      if (expected == 1.0 && rescale_fused_grad(grad, grad_loss)) {
         OptTensor target_b, lam;
         const Options o = unpack(ctx->saved_data.at("o"), target_b, lam);
         g_ops[o.ops]->scale_grad.call(grad, grad_loss);

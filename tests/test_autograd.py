@@ -239,3 +239,47 @@ def test_upstream_gradient_rounds_once(dtype, upstream, case, reduction):
         return
     mismatched = (x.grad != expected).sum().item()
     assert mismatched == 0, f"{mismatched} of {x.numel()} gradient elements differ from the kernel's own scaling"
+
+
+def _recomputes(backward):
+    """Whether `backward()` ran the forward op again (a recompute of the gradient)."""
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+        backward()
+    return any(event.name.endswith("::forward") for event in prof.events())
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32], ids=lambda d: str(d)[6:])
+def test_fused_gradient_for_the_last_upstream_gradient(dtype):
+    """In eager mode on CPU, a bf16 or fp16 fused forward scales its gradient inside the kernel by the
+    upstream gradient the last backward received, and a backward that gets that one does nothing more:
+    a loop that scales its loss the same way at every step (loss / k) pays no recompute. Another one is
+    recomputed. The bits are the same either way (the kernel's own scaling); zero and non-finite
+    upstream gradients are not guessed. fp32 keeps 1 and rescales: the same bits whatever came before."""
+    from smoothce import _function
+
+    x = make_logits((64, 300), torch.float32, scale=4.0).to(dtype)
+    target = make_index_target((64,), 300, ignore_every=5)
+
+    def step(upstream, recomputes=None):
+        leaf = x.clone().requires_grad_(True)
+        loss = smoothce.cross_entropy(leaf, target, label_smoothing=0.1) * upstream
+        recomputed = _recomputes(loss.backward)
+        if recomputes is not None and dtype != torch.float32:
+            assert recomputed == recomputes, (upstream, recomputed)
+        return leaf.grad
+
+    def kernel(upstream):
+        return _function._ops.forward(x, target, None, -100, 1, 0.1, True, False,
+                                      torch.tensor(upstream, dtype=dtype))[2]
+
+    if dtype == torch.float32:
+        for upstream in (0.3, 0.3, 0.7, 1.0, 0.3):
+            assert torch.equal(step(upstream), kernel(1.0) * upstream), upstream
+        return
+    step(0.3)  # the guess before it is the last test's
+    for upstream, recomputes in ((0.3, False), (0.7, True), (0.7, False), (1.0, True), (1.0, False)):
+        assert torch.equal(step(upstream, recomputes), kernel(upstream)), upstream
+    assert torch.equal(step(0.3, True), kernel(0.3))
+    for unusable in (0.0, float("nan"), float("inf")):
+        step(unusable, True)
+        assert torch.equal(step(0.3, False), kernel(0.3)), unusable  # still the guess before them

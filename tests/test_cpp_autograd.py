@@ -66,6 +66,13 @@ def _loss_fn(shape, dtype, options, reduction):
     return x, fn
 
 
+def _guess_one():
+    """Leaves the C++ node's guess of the next upstream gradient (csrc/autograd.cpp, g_expected_scale) at
+    1: a fused backward that receives 1 sets it."""
+    z = torch.zeros(1, 2, requires_grad=True)
+    smoothce.cross_entropy(z, torch.zeros(1, dtype=torch.long)).backward()
+
+
 def _fwd_bwd_twice(shape, dtype, options, reduction):
     """The loss, the gradient of the first backward (retain_graph) and of a second one, for an upstream
     gradient that is not 1."""
@@ -85,10 +92,14 @@ def _fwd_bwd_twice(shape, dtype, options, reduction):
 @pytest.mark.parametrize("options", sorted(OPTIONS))
 @pytest.mark.parametrize("shape", sorted(SHAPES))
 def test_node_matches_the_python_function(shape, options, dtype, reduction, monkeypatch):
-    """Bit for bit: the loss, the first (fused, rescaled) gradient and the second (recomputed) one."""
+    """Bit for bit: the loss, the first (fused, rescaled) gradient and the second (recomputed) one. Then
+    the node again, now that it guesses the upstream gradient (bf16): the fused gradient is scaled inside
+    the kernel, bit for bit the recomputed one; fp32 and fp64 give the same bits as the first time."""
     shape = SHAPES[shape]
     options = OPTIONS[options]
+    _guess_one()
     loss, first, second, name = _fwd_bwd_twice(shape, dtype, options, reduction)
+    cpp_autograd = _function._cpp_autograd
     monkeypatch.setattr(_function, "_cpp_autograd", lambda: False)
     py_loss, py_first, py_second, py_name = _fwd_bwd_twice(shape, dtype, options, reduction)
     if BACKEND != "cuda":  # on a GPU the graph's last node is the copy back to the CPU
@@ -99,6 +110,13 @@ def test_node_matches_the_python_function(shape, options, dtype, reduction, monk
     # (the fused gradient is rescaled after rounding, the recomputed one scaled inside the kernel)
     eps = torch.finfo(dtype).eps
     torch.testing.assert_close(first, second, rtol=2 * eps, atol=4 * eps * first.abs().max().item())
+    monkeypatch.setattr(_function, "_cpp_autograd", cpp_autograd)  # (the node again)
+    _, guessed_first, guessed_second, _ = _fwd_bwd_twice(shape, dtype, options, reduction)
+    assert torch.equal(guessed_second, second)
+    # bf16 on CPU (on a GPU the guess stays 1), mean or sum: the fused gradient scaled inside the kernel
+    # for 0.75, which the recompute gives too; else the same bits as the first time
+    guessed = reduction != "none" and BACKEND != "cuda" and dtype == torch.bfloat16
+    assert torch.equal(guessed_first, second if guessed else first)
 
 
 @pytest.mark.skipif(BACKEND == "cuda", reason="on a GPU the loss's grad_fn is the copy back to the CPU")
