@@ -4,10 +4,9 @@
 // algorithm as smoothce/_function.py's CrossEntropyFunction (which serves every other case, and
 // torch.compile): for 'mean' and 'sum' the forward kernel writes the gradient for an upstream
 // gradient of 1 (bf16/fp16 on CPU: the last one a backward received, g_expected_scale, which the
-// Python Function does not guess) and the first
-// backward rescales it in place where it differs; 'none' and a second backward through a retained
-// graph recompute it from the saved logits; create_graph=True calls back into Python for a
-// differentiable gradient.
+// Python Function does not guess) and the first backward rescales it in place where it differs;
+// 'none' and a second backward through a retained graph recompute it from the saved logits;
+// create_graph=True calls back into Python for a differentiable gradient.
 #include <Python.h>
 
 #include <ATen/Dispatch.h>
