@@ -221,9 +221,10 @@ Problem make_problem(const at::Tensor& input_arg, const at::Tensor& target_arg,
   // A view with gaps whose classes are contiguous (a vocabulary's padding sliced off, a language
   // model's logits[:, :-1] as (B, V, T − 1)) keeps its layout: the gradient gets the same strides
   // (empty_grad_like), so the kernels walk both without a copy of the logits.
-  const bool kept = compute_grad && grad_keeps_layout(input);
+  const bool dense = input.is_non_overlapping_and_dense();
+  const bool kept = compute_grad && !dense && grad_keeps_layout(input);
   TORCH_INTERNAL_ASSERT(!kept || walkable);
-  if (walkable && compute_grad && !kept && !input.is_non_overlapping_and_dense()) {
+  if (walkable && compute_grad && !kept && !dense) {
     // Other views with gaps: a dense copy in the same order of dimensions, so the classes stay
     // contiguous (a row copy, then the per-row kernel) rather than contiguous() turning a (N, C, T)
     // view with classes innermost into a transpose.
@@ -338,8 +339,9 @@ bool grad_keeps_layout(const at::Tensor& input) {
 }
 
 at::Tensor empty_grad_like(const at::Tensor& input) {
-  return grad_keeps_layout(input) ? at::empty_strided(input.sizes(), input.strides(), input.options())
-                                  : at::empty_like(input);
+  // (a dense input's strides are empty_like's: the common case skips the test)
+  if (input.is_non_overlapping_and_dense() || !grad_keeps_layout(input)) return at::empty_like(input);
+  return at::empty_strided(input.sizes(), input.strides(), input.options());
 }
 
 at::Tensor grad_over_input(const at::Tensor& input) {
