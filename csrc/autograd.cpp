@@ -9,12 +9,13 @@
 // create_graph=True calls back into Python for a differentiable gradient.
 #include <Python.h>
 
-#include <ATen/Dispatch.h>
 #include <ATen/core/dispatch/Dispatcher.h>
 #include <torch/csrc/Exceptions.h>
 #include <torch/csrc/autograd/custom_function.h>
 #include <torch/csrc/autograd/python_variable.h>
 #include <pybind11/pybind11.h>
+
+#include "smoothce/problem.h"
 
 #include <array>
 #include <atomic>
@@ -116,14 +117,6 @@ Options unpack(const c10::IValue& packed, OptTensor& target_b, OptTensor& lam) {
   target_b = optional_tensor(e[8]);
   lam = optional_tensor(e[9]);
   return o;
-}
-
-// A CPU scalar's value, read in place (no aten::item round trip).
-double cpu_scalar(const Tensor& t) {
-  double value = 0.0;
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, t.scalar_type(), "smoothce_cpu_scalar",
-                                  [&] { value = static_cast<double>(*t.const_data_ptr<scalar_t>()); });
-  return value;
 }
 
 // Whether to rescale the fused gradient (computed for an upstream gradient of 1 and already rounded

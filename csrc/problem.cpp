@@ -3,6 +3,7 @@
 #include "smoothce/row_math.h"
 
 #include <ATen/ATen.h>
+#include <ATen/Dispatch.h>
 #include <c10/util/Exception.h>
 
 #include <algorithm>
@@ -370,6 +371,13 @@ void check_shard_stats(const Problem& p, const at::Tensor& stats, at::ScalarType
                     kShardStats, ") ", acc_dtype, " tensor on ", p.input.device(), " with contiguous (positions, ",
                     kShardStats, ") slices, got ", stats.sizes(), " ", stats.scalar_type(), " on ", stats.device(),
                     " with strides ", stats.strides());
+}
+
+double cpu_scalar(const at::Tensor& t) {
+  double value = 0.0;
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, t.scalar_type(), "smoothce_cpu_scalar",
+                                  [&] { value = static_cast<double>(*t.const_data_ptr<scalar_t>()); });
+  return value;
 }
 
 void check_scale_grad_args(const at::Tensor& grad, const at::Tensor& grad_output) {

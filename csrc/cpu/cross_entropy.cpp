@@ -2168,11 +2168,7 @@ void scale_grad_cpu(at::Tensor& grad, const at::Tensor& grad_output) {
   if (grad_output.dim() == 0) {
     // Plain loss.backward() on mean/sum: the gradient written in forward is already final. (Read in
     // place: on CPU that is a plain load, no aten::item round trip.)
-    bool is_one = false;
-    AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, grad_output.scalar_type(), "smoothce_scale_grad", [&] {
-      is_one = static_cast<double>(*grad_output.const_data_ptr<scalar_t>()) == 1.0;
-    });
-    if (is_one) return;
+    if (cpu_scalar(grad_output) == 1.0) return;
     grad.mul_(grad_output);
   } else {
     grad.mul_(grad.dim() == 1 ? grad_output : grad_output.unsqueeze(1));

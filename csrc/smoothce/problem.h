@@ -125,6 +125,9 @@ at::Tensor empty_grad_like(const at::Tensor& input);
 void check_shard(const Problem& p, int64_t vocab_start, int64_t num_classes);
 void check_shard_stats(const Problem& p, const at::Tensor& stats, at::ScalarType acc_dtype);
 
+// A floating CPU scalar's value, read in place (no aten::item round trip).
+double cpu_scalar(const at::Tensor& t);
+
 // Checks grad_output for scale_grad_ against the gradient it scales.
 void check_scale_grad_args(const at::Tensor& grad, const at::Tensor& grad_output);
 
