@@ -119,6 +119,11 @@ Options unpack(const c10::IValue& packed, OptTensor& target_b, OptTensor& lam) {
   return o;
 }
 
+bool is_power_of_two(double g) {
+  int exponent = 0;
+  return std::abs(std::frexp(g, &exponent)) == 0.5;
+}
+
 // Whether to rescale the fused gradient (computed for an upstream gradient of 1 and already rounded
 // to its dtype) by grad_loss, rather than recompute it scaled inside the kernel. Rescaling rounds
 // each element a second time. In bf16 and fp16 that is a visible error (bf16 512×1000, ε = 0.1,
@@ -135,22 +140,43 @@ bool rescale_fused_grad(const Tensor& grad, const Tensor& grad_loss) {
   if ((dtype != at::kBFloat16 && dtype != at::kHalf) || !grad_loss.device().is_cpu() || grad_loss.dim() != 0)
     return true;
   const double g = cpu_scalar(grad_loss);
-  int exponent = 0;
-  return g == 1.0 || (std::abs(std::frexp(g, &exponent)) == 0.5 && dtype == at::kBFloat16);
+  return g == 1.0 || (is_power_of_two(g) && dtype == at::kBFloat16);
 }
 
-// The upstream gradient the next fused forward of bf16 or fp16 logits on CPU scales its gradient by:
-// the last finite, nonzero scalar a fused backward on CPU received (1 at first). A training loop that
-// scales its loss the same way at every step (gradient accumulation's loss / k, a loss scaler's
-// factor) then gets the gradient scaled inside the kernel, and its backward does nothing, instead of
-// a recompute (or, for powers of two in bf16, a rescale: one more read and write of N×C). A backward
-// that receives another upstream gradient recomputes the gradient scaled inside the kernel, or,
-// where the forward used 1, goes on as rescale_fused_grad says. Either way the gradient has the bits
-// it had without the guess: the recompute's, or the exact rescale's by a power of two (which are the
-// same). fp32 and fp64 rescale their gradient (rounding twice, by at most 1 ulp), so a gradient
-// scaled inside their kernel would change its last bits with the history of the calls: they keep 1.
+// The upstream gradient the next fused forward of logits on CPU scales its gradient by: the last
+// finite, nonzero scalar a fused backward on CPU received (1 at first); for fp32 and fp64 logits only
+// where it is a power of two within 2^±64 (expected_scale). A training loop that scales its loss the same way at
+// every step (gradient accumulation's loss / k, a loss scaler's factor) then gets the gradient scaled
+// inside the kernel, and its backward does nothing, instead of a recompute (half types) or a rescale
+// (one more read and write of N×C). A backward that receives another upstream gradient recomputes
+// the gradient scaled inside the kernel (half types), rescales it by the quotient of the two (fp32,
+// fp64), or, where the forward used 1, goes on as rescale_fused_grad says. Either way the gradient has
+// the bits it had without the guess: the recompute's (which the exact bf16 rescale by a power of two
+// equals), or, for fp32 and fp64, the rescale's. Scaling by a power of two inside the kernel scales
+// every rounded step exactly, so the kernel's gradient for 2^k is 2^k times its gradient for 1, and a
+// rescale by g / 2^k (exact) of it rounds g times that gradient once, as the rescale without a guess
+// does. Not so for elements that are or become subnormal (below 2^−126 in magnitude; fp64 2^−1022),
+// which can differ in their last bit. fp32 and fp64 guess no other scale: their rescale rounds twice,
+// which a scale inside the kernel would not reproduce.
 // On a GPU, reading the upstream gradient would synchronize with the device: there it stays 1.
 std::atomic<double> g_expected_scale{1.0};
+
+// The scale a fused forward of `input` computes its gradient for (see g_expected_scale).
+double expected_scale(const Tensor& input) {
+  if (!input.device().is_cpu()) return 1.0;
+  const double s = g_expected_scale.load(std::memory_order_relaxed);
+  switch (input.scalar_type()) {
+    case at::kBFloat16:
+    case at::kHalf:
+      return s;
+    case at::kFloat:
+    case at::kDouble:
+      // (within 2^±64: the kernel's constants scaled by it stay normal)
+      return is_power_of_two(s) && std::abs(s) >= 0x1p-64 && std::abs(s) <= 0x1p64 ? s : 1.0;
+    default:
+      return 1.0;
+  }
+}
 
 }  // namespace
 
@@ -162,10 +188,8 @@ struct CrossEntropyFunction : public torch::autograd::Function<CrossEntropyFunct
                         const OptTensor& weight, const OptTensor& target_b, const OptTensor& lam, const Options& o) {
     // 'mean' and 'sum': the gradient for an upstream gradient of 1 comes with the loss.
     const bool fuse = o.reduction != 0;
-    // (g_expected_scale: the upstream gradient this one is expected to be; 1 but for half types on CPU)
-    const auto dtype = input.scalar_type();
-    const bool guess = fuse && input.device().is_cpu() && (dtype == at::kBFloat16 || dtype == at::kHalf);
-    const double expected = guess ? g_expected_scale.load(std::memory_order_relaxed) : 1.0;
+    // (the upstream gradient this one is expected to be: g_expected_scale)
+    const double expected = fuse ? expected_scale(input) : 1.0;
     const OptTensor scale = expected != 1.0 ? OptTensor(at::scalar_tensor(expected, at::kDouble)) : std::nullopt;
     auto [loss, lse, grad] = call_forward(o, input, target, weight, target_b, lam, fuse, scale);
     ctx->set_materialize_grads(false);
@@ -199,11 +223,21 @@ struct CrossEntropyFunction : public torch::autograd::Function<CrossEntropyFunct
           return out;
         }
       }
-      // (scaled for another upstream gradient than 1: recomputed)
-      if (expected == 1.0 && rescale_fused_grad(grad, grad_loss)) {
+      // Scaled for another upstream gradient than 1: rescaled by the quotient (fp32, fp64; exact, or
+      // recomputed where it is not representable) or recomputed (half types).
+      OptTensor rescale_by;
+      if (expected == 1.0) {
+        if (rescale_fused_grad(grad, grad_loss)) rescale_by = grad_loss;
+      } else if ((grad.scalar_type() == at::kFloat || grad.scalar_type() == at::kDouble) &&
+                 grad_loss.device().is_cpu() && grad_loss.dim() == 0) {
+        const double quotient = cpu_scalar(grad_loss) / expected;
+        Tensor by = at::scalar_tensor(quotient, grad_loss.options());
+        if (cpu_scalar(by) == quotient || std::isnan(quotient)) rescale_by = std::move(by);
+      }
+      if (rescale_by.has_value()) {
         OptTensor target_b, lam;
         const Options o = unpack(ctx->saved_data.at("o"), target_b, lam);
-        g_ops[o.ops]->scale_grad.call(grad, grad_loss);
+        g_ops[o.ops]->scale_grad.call(grad, *rescale_by);
         out[0] = std::move(grad);
         return out;
       }

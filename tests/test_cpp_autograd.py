@@ -73,12 +73,12 @@ def _guess_one():
     smoothce.cross_entropy(z, torch.zeros(1, dtype=torch.long)).backward()
 
 
-def _fwd_bwd_twice(shape, dtype, options, reduction):
+def _fwd_bwd_twice(shape, dtype, options, reduction, scale=0.75):
     """The loss, the gradient of the first backward (retain_graph) and of a second one, for an upstream
-    gradient that is not 1."""
+    gradient that is not 1 (`scale`; 'none': random)."""
     x, fn = _loss_fn(shape, dtype, options, reduction)
     loss = fn(x)
-    upstream = torch.full_like(loss, 0.75) if reduction != "none" else (
+    upstream = torch.full_like(loss, scale) if reduction != "none" else (
         torch.rand(loss.shape, generator=torch.Generator().manual_seed(5)).to(loss.dtype))
     loss.backward(upstream, retain_graph=True)
     first = x.grad.clone()
@@ -94,7 +94,8 @@ def _fwd_bwd_twice(shape, dtype, options, reduction):
 def test_node_matches_the_python_function(shape, options, dtype, reduction, monkeypatch):
     """Bit for bit: the loss, the first (fused, rescaled) gradient and the second (recomputed) one. Then
     the node again, now that it guesses the upstream gradient (bf16): the fused gradient is scaled inside
-    the kernel, bit for bit the recomputed one; fp32 and fp64 give the same bits as the first time."""
+    the kernel, bit for bit the recomputed one; fp32 and fp64 give the same bits as the first time, and
+    for a power of two (which they guess) the bits of the Python Function's rescale."""
     shape = SHAPES[shape]
     options = OPTIONS[options]
     _guess_one()
@@ -117,6 +118,16 @@ def test_node_matches_the_python_function(shape, options, dtype, reduction, monk
     # for 0.75, which the recompute gives too; else the same bits as the first time
     guessed = reduction != "none" and BACKEND != "cuda" and dtype == torch.bfloat16
     assert torch.equal(guessed_first, second if guessed else first)
+    if dtype == torch.bfloat16 or reduction == "none":
+        return
+    # fp32, fp64: a power of two is guessed (from the second call on), and the gradient scaled inside
+    # the kernel has the bits of the Python Function's rescale
+    monkeypatch.setattr(_function, "_cpp_autograd", lambda: False)
+    _, py_first, _, _ = _fwd_bwd_twice(shape, dtype, options, reduction, scale=0.5)
+    monkeypatch.setattr(_function, "_cpp_autograd", cpp_autograd)
+    for _ in range(2):
+        _, guessed_first, _, _ = _fwd_bwd_twice(shape, dtype, options, reduction, scale=0.5)
+        assert torch.equal(guessed_first, py_first)
 
 
 @pytest.mark.skipif(BACKEND == "cuda", reason="on a GPU the loss's grad_fn is the copy back to the CPU")
