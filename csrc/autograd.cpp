@@ -144,7 +144,7 @@ bool rescale_fused_grad(const Tensor& grad, const Tensor& grad_loss) {
 }
 
 // The upstream gradient the next fused forward of logits on CPU scales its gradient by: the last
-// finite, nonzero scalar a fused backward on CPU received (1 at first); for fp32 and fp64 logits only
+// finite, positive scalar a fused backward on CPU received (1 at first); for fp32 and fp64 logits only
 // where it is a power of two within 2^±64 (expected_scale). A training loop that scales its loss the same way at
 // every step (gradient accumulation's loss / k, a loss scaler's factor) then gets the gradient scaled
 // inside the kernel, and its backward does nothing, instead of a recompute (half types) or a rescale
@@ -156,7 +156,8 @@ bool rescale_fused_grad(const Tensor& grad, const Tensor& grad_loss) {
 // every rounded step exactly, so the kernel's gradient for 2^k is 2^k times its gradient for 1, and a
 // rescale by g / 2^k (exact) of it rounds g times that gradient once, as the rescale without a guess
 // does. Not so for elements that are or become subnormal (below 2^−126 in magnitude; fp64 2^−1022),
-// which can differ in their last bit. fp32 and fp64 guess no other scale: their rescale rounds twice,
+// which can differ in their last bit. Negative scales are not guessed: a rescale by one turns the
+// gradient's zeros (ignored positions) into −0, where the kernel writes +0. fp32 and fp64 guess no other scale: their rescale rounds twice,
 // which a scale inside the kernel would not reproduce.
 // On a GPU, reading the upstream gradient would synchronize with the device: there it stays 1.
 std::atomic<double> g_expected_scale{1.0};
@@ -172,7 +173,7 @@ double expected_scale(const Tensor& input) {
     case at::kFloat:
     case at::kDouble:
       // (within 2^±64: the kernel's constants scaled by it stay normal)
-      return is_power_of_two(s) && std::abs(s) >= 0x1p-64 && std::abs(s) <= 0x1p64 ? s : 1.0;
+      return is_power_of_two(s) && s >= 0x1p-64 && s <= 0x1p64 ? s : 1.0;
     default:
       return 1.0;
   }
@@ -217,7 +218,7 @@ struct CrossEntropyFunction : public torch::autograd::Function<CrossEntropyFunct
       const double expected = ctx->saved_data.at("s").toDouble();  // (see g_expected_scale)
       if (grad_loss.device().is_cpu() && grad_loss.dim() == 0) {
         const double g = cpu_scalar(grad_loss);
-        if (std::isfinite(g) && g != 0.0) g_expected_scale.store(g, std::memory_order_relaxed);
+        if (std::isfinite(g) && g > 0.0) g_expected_scale.store(g, std::memory_order_relaxed);
         if (g == expected) {
           out[0] = std::move(grad);  // scaled inside the kernel already
           return out;

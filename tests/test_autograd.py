@@ -258,7 +258,7 @@ def test_fused_gradient_for_the_last_upstream_gradient(dtype):
     backward that gets that one does nothing more: a loop that scales its loss the same way at every step
     (loss / k) pays no recompute or rescale. Another one is recomputed (half types) or rescaled. The bits
     are the same either way: the kernel's own scaling (half types), the rescale of the gradient for 1
-    (fp32, fp64); zero and non-finite upstream gradients are not guessed."""
+    (fp32, fp64); zero, negative and non-finite upstream gradients are not guessed."""
     from smoothce import _function
 
     x = make_logits((64, 300), torch.float32, scale=4.0).to(dtype)
@@ -283,21 +283,22 @@ def test_fused_gradient_for_the_last_upstream_gradient(dtype):
         for upstream, work in ((0.3, set()), (0.7, recompute), (0.7, set()), (1.0, recompute), (1.0, set())):
             assert torch.equal(step(upstream, work), kernel(upstream)), upstream
         assert torch.equal(step(0.3, recompute), kernel(0.3))
-        for unusable in (0.0, float("nan"), float("inf")):
+        for unusable in (0.0, float("nan"), float("inf"), -0.3, -0.5):
             step(unusable, recompute)
             assert torch.equal(step(0.3, set()), kernel(0.3)), unusable  # still the guess before them
         return
     # fp32, fp64: every gradient is the rescale of the kernel's gradient for 1, bit for bit
     rescale = {"rescale"}
     step(0.3)
-    for upstream, work in ((0.3, rescale), (0.3, rescale), (0.5, rescale), (0.5, set()), (-0.5, rescale),
-                           (-0.5, set()), (0.3, rescale), (1.0, set()), (4.0, rescale), (1.0, rescale), (1.0, set()),
+    for upstream, work in ((0.3, rescale), (0.3, rescale), (0.5, rescale), (0.5, set()), (0.3, rescale), (1.0, set()), (4.0, rescale), (1.0, rescale), (1.0, set()),
                            (2.0 ** -64, rescale), (2.0 ** -64, set()), (2.0 ** -65, rescale), (2.0 ** -65, rescale),
                            (0.125, rescale), (0.125, set())):
         assert torch.equal(step(upstream, work), kernel(1.0) * upstream), upstream
-    for unusable in (0.0, float("nan"), float("inf")):
+    for unusable in (0.0, float("nan"), float("inf"), -0.5, -0.3):
         expected = kernel(1.0) * unusable
-        assert torch.equal(step(unusable, rescale).nan_to_num(7.0), expected.nan_to_num(7.0)), unusable
+        got = step(unusable, rescale)
+        assert torch.equal(got.nan_to_num(7.0), expected.nan_to_num(7.0)), unusable
+        assert torch.equal(got.signbit(), expected.signbit()), unusable  # (-0.5: its zeros are -0 too)
         assert torch.equal(step(0.125, set()), kernel(1.0) * 0.125), unusable  # still the guess before them
     assert torch.equal(kernel(0.125), kernel(1.0) * 0.125)  # what a guess relies on
 
