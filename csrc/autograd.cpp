@@ -145,20 +145,22 @@ bool rescale_fused_grad(const Tensor& grad, const Tensor& grad_loss) {
 
 // The upstream gradient the next fused forward of logits on CPU scales its gradient by: the last
 // finite, positive scalar a fused backward on CPU received (1 at first); for fp32 and fp64 logits only
-// where it is a power of two within 2^±64 (expected_scale). A training loop that scales its loss the same way at
-// every step (gradient accumulation's loss / k, a loss scaler's factor) then gets the gradient scaled
-// inside the kernel, and its backward does nothing, instead of a recompute (half types) or a rescale
-// (one more read and write of N×C). A backward that receives another upstream gradient recomputes
-// the gradient scaled inside the kernel (half types), rescales it by the quotient of the two (fp32,
-// fp64), or, where the forward used 1, goes on as rescale_fused_grad says. Either way the gradient has
-// the bits it had without the guess: the recompute's (which the exact bf16 rescale by a power of two
-// equals), or, for fp32 and fp64, the rescale's. Scaling by a power of two inside the kernel scales
-// every rounded step exactly, so the kernel's gradient for 2^k is 2^k times its gradient for 1, and a
-// rescale by g / 2^k (exact) of it rounds g times that gradient once, as the rescale without a guess
-// does. Not so for elements that are or become subnormal (below 2^−126 in magnitude; fp64 2^−1022),
-// which can differ in their last bit. Negative scales are not guessed: a rescale by one turns the
-// gradient's zeros (ignored positions) into −0, where the kernel writes +0. fp32 and fp64 guess no other scale: their rescale rounds twice,
-// which a scale inside the kernel would not reproduce.
+// where it is a power of two within 2^±64 (expected_scale). A training loop that scales its loss the
+// same way at every step (gradient accumulation's loss / k, a loss scaler's factor) then gets the
+// gradient scaled inside the kernel, and its backward does nothing, instead of a recompute (half
+// types) or a rescale (one more read and write of N×C). A backward that receives another upstream
+// gradient recomputes the gradient scaled inside the kernel (half types), rescales it by the quotient
+// of the two (fp32, fp64), or, where the forward used 1, goes on as rescale_fused_grad says.
+// Either way the gradient has the bits it had without the guess: the recompute's (which the exact
+// bf16 rescale by a power of two equals), or, for fp32 and fp64, the rescale's. Scaling by a power of
+// two inside the kernel scales every rounded step exactly, so the kernel's gradient for 2^k is 2^k
+// times its gradient for 1, and a rescale by g / 2^k (exact) of it rounds g times that gradient once,
+// as the rescale without a guess does. Not so for elements that are or become subnormal (below 2^−126
+// in magnitude; fp64 2^−1022), which can differ in their last bit, nor where g / 2^k does not fit the
+// dtype (|g| beyond about 2^±60 times the guess): that gradient is recomputed.
+// Negative scales are not guessed: a rescale by one turns the gradient's zeros (ignored positions)
+// into −0, where the kernel writes +0. fp32 and fp64 guess no other scale than powers of two: their
+// rescale rounds twice, which a scale inside the kernel would not reproduce.
 // On a GPU, reading the upstream gradient would synchronize with the device: there it stays 1.
 std::atomic<double> g_expected_scale{1.0};
 

@@ -290,8 +290,10 @@ def test_fused_gradient_for_the_last_upstream_gradient(dtype):
     # fp32, fp64: every gradient is the rescale of the kernel's gradient for 1, bit for bit
     rescale = {"rescale"}
     step(0.3)
-    for upstream, work in ((0.3, rescale), (0.3, rescale), (0.5, rescale), (0.5, set()), (0.3, rescale), (1.0, set()), (4.0, rescale), (1.0, rescale), (1.0, set()),
+    for upstream, work in ((0.3, rescale), (0.3, rescale), (0.5, rescale), (0.5, set()), (0.3, rescale),
+                           (1.0, set()), (4.0, rescale), (1.0, rescale), (1.0, set()),
                            (2.0 ** -64, rescale), (2.0 ** -64, set()), (2.0 ** -65, rescale), (2.0 ** -65, rescale),
+                           (2.0 ** 64, rescale), (2.0 ** 64, set()), (2.0 ** 65, rescale), (2.0 ** 65, rescale),
                            (0.125, rescale), (0.125, set())):
         assert torch.equal(step(upstream, work), kernel(1.0) * upstream), upstream
     for unusable in (0.0, float("nan"), float("inf"), -0.5, -0.3):
