@@ -94,6 +94,26 @@ def _load_emulated_ops():
         _load_emulated_ops.faked = True
 
 
+def reset_upstream_guess():
+    """Sets the C++ autograd node's guess of the next upstream gradient (csrc/autograd.cpp,
+    g_expected_scale) back to 1: a fused backward on CPU that receives 1 sets it. Through the node with
+    the CPU kernels whatever the test backend (under the cuda backend, smoothce.cross_entropy runs on
+    the GPU, where backward leaves the guess as it is)."""
+    from smoothce import _function
+
+    z = torch.zeros(1, 2, requires_grad=True)
+    _function._C.cross_entropy("smoothce", z, torch.zeros(1, dtype=torch.long), None, -100, 1, 0.0, False, None,
+                               0.0, None, None, 1.0, True).backward()
+
+
+@pytest.fixture(autouse=True)
+def fresh_upstream_guess():
+    """Every test starts from the guess a fresh process has, so that none depends on the upstream
+    gradients of the tests before it (a fused forward scales its gradient by the guess, and a backward
+    that gets another upstream gradient rescales or recomputes: more time, more traffic)."""
+    reset_upstream_guess()
+
+
 @pytest.fixture(autouse=True)
 def backend(request, monkeypatch):
     """Routes smoothce's calls to the chosen kernels for every test not marked cpu_only."""

@@ -66,13 +66,6 @@ def _loss_fn(shape, dtype, options, reduction):
     return x, fn
 
 
-def _guess_one():
-    """Leaves the C++ node's guess of the next upstream gradient (csrc/autograd.cpp, g_expected_scale) at
-    1: a fused backward that receives 1 sets it."""
-    z = torch.zeros(1, 2, requires_grad=True)
-    smoothce.cross_entropy(z, torch.zeros(1, dtype=torch.long)).backward()
-
-
 def _fwd_bwd_twice(shape, dtype, options, reduction, scale=0.75):
     """The loss, the gradient of the first backward (retain_graph) and of a second one, for an upstream
     gradient that is not 1 (`scale`; 'none': random)."""
@@ -98,7 +91,6 @@ def test_node_matches_the_python_function(shape, options, dtype, reduction, monk
     for a power of two (which they guess) the bits of the Python Function's rescale."""
     shape = SHAPES[shape]
     options = OPTIONS[options]
-    _guess_one()
     loss, first, second, name = _fwd_bwd_twice(shape, dtype, options, reduction)
     cpp_autograd = _function._cpp_autograd
     monkeypatch.setattr(_function, "_cpp_autograd", lambda: False)
