@@ -3,8 +3,8 @@
 // pays for one C++ node instead of a Python autograd.Function and a Python backward. It is the same
 // algorithm as smoothce/_function.py's CrossEntropyFunction (which serves every other case, and
 // torch.compile): for 'mean' and 'sum' the forward kernel writes the gradient for an upstream
-// gradient of 1 (bf16/fp16 on CPU: the last one a backward received, g_expected_scale, which the
-// Python Function does not guess) and the first backward rescales it in place where it differs;
+// gradient of 1 (on CPU: the one the last two backwards received, g_expected_scale, which the Python
+// Function does not guess) and the first backward rescales it in place where it differs;
 // 'none' and a second backward through a retained graph recompute it from the saved logits;
 // create_graph=True calls back into Python for a differentiable gradient.
 #include <Python.h>
@@ -143,9 +143,13 @@ bool rescale_fused_grad(const Tensor& grad, const Tensor& grad_loss) {
   return g == 1.0 || (is_power_of_two(g) && dtype == at::kBFloat16);
 }
 
-// The upstream gradient the next fused forward of logits on CPU scales its gradient by: the last
-// finite, positive scalar a fused backward on CPU received (1 at first); for fp32 and fp64 logits only
-// where it is a power of two within 2^±64 (expected_scale). A training loop that scales its loss the
+// The upstream gradient the next fused forward of logits on CPU scales its gradient by: the finite,
+// positive scalar that the last two fused backwards on CPU received, where they received the same
+// (g_last_scale: the last one), else 1; for fp32 and fp64 logits only where it is a power of two
+// within 2^±64 (expected_scale). Twice in a row: where losses with different upstream gradients take
+// turns (an auxiliary loss weighted in the same backward, a second model's loss in a backward of its
+// own), the guess of the last one would make the others miss, each step, also those whose upstream
+// gradient is 1, which without a guess cost nothing more. A training loop that scales its loss the
 // same way at every step (gradient accumulation's loss / k, a loss scaler's factor) then gets the
 // gradient scaled inside the kernel, and its backward does nothing, instead of a recompute (half
 // types) or a rescale (one more read and write of N×C). A backward that receives another upstream
@@ -163,6 +167,7 @@ bool rescale_fused_grad(const Tensor& grad, const Tensor& grad_loss) {
 // rescale rounds twice, which a scale inside the kernel would not reproduce.
 // On a GPU, reading the upstream gradient would synchronize with the device: there it stays 1.
 std::atomic<double> g_expected_scale{1.0};
+std::atomic<double> g_last_scale{1.0};
 
 // The scale a fused forward of `input` computes its gradient for (see g_expected_scale).
 double expected_scale(const Tensor& input) {
@@ -220,7 +225,10 @@ struct CrossEntropyFunction : public torch::autograd::Function<CrossEntropyFunct
       const double expected = ctx->saved_data.at("s").toDouble();  // (see g_expected_scale)
       if (grad_loss.device().is_cpu() && grad_loss.dim() == 0) {
         const double g = cpu_scalar(grad_loss);
-        if (std::isfinite(g) && g > 0.0) g_expected_scale.store(g, std::memory_order_relaxed);
+        if (std::isfinite(g) && g > 0.0) {
+          const double last = g_last_scale.exchange(g, std::memory_order_relaxed);
+          g_expected_scale.store(g == last ? g : 1.0, std::memory_order_relaxed);
+        }
         if (g == expected) {
           out[0] = std::move(grad);  // scaled inside the kernel already
           return out;

@@ -112,12 +112,13 @@ def test_node_matches_the_python_function(shape, options, dtype, reduction, monk
     assert torch.equal(guessed_first, second if guessed else first)
     if dtype == torch.bfloat16 or reduction == "none":
         return
-    # fp32, fp64: a power of two is guessed (from the second call on), and the gradient scaled inside
-    # the kernel has the bits of the Python Function's rescale
+    # fp32, fp64: a power of two is guessed (from the third call on: the guess is what the last two
+    # backwards received), and the gradient scaled inside the kernel has the bits of the Python
+    # Function's rescale
     monkeypatch.setattr(_function, "_cpp_autograd", lambda: False)
     _, py_first, _, _ = _fwd_bwd_twice(shape, dtype, options, reduction, scale=0.5)
     monkeypatch.setattr(_function, "_cpp_autograd", cpp_autograd)
-    for _ in range(2):
+    for _ in range(3):
         _, guessed_first, _, _ = _fwd_bwd_twice(shape, dtype, options, reduction, scale=0.5)
         assert torch.equal(guessed_first, py_first)
 
