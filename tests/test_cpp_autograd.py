@@ -86,7 +86,7 @@ def _fwd_bwd_twice(shape, dtype, options, reduction, scale=0.75):
 @pytest.mark.parametrize("shape", sorted(SHAPES))
 def test_node_matches_the_python_function(shape, options, dtype, reduction, monkeypatch):
     """Bit for bit: the loss, the first (fused, rescaled) gradient and the second (recomputed) one. Then
-    the node again, now that it guesses the upstream gradient (bf16): the fused gradient is scaled inside
+    the node again, until it guesses the upstream gradient (bf16): the fused gradient is scaled inside
     the kernel, bit for bit the recomputed one; fp32 and fp64 give the same bits as the first time, and
     for a power of two (which they guess) the bits of the Python Function's rescale."""
     shape = SHAPES[shape]
@@ -103,13 +103,16 @@ def test_node_matches_the_python_function(shape, options, dtype, reduction, monk
     # (the fused gradient is rescaled after rounding, the recomputed one scaled inside the kernel)
     eps = torch.finfo(dtype).eps
     torch.testing.assert_close(first, second, rtol=2 * eps, atol=4 * eps * first.abs().max().item())
-    monkeypatch.setattr(_function, "_cpp_autograd", cpp_autograd)  # (the node again)
-    _, guessed_first, guessed_second, _ = _fwd_bwd_twice(shape, dtype, options, reduction)
-    assert torch.equal(guessed_second, second)
-    # bf16 on CPU (on a GPU the guess stays 1), mean or sum: the fused gradient scaled inside the kernel
-    # for 0.75, which the recompute gives too; else the same bits as the first time
-    guessed = reduction != "none" and BACKEND != "cuda" and dtype == torch.bfloat16
-    assert torch.equal(guessed_first, second if guessed else first)
+    # The node again, twice (its guess is the upstream gradient the last two backwards received).
+    monkeypatch.setattr(_function, "_cpp_autograd", cpp_autograd)
+    for _ in range(2):
+        _, guessed_first, guessed_second, _ = _fwd_bwd_twice(shape, dtype, options, reduction)
+        assert torch.equal(guessed_second, second)
+        # bf16 on CPU (on a GPU the guess stays 1), mean or sum: recomputed for 0.75, then (the second
+        # time) the fused gradient scaled inside the kernel for 0.75, the same bits; else the same bits
+        # as the first time
+        guessed = reduction != "none" and BACKEND != "cuda" and dtype == torch.bfloat16
+        assert torch.equal(guessed_first, second if guessed else first)
     if dtype == torch.bfloat16 or reduction == "none":
         return
     # fp32, fp64: a power of two is guessed (from the third call on: the guess is what the last two
