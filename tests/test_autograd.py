@@ -285,7 +285,7 @@ class _Guess:
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32, torch.float64],
                          ids=lambda d: str(d)[6:])
-def test_fused_gradient_for_the_last_upstream_gradient(dtype):
+def test_fused_gradient_for_a_guessed_upstream_gradient(dtype):
     """In eager mode on CPU, a fused forward scales its gradient inside the kernel by the upstream
     gradient the last two backwards received, where they received the same (fp32, fp64: a power of two
     within 2^±64), and a backward that gets that one does nothing more: a loop that scales its loss the
