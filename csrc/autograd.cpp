@@ -148,8 +148,8 @@ bool rescale_fused_grad(const Tensor& grad, const Tensor& grad_loss) {
 // (g_last_scale: the last one), else 1; for fp32 and fp64 logits only where it is a power of two
 // within 2^±64 (expected_scale). Twice in a row: where losses with different upstream gradients take
 // turns (an auxiliary loss weighted in the same backward, a second model's loss in a backward of its
-// own), the guess of the last one would make the others miss, each step, also those whose upstream
-// gradient is 1, which without a guess cost nothing more. A training loop that scales its loss the
+// own), a guess of the last one could make the others miss each step, also one whose upstream
+// gradient is 1, which without a guess costs nothing more. A training loop that scales its loss the
 // same way at every step (gradient accumulation's loss / k, a loss scaler's factor) then gets the
 // gradient scaled inside the kernel, and its backward does nothing, instead of a recompute (half
 // types) or a rescale (one more read and write of N×C). A backward that receives another upstream
