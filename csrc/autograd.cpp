@@ -135,11 +135,11 @@ bool is_power_of_two(double g) {
 // 1.3–1.7× the time of loss * 0.5 (Zen 4 VM, 2 threads). fp32 and fp64 rescale: at most 1 ulp of the
 // accumulation dtype. On a GPU, reading grad_loss would synchronize with the device: rescaled.
 // smoothce/_function.py's _rescale_fused_grad is the same test for the Python autograd.Function.
-bool rescale_fused_grad(const Tensor& grad, const Tensor& grad_loss) {
+// host_g: grad_loss's value where it is a scalar on the CPU (else none).
+bool rescale_fused_grad(const Tensor& grad, std::optional<double> host_g) {
   const auto dtype = grad.scalar_type();
-  if ((dtype != at::kBFloat16 && dtype != at::kHalf) || !grad_loss.device().is_cpu() || grad_loss.dim() != 0)
-    return true;
-  const double g = cpu_scalar(grad_loss);
+  if ((dtype != at::kBFloat16 && dtype != at::kHalf) || !host_g.has_value()) return true;
+  const double g = *host_g;
   return g == 1.0 || (is_power_of_two(g) && dtype == at::kBFloat16);
 }
 
@@ -223,8 +223,11 @@ struct CrossEntropyFunction : public torch::autograd::Function<CrossEntropyFunct
       Tensor grad = fused->second.toTensor();
       ctx->saved_data.erase(fused);  // a second backward recomputes it
       const double expected = ctx->saved_data.at("s").toDouble();  // (see g_expected_scale)
-      if (grad_loss.device().is_cpu() && grad_loss.dim() == 0) {
-        const double g = cpu_scalar(grad_loss);
+      // (the upstream gradient's value where it is a scalar on the CPU, read once)
+      std::optional<double> host_g;
+      if (grad_loss.device().is_cpu() && grad_loss.dim() == 0) host_g = cpu_scalar(grad_loss);
+      if (host_g.has_value()) {
+        const double g = *host_g;
         if (std::isfinite(g) && g > 0.0) {
           const double last = g_last_scale.exchange(g, std::memory_order_relaxed);
           g_expected_scale.store(g == last ? g : 1.0, std::memory_order_relaxed);
@@ -238,10 +241,9 @@ struct CrossEntropyFunction : public torch::autograd::Function<CrossEntropyFunct
       // recomputed where it is not representable) or recomputed (half types).
       OptTensor rescale_by;
       if (expected == 1.0) {
-        if (rescale_fused_grad(grad, grad_loss)) rescale_by = grad_loss;
-      } else if ((grad.scalar_type() == at::kFloat || grad.scalar_type() == at::kDouble) &&
-                 grad_loss.device().is_cpu() && grad_loss.dim() == 0) {
-        const double quotient = cpu_scalar(grad_loss) / expected;
+        if (rescale_fused_grad(grad, host_g)) rescale_by = grad_loss;
+      } else if ((grad.scalar_type() == at::kFloat || grad.scalar_type() == at::kDouble) && host_g.has_value()) {
+        const double quotient = *host_g / expected;
         Tensor by = at::scalar_tensor(quotient, grad_loss.options());
         if (cpu_scalar(by) == quotient || std::isnan(quotient)) rescale_by = std::move(by);
       }
