@@ -330,6 +330,12 @@ struct Params : PositionLayout, Smoothing<acc_type<scalar_t>> {
     auto read = [&](const auto* target) {
       target += off0;
       if (stride == 1 && count == V) {  // a whole tile of contiguous targets: vectorized
+#if defined(CPU_CAPABILITY_AVX2)
+        // (8 int64 targets, AVX2: 19 instructions, against 42 for GCC's vectorization of the loop)
+        if constexpr (V == 8 && std::is_same_v<std::remove_cv_t<std::remove_pointer_t<decltype(target)>>, int64_t>) {
+          return plain_classes8(target, out);
+        }
+#endif
         for (int64_t l = 0; l < V; ++l) out[l] = cls(static_cast<int64_t>(target[l]));
         return;
       }
@@ -342,6 +348,24 @@ struct Params : PositionLayout, Smoothing<acc_type<scalar_t>> {
       read(target8);
     }
   }
+#if defined(CPU_CAPABILITY_AVX2)
+  // plain_targets' classes of 8 contiguous int64 targets: t where t ≠ ignore_index and 0 ≤ t < classes,
+  // else −1 (all bits set: t | ~valid), packed from the 64-bit lanes' low halves.
+  void plain_classes8(const int64_t* target, int32_t* out) const {
+    const __m256i ignore = _mm256_set1_epi64x(ignore_index), limit = _mm256_set1_epi64x(classes);
+    const __m256i ones = _mm256_set1_epi64x(-1);
+    const auto masked = [&](const int64_t* ptr) {
+      const __m256i t = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(ptr));
+      const __m256i inside = _mm256_and_si256(_mm256_cmpgt_epi64(limit, t), _mm256_cmpgt_epi64(t, ones));
+      const __m256i valid = _mm256_andnot_si256(_mm256_cmpeq_epi64(t, ignore), inside);
+      return _mm256_or_si256(t, _mm256_andnot_si256(valid, ones));
+    };
+    const __m256i low = _mm256_setr_epi32(0, 2, 4, 6, 0, 2, 4, 6);
+    const __m256i a = _mm256_permutevar8x32_epi32(masked(target), low);
+    const __m256i b = _mm256_permutevar8x32_epi32(masked(target + 4), low);
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(out), _mm256_blend_epi32(a, b, 0xF0));
+  }
+#endif
   // Logits (class stride sc from x) and weights at the targets; read before any gradient is written,
   // as the gradient may be written over the logits (inplace_backward).
   template <typename in_t>
