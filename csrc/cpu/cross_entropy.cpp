@@ -1274,6 +1274,29 @@ inline void map_targets(const Params<scalar_t>& p, int64_t n, int64_t s0, int64_
   }
 }
 
+// dst[0..n) = src[0..n) in the accumulation type, and back (rounded once), with vector conversions.
+// n: a count, or a compile-time one (std::integral_constant), whose loops then unroll without tests
+// (across_wide_kernel's whole groups).
+template <typename scalar_t>
+void widen(const scalar_t* src, acc_type<scalar_t>* dst, auto n) {
+  constexpr int64_t V = Vectorized<acc_type<scalar_t>>::size();
+  int64_t i = 0;
+  for (; i + V <= n; i += V) load_acc(src + i).store(dst + i);
+  if (i < n) load_acc(src + i, n - i).store(dst + i, n - i);
+}
+
+template <typename scalar_t>
+void narrow(const acc_type<scalar_t>* src, scalar_t* dst, auto n) {
+  using Vec = Vectorized<acc_type<scalar_t>>;
+  constexpr int64_t V = Vec::size();
+  int64_t i = 0;
+  // (half types: two vectors a pack, as store_acc2)
+  if constexpr (!std::is_same_v<scalar_t, acc_type<scalar_t>>)
+    for (; i + 2 * V <= n; i += 2 * V) store_acc2(dst + i, Vec::loadu(src + i), Vec::loadu(src + i + V));
+  for (; i + V <= n; i += V) store_acc(dst + i, Vec::loadu(src + i));
+  if (i < n) store_acc(dst + i, Vec::loadu(src + i, n - i), n - i);
+}
+
 // Strided classes, contiguous positions, widened: a group of up to kLineTiles consecutive tiles (a
 // 64-byte line of each class, all of one outer index) is copied into buffers in the accumulation type
 // once and computed there (the small-rows kernel's tile_kernel instance), and its gradient is copied
@@ -1355,14 +1378,6 @@ void across_wide_kernel(const Params<scalar_t>& p, int64_t tile_begin, int64_t t
     // This group: `tiles` tiles, `width` positions from s0.
     const int64_t tiles = std::min({kLineTiles, tile_end - tile, tiles_per_outer - tile % tiles_per_outer});
     const int64_t width = std::min(tiles * V, p.inner - s0);
-    // (w: the group's width, a constant GV for whole groups, whose copies then unroll without tests:
-    // with the width tested at every vector, copying in and out took 30% of the instructions of
-    // 2×21×128×128 fp32 fwd+bwd, callgrind)
-    auto widen = [&](const scalar_t* src, acc_t* dst, auto w) {
-      int64_t j = 0;
-      for (; j + V <= w; j += V) load_acc(src + j).store(dst + j);
-      if (j < w) load_acc(src + j, w - j).store(dst + j);
-    };
     // Meanwhile (AVX2 builds), each class's line that holds the next group's last position is
     // prefetched: the line the group would miss on where lines do not start at a group (its first is
     // this group's last). Zen 3 VM, AVX2, 1 thread, interleaved processes, against no prefetch: bf16
@@ -1385,12 +1400,14 @@ void across_wide_kernel(const Params<scalar_t>& p, int64_t tile_begin, int64_t t
     // are two tiles, was not measured with these prefetches (the tile passes' prefetch of across_kernel
     // cost this kernel up to 21%).
     const bool prefetch = kWidePrefetch && tile + tiles < tile_end;
+    // (w: the group's width, a constant GV for whole groups: with the width tested at every vector,
+    // copying in and out took 30% of the instructions of 2×21×128×128 fp32 fwd+bwd, callgrind)
     const auto widen_classes = [&](auto w) {
       for (int64_t c = 0; c < C; ++c) {
         if (prefetch) __builtin_prefetch(p.input + offset + c * sc + 2 * GV - 1, 0, 3);
         if (kWidePrefetch && p.grad) __builtin_prefetch(p.grad + offset + c * sc, 1, 3);
-        widen(p.input + offset + c * sc, x_wide + c * GV, w);
-        if constexpr (kSoft) widen(p.soft_target + offset + c * sc, prob_wide + c * GV, w);
+        widen<scalar_t>(p.input + offset + c * sc, x_wide + c * GV, w);
+        if constexpr (kSoft) widen<scalar_t>(p.soft_target + offset + c * sc, prob_wide + c * GV, w);
       }
     };
     const std::integral_constant<int64_t, GV> whole;
@@ -1403,14 +1420,7 @@ void across_wide_kernel(const Params<scalar_t>& p, int64_t tile_begin, int64_t t
                                           targets, exps.empty() ? nullptr : exps.data());
     }
     const auto copy_back = [&](auto w) {
-      for (int64_t c = 0; c < C; ++c) {
-        scalar_t* dst = p.grad + offset + c * sc;
-        const acc_t* src = g_wide + c * GV;
-        int64_t j = 0;
-        if constexpr (!std::is_same_v<scalar_t, acc_t>)
-          for (; j + 2 * V <= w; j += 2 * V) store_acc2(dst + j, Vec::loadu(src + j), Vec::loadu(src + j + V));
-        for (; j < w; j += V) store_acc(dst + j, Vec::loadu(src + j), std::min<int64_t>(V, w - j));
-      }
+      for (int64_t c = 0; c < C; ++c) narrow<scalar_t>(g_wide + c * GV, p.grad + offset + c * sc, w);
     };
     if (p.grad) width == GV ? copy_back(whole) : copy_back(width);
     tile += tiles;
@@ -1464,27 +1474,6 @@ constexpr int64_t kSmallClasses = 32;
 inline int64_t uniform_stride(int64_t inner, int64_t stride_outer, int64_t stride_inner) {
   if (inner == 1) return stride_outer;
   return stride_outer == inner * stride_inner ? stride_inner : -1;
-}
-
-// dst[0..n) = src[0..n) in the accumulation type, and back (rounded once), with vector conversions.
-template <typename scalar_t>
-void widen(const scalar_t* src, acc_type<scalar_t>* dst, int64_t n) {
-  constexpr int64_t V = Vectorized<acc_type<scalar_t>>::size();
-  int64_t i = 0;
-  for (; i + V <= n; i += V) load_acc(src + i).store(dst + i);
-  if (i < n) load_acc(src + i, n - i).store(dst + i, n - i);
-}
-
-template <typename scalar_t>
-void narrow(const acc_type<scalar_t>* src, scalar_t* dst, int64_t n) {
-  using Vec = Vectorized<acc_type<scalar_t>>;
-  constexpr int64_t V = Vec::size();
-  int64_t i = 0;
-  // (half types: two vectors a pack, as store_acc2)
-  if constexpr (!std::is_same_v<scalar_t, acc_type<scalar_t>>)
-    for (; i + 2 * V <= n; i += 2 * V) store_acc2(dst + i, Vec::loadu(src + i), Vec::loadu(src + i + V));
-  for (; i + V <= n; i += V) store_acc(dst + i, Vec::loadu(src + i));
-  if (i < n) store_acc(dst + i, Vec::loadu(src + i, n - i), n - i);
 }
 
 #if defined(CPU_CAPABILITY_AVX512)
