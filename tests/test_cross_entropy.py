@@ -285,6 +285,11 @@ LAYOUTS = {
     "offset_slice_small": ((40, 13), lambda leaf: leaf[1:, 3:]),             # row stride 13, C = 10
     "vocab_padding_small": ((40, 12), lambda leaf: leaf[:, :10]),            # gradient rows 12 apart too
     "channels_last_small": ((3, 10, 5, 7), lambda leaf: leaf.to(memory_format=torch.channels_last)),
+    # fewer than 8 classes with rows 8 apart, and rows of few classes at stride 0: the whole tiles'
+    # register transposes read each row's partial block of classes without reading past the rows
+    "offset_slice_tiny": ((40, 8), lambda leaf: leaf[1:, 3:]),               # row stride 8, C = 5
+    "expanded_rows_small": ((1, 10), lambda leaf: leaf.expand(20, 10)),      # stride 0 over N, C = 10
+    "expanded_rows_tiny": ((1, 3), lambda leaf: leaf.expand(20, 3)),         # stride 0 over N, C = 3
 }
 
 
@@ -542,11 +547,14 @@ def test_index_targets_in_any_layout(layout, target_dtype, weighted, reduction):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64], ids=dtype_id)
 @pytest.mark.parametrize("C", list(range(1, 18)) + [31, 32, 33, 63, 64, 65, 127, 128, 129, 255, 256, 257])
 def test_class_counts_around_vector_widths(C, dtype):
-    """Row kernels: every remainder of C modulo the vector width (and double-vector unrolls)."""
-    x = make_logits((7, C), dtype, seed=C)
-    t = make_index_target((7,), C, ignore_every=3)
+    """Row kernels: every remainder of C modulo the vector width (and double-vector unrolls); up to 32
+    classes, the tiles of rows: whole tiles of 8 and 16 lanes (the register transposes' blocks of 8
+    and 16 classes, and their partial last block) and a partial tile."""
+    N = 37
+    x = make_logits((N, C), dtype, seed=C)
+    t = make_index_target((N,), C, ignore_every=3)
     mine, theirs, truth = run_all(smoothce.cross_entropy, x, t, weight=make_weight(C, dtype),
-                                  upstream=_upstream((7,)), reduction="none", label_smoothing=0.1)
+                                  upstream=_upstream((N,)), reduction="none", label_smoothing=0.1)
     check_all(mine, theirs, truth, dtype)
 
 

@@ -102,30 +102,45 @@ def _nan_bits(bits):
 
 
 @pytest.mark.parametrize("eps", [0.0, 0.1])
-def test_bf16_gradient_keeps_nan_and_inf(eps):
-    """bf16 rows round their gradient without a NaN test where the row's values cannot hold one (finite
-    max, log Σexp and coefficients; row_grad in csrc/cpu/cross_entropy.cpp), and with it elsewhere: an
-    fp32 upstream gradient (autocast) whose NaNs carry low payload bits, which that rounding would turn
-    into 0 or −0 (0x7fffffff, 0xffffffff), a NaN or +inf logit, an infinite upstream gradient and one
-    that overflows bf16 give NaN and ±inf exactly where the fp32 logits' gradient has them."""
-    C = 600
-    x = make_logits((10, C), torch.float32).bfloat16()
-    t = make_index_target((10,), C)
+@pytest.mark.parametrize("C, layout", [(600, "rows"), (10, "rows"), (21, "classes-strided")], ids=str)
+@pytest.mark.parametrize("weight", [None, "finite", "nan"])
+def test_bf16_gradient_keeps_nan_and_inf(eps, C, layout, weight):
+    """bf16 gradients are rounded without a NaN test where their values cannot hold one (rows: finite
+    max, log Σexp and coefficients, row_grad; tiles of small rows and of strided classes: finite lse,
+    coefficients and class weights, tile_kernel's grad_finite, in csrc/cpu/cross_entropy.cpp), and with
+    it elsewhere: an fp32 upstream gradient (autocast) or fp32 class weight whose NaNs carry low payload
+    bits, which that rounding would turn into 0 or −0 (0x7fffffff, 0xffffffff), a NaN or +inf logit, an
+    infinite upstream gradient and one that overflows bf16 give NaN and ±inf exactly where the fp32
+    logits' gradient has them. 600 classes: rows; 10: a whole tile of 8 lanes and a partial one; 21
+    classes N apart: one widened group."""
+    N = 10
+    x = make_logits((N, C), torch.float32).bfloat16()
+    t = make_index_target((N,), C)
     x[1, 7] = math.nan
     x[2, 9] = math.inf
-    x[3, 100:300] = -math.inf
-    t[3] = 5
-    up = torch.rand(10) + 0.5
+    x[3, C // 6:C // 2] = -math.inf
+    t[3] = 0
+    up = torch.rand(N) + 0.5
     up[4], up[5] = _nan_bits(0x7FFFFFFF), _nan_bits(-1)
     up[6], up[7], up[8] = math.inf, 3e38, -3e38
+    w = None
+    if weight is not None:
+        w = make_weight(C, torch.float32)
+        if weight == "nan":
+            w[4] = _nan_bits(0x7FFFFFFF)
     grads = []
     for logits in (x, x.float()):
-        leaf = logits.detach().requires_grad_()
+        data = logits if layout == "rows" else logits.t().contiguous()
+        leaf = data.detach().requires_grad_()
         with torch.autocast("cpu", dtype=torch.bfloat16):
-            loss = smoothce.cross_entropy(leaf, t, reduction="none", label_smoothing=eps)
+            if layout == "rows":
+                loss = smoothce.cross_entropy(leaf, t, weight=w, reduction="none", label_smoothing=eps)
+            else:
+                loss = smoothce.cross_entropy(leaf.unsqueeze(0), t.unsqueeze(0), weight=w, reduction="none",
+                                              label_smoothing=eps).reshape(-1)
         assert loss.dtype == torch.float32
         loss.backward(up)
-        grads.append(leaf.grad)
+        grads.append(leaf.grad if layout == "rows" else leaf.grad.t())
     got, want = grads[0], grads[1].bfloat16()
     assert got.dtype == torch.bfloat16
     assert got[[1, 2, 4, 5, 6]].isnan().any(1).all()

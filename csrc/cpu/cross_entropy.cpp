@@ -390,6 +390,13 @@ struct Params : PositionLayout, Smoothing<acc_type<scalar_t>> {
     if (t.b >= 0 && t.b != t.a) write(t.b, x.x_b, x.w_b);
   }
   acc_t weight_at(int64_t c) const { return weight ? weight[c] : acc_t(1); }
+  // No class weight is NaN or infinite (tile_kernel's grad_finite holds given these).
+  bool weights_finite() const {
+    if (weight)
+      for (int64_t c = 0; c < classes; ++c)
+        if (!std::isfinite(weight[c])) return false;
+    return true;
+  }
   acc_t scale_at(int64_t pos) const { return position_scale ? grad_scale * position_scale[pos] : grad_scale; }
   // soft_target_q (row_math.h) on a vector of probabilities.
   Vectorized<acc_t> soft_q(const Vectorized<acc_t>& prob) const {
@@ -1033,11 +1040,13 @@ constexpr int64_t kBlendTargetClasses = 32;
 // at ahead + c·sc for each class c, and the line at g_ahead + c·sc (may be null) for writing
 // (across_kernel). g may be x (inplace_backward): every logit is read
 // before its gradient element is written.
+// Returns true where the gradient written is known to hold no NaN given finite class weights (bf16
+// tiles of index targets; the tiles widened in a buffer round it without the NaN test), else false.
 // Always inlined into its three callers (which pass constant strides or buffers): left to itself,
 // GCC inlined some instances and not others, and flipped with unrelated edits (out of line, fp32
 // 65536×10 and 8×21×256×256 were 4–7% slower).
 template <typename scalar_t, Mass kMass, typename tile_t>
-C10_ALWAYS_INLINE void tile_kernel(const Params<scalar_t>& p, const tile_t* x, const tile_t* prob, tile_t* g,
+C10_ALWAYS_INLINE bool tile_kernel(const Params<scalar_t>& p, const tile_t* x, const tile_t* prob, tile_t* g,
                                    int64_t sc, int64_t pos0, int64_t count,
                                    const TileTargets<acc_type<scalar_t>, Vectorized<acc_type<scalar_t>>::size()>& targets,
                                    acc_type<scalar_t>* exps,
@@ -1091,7 +1100,7 @@ C10_ALWAYS_INLINE void tile_kernel(const Params<scalar_t>& p, const tile_t* x, c
     for (int64_t l = 0; l < count; ++l) p.position_loss[pos0 + l] = p.lse[pos0 + l] = acc_t(0);
     if (g)
       for (int64_t c = 0; c < C; ++c) store_acc(g + c * sc, Vec(0), count);
-    return;
+    return true;
   }
   const Vec vorigin = Vec::blendv(vmax, Vec(0), vmax == Vec(-std::numeric_limits<acc_t>::infinity()));
   Vec vsum(0), vrest(0), vmass_dx(0), vmass(0), vmass_rest(0), vmass_lost(0), vmass_rest_lost(0);
@@ -1168,9 +1177,21 @@ C10_ALWAYS_INLINE void tile_kernel(const Params<scalar_t>& p, const tile_t* x, c
   } else {
     tile_lane_results<scalar_t, kMass, tile_t>(p, x, sc, pos0, count, valid, targets.t, lanes);
   }
-  if (!g) return;
+  if (!g) return false;
 
   const Vec vcoef = Vec::loadu(lanes.coef), voff = Vec::loadu(lanes.off);
+  // bf16 with index targets: whether this gradient holds no NaN (given finite class weights), for the
+  // caller's rounding (narrow). Its elements are coef·p − off·w and the target's from the same finite
+  // terms when every valid lane's lse (so max and Σexp), coef and off are finite, and 0 in the other
+  // lanes; a NaN or infinite logit makes its lane's lse NaN or infinite. (The sum of the three is
+  // finite only when each is.)
+  bool grad_finite = false;
+  if constexpr (std::is_same_v<scalar_t, at::BFloat16> && !kSoft) {
+    if (plain) {
+      const Vec terms = Vec::blendv(vorigin + Vec::loadu(lanes.log_sum), Vec(0), vinvalid) + vcoef + voff;
+      grad_finite = ((terms - terms) != Vec(0)).zero_mask() == (1 << V) - 1;
+    }
+  }
   // p = exp(x − max) / Σexp (garbage lanes are blended out). Σexp is reloaded from `lanes`: kept live
   // through the results, GCC spilled it inside the exp-sum loop in some instances (a store and a
   // reload per class on the sum's dependency chain: bf16 4×150×64×64 forward 21% slower).
@@ -1241,7 +1262,7 @@ C10_ALWAYS_INLINE void tile_kernel(const Params<scalar_t>& p, const tile_t* x, c
     }
   }
   if constexpr (!kSoft) {
-    if (blend_targets) return;
+    if (blend_targets) return grad_finite;
     for (int64_t l = 0; l < count; ++l) {
       if (plain ? targets.cls[l] < 0 : !valid[l]) continue;
       if (plain) {
@@ -1251,6 +1272,7 @@ C10_ALWAYS_INLINE void tile_kernel(const Params<scalar_t>& p, const tile_t* x, c
       }
     }
   }
+  return grad_finite;
 }
 
 // The exp buffer of a tile when a gradient is wanted and C·V values stay cache-sized.
@@ -1285,14 +1307,16 @@ void widen(const scalar_t* src, acc_type<scalar_t>* dst, auto n) {
   if (i < n) load_acc(src + i, n - i).store(dst + i, n - i);
 }
 
-template <typename scalar_t>
+// kNoNaN: src holds no NaN (store_acc2's).
+template <typename scalar_t, bool kNoNaN = false>
 void narrow(const acc_type<scalar_t>* src, scalar_t* dst, auto n) {
   using Vec = Vectorized<acc_type<scalar_t>>;
   constexpr int64_t V = Vec::size();
   int64_t i = 0;
   // (half types: two vectors a pack, as store_acc2)
   if constexpr (!std::is_same_v<scalar_t, acc_type<scalar_t>>)
-    for (; i + 2 * V <= n; i += 2 * V) store_acc2(dst + i, Vec::loadu(src + i), Vec::loadu(src + i + V));
+    for (; i + 2 * V <= n; i += 2 * V)
+      store_acc2<scalar_t, kNoNaN>(dst + i, Vec::loadu(src + i), Vec::loadu(src + i + V));
   for (; i + V <= n; i += V) store_acc(dst + i, Vec::loadu(src + i));
   if (i < n) store_acc(dst + i, Vec::loadu(src + i, n - i), n - i);
 }
@@ -1372,6 +1396,8 @@ void across_wide_kernel(const Params<scalar_t>& p, int64_t tile_begin, int64_t t
   acc_t* g_wide = x_wide + C * GV;
   acc_t* prob_wide = kSoft ? g_wide + C * GV : nullptr;
   TileTargets<acc_t, V> targets = {};
+  // bf16: groups whose gradient holds no NaN are rounded without the NaN test (tile_kernel's grad_finite)
+  const bool weights_finite = std::is_same_v<scalar_t, at::BFloat16> && p.grad && p.weights_finite();
   for (int64_t tile = tile_begin; tile < tile_end;) {
     const int64_t n = tile / tiles_per_outer, s0 = (tile % tiles_per_outer) * V;
     const int64_t offset = n * p.stride_outer + s0 * p.stride_inner;
@@ -1412,17 +1438,26 @@ void across_wide_kernel(const Params<scalar_t>& p, int64_t tile_begin, int64_t t
     };
     const std::integral_constant<int64_t, GV> whole;
     width == GV ? widen_classes(whole) : widen_classes(width);
+    bool grad_finite = weights_finite;
     for (int64_t k = 0; k < tiles; ++k) {
       const int64_t count = std::min(V, width - k * V);
       map_targets<scalar_t, kMass>(p, n, s0 + k * V, count, targets);
-      tile_kernel<scalar_t, kMass, acc_t>(p, x_wide + k * V, kSoft ? prob_wide + k * V : nullptr,
-                                          p.grad ? g_wide + k * V : nullptr, GV, n * p.inner + s0 + k * V, count,
-                                          targets, exps.empty() ? nullptr : exps.data());
+      grad_finite &= tile_kernel<scalar_t, kMass, acc_t>(p, x_wide + k * V, kSoft ? prob_wide + k * V : nullptr,
+                                                         p.grad ? g_wide + k * V : nullptr, GV, n * p.inner + s0 + k * V,
+                                                         count, targets, exps.empty() ? nullptr : exps.data());
     }
-    const auto copy_back = [&](auto w) {
-      for (int64_t c = 0; c < C; ++c) narrow<scalar_t>(g_wide + c * GV, p.grad + offset + c * sc, w);
+    const auto copy_back = [&](auto w, auto no_nan) {
+      for (int64_t c = 0; c < C; ++c)
+        narrow<scalar_t, decltype(no_nan)::value>(g_wide + c * GV, p.grad + offset + c * sc, w);
     };
-    if (p.grad) width == GV ? copy_back(whole) : copy_back(width);
+    const auto copy_all_back = [&](auto no_nan) { width == GV ? copy_back(whole, no_nan) : copy_back(width, no_nan); };
+    if (p.grad) {
+      if constexpr (std::is_same_v<scalar_t, at::BFloat16>) {
+        grad_finite ? copy_all_back(std::true_type{}) : copy_all_back(std::false_type{});
+      } else {
+        copy_all_back(std::false_type{});
+      }
+    }
     tile += tiles;
   }
 }
@@ -1639,28 +1674,43 @@ C10_ALWAYS_INLINE void transpose_8x8(__m256 r[8]) {
 // tile kernel reads only rows < cols): a row's last, partial block is loaded whole where that stays
 // inside the 8 rows' span (masked loads, slow on some CPUs, took half of this function on Zen 1).
 inline void rows_to_lanes(const float* src, int64_t ld_src, float* dst, int64_t cols) {
-  for (int64_t b = 0; b < cols; b += 8) {
-    const int64_t n = std::min<int64_t>(8, cols - b);
-    __m256 r[8];
-    if (n == 8) {
+  __m256 r[8];
+  const auto transpose_and_store = [&](int64_t b) {
+    transpose_8x8(r);
+    float* const out = dst + b * 8;
 #pragma GCC unroll 8
-      for (int i = 0; i < 8; ++i) r[i] = _mm256_loadu_ps(src + i * ld_src + b);
-    } else {
-      const __m256i mask = _mm256_cmpgt_epi32(_mm256_set1_epi32(static_cast<int>(n)), _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7));
+    for (int k = 0; k < 8; ++k) _mm256_storeu_ps(out + k * 8, r[k]);
+  };
+  int64_t b = 0;
+  for (; b + 8 <= cols; b += 8) {
 #pragma GCC unroll 8
-      for (int i = 0; i < 8; ++i) {
-        // the span ends at src[7·ld_src + cols)
-        if ((7 - i) * ld_src + cols - b >= 8) {
-          r[i] = _mm256_loadu_ps(src + i * ld_src + b);
-        } else {
-          r[i] = _mm256_maskload_ps(src + i * ld_src + b, mask);
-        }
+    for (int i = 0; i < 8; ++i) r[i] = _mm256_loadu_ps(src + i * ld_src + b);
+    transpose_and_store(b);
+  }
+  if (b == cols) return;
+  // the last, partial block (after the loop: inside it, GCC computed the partial block's row tests at
+  // every call, 4% of a 65536×10 fwd+bwd's instructions)
+  const int64_t n = cols - b;
+  const float* const in = src + b;
+  const __m256i mask = _mm256_cmpgt_epi32(_mm256_set1_epi32(static_cast<int>(n)), _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7));
+  if (b >= 8 && ld_src >= cols) {
+    // after a whole block, rows apart: rows 0..6 have 8 elements of the span from b on
+    // ((7 − i)·ld_src ≥ cols > b), only row 7 is masked
+#pragma GCC unroll 7
+    for (int i = 0; i < 7; ++i) r[i] = _mm256_loadu_ps(in + i * ld_src);
+    r[7] = _mm256_maskload_ps(in + 7 * ld_src, mask);
+  } else {
+#pragma GCC unroll 8
+    for (int i = 0; i < 8; ++i) {
+      // the span ends at src[7·ld_src + cols)
+      if ((7 - i) * ld_src + n >= 8) {
+        r[i] = _mm256_loadu_ps(in + i * ld_src);
+      } else {
+        r[i] = _mm256_maskload_ps(in + i * ld_src, mask);
       }
     }
-    transpose_8x8(r);
-#pragma GCC unroll 8
-    for (int k = 0; k < 8; ++k) _mm256_storeu_ps(dst + (b + k) * 8, r[k]);
   }
+  transpose_and_store(b);
 }
 
 // 8 fp32 lanes into a row's block of 8 elements (fp16: converted in one instruction, rounded once as
@@ -1783,7 +1833,9 @@ void small_rows_kernel(const Params<scalar_t>& p, int64_t tile_begin, int64_t ti
       transpose(src, row_stride, dst, V, count, C);
     }
   };
-  auto store_tile = [&](const acc_t* src, scalar_t* dst, int64_t count, bool spill) {
+  // bf16: tiles whose gradient holds no NaN are rounded without the NaN test (tile_kernel's grad_finite)
+  const bool weights_finite = std::is_same_v<scalar_t, at::BFloat16> && p.grad && p.weights_finite();
+  auto store_tile = [&](const acc_t* src, scalar_t* dst, int64_t count, bool spill, bool grad_finite) {
     if constexpr (kRegisters) {
       if (count == V && row_stride == C) {  // (a gradient's rows are dense: problem.cpp)
         if constexpr ((kHalf && !kHalfRows) || !kMaskedRowStores) {
@@ -1791,6 +1843,9 @@ void small_rows_kernel(const Params<scalar_t>& p, int64_t tile_begin, int64_t ti
             if (spill) return lanes_to_rows(src, dst, C, C);
           }
           lanes_to_rows(src, wide, C, C);
+          if constexpr (std::is_same_v<scalar_t, at::BFloat16>) {
+            if (grad_finite) return narrow<scalar_t, true>(wide, dst, V * C);
+          }
           narrow(wide, dst, V * C);
         } else {
           lanes_to_rows(src, dst, C, C);
@@ -1833,12 +1888,13 @@ void small_rows_kernel(const Params<scalar_t>& p, int64_t tile_begin, int64_t ti
       if (plain && target_stride < 0)
         for (int64_t l = count; l < V; ++l) targets.cls[l] = -1;
     }
-    tile_kernel<scalar_t, kMass, acc_t>(p, x_buf, prob_buf, p.grad ? g_buf : nullptr, V, pos0, count, targets, exps);
+    const bool grad_finite =
+        tile_kernel<scalar_t, kMass, acc_t>(p, x_buf, prob_buf, p.grad ? g_buf : nullptr, V, pos0, count, targets, exps);
     if (!p.grad) continue;
     if (row_stride >= 0) {
       // (the next tile: this task's, written next and whole)
       const bool spill = may_spill && tile + 1 < tile_end && pos0 + 2 * V <= positions;
-      store_tile(g_buf, p.grad + pos0 * row_stride, count, spill);
+      store_tile(g_buf, p.grad + pos0 * row_stride, count, spill, weights_finite && grad_finite);
     } else {
       for (int64_t l = 0; l < count; ++l)
         for (int64_t c = 0; c < C; ++c) p.grad[offsets[l] + c] = static_cast<scalar_t>(g_buf[c * V + l]);
