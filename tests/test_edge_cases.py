@@ -106,14 +106,17 @@ def _nan_bits(bits):
 @pytest.mark.parametrize("weight", [None, "finite", "nan"])
 def test_bf16_gradient_keeps_nan_and_inf(eps, C, layout, weight):
     """bf16 gradients are rounded without a NaN test where their values cannot hold one (rows: finite
-    max, log Σexp and coefficients, row_grad; tiles of small rows and of strided classes: finite lse,
-    coefficients and class weights, tile_kernel's grad_finite, in csrc/cpu/cross_entropy.cpp), and with
+    max, log Σexp and coefficients, row_grad; tiles of small rows and of strided classes: finite lse
+    and coefficients, which hold Σw, tile_kernel's grad_finite, in csrc/cpu/cross_entropy.cpp), and with
     it elsewhere: an fp32 upstream gradient (autocast) or fp32 class weight whose NaNs carry low payload
     bits, which that rounding would turn into 0 or −0 (0x7fffffff, 0xffffffff), a NaN or +inf logit, an
     infinite upstream gradient and one that overflows bf16 give NaN and ±inf exactly where the fp32
-    logits' gradient has them. 600 classes: rows; 10: a whole tile of 8 lanes and a partial one; 21
-    classes N apart: one widened group."""
-    N = 10
+    logits' gradient has them. 600 classes: rows; 10: tiles of rows; 21 classes N apart: widened
+    groups of tiles (32 positions with AVX2). The NaN and +inf logits (in the first tile and group),
+    the NaN upstream gradients (positions 17 and 18) and the infinite and overflowing ones (33 to 35)
+    sit in tiles of their own (8 and 16 lanes), and the NaN weight reaches tiles and a group without
+    the others, so that none hides another's from the tiles' test."""
+    N = 72
     x = make_logits((N, C), torch.float32).bfloat16()
     t = make_index_target((N,), C)
     x[1, 7] = math.nan
@@ -121,8 +124,8 @@ def test_bf16_gradient_keeps_nan_and_inf(eps, C, layout, weight):
     x[3, C // 6:C // 2] = -math.inf
     t[3] = 0
     up = torch.rand(N) + 0.5
-    up[4], up[5] = _nan_bits(0x7FFFFFFF), _nan_bits(-1)
-    up[6], up[7], up[8] = math.inf, 3e38, -3e38
+    up[17], up[18] = _nan_bits(0x7FFFFFFF), _nan_bits(-1)
+    up[33], up[34], up[35] = math.inf, 3e38, -3e38
     w = None
     if weight is not None:
         w = make_weight(C, torch.float32)
@@ -143,7 +146,7 @@ def test_bf16_gradient_keeps_nan_and_inf(eps, C, layout, weight):
         grads.append(leaf.grad if layout == "rows" else leaf.grad.t())
     got, want = grads[0], grads[1].bfloat16()
     assert got.dtype == torch.bfloat16
-    assert got[[1, 2, 4, 5, 6]].isnan().any(1).all()
+    assert got[[1, 2, 17, 18, 33]].isnan().any(1).all()
     assert torch.equal(got.isnan(), want.isnan())
     assert torch.equal(got.isposinf(), want.isposinf()) and torch.equal(got.isneginf(), want.isneginf())
     finite = want.isfinite()

@@ -390,13 +390,6 @@ struct Params : PositionLayout, Smoothing<acc_type<scalar_t>> {
     if (t.b >= 0 && t.b != t.a) write(t.b, x.x_b, x.w_b);
   }
   acc_t weight_at(int64_t c) const { return weight ? weight[c] : acc_t(1); }
-  // No class weight is NaN or infinite (tile_kernel's grad_finite holds given these).
-  bool weights_finite() const {
-    if (weight)
-      for (int64_t c = 0; c < classes; ++c)
-        if (!std::isfinite(weight[c])) return false;
-    return true;
-  }
   acc_t scale_at(int64_t pos) const { return position_scale ? grad_scale * position_scale[pos] : grad_scale; }
   // soft_target_q (row_math.h) on a vector of probabilities.
   Vectorized<acc_t> soft_q(const Vectorized<acc_t>& prob) const {
@@ -1040,8 +1033,8 @@ constexpr int64_t kBlendTargetClasses = 32;
 // at ahead + c·sc for each class c, and the line at g_ahead + c·sc (may be null) for writing
 // (across_kernel). g may be x (inplace_backward): every logit is read
 // before its gradient element is written.
-// Returns true where the gradient written is known to hold no NaN given finite class weights (bf16
-// tiles of index targets; the tiles widened in a buffer round it without the NaN test), else false.
+// Returns true where the gradient written is known to hold no NaN (bf16 tiles of index targets; the
+// tiles widened in a buffer round it without the NaN test), else false.
 // Always inlined into its three callers (which pass constant strides or buffers): left to itself,
 // GCC inlined some instances and not others, and flipped with unrelated edits (out of line, fp32
 // 65536×10 and 8×21×256×256 were 4–7% slower).
@@ -1180,11 +1173,11 @@ C10_ALWAYS_INLINE bool tile_kernel(const Params<scalar_t>& p, const tile_t* x, c
   if (!g) return false;
 
   const Vec vcoef = Vec::loadu(lanes.coef), voff = Vec::loadu(lanes.off);
-  // bf16 with index targets: whether this gradient holds no NaN (given finite class weights), for the
-  // caller's rounding (narrow). Its elements are coef·p − off·w and the target's from the same finite
-  // terms when every valid lane's lse (so max and Σexp), coef and off are finite, and 0 in the other
-  // lanes; a NaN or infinite logit makes its lane's lse NaN or infinite. (The sum of the three is
-  // finite only when each is.)
+  // bf16 with index targets: whether this gradient holds no NaN, for the caller's rounding (narrow).
+  // Its elements are coef·p − off·w and the target's from the same finite terms when every valid
+  // lane's lse (so max and Σexp), coef and off are finite, and 0 in the other lanes: a NaN or infinite
+  // logit makes its lane's lse NaN or infinite, and coef holds off·Σw, which is finite only where every
+  // class weight is. (The sum of the three is finite only when each is.)
   bool grad_finite = false;
   if constexpr (std::is_same_v<scalar_t, at::BFloat16> && !kSoft) {
     if (plain) {
@@ -1396,8 +1389,6 @@ void across_wide_kernel(const Params<scalar_t>& p, int64_t tile_begin, int64_t t
   acc_t* g_wide = x_wide + C * GV;
   acc_t* prob_wide = kSoft ? g_wide + C * GV : nullptr;
   TileTargets<acc_t, V> targets = {};
-  // bf16: groups whose gradient holds no NaN are rounded without the NaN test (tile_kernel's grad_finite)
-  const bool weights_finite = std::is_same_v<scalar_t, at::BFloat16> && p.grad && p.weights_finite();
   for (int64_t tile = tile_begin; tile < tile_end;) {
     const int64_t n = tile / tiles_per_outer, s0 = (tile % tiles_per_outer) * V;
     const int64_t offset = n * p.stride_outer + s0 * p.stride_inner;
@@ -1438,7 +1429,8 @@ void across_wide_kernel(const Params<scalar_t>& p, int64_t tile_begin, int64_t t
     };
     const std::integral_constant<int64_t, GV> whole;
     width == GV ? widen_classes(whole) : widen_classes(width);
-    bool grad_finite = weights_finite;
+    // (bf16: a group whose gradient holds no NaN is rounded without the NaN test, tile_kernel's grad_finite)
+    bool grad_finite = true;
     for (int64_t k = 0; k < tiles; ++k) {
       const int64_t count = std::min(V, width - k * V);
       map_targets<scalar_t, kMass>(p, n, s0 + k * V, count, targets);
@@ -1833,8 +1825,6 @@ void small_rows_kernel(const Params<scalar_t>& p, int64_t tile_begin, int64_t ti
       transpose(src, row_stride, dst, V, count, C);
     }
   };
-  // bf16: tiles whose gradient holds no NaN are rounded without the NaN test (tile_kernel's grad_finite)
-  const bool weights_finite = std::is_same_v<scalar_t, at::BFloat16> && p.grad && p.weights_finite();
   auto store_tile = [&](const acc_t* src, scalar_t* dst, int64_t count, bool spill, bool grad_finite) {
     if constexpr (kRegisters) {
       if (count == V && row_stride == C) {  // (a gradient's rows are dense: problem.cpp)
@@ -1894,7 +1884,7 @@ void small_rows_kernel(const Params<scalar_t>& p, int64_t tile_begin, int64_t ti
     if (row_stride >= 0) {
       // (the next tile: this task's, written next and whole)
       const bool spill = may_spill && tile + 1 < tile_end && pos0 + 2 * V <= positions;
-      store_tile(g_buf, p.grad + pos0 * row_stride, count, spill, weights_finite && grad_finite);
+      store_tile(g_buf, p.grad + pos0 * row_stride, count, spill, grad_finite);
     } else {
       for (int64_t l = 0; l < count; ++l)
         for (int64_t c = 0; c < C; ++c) p.grad[offsets[l] + c] = static_cast<scalar_t>(g_buf[c * V + l]);
