@@ -656,9 +656,25 @@ RowState<acc_type<scalar_t>> row_state(const Params<scalar_t>& p, const scalar_t
     auto sweep = [&](auto rest) {
       const std::false_type whole;
       int64_t c = begin;
+      if constexpr (kWiden) {
+        // Half types: a line of the gradient row a step (kLine elements, from the block's start), each
+        // line prefetched once for writing (testing c % kLine every 2V elements, with the loop's own
+        // counting, took 7% of a 1024×1000 bf16 fwd+bwd's instructions, callgrind). The same
+        // accumulators in the same order as the loop below.
+        static_assert(kLine % (2 * V) == 0);
+        for (; c + kLine <= vec_end; c += kLine) {
+          if (grad_row) __builtin_prefetch(grad_row + c, 1, 3);
+#pragma GCC unroll 4
+          for (int64_t j = 0; j < kLine; j += 2 * V) {
+            accumulate(c + j, 0, whole, V, rest);
+            accumulate(c + j + V, 1, whole, V, rest);
+          }
+        }
+        if (grad_row && c < end) __builtin_prefetch(grad_row + c, 1, 3);
+      }
       for (; c + 2 * V <= vec_end; c += 2 * V) {
         if constexpr (kWiden) {
-          if (grad_row && c % kLine == 0) __builtin_prefetch(grad_row + c, 1, 3);
+          // (the rest of the block, under one line: prefetched above)
         } else if (ahead) {  // the lines of the 2V elements at the same place ahead
           for (int64_t a = c - begin; a < std::min(c - begin + 2 * V, ahead_n); a += kLine)
             __builtin_prefetch(ahead + a, 0, 3);
@@ -742,15 +758,19 @@ void row_grad(const Params<scalar_t>& p, const scalar_t* x, const scalar_t* prob
     auto sweep = [&](auto general) {
       const std::false_type whole;
       int64_t c = begin;
+      // (loops unrolled twice: with their own counting, 2 of about 17 instructions a bf16 vector)
       if constexpr (!std::is_same_v<scalar_t, acc_t>) {  // half types: pairs of vectors share a pack
         if (no_nan) {
+#pragma GCC unroll 2
           for (; c + 2 * V <= end; c += 2 * V)
             store_acc2<scalar_t, true>(g + c, value(c, whole, V, general), value(c + V, whole, V, general));
         } else {
+#pragma GCC unroll 2
           for (; c + 2 * V <= end; c += 2 * V)
             store_acc2(g + c, value(c, whole, V, general), value(c + V, whole, V, general));
         }
       }
+#pragma GCC unroll 2
       for (; c + V <= end; c += V) store_acc(g + c, value(c, whole, V, general));
       if (c < end) store_acc(g + c, value(c, std::true_type{}, end - c, general), end - c);
     };
