@@ -544,7 +544,7 @@ def test_index_targets_in_any_layout(layout, target_dtype, weighted, reduction):
 
 # ------------------------------------------------- vector tails, many positions (parallel chunks)
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64], ids=dtype_id)
+@pytest.mark.parametrize("dtype", DTYPES, ids=dtype_id)
 @pytest.mark.parametrize("C", list(range(1, 18)) + [31, 32, 33, 63, 64, 65, 127, 128, 129, 255, 256, 257])
 def test_class_counts_around_vector_widths(C, dtype):
     """Row kernels: every remainder of C modulo the vector width (and double-vector unrolls); up to 32

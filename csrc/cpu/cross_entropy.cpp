@@ -1701,7 +1701,7 @@ inline void rows_to_lanes(const float* src, int64_t ld_src, float* dst, int64_t 
   }
   if (b == cols) return;
   // the last, partial block (after the loop: inside it, GCC computed the partial block's row tests at
-  // every call, 4% of a 65536×10 fwd+bwd's instructions)
+  // every call, 5% of a 65536×10 fwd+bwd's instructions)
   const int64_t n = cols - b;
   const float* const in = src + b;
   const __m256i mask = _mm256_cmpgt_epi32(_mm256_set1_epi32(static_cast<int>(n)), _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7));
