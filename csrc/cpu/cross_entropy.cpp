@@ -672,10 +672,8 @@ RowState<acc_type<scalar_t>> row_state(const Params<scalar_t>& p, const scalar_t
         }
         if (grad_row && c < end) __builtin_prefetch(grad_row + c, 1, 3);
       }
-      for (; c + 2 * V <= vec_end; c += 2 * V) {
-        if constexpr (kWiden) {
-          // (the rest of the block, under one line: prefetched above)
-        } else if (ahead) {  // the lines of the 2V elements at the same place ahead
+      for (; c + 2 * V <= vec_end; c += 2 * V) {  // (half types: the block's last line, prefetched above)
+        if (!kWiden && ahead) {  // the lines of the 2V elements at the same place ahead
           for (int64_t a = c - begin; a < std::min(c - begin + 2 * V, ahead_n); a += kLine)
             __builtin_prefetch(ahead + a, 0, 3);
         }
