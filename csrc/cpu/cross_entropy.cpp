@@ -1654,6 +1654,10 @@ inline void rows_to_map(const float* src, int64_t ld_src, float* dst, int64_t ld
 constexpr bool kRegisterTranspose = true;
 constexpr bool kMaskedRowStores = true;  // lanes_to_rows writes any rows in place
 constexpr bool kHalfRows = true;         // and converts half-type rows in registers (load_row, store_row)
+constexpr bool kBf16PairRows = false;
+inline void bf16_rows_to_lanes(const at::BFloat16*, int64_t, float*, int64_t) {}
+template <bool kNoNaN>
+inline void bf16_lanes_to_rows(const float*, at::BFloat16*, int64_t, int64_t) {}
 #elif defined(CPU_CAPABILITY_AVX2)
 // AVX2: the same with 8×8 blocks, 24 shuffles: unpacks of 32-bit pairs, 64-bit shuffles within 128-bit
 // lanes, then 128-bit lane permutes.
@@ -1749,9 +1753,78 @@ inline void lanes_to_rows(const float* src, dst_t* dst, int64_t ld_dst, int64_t 
     for (int i = 0; i < 8; ++i) store8(dst + i * ld_dst + b, r[i]);
   }
 }
+
+// bf16 rows as pairs of classes: one 32-bit element holds classes 2k (low half) and 2k + 1 (high half)
+// of a row, so 8 rows of up to 16 classes move through one 8×8 transpose of 32-bit elements, where
+// widened rows take one per 8 classes, and widening a pair into its two fp32 classes takes two
+// operations (the low half shifted up, the high half masked). `cols` ≥ 2 classes, ≤ 32. Every row
+// reads its blocks of 16 classes whole: up to 15 elements past a row, so the caller makes sure that
+// src[7·ld_src + (cols + 15) / 16 · 16) is still readable. Rows past cols of the last block get what
+// follows a row in memory (the tile kernel reads only rows < cols).
+inline void bf16_rows_to_lanes(const at::BFloat16* src, int64_t ld_src, float* dst, int64_t cols) {
+  const __m256i high = _mm256_set1_epi32(static_cast<int>(0xffff0000u));
+  for (int64_t b = 0; b < cols; b += 16) {
+    __m256 r[8];
+#pragma GCC unroll 8
+    for (int i = 0; i < 8; ++i)
+      r[i] = _mm256_castsi256_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(src + i * ld_src + b)));
+    transpose_8x8(r);
+    const int64_t pairs = (std::min<int64_t>(16, cols - b) + 1) / 2;
+    float* const out = dst + b * 8;
+#pragma GCC unroll 8
+    for (int k = 0; k < 8; ++k) {
+      if (k < pairs) {
+        const __m256i v = _mm256_castps_si256(r[k]);
+        _mm256_storeu_ps(out + 2 * k * 8, _mm256_castsi256_ps(_mm256_slli_epi32(v, 16)));
+        _mm256_storeu_ps(out + (2 * k + 1) * 8, _mm256_castsi256_ps(_mm256_and_si256(v, high)));
+      }
+    }
+  }
+}
+
+// The way back: class-major fp32 src into 8 contiguous bf16 rows of cols elements (ld_dst == cols,
+// 2 ≤ cols ≤ 32), each class rounded once to nearest even as at::vec's conversion (NaN: 0xffff) and
+// paired with its neighbour, then transposed 8×8 in 32 bits and stored 16 classes a row at once. As
+// lanes_to_rows, the last block goes first and each row's spill-over into the next is overwritten
+// when that row is written; the last row spills up to 15 elements past the 8·cols, so dst needs that
+// room after them, written later (small_rows_kernel: the next tile's rows, or a buffer's). kNoNaN:
+// src holds no NaN (bf16_pair_no_nan's rounding, without the NaN test).
+template <bool kNoNaN>
+inline void bf16_lanes_to_rows(const float* src, at::BFloat16* dst, int64_t ld_dst, int64_t cols) {
+  TORCH_INTERNAL_ASSERT_DEBUG_ONLY(ld_dst == cols && cols >= 2);
+  const __m256i one = _mm256_set1_epi32(1), bias = _mm256_set1_epi32(0x7fff);
+  // the rounded value in a 32-bit element's high half (bits + 0x7fff + bit 16, the low half junk)
+  auto round = [&](__m256 v) {
+    const __m256i bits = _mm256_castps_si256(v);
+    return _mm256_add_epi32(bits, _mm256_add_epi32(_mm256_and_si256(_mm256_srli_epi32(bits, 16), one), bias));
+  };
+  for (int64_t b = (cols - 1) / 16 * 16; b >= 0; b -= 16) {
+    const int64_t pairs = (std::min<int64_t>(16, cols - b) + 1) / 2;
+    __m256 r[8];
+#pragma GCC unroll 8
+    for (int k = 0; k < 8; ++k) {
+      if (k < pairs) {
+        const __m256 even = _mm256_loadu_ps(src + (b + 2 * k) * 8), odd = _mm256_loadu_ps(src + (b + 2 * k + 1) * 8);
+        __m256i lo = _mm256_srli_epi32(round(even), 16), hi = round(odd);
+        if constexpr (!kNoNaN) {
+          lo = _mm256_blendv_epi8(_mm256_set1_epi32(0xffff), lo, _mm256_castps_si256(_mm256_cmp_ps(even, even, _CMP_ORD_Q)));
+          hi = _mm256_blendv_epi8(_mm256_set1_epi32(static_cast<int>(0xffff0000u)), hi,
+                                  _mm256_castps_si256(_mm256_cmp_ps(odd, odd, _CMP_ORD_Q)));
+        }
+        r[k] = _mm256_castsi256_ps(_mm256_blend_epi16(lo, hi, 0xaa));
+      } else {
+        r[k] = _mm256_setzero_ps();
+      }
+    }
+    transpose_8x8(r);
+#pragma GCC unroll 8
+    for (int i = 0; i < 8; ++i) _mm256_storeu_si256(reinterpret_cast<__m256i*>(dst + i * ld_dst + b), _mm256_castps_si256(r[i]));
+  }
+}
 constexpr bool kRegisterTranspose = true;
 constexpr bool kMaskedRowStores = false;  // lanes_to_rows writes 8 contiguous rows, spilling 7 floats
 constexpr bool kHalfRows = false;
+constexpr bool kBf16PairRows = true;   // bf16_rows_to_lanes, bf16_lanes_to_rows
 #else
 constexpr bool kRegisterTranspose = false;
 constexpr bool kMaskedRowStores = false;
@@ -1759,6 +1832,10 @@ constexpr bool kHalfRows = false;
 inline void rows_to_lanes(const float*, int64_t, float*, int64_t) {}
 template <typename dst_t>
 inline void lanes_to_rows(const float*, dst_t*, int64_t, int64_t) {}
+constexpr bool kBf16PairRows = false;
+inline void bf16_rows_to_lanes(const at::BFloat16*, int64_t, float*, int64_t) {}
+template <bool kNoNaN>
+inline void bf16_lanes_to_rows(const float*, at::BFloat16*, int64_t, int64_t) {}
 #endif
 
 // dst[j·ld_dst + i] = src[i·ld_src + j] for i < rows, j < cols, element by element: partial tiles and
@@ -1780,7 +1857,8 @@ void small_rows_kernel(const Params<scalar_t>& p, int64_t tile_begin, int64_t ti
   // (zeroed: the register transposes move whole blocks of 16 classes, past C too)
   acc_t x_buf[kSmallClasses * V] = {}, prob_buf[kSmallClasses * V] = {}, g_buf[kSmallClasses * V] = {},
         exp_buf[kSmallClasses * V];
-  acc_t wide[kSmallClasses * V + V];  // (+ V: AVX2's lanes_to_rows spills up to 7 floats past a tile)
+  // (+ V: AVX2's lanes_to_rows spills up to 7 floats past a tile, bf16_lanes_to_rows 15 bf16)
+  acc_t wide[kSmallClasses * V + V];
   acc_t* exps = p.grad ? exp_buf : nullptr;
   int64_t offsets[V];
   TileTargets<acc_t, V> targets = {};
@@ -1808,12 +1886,9 @@ void small_rows_kernel(const Params<scalar_t>& p, int64_t tile_begin, int64_t ti
   // lanes_to_rows spills past a tile fall on the next tile's first row, which this task writes next
   // (`spill`), instead of through `wide`: Zen 3 VM, 1 thread, interleaved processes, both orders:
   // fp32 fwd+bwd 3–14% less time at 65536×3, 65536×10, 65536×27 and 16384×32, fp16 2–8% (the
-  // benchmark's own process, 2 threads, medians of 3 runs each: 65536×10 fp32 9%). bf16 stays
-  // with `wide` and narrow: its conversion is 7 operations a vector (one for fp16), and converting 8
-  // classes a row and block cost it 3–4% at 10, 27 and 32 classes. narrow converts two vectors a
-  // pack (store_acc2): bf16 fwd+bwd 4–10% less time at 65536×10, 65536×27 and 16384×32 than one
-  // vector a pack (Zen 3 VM, 1 thread, interleaved processes in both orders). (Half-type rows loaded
-  // in registers too cost bf16 and fp16 5–15% at 3, 10 and 27 classes: not kept.)
+  // benchmark's own process, 2 threads, medians of 3 runs each: 65536×10 fp32 9%). bf16 moves as
+  // pairs of classes (kPairs, below). (Half-type rows loaded and converted in registers a row of 8
+  // classes at a time cost bf16 and fp16 5–15% at 3, 10 and 27 classes: not kept.)
   constexpr bool kRegisters = kRegisterTranspose && std::is_same_v<acc_t, float>;
   // (the input and a probability target apart from the gradient: the next tile's rows are read after
   // this tile's gradient is written)
@@ -1822,9 +1897,24 @@ void small_rows_kernel(const Params<scalar_t>& p, int64_t tile_begin, int64_t ti
     const auto bytes = static_cast<uintptr_t>((positions * C + V) * int64_t(sizeof(scalar_t)));
     return !a || begin + bytes <= grad || grad + bytes <= begin;
   };
-  constexpr bool kSpills = !kMaskedRowStores && !std::is_same_v<scalar_t, at::BFloat16>;  // (bf16: `wide`)
+  // bf16 with AVX2: whole tiles of rows of 2 classes or more move as pairs of classes, converted and
+  // rounded in registers (bf16_rows_to_lanes, bf16_lanes_to_rows), not widened into and narrowed out
+  // of `wide` 8 classes a block; their gradient is written in place as fp32's is (`spill`). Rows read
+  // up to 15 elements past a tile: tiles whose reads would leave the input's last row take `wide`;
+  // what they write past a tile falls on the next tile's rows (8·C ≥ 16 elements). Against widening
+  // and narrowing (two vectors a pack, store_acc2), the AVX2 build on a Zen 4 VM, 1 thread,
+  // interleaved processes, 5 rounds: fwd+bwd 19–23% less time at 65536×3, 65536×10 and 65536×27,
+  // forward 21–22% at 10 and 27 classes; instructions (callgrind, 3 fwd+bwd calls) 35.2M → 31.1M
+  // at 65536×10, 64.5M → 55.5M at 65536×27, 24.0M → 21.9M at 65536×3.
+  constexpr bool kPairs = kBf16PairRows && std::is_same_v<scalar_t, at::BFloat16>;
+  const bool pair_rows = kPairs && C >= 2 && row_stride >= 0;
+  const int64_t pair_reach = 7 * row_stride + (C + 15) / 16 * 16, input_end = (positions - 1) * row_stride + C;
+  constexpr bool kSpills = !kMaskedRowStores && (kPairs || !std::is_same_v<scalar_t, at::BFloat16>);
   const bool may_spill = kSpills && p.grad && row_stride == C && apart(p.input) && apart(p.soft_target);
-  auto load_tile = [&](const scalar_t* src, acc_t* dst, int64_t count) {
+  auto load_tile = [&](const scalar_t* src, acc_t* dst, int64_t count, bool read_pairs) {
+    if constexpr (kPairs) {
+      if (read_pairs) return bf16_rows_to_lanes(src, row_stride, dst, C);
+    }
     if constexpr (kRegisters) {
       if (count == V && (kHalf && !kHalfRows ? row_stride == C : true)) {
         if constexpr (kHalf && !kHalfRows) {
@@ -1844,10 +1934,18 @@ void small_rows_kernel(const Params<scalar_t>& p, int64_t tile_begin, int64_t ti
     }
   };
   auto store_tile = [&](const acc_t* src, scalar_t* dst, int64_t count, bool spill, bool grad_finite) {
+    if constexpr (kPairs) {
+      if (count == V && row_stride == C && C >= 2) {
+        scalar_t* const out = spill ? dst : reinterpret_cast<scalar_t*>(wide);  // (room for the 15 past a tile)
+        grad_finite ? bf16_lanes_to_rows<true>(src, out, C, C) : bf16_lanes_to_rows<false>(src, out, C, C);
+        if (!spill) std::memcpy(dst, wide, V * C * sizeof(scalar_t));
+        return;
+      }
+    }
     if constexpr (kRegisters) {
       if (count == V && row_stride == C) {  // (a gradient's rows are dense: problem.cpp)
         if constexpr ((kHalf && !kHalfRows) || !kMaskedRowStores) {
-          if constexpr (kSpills) {
+          if constexpr (kSpills && !kPairs) {  // (bf16 pairs: above, and rows of 1 class through `wide`)
             if (spill) return lanes_to_rows(src, dst, C, C);
           }
           lanes_to_rows(src, wide, C, C);
@@ -1872,8 +1970,9 @@ void small_rows_kernel(const Params<scalar_t>& p, int64_t tile_begin, int64_t ti
     const int64_t pos0 = tile * V, count = std::min(V, positions - pos0);
     if (target_stride >= 0) p.template plain_targets<V>(pos0 * target_stride, target_stride, count, targets.cls);
     if (row_stride >= 0) {
-      load_tile(p.input + pos0 * row_stride, x_buf, count);
-      if constexpr (kSoft) load_tile(p.soft_target + pos0 * row_stride, prob_buf, count);
+      const bool read_pairs = pair_rows && count == V && pos0 * row_stride + pair_reach <= input_end;
+      load_tile(p.input + pos0 * row_stride, x_buf, count, read_pairs);
+      if constexpr (kSoft) load_tile(p.soft_target + pos0 * row_stride, prob_buf, count, read_pairs);
     }
     if (row_stride < 0 || (!kSoft && target_stride < 0)) {
       PositionCursor at(p, pos0);
