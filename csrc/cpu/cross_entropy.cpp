@@ -1654,10 +1654,76 @@ inline void rows_to_map(const float* src, int64_t ld_src, float* dst, int64_t ld
 constexpr bool kRegisterTranspose = true;
 constexpr bool kMaskedRowStores = true;  // lanes_to_rows writes any rows in place
 constexpr bool kHalfRows = true;         // and converts half-type rows in registers (load_row, store_row)
-constexpr bool kBf16PairRows = false;
-inline void bf16_rows_to_lanes(const at::BFloat16*, int64_t, float*, int64_t) {}
+// bf16 rows as pairs of classes (one 32-bit element: class 2k in its low half, 2k + 1 in its high
+// half): 16 rows of up to 32 classes through one 16×16 transpose of 32-bit elements, where rows
+// converted on the way (load_row, store_row) take one per 16 classes; a pair widens into its two
+// fp32 classes with a shift and a mask. Rows are read and written with masked 16-bit loads and
+// stores: exactly their cols elements (2 ≤ cols ≤ 32). Rows past cols of dst's last pair get 0 or
+// the junk of an odd cols' last pair (the tile kernel reads only rows < cols).
+inline void bf16_rows_to_lanes(const at::BFloat16* src, int64_t ld_src, float* dst, int64_t cols) {
+  const __mmask32 mask = static_cast<__mmask32>((uint64_t(1) << cols) - 1);
+  __m512 r[16];
+#pragma GCC unroll 16
+  for (int i = 0; i < 16; ++i) r[i] = _mm512_castsi512_ps(_mm512_maskz_loadu_epi16(mask, src + i * ld_src));
+  transpose_16x16(r);
+  const __m512i high = _mm512_set1_epi32(static_cast<int>(0xffff0000u));
+  const int64_t pairs = (cols + 1) / 2;
+#pragma GCC unroll 16
+  for (int k = 0; k < 16; ++k) {
+    if (k < pairs) {
+      const __m512i v = _mm512_castps_si512(r[k]);
+      _mm512_storeu_ps(dst + 2 * k * 16, _mm512_castsi512_ps(_mm512_slli_epi32(v, 16)));
+      _mm512_storeu_ps(dst + (2 * k + 1) * 16, _mm512_castsi512_ps(_mm512_and_si512(v, high)));
+    }
+  }
+}
+
+// The way back: class-major fp32 src into 16 bf16 rows of cols elements (2 ≤ cols ≤ 32), each class
+// rounded once to nearest even and paired with its neighbour, transposed 16×16 in 32 bits, each row
+// stored with one masked store. AVX512-BF16: two classes converted in one instruction (bf16_from, NaN
+// kept) and interleaved with one permute; otherwise at::vec's rounding (NaN: 0xffff), without its NaN
+// test where src holds no NaN (kNoNaN, as bf16_pair_no_nan).
 template <bool kNoNaN>
-inline void bf16_lanes_to_rows(const float*, at::BFloat16*, int64_t, int64_t) {}
+inline void bf16_lanes_to_rows(const float* src, at::BFloat16* dst, int64_t ld_dst, int64_t cols) {
+  const __mmask32 mask = static_cast<__mmask32>((uint64_t(1) << cols) - 1);
+  const int64_t pairs = (cols + 1) / 2;
+#if defined(SMOOTHCE_AVX512_BF16)
+  // even's 16 values, then odd's, into (even_i, odd_i) pairs
+  const __m512i interleave = _mm512_set_epi16(31, 15, 30, 14, 29, 13, 28, 12, 27, 11, 26, 10, 25, 9, 24, 8, 23, 7,
+                                              22, 6, 21, 5, 20, 4, 19, 3, 18, 2, 17, 1, 16, 0);
+#else
+  const __m512i one = _mm512_set1_epi32(1), bias = _mm512_set1_epi32(0x7fff);
+  auto round = [&](__m512 v) {  // the rounded value in the high half (bits + 0x7fff + bit 16)
+    const __m512i bits = _mm512_castps_si512(v);
+    return _mm512_add_epi32(bits, _mm512_add_epi32(_mm512_and_si512(_mm512_srli_epi32(bits, 16), one), bias));
+  };
+#endif
+  __m512 r[16];
+#pragma GCC unroll 16
+  for (int k = 0; k < 16; ++k) {
+    if (k < pairs) {
+      const __m512 even = _mm512_loadu_ps(src + 2 * k * 16), odd = _mm512_loadu_ps(src + (2 * k + 1) * 16);
+#if defined(SMOOTHCE_AVX512_BF16)
+      r[k] = _mm512_castsi512_ps(_mm512_permutexvar_epi16(interleave, bf16_from(even, odd)));
+#else
+      __m512i lo = _mm512_srli_epi32(round(even), 16), hi = round(odd);
+      if constexpr (!kNoNaN) {
+        lo = _mm512_mask_blend_epi32(_mm512_cmp_ps_mask(even, even, _CMP_ORD_Q), _mm512_set1_epi32(0xffff), lo);
+        hi = _mm512_mask_blend_epi32(_mm512_cmp_ps_mask(odd, odd, _CMP_ORD_Q),
+                                     _mm512_set1_epi32(static_cast<int>(0xffff0000u)), hi);
+      }
+      r[k] = _mm512_castsi512_ps(_mm512_mask_blend_epi16(0xaaaaaaaau, lo, hi));
+#endif
+    } else {
+      r[k] = _mm512_setzero_ps();
+    }
+  }
+  transpose_16x16(r);
+#pragma GCC unroll 16
+  for (int i = 0; i < 16; ++i) _mm512_mask_storeu_epi16(dst + i * ld_dst, mask, _mm512_castps_si512(r[i]));
+}
+constexpr bool kBf16PairRows = true;  // bf16_rows_to_lanes, bf16_lanes_to_rows
+constexpr bool kPairsExact = true;    // which read and write a tile's rows only
 #elif defined(CPU_CAPABILITY_AVX2)
 // AVX2: the same with 8×8 blocks, 24 shuffles: unpacks of 32-bit pairs, 64-bit shuffles within 128-bit
 // lanes, then 128-bit lane permutes.
@@ -1824,7 +1890,8 @@ inline void bf16_lanes_to_rows(const float* src, at::BFloat16* dst, int64_t ld_d
 constexpr bool kRegisterTranspose = true;
 constexpr bool kMaskedRowStores = false;  // lanes_to_rows writes 8 contiguous rows, spilling 7 floats
 constexpr bool kHalfRows = false;
-constexpr bool kBf16PairRows = true;   // bf16_rows_to_lanes, bf16_lanes_to_rows
+constexpr bool kBf16PairRows = true;  // bf16_rows_to_lanes, bf16_lanes_to_rows
+constexpr bool kPairsExact = false;  // (they read and write up to 15 elements past a tile)
 #else
 constexpr bool kRegisterTranspose = false;
 constexpr bool kMaskedRowStores = false;
@@ -1836,6 +1903,7 @@ constexpr bool kBf16PairRows = false;
 inline void bf16_rows_to_lanes(const at::BFloat16*, int64_t, float*, int64_t) {}
 template <bool kNoNaN>
 inline void bf16_lanes_to_rows(const float*, at::BFloat16*, int64_t, int64_t) {}
+constexpr bool kPairsExact = false;
 #endif
 
 // dst[j·ld_dst + i] = src[i·ld_src + j] for i < rows, j < cols, element by element: partial tiles and
@@ -1881,7 +1949,8 @@ void small_rows_kernel(const Params<scalar_t>& p, int64_t tile_begin, int64_t ti
   // With AVX-512, half-type rows are converted in registers on the way (load_row, store_row, with
   // masked 16-bit loads and stores), not widened into and narrowed out of `wide`, whose 64-byte stores
   // the transpose's loads straddle: bf16 and fp16 fwd+bwd 6–9% less time at 65536×10, 4–7% at
-  // 65536×27, forward 2–5% (Zen 4 VM, 1 thread, interleaved processes); fp32 unchanged.
+  // 65536×27, forward 2–5% (Zen 4 VM, 1 thread, interleaved processes); fp32 unchanged. bf16 now
+  // moves as pairs of classes (kPairs, below).
   // AVX2 builds write fp32 and fp16 gradient tiles in place as well where the 7 elements that
   // lanes_to_rows spills past a tile fall on the next tile's first row, which this task writes next
   // (`spill`), instead of through `wide`: Zen 3 VM, 1 thread, interleaved processes, both orders:
@@ -1897,18 +1966,22 @@ void small_rows_kernel(const Params<scalar_t>& p, int64_t tile_begin, int64_t ti
     const auto bytes = static_cast<uintptr_t>((positions * C + V) * int64_t(sizeof(scalar_t)));
     return !a || begin + bytes <= grad || grad + bytes <= begin;
   };
-  // bf16 with AVX2: whole tiles of rows of 2 classes or more move as pairs of classes, converted and
-  // rounded in registers (bf16_rows_to_lanes, bf16_lanes_to_rows), not widened into and narrowed out
-  // of `wide` 8 classes a block; their gradient is written in place as fp32's is (`spill`). Rows read
-  // up to 15 elements past a tile: tiles whose reads would leave the input's last row take `wide`;
-  // what they write past a tile falls on the next tile's rows (8·C ≥ 16 elements). Against widening
-  // and narrowing (two vectors a pack, store_acc2), the AVX2 build on a Zen 4 VM, 1 thread,
-  // interleaved processes, 5 rounds: fwd+bwd 19–23% less time at 65536×3, 65536×10 and 65536×27,
-  // forward 21–22% at 10 and 27 classes; instructions (callgrind, 3 fwd+bwd calls) 35.2M → 31.1M
-  // at 65536×10, 64.5M → 55.5M at 65536×27, 24.0M → 21.9M at 65536×3.
+  // bf16: whole tiles of rows of 2 classes or more move as pairs of classes, converted and rounded
+  // in registers (bf16_rows_to_lanes, bf16_lanes_to_rows: one transpose per 16 classes with AVX2, one
+  // per tile with AVX-512). AVX2: not widened into and narrowed out of `wide` 8 classes a block, and
+  // the gradient is written in place as fp32's is (`spill`); rows read up to 15 elements past a tile:
+  // tiles whose reads would leave the input's last row take `wide`, and what they write past a tile
+  // falls on the next tile's rows (8·C ≥ 16 elements). AVX2 build against widening and narrowing
+  // (two vectors a pack, store_acc2), on a Zen 4 VM, 1 thread, interleaved processes, 5 rounds:
+  // fwd+bwd 19–23% less time at 65536×3, 65536×10 and 65536×27, forward 21–22% at 10 and 27 classes;
+  // instructions (callgrind, 3 fwd+bwd calls) 35.2M → 31.1M at 65536×10, 64.5M → 55.5M at
+  // 65536×27, 24.0M → 21.9M at 65536×3. AVX-512 (AVX512-BF16) build against rows converted on the
+  // way (load_row, store_row), same VM and method, medians of per-round ratios: fwd+bwd 18% less
+  // time at 65536×10, 13% at 65536×3, 30–41% at 16384×32 and 65536×27; forward 7–11%.
   constexpr bool kPairs = kBf16PairRows && std::is_same_v<scalar_t, at::BFloat16>;
   const bool pair_rows = kPairs && C >= 2 && row_stride >= 0;
-  const int64_t pair_reach = 7 * row_stride + (C + 15) / 16 * 16, input_end = (positions - 1) * row_stride + C;
+  const int64_t pair_reach = (V - 1) * row_stride + (kPairsExact ? C : (C + 15) / 16 * 16),
+                input_end = (positions - 1) * row_stride + C;
   constexpr bool kSpills = !kMaskedRowStores && (kPairs || !std::is_same_v<scalar_t, at::BFloat16>);
   const bool may_spill = kSpills && p.grad && row_stride == C && apart(p.input) && apart(p.soft_target);
   auto load_tile = [&](const scalar_t* src, acc_t* dst, int64_t count, bool read_pairs) {
@@ -1936,9 +2009,10 @@ void small_rows_kernel(const Params<scalar_t>& p, int64_t tile_begin, int64_t ti
   auto store_tile = [&](const acc_t* src, scalar_t* dst, int64_t count, bool spill, bool grad_finite) {
     if constexpr (kPairs) {
       if (count == V && row_stride == C && C >= 2) {
-        scalar_t* const out = spill ? dst : reinterpret_cast<scalar_t*>(wide);  // (room for the 15 past a tile)
+        const bool in_place = kPairsExact || spill;
+        scalar_t* const out = in_place ? dst : reinterpret_cast<scalar_t*>(wide);  // (room for the 15 past a tile)
         grad_finite ? bf16_lanes_to_rows<true>(src, out, C, C) : bf16_lanes_to_rows<false>(src, out, C, C);
-        if (!spill) std::memcpy(dst, wide, V * C * sizeof(scalar_t));
+        if (!in_place) std::memcpy(dst, wide, V * C * sizeof(scalar_t));
         return;
       }
     }
