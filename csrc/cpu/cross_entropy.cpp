@@ -168,6 +168,20 @@ inline Vectorized<int32_t> float_bits(const Vectorized<float>& v) {
 #endif
 }
 
+// A vector of bf16 pairs (classes 2k and 2k + 1 of a row in each 32-bit lane's low and high half) as
+// the two classes' fp32 lanes: the low half shifted up, the high half masked (bf16_rows_to_lanes).
+inline void widen_pair(const Vectorized<float>& pair, float* even, float* odd) {
+  using IVec = Vectorized<int32_t>;
+  const IVec bits = float_bits(pair);
+#if defined(CPU_CAPABILITY_AVX512)  // (one immediate shift: at::vec's << shifts by a vector)
+  const IVec low = _mm512_slli_epi32(bits, 16);
+#else
+  const IVec low = _mm256_slli_epi32(bits, 16);
+#endif
+  at::vec::cast<float>(low).store(even);
+  at::vec::cast<float>(bits & IVec(static_cast<int32_t>(0xffff0000u))).store(odd);
+}
+
 // exp for float (AVX2 and AVX-512): 2^n·P(r) with n = round(x·log2 e), r = x − n·ln 2 and at::vec's
 // exp_u20 polynomial P (degree 5), in 12 vector operations instead of exp_u20's 20 (its floor,
 // conversions, blends and two scalings are replaced by rounding with a magic-number add and forming
@@ -1666,16 +1680,10 @@ inline void bf16_rows_to_lanes(const at::BFloat16* src, int64_t ld_src, float* d
 #pragma GCC unroll 16
   for (int i = 0; i < 16; ++i) r[i] = _mm512_castsi512_ps(_mm512_maskz_loadu_epi16(mask, src + i * ld_src));
   transpose_16x16(r);
-  const __m512i high = _mm512_set1_epi32(static_cast<int>(0xffff0000u));
   const int64_t pairs = (cols + 1) / 2;
 #pragma GCC unroll 16
-  for (int k = 0; k < 16; ++k) {
-    if (k < pairs) {
-      const __m512i v = _mm512_castps_si512(r[k]);
-      _mm512_storeu_ps(dst + 2 * k * 16, _mm512_castsi512_ps(_mm512_slli_epi32(v, 16)));
-      _mm512_storeu_ps(dst + (2 * k + 1) * 16, _mm512_castsi512_ps(_mm512_and_si512(v, high)));
-    }
-  }
+  for (int k = 0; k < 16; ++k)
+    if (k < pairs) widen_pair(r[k], dst + 2 * k * 16, dst + (2 * k + 1) * 16);
 }
 
 // The way back: class-major fp32 src into 16 bf16 rows of cols elements (2 ≤ cols ≤ 32), each class
@@ -1828,7 +1836,6 @@ inline void lanes_to_rows(const float* src, dst_t* dst, int64_t ld_dst, int64_t 
 // src[7·ld_src + (cols + 15) / 16 · 16) is still readable. Rows past cols of the last block get what
 // follows a row in memory (the tile kernel reads only rows < cols).
 inline void bf16_rows_to_lanes(const at::BFloat16* src, int64_t ld_src, float* dst, int64_t cols) {
-  const __m256i high = _mm256_set1_epi32(static_cast<int>(0xffff0000u));
   for (int64_t b = 0; b < cols; b += 16) {
     __m256 r[8];
 #pragma GCC unroll 8
@@ -1838,13 +1845,8 @@ inline void bf16_rows_to_lanes(const at::BFloat16* src, int64_t ld_src, float* d
     const int64_t pairs = (std::min<int64_t>(16, cols - b) + 1) / 2;
     float* const out = dst + b * 8;
 #pragma GCC unroll 8
-    for (int k = 0; k < 8; ++k) {
-      if (k < pairs) {
-        const __m256i v = _mm256_castps_si256(r[k]);
-        _mm256_storeu_ps(out + 2 * k * 8, _mm256_castsi256_ps(_mm256_slli_epi32(v, 16)));
-        _mm256_storeu_ps(out + (2 * k + 1) * 8, _mm256_castsi256_ps(_mm256_and_si256(v, high)));
-      }
-    }
+    for (int k = 0; k < 8; ++k)
+      if (k < pairs) widen_pair(r[k], out + 2 * k * 8, out + (2 * k + 1) * 8);
   }
 }
 
