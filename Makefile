@@ -82,6 +82,12 @@ bench-quick: $(BUILD_STAMP) $(EXTRAS_STAMP)
 cuda-check: $(DEPS_STAMP)
 	bash .ci/cuda_check.sh
 
+# The CPU kernels' other code paths (AVX-512 without AVX512-BF16, AVX2, plain C++: those below what this
+# machine builds), each built into build/cpu-variants/ and run through the CPU kernel tests
+# (.ci/cpu_variants.sh; CPU_VARIANTS="avx2 default" picks some). About 6 minutes a variant on 2 cores.
+cpu-variants: $(BUILD_STAMP) $(EXTRAS_STAMP)
+	PY=$(PY) bash .ci/cpu_variants.sh
+
 clean:
 	rm -rf build dist *.egg-info smoothce/*.so $(BUILD_STAMP)
 
@@ -99,4 +105,4 @@ gpu-check: $(DEPS_STAMP)
 barrier-mutation: $(BUILD_STAMP)
 	$(PY) tools/barrier_mutation.py $(MUTATION_ARGS)
 
-.PHONY: gpu-check barrier-mutation
+.PHONY: gpu-check barrier-mutation cpu-variants
