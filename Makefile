@@ -84,7 +84,7 @@ cuda-check: $(DEPS_STAMP)
 
 # The CPU kernels' other code paths (AVX-512 without AVX512-BF16, AVX2, plain C++: those below what this
 # machine builds), each built into build/cpu-variants/ and run through the CPU kernel tests
-# (.ci/cpu_variants.sh; CPU_VARIANTS="avx2 default" picks some). About 6 minutes a variant on 2 cores.
+# (.ci/cpu_variants.sh; CPU_VARIANTS="avx2 default" picks some). 3–4 minutes a variant on 2 cores.
 cpu-variants: $(BUILD_STAMP) $(EXTRAS_STAMP)
 	PY=$(PY) bash .ci/cpu_variants.sh
 

@@ -1672,8 +1672,8 @@ constexpr bool kHalfRows = true;         // and converts half-type rows in regis
 // half): 16 rows of up to 32 classes through one 16×16 transpose of 32-bit elements, where rows
 // converted on the way (load_row, store_row) take one per 16 classes; a pair widens into its two
 // fp32 classes with a shift and a mask. Rows are read and written with masked 16-bit loads and
-// stores: exactly their cols elements (2 ≤ cols ≤ 32). Rows past cols of dst's last pair get 0 or
-// the junk of an odd cols' last pair (the tile kernel reads only rows < cols).
+// stores: exactly their cols elements (2 ≤ cols ≤ 32); an odd cols' last pair widens a zero into row
+// cols of dst (the tile kernel reads only rows < cols).
 inline void bf16_rows_to_lanes(const at::BFloat16* src, int64_t ld_src, float* dst, int64_t cols) {
   const __mmask32 mask = static_cast<__mmask32>((uint64_t(1) << cols) - 1);
   __m512 r[16];
@@ -1979,7 +1979,7 @@ void small_rows_kernel(const Params<scalar_t>& p, int64_t tile_begin, int64_t ti
   // instructions (callgrind, 3 fwd+bwd calls) 35.2M → 31.1M at 65536×10, 64.5M → 55.5M at
   // 65536×27, 24.0M → 21.9M at 65536×3. AVX-512 (AVX512-BF16) build against rows converted on the
   // way (load_row, store_row), same VM and method, medians of per-round ratios: fwd+bwd 18% less
-  // time at 65536×10, 13% at 65536×3, 30–41% at 16384×32 and 65536×27; forward 7–11%.
+  // time at 65536×10, 13% at 65536×3, 30% at 16384×32, 8–41% at 65536×27 (two runs); forward 7–11%.
   constexpr bool kPairs = kBf16PairRows && std::is_same_v<scalar_t, at::BFloat16>;
   const bool pair_rows = kPairs && C >= 2 && row_stride >= 0;
   const int64_t pair_reach = (V - 1) * row_stride + (kPairsExact ? C : (C + 15) / 16 * 16),
