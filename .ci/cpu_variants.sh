@@ -49,7 +49,7 @@ for variant in $variants; do
   (
     cd "$scratch/pkg"
     "$PY" -c "
-import smoothce, sys
+import smoothce
 info = smoothce.build_info()
 assert smoothce.__file__.startswith('$root/$scratch/pkg/'), smoothce.__file__
 assert info['cpu_capability'] == '$capability' and info['cpu_bf16'] == ($bf16 == 1), info
