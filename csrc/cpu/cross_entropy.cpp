@@ -1978,8 +1978,9 @@ void small_rows_kernel(const Params<scalar_t>& p, int64_t tile_begin, int64_t ti
   // fwd+bwd 19–23% less time at 65536×3, 65536×10 and 65536×27, forward 21–22% at 10 and 27 classes;
   // instructions (callgrind, 3 fwd+bwd calls) 35.2M → 31.1M at 65536×10, 64.5M → 55.5M at
   // 65536×27, 24.0M → 21.9M at 65536×3. AVX-512 (AVX512-BF16) build against rows converted on the
-  // way (load_row, store_row), same VM and method, medians of per-round ratios: fwd+bwd 18% less
-  // time at 65536×10, 13% at 65536×3, 30% at 16384×32, 8–41% at 65536×27 (two runs); forward 7–11%.
+  // way (load_row, store_row), same VM and method, medians of per-round ratios over several runs
+  // (this VM's noise moved them far apart): fwd+bwd 7–18% less time at 65536×10, 8–16% at 65536×27
+  // (41% once), 8–13% at 65536×3, 17–30% at 16384×32; forward within the noise (−11% to +20%).
   constexpr bool kPairs = kBf16PairRows && std::is_same_v<scalar_t, at::BFloat16>;
   const bool pair_rows = kPairs && C >= 2 && row_stride >= 0;
   const int64_t pair_reach = (V - 1) * row_stride + (kPairsExact ? C : (C + 15) / 16 * 16),
