@@ -60,6 +60,14 @@ inline __m512i bf16_from(__m512 a, __m512 b) {  // a's 16 values, then b's
 inline auto bf16_from(FloatReg v) { return at::vec::cvtfp32_bf16(v); }
 inline auto bf16_from(FloatReg a, FloatReg b) { return at::vec::cvtfp32_bf16(a, b); }
 #endif
+// Whether bf16 rounding is cheaper for values known to hold no NaN (bf16_pair_no_nan: AVX2, and
+// AVX-512 without AVX512-BF16, whose instruction converts with or without NaN): tile_kernel's
+// grad_finite is computed only where it is.
+#if (defined(CPU_CAPABILITY_AVX2) || defined(CPU_CAPABILITY_AVX512)) && !defined(SMOOTHCE_AVX512_BF16)
+constexpr bool kBf16NoNaNRounding = true;
+#else
+constexpr bool kBf16NoNaNRounding = false;
+#endif
 
 // ---------------------------------------------------------------- vector load / store / exp
 template <typename scalar_t>
@@ -109,26 +117,32 @@ inline void store_acc(scalar_t* ptr, const Vectorized<acc_type<scalar_t>>& v,
 }
 
 #if defined(CPU_CAPABILITY_AVX2) || defined(CPU_CAPABILITY_AVX512)
+// bf16 rounding (to nearest even) without a NaN test: v's bits + 0x7fff + bit 16, the bf16 in each
+// 32-bit element's high half (the low half junk). ±inf, and finite values that round past the largest
+// bf16, come out as ±inf; a NaN would not (the add can carry its payload into the exponent or sign).
+#if defined(CPU_CAPABILITY_AVX512)
+inline __m512i bf16_round_high(__m512 v) {
+  const __m512i bits = _mm512_castps_si512(v);
+  return _mm512_add_epi32(bits, _mm512_add_epi32(_mm512_and_si512(_mm512_srli_epi32(bits, 16), _mm512_set1_epi32(1)),
+                                                 _mm512_set1_epi32(0x7fff)));
+}
+#else
+inline __m256i bf16_round_high(__m256 v) {
+  const __m256i bits = _mm256_castps_si256(v);
+  return _mm256_add_epi32(bits, _mm256_add_epi32(_mm256_and_si256(_mm256_srli_epi32(bits, 16), _mm256_set1_epi32(1)),
+                                                 _mm256_set1_epi32(0x7fff)));
+}
+#endif
+
 // 2V floats (a, then b) -> 2V bf16 (round to nearest even) packed, for values known to hold no NaN:
 // at::vec's cvtfp32_bf16 without its NaN test (a compare and a blend per vector, 2 of its 7
-// operations per vector in pairs). ±inf, and finite values that round past the largest bf16, come
-// out as ±inf; a NaN would not (the rounding add can carry its payload into the exponent or sign).
+// operations per vector in pairs); bf16_round_high's rounding.
 inline auto bf16_pair_no_nan(FloatReg a, FloatReg b) {
 #if defined(CPU_CAPABILITY_AVX512)
-  const __m512i one = _mm512_set1_epi32(1), bias = _mm512_set1_epi32(0x7fff);
-  auto round = [&](__m512 v) {  // (bits + 0x7fff + bit 16) >> 16
-    const __m512i bits = _mm512_castps_si512(v);
-    const __m512i lsb = _mm512_and_si512(_mm512_srli_epi32(bits, 16), one);
-    return _mm512_srli_epi32(_mm512_add_epi32(_mm512_add_epi32(bits, bias), lsb), 16);
-  };
+  auto round = [](__m512 v) { return _mm512_srli_epi32(bf16_round_high(v), 16); };
   return _mm512_permutexvar_epi64(_mm512_set_epi64(7, 5, 3, 1, 6, 4, 2, 0), _mm512_packus_epi32(round(a), round(b)));
 #else
-  const __m256i one = _mm256_set1_epi32(1), bias = _mm256_set1_epi32(0x7fff);
-  auto round = [&](__m256 v) {
-    const __m256i bits = _mm256_castps_si256(v);
-    const __m256i lsb = _mm256_and_si256(_mm256_srli_epi32(bits, 16), one);
-    return _mm256_srli_epi32(_mm256_add_epi32(_mm256_add_epi32(bits, bias), lsb), 16);
-  };
+  auto round = [](__m256 v) { return _mm256_srli_epi32(bf16_round_high(v), 16); };
   return _mm256_permute4x64_epi64(_mm256_packus_epi32(round(a), round(b)), 0xd8);
 #endif
 }
@@ -1205,13 +1219,14 @@ C10_ALWAYS_INLINE bool tile_kernel(const Params<scalar_t>& p, const tile_t* x, c
   if (!g) return false;
 
   const Vec vcoef = Vec::loadu(lanes.coef), voff = Vec::loadu(lanes.off);
-  // bf16 with index targets: whether this gradient holds no NaN, for the caller's rounding (narrow).
+  // bf16 with index targets (kBf16NoNaNRounding): whether this gradient holds no NaN, for the caller's
+  // rounding (narrow, bf16_lanes_to_rows).
   // Its elements are coef·p − off·w and the target's from the same finite terms when every valid
   // lane's lse (so max and Σexp), coef and off are finite, and 0 in the other lanes: a NaN or infinite
   // logit makes its lane's lse NaN or infinite, and coef holds off·Σw, which is finite only where every
   // class weight is. (The sum of the three is finite only when each is.)
   bool grad_finite = false;
-  if constexpr (std::is_same_v<scalar_t, at::BFloat16> && !kSoft) {
+  if constexpr (kBf16NoNaNRounding && std::is_same_v<scalar_t, at::BFloat16> && !kSoft) {
     if (plain) {
       const Vec terms = Vec::blendv(vorigin + Vec::loadu(lanes.log_sum), Vec(0), vinvalid) + vcoef + voff;
       grad_finite = ((terms - terms) != Vec(0)).zero_mask() == (1 << V) - 1;
@@ -1699,12 +1714,6 @@ inline void bf16_lanes_to_rows(const float* src, at::BFloat16* dst, int64_t ld_d
   // even's 16 values, then odd's, into (even_i, odd_i) pairs
   const __m512i interleave = _mm512_set_epi16(31, 15, 30, 14, 29, 13, 28, 12, 27, 11, 26, 10, 25, 9, 24, 8, 23, 7,
                                               22, 6, 21, 5, 20, 4, 19, 3, 18, 2, 17, 1, 16, 0);
-#else
-  const __m512i one = _mm512_set1_epi32(1), bias = _mm512_set1_epi32(0x7fff);
-  auto round = [&](__m512 v) {  // the rounded value in the high half (bits + 0x7fff + bit 16)
-    const __m512i bits = _mm512_castps_si512(v);
-    return _mm512_add_epi32(bits, _mm512_add_epi32(_mm512_and_si512(_mm512_srli_epi32(bits, 16), one), bias));
-  };
 #endif
   __m512 r[16];
 #pragma GCC unroll 16
@@ -1714,7 +1723,7 @@ inline void bf16_lanes_to_rows(const float* src, at::BFloat16* dst, int64_t ld_d
 #if defined(SMOOTHCE_AVX512_BF16)
       r[k] = _mm512_castsi512_ps(_mm512_permutexvar_epi16(interleave, bf16_from(even, odd)));
 #else
-      __m512i lo = _mm512_srli_epi32(round(even), 16), hi = round(odd);
+      __m512i lo = _mm512_srli_epi32(bf16_round_high(even), 16), hi = bf16_round_high(odd);
       if constexpr (!kNoNaN) {
         lo = _mm512_mask_blend_epi32(_mm512_cmp_ps_mask(even, even, _CMP_ORD_Q), _mm512_set1_epi32(0xffff), lo);
         hi = _mm512_mask_blend_epi32(_mm512_cmp_ps_mask(odd, odd, _CMP_ORD_Q),
@@ -1860,12 +1869,6 @@ inline void bf16_rows_to_lanes(const at::BFloat16* src, int64_t ld_src, float* d
 template <bool kNoNaN>
 inline void bf16_lanes_to_rows(const float* src, at::BFloat16* dst, int64_t ld_dst, int64_t cols) {
   TORCH_INTERNAL_ASSERT_DEBUG_ONLY(ld_dst == cols && cols >= 2);
-  const __m256i one = _mm256_set1_epi32(1), bias = _mm256_set1_epi32(0x7fff);
-  // the rounded value in a 32-bit element's high half (bits + 0x7fff + bit 16, the low half junk)
-  auto round = [&](__m256 v) {
-    const __m256i bits = _mm256_castps_si256(v);
-    return _mm256_add_epi32(bits, _mm256_add_epi32(_mm256_and_si256(_mm256_srli_epi32(bits, 16), one), bias));
-  };
   for (int64_t b = (cols - 1) / 16 * 16; b >= 0; b -= 16) {
     const int64_t pairs = (std::min<int64_t>(16, cols - b) + 1) / 2;
     __m256 r[8];
@@ -1873,7 +1876,7 @@ inline void bf16_lanes_to_rows(const float* src, at::BFloat16* dst, int64_t ld_d
     for (int k = 0; k < 8; ++k) {
       if (k < pairs) {
         const __m256 even = _mm256_loadu_ps(src + (b + 2 * k) * 8), odd = _mm256_loadu_ps(src + (b + 2 * k + 1) * 8);
-        __m256i lo = _mm256_srli_epi32(round(even), 16), hi = round(odd);
+        __m256i lo = _mm256_srli_epi32(bf16_round_high(even), 16), hi = bf16_round_high(odd);
         if constexpr (!kNoNaN) {
           lo = _mm256_blendv_epi8(_mm256_set1_epi32(0xffff), lo, _mm256_castps_si256(_mm256_cmp_ps(even, even, _CMP_ORD_Q)));
           hi = _mm256_blendv_epi8(_mm256_set1_epi32(static_cast<int>(0xffff0000u)), hi,
@@ -2011,7 +2014,7 @@ void small_rows_kernel(const Params<scalar_t>& p, int64_t tile_begin, int64_t ti
   };
   auto store_tile = [&](const acc_t* src, scalar_t* dst, int64_t count, bool spill, bool grad_finite) {
     if constexpr (kPairs) {
-      if (count == V && row_stride == C && C >= 2) {
+      if (pair_rows && count == V && row_stride == C) {
         const bool in_place = kPairsExact || spill;
         scalar_t* const out = in_place ? dst : reinterpret_cast<scalar_t*>(wide);  // (room for the 15 past a tile)
         grad_finite ? bf16_lanes_to_rows<true>(src, out, C, C) : bf16_lanes_to_rows<false>(src, out, C, C);
