@@ -1388,11 +1388,19 @@ void narrow(const acc_type<scalar_t>* src, scalar_t* dst, auto n) {
 // AVX-512 builds were not measured with fp32 widened: those stay in place (across_kernel).
 // Used where one tile's buffers fit kWideTileBytes (widens_tiles).
 constexpr int64_t kWideTileBytes = 64 * 1024;
+// kWidePrefetch, kWideReadLocality: across_wide_kernel's prefetches, and the cache level its reads'
+// go to (__builtin_prefetch's locality: 3 the L1, 2 the L2).
 #if defined(CPU_CAPABILITY_AVX2)
-constexpr bool kWidePrefetch = true;  // (across_wide_kernel; measured with AVX2 only)
+constexpr bool kWidePrefetch = true;
+constexpr int kWideReadLocality = 3;
 constexpr bool kWidenFloat = true;
+#elif defined(CPU_CAPABILITY_AVX512)
+constexpr bool kWidePrefetch = true;
+constexpr int kWideReadLocality = 2;
+constexpr bool kWidenFloat = false;
 #else
-constexpr bool kWidePrefetch = false;
+constexpr bool kWidePrefetch = false;  // (unmeasured)
+constexpr int kWideReadLocality = 3;
 constexpr bool kWidenFloat = false;
 #endif
 template <typename scalar_t>
@@ -1442,9 +1450,9 @@ void across_wide_kernel(const Params<scalar_t>& p, int64_t tile_begin, int64_t t
     // This group: `tiles` tiles, `width` positions from s0.
     const int64_t tiles = std::min({kLineTiles, tile_end - tile, tiles_per_outer - tile % tiles_per_outer});
     const int64_t width = std::min(tiles * V, p.inner - s0);
-    // Meanwhile (AVX2 builds), each class's line that holds the next group's last position is
-    // prefetched: the line the group would miss on where lines do not start at a group (its first is
-    // this group's last). Zen 3 VM, AVX2, 1 thread, interleaved processes, against no prefetch: bf16
+    // Meanwhile (AVX2 and AVX-512 builds), each class's line that holds the next group's last
+    // position is prefetched: the line the group would miss on where lines do not start at a group
+    // (its first is this group's last). Zen 3 VM, AVX2, 1 thread, interleaved processes, against no prefetch: bf16
     // and fp16 fwd+bwd 15–20% less time at 8×21×250×262, 0–12% at 16×19×97×101. Maps whose lines
     // share a few cache sets (power-of-two strides) were left out of it for a while, where prefetched
     // lines might evict each other before they are read (once measured 6–9% slower so), but measured
@@ -1460,15 +1468,24 @@ void across_wide_kernel(const Params<scalar_t>& p, int64_t tile_begin, int64_t t
     // 0–36% less time at 8×21×256×256, 4×150×64×64, 2×400×64×64, 8×21×128×128, 8×21×250×262 and
     // 16×19×97×101, bf16 and fp32, 1 and 2 threads (2% more once, fp32 8×21×128×128, 1 thread;
     // interleaved processes, Zen 3 VM). The next group's gradient lines instead cost 13% (fp32
-    // 8×21×256×256, 1 thread) and 20% (2×400×64×64). AVX2 builds only: an AVX-512 build, whose groups
-    // are two tiles, was not measured with these prefetches (the tile passes' prefetch of across_kernel
-    // cost this kernel up to 21%).
+    // 8×21×256×256, 1 thread) and 20% (2×400×64×64).
+    // AVX-512 builds (groups of two bf16 or fp16 tiles, a line of each class) did without both until
+    // perf put 23% of bf16 8×21×256×256 fwd+bwd's samples on the widening loads, waiting on memory.
+    // With them, against without (Zen 4 VM, interleaved processes, medians of 5–7 per-round ratios; a
+    // noisy VM: fp32, whose code did not change, read 0.93–0.98 at 1 thread and 0.89 at 2): fwd+bwd,
+    // 1 thread, 20–25% less time at bf16 8×21×256×256, 15–34% fp16, 20% bf16 8×21×250×262 and 18%
+    // 4×150×64×64; 2 threads, 8×21×256×256 19% in one run and 6% in one whose fp32 read 11% less,
+    // 2–14% at five other maps; forward, 1 thread,
+    // 27–29% at 8×21×250×262, 20% 2×400×64×64, the others within ±7%. The next group's lines go to
+    // the L2 there (kWideReadLocality: one L1 set cannot hold a group's lines of a power-of-two stride
+    // and the next group's too): 2–14% less time than into the L1 at 8×21×256×256, 8×21×250×262 and
+    // 4×150×64×64 (bf16 fwd+bwd, 1 thread). Without the gradient prefetch: within ±4%.
     const bool prefetch = kWidePrefetch && tile + tiles < tile_end;
     // (w: the group's width, a constant GV for whole groups: with the width tested at every vector,
     // copying in and out took 30% of the instructions of 2×21×128×128 fp32 fwd+bwd, callgrind)
     const auto widen_classes = [&](auto w) {
       for (int64_t c = 0; c < C; ++c) {
-        if (prefetch) __builtin_prefetch(p.input + offset + c * sc + 2 * GV - 1, 0, 3);
+        if (prefetch) __builtin_prefetch(p.input + offset + c * sc + 2 * GV - 1, 0, kWideReadLocality);
         if (kWidePrefetch && p.grad) __builtin_prefetch(p.grad + offset + c * sc, 1, 3);
         widen<scalar_t>(p.input + offset + c * sc, x_wide + c * GV, w);
         if constexpr (kSoft) widen<scalar_t>(p.soft_target + offset + c * sc, prob_wide + c * GV, w);
