@@ -1472,14 +1472,14 @@ void across_wide_kernel(const Params<scalar_t>& p, int64_t tile_begin, int64_t t
     // AVX-512 builds (groups of two bf16 or fp16 tiles, a line of each class) did without both until
     // perf put 23% of bf16 8×21×256×256 fwd+bwd's samples on the widening loads, waiting on memory.
     // With them, against without (Zen 4 VM, interleaved processes, medians of 5–7 per-round ratios; a
-    // noisy VM: fp32, whose code did not change, read 0.93–0.98 at 1 thread and 0.89 at 2): fwd+bwd,
-    // 1 thread, 20–25% less time at bf16 8×21×256×256, 15–34% fp16, 20% bf16 8×21×250×262 and 18%
-    // 4×150×64×64; 2 threads, 8×21×256×256 19% in one run and 6% in one whose fp32 read 11% less,
-    // 2–14% at five other maps; forward, 1 thread,
-    // 27–29% at 8×21×250×262, 20% 2×400×64×64, the others within ±7%. The next group's lines go to
-    // the L2 there (kWideReadLocality: one L1 set cannot hold a group's lines of a power-of-two stride
-    // and the next group's too): 2–14% less time than into the L1 at 8×21×256×256, 8×21×250×262 and
-    // 4×150×64×64 (bf16 fwd+bwd, 1 thread). Without the gradient prefetch: within ±4%.
+    // noisy VM: fp32, whose code did not change, read 0.93–0.98 at 1 thread and 0.76–0.89 at 2):
+    // fwd+bwd, 1 thread, 20–25% less time at bf16 8×21×256×256, 15–34% fp16, 20% bf16 8×21×250×262 and
+    // 18% 4×150×64×64; 2 threads, 8×21×256×256 19% in one run and 6% in one whose fp32 read 11% less
+    // (forward 32%, fp32 24%), 2–14% at five other maps; forward, 1 thread, 27–29% at 8×21×250×262, 20%
+    // 2×400×64×64, the others within ±7%. The next group's lines go to the L2 there (kWideReadLocality:
+    // one L1 set cannot hold a group's lines of a power-of-two stride and the next group's too): 2–14%
+    // less time than into the L1 at 8×21×256×256, 8×21×250×262 and 4×150×64×64 (bf16 fwd+bwd, 1
+    // thread). Without the gradient prefetch: within ±5%.
     const bool prefetch = kWidePrefetch && tile + tiles < tile_end;
     // (w: the group's width, a constant GV for whole groups: with the width tested at every vector,
     // copying in and out took 30% of the instructions of 2×21×128×128 fp32 fwd+bwd, callgrind)
