@@ -591,6 +591,28 @@ def test_many_positions(shape, reduction, dtype):
     check_all(mine, theirs, truth, dtype)
 
 
+# Maps whose class planes are a multiple of 4 KiB apart put a tile's lines of all classes in one L1
+# set: there fp32 tiles read in place take each lane's target logit as its class goes by instead of
+# gathering it (across_kernel's capture_target, AVX-512 builds). (2, 9, 1000) is a slice of
+# (2, 9, 1024): class stride 1024, a last tile of 8 positions.
+@pytest.mark.parametrize("weighted", [False, True], ids=["unweighted", "weighted"])
+@pytest.mark.parametrize("reduction", REDUCTIONS)
+@pytest.mark.parametrize("shape,view", [pytest.param((2, 9, 32, 32), None, id="2x9x32x32"),
+                                        pytest.param((1, 32, 64, 64), None, id="1x32x64x64"),
+                                        pytest.param((2, 9, 1024), lambda t: t[..., :1000], id="2x9x1024[:1000]")])
+def test_maps_of_lines_in_one_set(shape, view, reduction, weighted):
+    x = make_logits(shape)
+    positions = positions_shape(shape)
+    if view is not None:
+        positions = positions[:-1] + (1000,)
+    t = make_index_target(positions, shape[1], ignore_every=7)
+    up = _upstream(positions) if reduction == "none" else None
+    weight = make_weight(shape[1]) if weighted else None
+    mine, theirs, truth = run_all(smoothce.cross_entropy, x, t, weight=weight, upstream=up, view=view,
+                                  reduction=reduction, label_smoothing=0.1)
+    check_all(mine, theirs, truth, torch.float32)
+
+
 def test_deterministic():
     x = make_logits((4097, 37))
     t = make_index_target((4097,), 37, ignore_every=11)

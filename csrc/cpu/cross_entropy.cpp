@@ -997,7 +997,8 @@ C10_ALWAYS_INLINE void tile_index_results(const Params<scalar_t>& p, const tile_
                                           const Vectorized<acc_t>& vmax, const Vectorized<acc_t>& vsole,
                                           const Vectorized<acc_t>& vrest, const Vectorized<acc_t>& vmass_dx,
                                           const Vectorized<acc_t>& vlog_sum, const Vectorized<acc_t>& vinvalid,
-                                          bool want_grad, TileLanes<acc_t, V>& lanes, acc_t* target_grad) {
+                                          bool want_grad, TileLanes<acc_t, V>& lanes, acc_t* target_grad,
+                                          const Vectorized<acc_t>* captured_xa = nullptr) {
   using Vec = Vectorized<acc_t>;
   // Lane by lane only what differs per lane: the target logit, and the target's weight and the
   // position's scale where there are class weights and per-position scales.
@@ -1005,19 +1006,24 @@ C10_ALWAYS_INLINE void tile_index_results(const Params<scalar_t>& p, const tile_
   alignas(64) acc_t xa[V], wa[V], scale[V];
   const Vec zero(0);
   Vec vxa, vwa = Vec::blendv(Vec(1), zero, vinvalid), vscale = Vec::set(zero, Vec(p.grad_scale), count);
+  // captured_xa: the target logits, taken by tile_kernel as their classes went by (weights alone are
+  // gathered then).
+  if (captured_xa) vxa = *captured_xa;
   bool gathered = false;
   if constexpr (std::is_same_v<tile_t, float> && kVectorGather) {
     if ((p.classes - 1) * sc + V <= std::numeric_limits<int32_t>::max()) {
       using IVec = Vectorized<int32_t>;
       const IVec vcls = IVec::loadu(cls);
-      vxa = gather_valid(x, vcls, vcls * IVec(static_cast<int32_t>(sc)) + IVec::arange(0, 1));
+      if (!captured_xa) vxa = gather_valid(x, vcls, vcls * IVec(static_cast<int32_t>(sc)) + IVec::arange(0, 1));
       if (p.weight) vwa = gather_valid(p.weight, vcls, vcls);
       gathered = true;
     }
   }
   if (!gathered) {
-    for (int64_t l = 0; l < V; ++l) xa[l] = cls[l] >= 0 ? static_cast<acc_t>(x[cls[l] * sc + l]) : acc_t(0);
-    vxa = Vec::loadu(xa);
+    if (!captured_xa) {
+      for (int64_t l = 0; l < V; ++l) xa[l] = cls[l] >= 0 ? static_cast<acc_t>(x[cls[l] * sc + l]) : acc_t(0);
+      vxa = Vec::loadu(xa);
+    }
     if (p.weight) {
       for (int64_t l = 0; l < V; ++l) wa[l] = cls[l] >= 0 ? p.weight[cls[l]] : acc_t(0);
       vwa = Vec::loadu(wa);
@@ -1068,6 +1074,12 @@ inline Vectorized<float> blend_class(const Vectorized<float>& out, const Vectori
 // Up to this many classes, tile_kernel blends each lane's target gradient element into its class's
 // vector (2 vector operations a class with AVX-512) rather than storing it lane by lane after.
 constexpr int64_t kBlendTargetClasses = 32;
+// tile_kernel's capture_target (AVX-512 builds only: measured there).
+#if defined(CPU_CAPABILITY_AVX512)
+constexpr bool kCaptureTarget = true;
+#else
+constexpr bool kCaptureTarget = false;
+#endif
 
 // A tile is up to V positions pos0 .. pos0+count, lane l of class c at x[c*sc + l] (and P, g alike).
 // Strided layouts ((N, C, H, W), x.t()) are walked in place (tile_t = scalar_t); small-C rows are
@@ -1089,7 +1101,8 @@ C10_ALWAYS_INLINE bool tile_kernel(const Params<scalar_t>& p, const tile_t* x, c
                                    int64_t sc, int64_t pos0, int64_t count,
                                    const TileTargets<acc_type<scalar_t>, Vectorized<acc_type<scalar_t>>::size()>& targets,
                                    acc_type<scalar_t>* exps,
-                                   const tile_t* ahead = nullptr, tile_t* g_ahead = nullptr) {
+                                   const tile_t* ahead = nullptr, tile_t* g_ahead = nullptr,
+                                   bool capture_target = false) {
   using acc_t = acc_type<scalar_t>;
   using Vec = Vectorized<acc_t>;
   constexpr int64_t V = Vec::size();
@@ -1147,12 +1160,29 @@ C10_ALWAYS_INLINE bool tile_kernel(const Params<scalar_t>& p, const tile_t* x, c
   // One lane sums all C classes of its position: in chunks of walk_chunk(C) classes (row_math.h), each
   // chunk's partial sums added to the totals.
   const int64_t chunk = walk_chunk(C);
+  // capture_target (across_kernel where a tile's lines crowd one L1 set; AVX-512; plain index targets,
+  // up to kBlendTargetClasses classes): each lane's target logit is taken in this pass as its class
+  // goes by (a compare and a masked move a class) for tile_index_results, which otherwise gathers it
+  // from C lines a stride apart that have left the L1 by then (perf: 7% of fp32 8×21×256×256
+  // fwd+bwd's across_kernel samples after that gather). Zen 4 VM, interleaved processes, 6 rounds,
+  // against the gather: fp32 fwd+bwd 7–9% less time at 8×21×128×128, 16×19×64×64 and 8×21×256×256
+  // (8% at 2 threads), forward 6–7%; 16×19×97×101, whose lines spread over the sets and which keeps
+  // the gather, read 0.99 (the control). Taken at every such map, the spread ones included, the
+  // capture cost 16×19×97×101 6% (its gather hits the L1).
+  const bool capture = kCaptureTarget && kFloatLanes && capture_target && plain && C <= kBlendTargetClasses;
+  using IVec = Vectorized<int32_t>;
+  const IVec vcapture_cls = capture ? IVec::loadu(targets.cls) : IVec(-1);
+  Vec vxa(0);
   for (int64_t c0 = 0; c0 < C; c0 += chunk) {
     const int64_t c1 = std::min(C, c0 + chunk);
     Vec csum(0), crest(0), cmass_dx(0), cmass(0), cmass_rest(0);
     for (int64_t c = c0; c < c1; ++c) {
       if (g_ahead) __builtin_prefetch(g_ahead + c * sc, 1, 3);
-      const Vec d = load(x + c * sc) - vorigin;
+      const Vec xc = load(x + c * sc);
+      if constexpr (kFloatLanes) {
+        if (capture) vxa = blend_class(vxa, vcapture_cls, IVec(static_cast<int32_t>(c)), xc);
+      }
+      const Vec d = xc - vorigin;
       const Vec e = vexp(d);
       csum += e;
       crest = add_below(crest, e, d);
@@ -1212,7 +1242,8 @@ C10_ALWAYS_INLINE bool tile_kernel(const Params<scalar_t>& p, const tile_t* x, c
   if (plain) {
     if constexpr (!kSoft)
       tile_index_results<scalar_t, tile_t>(p, x, sc, pos0, count, targets.cls, vorigin, vsole, vrest, vmass_dx,
-                                         Vec::loadu(lanes.log_sum), vinvalid, g != nullptr, lanes, target_grad);
+                                         Vec::loadu(lanes.log_sum), vinvalid, g != nullptr, lanes, target_grad,
+                                         capture ? &vxa : nullptr);
   } else {
     tile_lane_results<scalar_t, kMass, tile_t>(p, x, sc, pos0, count, valid, targets.t, lanes);
   }
@@ -1253,7 +1284,6 @@ C10_ALWAYS_INLINE bool tile_kernel(const Params<scalar_t>& p, const tile_t* x, c
   // Plain index targets, fp32 lanes, few classes: each lane's target element is blended into its
   // class's vector before the store (blend_class), instead of stored over it lane by lane after.
   const bool blend_targets = kFloatLanes && plain && C <= kBlendTargetClasses;
-  using IVec = Vectorized<int32_t>;
   const IVec vcls = blend_targets ? IVec::loadu(targets.cls) : IVec(-1);
   const Vec vtarget_grad = blend_targets ? Vec::loadu(target_grad) : Vec(0);
   // Index targets, whole tiles with their exps kept (the common case): the same operations in a loop
@@ -1543,6 +1573,9 @@ void across_kernel(const Params<scalar_t>& p, int64_t tile_begin, int64_t tile_e
   const int64_t tiles_per_outer = (p.inner + V - 1) / V;
   std::vector<acc_t> exps(tile_exps_size<scalar_t>(p));
   TileTargets<acc_t, V> targets = {};
+  // Where more of a tile's lines share an L1 set than it has ways, tile_kernel takes each lane's target
+  // logit as its class goes by (capture_target) instead of gathering it from lines that left the L1.
+  const bool capture_target = kCaptureTarget && class_lines_share_l1_set(p);
   for (int64_t tile = tile_begin; tile < tile_end; ++tile) {
     const int64_t n = tile / tiles_per_outer, s0 = (tile % tiles_per_outer) * V;
     const int64_t offset = n * p.stride_outer + s0 * p.stride_inner;
@@ -1552,7 +1585,7 @@ void across_kernel(const Params<scalar_t>& p, int64_t tile_begin, int64_t tile_e
     scalar_t* g_ahead = std::is_same_v<scalar_t, float> && ahead && p.grad ? p.grad + offset + kAhead : nullptr;
     tile_kernel<scalar_t, kMass, scalar_t>(p, p.input + offset, kSoft ? p.soft_target + offset : nullptr,
                                            p.grad ? p.grad + offset : nullptr, sc, n * p.inner + s0, count, targets,
-                                           exps.empty() ? nullptr : exps.data(), ahead, g_ahead);
+                                           exps.empty() ? nullptr : exps.data(), ahead, g_ahead, capture_target);
   }
 }
 
