@@ -1480,18 +1480,18 @@ void across_wide_kernel(const Params<scalar_t>& p, int64_t tile_begin, int64_t t
     // This group: `tiles` tiles, `width` positions from s0.
     const int64_t tiles = std::min({kLineTiles, tile_end - tile, tiles_per_outer - tile % tiles_per_outer});
     const int64_t width = std::min(tiles * V, p.inner - s0);
-    // Meanwhile (AVX2 and AVX-512 builds), each class's line that holds the next group's last
-    // position is prefetched: the line the group would miss on where lines do not start at a group
-    // (its first is this group's last). Zen 3 VM, AVX2, 1 thread, interleaved processes, against no prefetch: bf16
-    // and fp16 fwd+bwd 15–20% less time at 8×21×250×262, 0–12% at 16×19×97×101. Maps whose lines
-    // share a few cache sets (power-of-two strides) were left out of it for a while, where prefetched
-    // lines might evict each other before they are read (once measured 6–9% slower so), but measured
-    // again it pays there too on balance: bf16 fwd+bwd 17% less at 8×21×256×256, 8% more at
-    // 4×150×64×64 and ±3% at 2×400×64×64, 8×21×128×128 and 16×19×64×64 (1 thread); 2 threads 6% and
-    // 11% less at the first two; fp32 (widened, see above) forward 0–21% less, fwd+bwd 6–16% less
-    // at 4×150×64×64 and 2×400×64×64 but 4–6% more at 8×21×256×256, 8×21×128×128 and 16×19×64×64
-    // (1 thread; 2 threads 5–9% less at 8×21×256×256, 4×150×64×64 and 8×21×128×128). Prefetching
-    // the next group's first line instead missed the unaligned maps' lines.
+    // Meanwhile (AVX2 and AVX-512 builds), each class's line that holds the next group's last position
+    // is prefetched: the line the group would miss on where lines do not start at a group (its first is
+    // this group's last). Zen 3 VM, AVX2, 1 thread, interleaved processes, against no prefetch: bf16
+    // and fp16 fwd+bwd 15–20% less time at 8×21×250×262, 0–12% at 16×19×97×101. Maps whose lines share
+    // a few cache sets (power-of-two strides) were left out of it for a while, where prefetched lines
+    // might evict each other before they are read (once measured 6–9% slower so), but measured again it
+    // pays there too on balance: bf16 fwd+bwd 17% less at 8×21×256×256, 8% more at 4×150×64×64 and ±3%
+    // at 2×400×64×64, 8×21×128×128 and 16×19×64×64 (1 thread); 2 threads 6% and 11% less at the first
+    // two; fp32 (widened, see above) forward 0–21% less, fwd+bwd 6–16% less at 4×150×64×64 and
+    // 2×400×64×64 but 4–6% more at 8×21×256×256, 8×21×128×128 and 16×19×64×64 (1 thread; 2 threads 5–9%
+    // less at 8×21×256×256, 4×150×64×64 and 8×21×128×128). Prefetching the next group's first line
+    // instead missed the unaligned maps' lines.
     // With a gradient, this group's own gradient lines are prefetched for writing as its logits are
     // widened, so that their fetch for ownership overlaps the group's arithmetic instead of stalling
     // the stores that copy the gradient back (perf: 14% of the fp32 widened kernel's samples): fwd+bwd
