@@ -273,6 +273,40 @@ inline Vectorized<acc_t> vexp(const Vectorized<acc_t>& v) {
   }
 }
 
+#if defined(CPU_CAPABILITY_AVX2) || defined(CPU_CAPABILITY_AVX512)
+// Lane masks of float compares and the selects that take them: with AVX-512 a mask register (one
+// compare, one masked move), with AVX2 a vector of all-ones lanes (at::vec's compares and blendv).
+// at::vec's AVX-512 compares return vectors, which its blendv compares back into a mask: two
+// instructions more for each compare and select. vlog1p's selects: 65536×10 forward 2–3% less time
+// (fp32; bf16 1%), the same results bit for bit (all 2^32 inputs compared).
+#if defined(CPU_CAPABILITY_AVX512)
+using FloatMask = __mmask16;
+template <int kPredicate>
+inline FloatMask lanes_cmp(const Vectorized<float>& a, const Vectorized<float>& b) {
+  return _mm512_cmp_ps_mask(a, b, kPredicate);
+}
+inline Vectorized<float> select(FloatMask m, const Vectorized<float>& if_set, const Vectorized<float>& other) {
+  return _mm512_mask_blend_ps(m, other, if_set);
+}
+#else
+using FloatMask = Vectorized<float>;
+template <int kPredicate>
+inline FloatMask lanes_cmp(const Vectorized<float>& a, const Vectorized<float>& b) {
+  return _mm256_cmp_ps(a, b, kPredicate);
+}
+inline Vectorized<float> select(const FloatMask& m, const Vectorized<float>& if_set, const Vectorized<float>& other) {
+  return Vectorized<float>::blendv(other, if_set, m);
+}
+#endif
+// (the predicates of at::vec's ==, >= and <; not_ge: a < b, or either is NaN)
+inline FloatMask lanes_eq(const Vectorized<float>& a, const Vectorized<float>& b) { return lanes_cmp<_CMP_EQ_OQ>(a, b); }
+inline FloatMask lanes_ge(const Vectorized<float>& a, const Vectorized<float>& b) { return lanes_cmp<_CMP_GE_OQ>(a, b); }
+inline FloatMask lanes_lt(const Vectorized<float>& a, const Vectorized<float>& b) { return lanes_cmp<_CMP_LT_OQ>(a, b); }
+inline FloatMask lanes_not_ge(const Vectorized<float>& a, const Vectorized<float>& b) {
+  return lanes_cmp<_CMP_NGE_UQ>(a, b);
+}
+#endif
+
 // log1p for float vectors, inline: musl's log1pf (FreeBSD's, < 1 ulp) lane by lane, the branches as
 // blends. With AVX-512, at::vec's log1p is a call into Sleef that cost the tiles as much as a fifth of
 // a segmentation map's forward (perf, 16-lane tiles of 21 classes).
@@ -286,13 +320,13 @@ C10_ALWAYS_INLINE Vectorized<float> vlog1p(const Vectorized<float>& x) {
   Vec k = at::vec::convert_to_fp_of_same_size<float>((iu >> IVec(23)) - IVec(127));
   Vec f = at::vec::cast<float>((iu & IVec(0x007fffff)) + IVec(0x3f3504f3)) - one;
   // c/u ≈ log1p(x) − log(u): the rounding of u = 1 + x (none once u ≥ 2^25)
-  Vec c = Vec::blendv(x - (u - one), one - (u - x), k >= Vec(2.0f));
-  c = Vec::blendv(c / u, Vec(0.0f), k >= Vec(25.0f));
+  Vec c = select(lanes_ge(k, Vec(2.0f)), one - (u - x), x - (u - one));
+  c = select(lanes_ge(k, Vec(25.0f)), Vec(0.0f), c / u);
   // √2/2 ≤ 1 + x < √2: f = x itself, k = c = 0
-  const Vec near_one = (x >= Vec(-0.29289323f)) & (x < Vec(0.41421357f));
-  f = Vec::blendv(f, x, near_one);
-  k = Vec::blendv(k, Vec(0.0f), near_one);
-  c = Vec::blendv(c, Vec(0.0f), near_one);
+  const FloatMask near_one = lanes_ge(x, Vec(-0.29289323f)) & lanes_lt(x, Vec(0.41421357f));
+  f = select(near_one, x, f);
+  k = select(near_one, Vec(0.0f), k);
+  c = select(near_one, Vec(0.0f), c);
   const Vec s = f / (Vec(2.0f) + f), z = s * s, w = z * z;
   const Vec t1 = w * at::vec::fmadd(w, Vec(0.24279078841f), Vec(0.40000972152f));
   const Vec t2 = z * at::vec::fmadd(w, Vec(0.28498786688f), Vec(0.66666662693f));
@@ -300,9 +334,9 @@ C10_ALWAYS_INLINE Vectorized<float> vlog1p(const Vectorized<float>& x) {
   Vec out = s * (hfsq + (t2 + t1)) + (k * Vec(9.0580006145e-06f) + c) - hfsq + f + k * Vec(6.9313812256e-01f);
   // x = −1: −inf; x < −1 or NaN: NaN; +inf: +inf
   const float inf = std::numeric_limits<float>::infinity();
-  out = Vec::blendv(out, Vec(-inf), x == Vec(-1.0f));
-  out = Vec::blendv(out, Vec(std::numeric_limits<float>::quiet_NaN()), (x < Vec(-1.0f)) | (x != x));
-  return Vec::blendv(out, Vec(inf), x == Vec(inf));
+  out = select(lanes_eq(x, Vec(-1.0f)), Vec(-inf), out);
+  out = select(lanes_not_ge(x, Vec(-1.0f)), Vec(std::numeric_limits<float>::quiet_NaN()), out);
+  return select(lanes_eq(x, Vec(inf)), Vec(inf), out);
 #else
   return x.log1p();
 #endif
@@ -1005,7 +1039,9 @@ C10_ALWAYS_INLINE void tile_index_results(const Params<scalar_t>& p, const tile_
   // fp32 tiles whose element offsets fit int32 gather them with vector gathers (valid lanes only).
   alignas(64) acc_t xa[V], wa[V], scale[V];
   const Vec zero(0);
-  Vec vxa, vwa = Vec::blendv(Vec(1), zero, vinvalid), vscale = Vec::set(zero, Vec(p.grad_scale), count);
+  // (Vec::set is an out-of-line call in at::vec: full tiles, nearly all, take the scale as it is)
+  Vec vxa, vwa = Vec::blendv(Vec(1), zero, vinvalid),
+           vscale = count == V ? Vec(p.grad_scale) : Vec::set(zero, Vec(p.grad_scale), count);
   // captured_xa: the target logits, taken by tile_kernel as their classes went by (weights alone are
   // gathered then).
   if (captured_xa) vxa = *captured_xa;
