@@ -3,6 +3,8 @@
 #include <Python.h>
 #include <torch/library.h>
 
+#include <string>
+
 #include "smoothce/linear.h"
 #include "smoothce/schema.h"
 
@@ -25,6 +27,7 @@ TORCH_LIBRARY(smoothce, m) {
 
 namespace smoothce::cpu {
 void empty_grad_cache();
+void tile_log1p(const float* in, float* out, int64_t n);
 }
 namespace smoothce {  // csrc/autograd.cpp
 PyObject* cross_entropy(PyObject*, PyObject* args);
@@ -45,6 +48,27 @@ PyObject* linear_chunk_rows(PyObject*, PyObject* args) {
   return PyLong_FromLongLong(smoothce::linear_chunk_rows(rows, features, classes, itemsize, chunk_size, fewest != 0));
 }
 
+// _tile_log1p(x, out): out = the CPU tiles' vector log1p of x, both C-contiguous buffers of float32 of one
+// size (numpy arrays): for the tests of its accuracy.
+PyObject* tile_log1p(PyObject*, PyObject* args) {
+  PyObject *x = nullptr, *out = nullptr;
+  if (!PyArg_ParseTuple(args, "OO", &x, &out)) return nullptr;
+  Py_buffer in{}, res{};
+  const bool got_in = PyObject_GetBuffer(x, &in, PyBUF_FORMAT | PyBUF_C_CONTIGUOUS) == 0;
+  const bool got_res = got_in && PyObject_GetBuffer(out, &res, PyBUF_FORMAT | PyBUF_C_CONTIGUOUS | PyBUF_WRITABLE) == 0;
+  auto is_float = [](const Py_buffer& b) { return b.itemsize == 4 && b.format && std::string(b.format) == "f"; };
+  const bool ok = got_res && is_float(in) && is_float(res) && in.len == res.len;
+  if (ok) smoothce::cpu::tile_log1p(static_cast<const float*>(in.buf), static_cast<float*>(res.buf), in.len / 4);
+  if (got_res) PyBuffer_Release(&res);
+  if (got_in) PyBuffer_Release(&in);
+  if (!ok) {
+    PyErr_Clear();
+    PyErr_SetString(PyExc_ValueError, "_tile_log1p(x, out): x and out must be float32 buffers of the same size");
+    return nullptr;
+  }
+  Py_RETURN_NONE;
+}
+
 PyMethodDef module_methods[] = {
     {"empty_cache", empty_cache, METH_NOARGS, "Release the cached CPU gradient buffer."},
     {"linear_chunk_rows", linear_chunk_rows, METH_VARARGS,
@@ -53,6 +77,8 @@ PyMethodDef module_methods[] = {
      "cross_entropy(ns, input, target, weight, ignore_index, reduction, label_smoothing, float32_loss, "
      "target_values, z_loss, target_b, lam, lam_value, with_grad): the loss, with its C++ autograd node when "
      "with_grad (smoothce._function)."},
+    {"_tile_log1p", tile_log1p, METH_VARARGS,
+     "_tile_log1p(x, out): the CPU tiles' vector log1p of a float32 buffer into another (tests)."},
     {"set_differentiable_grad", smoothce::set_differentiable_grad, METH_O,
      "The Python function the backward of cross_entropy's node calls under create_graph=True."},
     {nullptr, nullptr, 0, nullptr}};
