@@ -31,6 +31,7 @@ void tile_log1p(const float* in, float* out, int64_t n);
 }
 namespace smoothce {  // csrc/autograd.cpp
 PyObject* cross_entropy(PyObject*, PyObject* args);
+PyObject* common_cross_entropy(PyObject*, PyObject* const* args, Py_ssize_t nargs);
 PyObject* set_differentiable_grad(PyObject*, PyObject* fn);
 }  // namespace smoothce
 
@@ -77,6 +78,11 @@ PyMethodDef module_methods[] = {
      "cross_entropy(ns, input, target, weight, ignore_index, reduction, label_smoothing, float32_loss, "
      "target_values, z_loss, target_b, lam, lam_value, with_grad): the loss, with its C++ autograd node when "
      "with_grad (smoothce._function)."},
+    {"common_cross_entropy", reinterpret_cast<PyCFunction>(reinterpret_cast<void (*)()>(smoothce::common_cross_entropy)),
+     METH_FASTCALL,
+     "common_cross_entropy(ns, input, target, weight, ignore_index, reduction, label_smoothing, smoothing, "
+     "target_values, z_loss, inplace_backward): the common call of smoothce.cross_entropy in one C++ call, or None "
+     "where the call is another (smoothce._function)."},
     {"_tile_log1p", tile_log1p, METH_VARARGS,
      "_tile_log1p(x, out): the CPU tiles' vector log1p of a float32 buffer into another (tests)."},
     {"set_differentiable_grad", smoothce::set_differentiable_grad, METH_O,

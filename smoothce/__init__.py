@@ -9,6 +9,7 @@ from typing import Optional, Tuple, Union
 
 import torch
 
+from . import _C, _function
 from ._function import cross_entropy_impl
 from ._linear import linear_cross_entropy_impl
 from ._mixup_target import MixupTarget
@@ -16,6 +17,13 @@ from ._version import __version__
 
 __all__ = ["cross_entropy", "CrossEntropyLoss", "mixup_cross_entropy", "MixupTarget", "linear_cross_entropy",
            "linear_mixup_cross_entropy", "LinearCrossEntropyLoss", "build_info", "empty_cache", "__version__"]
+
+# _C.common_cross_entropy runs the common call of cross_entropy and CrossEntropyLoss (plain tensors,
+# the variants' defaults, no autocast: csrc/autograd.cpp) whole, without cross_entropy_impl's Python
+# checks, and returns None for any other call, which goes on to cross_entropy_impl. Under
+# torch.compile (is_compiling) every call goes there, which Dynamo traces.
+_common = _C.common_cross_entropy
+_is_compiling = torch.compiler.is_compiling
 
 _VARIANTS_DOC = """
     Keyword-only variants (docs/semantics.md §3; README "Label-smoothing variants"):
@@ -50,6 +58,11 @@ def cross_entropy(
         shaped like input. weight: per-class weights (C,). ignore_index: index targets equal to it
         contribute nothing. reduction: 'none' | 'mean' | 'sum'. label_smoothing: ε in [0, 1].
     """
+    if not _is_compiling():  # the common call in one C++ call (None: another case, which goes on below)
+        loss = _common(_function._ops.name, input, target, weight, ignore_index, reduction, label_smoothing, smoothing,
+                       target_values, z_loss, inplace_backward)
+        if loss is not None:
+            return loss
     return cross_entropy_impl(input, target, weight, ignore_index, reduction, label_smoothing, smoothing,
                               target_values, z_loss, inplace_backward)
 
@@ -128,6 +141,11 @@ class CrossEntropyLoss(torch.nn.Module):
         self.inplace_backward = inplace_backward
 
     def forward(self, input: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        if not _is_compiling():  # as cross_entropy
+            loss = _common(_function._ops.name, input, target, self.weight, self.ignore_index, self.reduction,
+                           self.label_smoothing, self.smoothing, self.target_values, self.z_loss, self.inplace_backward)
+            if loss is not None:
+                return loss
         return cross_entropy_impl(input, target, self.weight, self.ignore_index, self.reduction, self.label_smoothing,
                                   self.smoothing, self.target_values, self.z_loss, self.inplace_backward)
 

@@ -16,6 +16,17 @@ NODE = "CppNode<smoothce::CrossEntropyFunction>"
 PYTHON_NODE = "CrossEntropyFunctionBackward"
 
 
+@contextlib.contextmanager
+def through_python(on=True):
+    """Calls inside go through the Python autograd.Function (CrossEntropyFunction) rather than the C++
+    node, also the common calls that smoothce.cross_entropy otherwise hands to C++ whole."""
+    with pytest.MonkeyPatch.context() as patch:
+        if on:
+            patch.setattr(_function, "_cpp_autograd", lambda: False)
+            patch.setattr(smoothce, "_common", lambda *args: None)
+        yield
+
+
 def node_name(loss):
     return loss.grad_fn.name() if loss.grad_fn is not None else None
 
@@ -84,7 +95,7 @@ def _fwd_bwd_twice(shape, dtype, options, reduction, scale=0.75):
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16], ids=lambda d: str(d)[6:])
 @pytest.mark.parametrize("options", sorted(OPTIONS))
 @pytest.mark.parametrize("shape", sorted(SHAPES))
-def test_node_matches_the_python_function(shape, options, dtype, reduction, monkeypatch):
+def test_node_matches_the_python_function(shape, options, dtype, reduction):
     """Bit for bit: the loss, the first (fused, rescaled) gradient and the second (recomputed) one. Then
     the node again, until it guesses the upstream gradient (bf16): the fused gradient is scaled inside
     the kernel, bit for bit the recomputed one; fp32 and fp64 give the same bits as the first time, and
@@ -92,9 +103,8 @@ def test_node_matches_the_python_function(shape, options, dtype, reduction, monk
     shape = SHAPES[shape]
     options = OPTIONS[options]
     loss, first, second, name = _fwd_bwd_twice(shape, dtype, options, reduction)
-    cpp_autograd = _function._cpp_autograd
-    monkeypatch.setattr(_function, "_cpp_autograd", lambda: False)
-    py_loss, py_first, py_second, py_name = _fwd_bwd_twice(shape, dtype, options, reduction)
+    with through_python():
+        py_loss, py_first, py_second, py_name = _fwd_bwd_twice(shape, dtype, options, reduction)
     if BACKEND != "cuda":  # on a GPU the graph's last node is the copy back to the CPU
         assert NODE in name and py_name == PYTHON_NODE
     assert torch.equal(loss, py_loss)
@@ -104,7 +114,6 @@ def test_node_matches_the_python_function(shape, options, dtype, reduction, monk
     eps = torch.finfo(dtype).eps
     torch.testing.assert_close(first, second, rtol=2 * eps, atol=4 * eps * first.abs().max().item())
     # The node again, twice (its guess is the upstream gradient the last two backwards received).
-    monkeypatch.setattr(_function, "_cpp_autograd", cpp_autograd)
     for _ in range(2):
         _, guessed_first, guessed_second, _ = _fwd_bwd_twice(shape, dtype, options, reduction)
         assert torch.equal(guessed_second, second)
@@ -118,9 +127,8 @@ def test_node_matches_the_python_function(shape, options, dtype, reduction, monk
     # fp32, fp64: a power of two is guessed (from the third call on: the guess is what the last two
     # backwards received), and the gradient scaled inside the kernel has the bits of the Python
     # Function's rescale
-    monkeypatch.setattr(_function, "_cpp_autograd", lambda: False)
-    _, py_first, _, _ = _fwd_bwd_twice(shape, dtype, options, reduction, scale=0.5)
-    monkeypatch.setattr(_function, "_cpp_autograd", cpp_autograd)
+    with through_python():
+        _, py_first, _, _ = _fwd_bwd_twice(shape, dtype, options, reduction, scale=0.5)
     for _ in range(3):
         _, guessed_first, _, _ = _fwd_bwd_twice(shape, dtype, options, reduction, scale=0.5)
         assert torch.equal(guessed_first, py_first)
@@ -165,11 +173,8 @@ def test_create_graph_gradient_penalty():
     for use_node in (True, False):
         x = make_logits((5, 7), torch.float64).requires_grad_(True)
         t = make_index_target((5,), 7)
-        _function._cpp_autograd, saved = (lambda: use_node), _function._cpp_autograd
-        try:
+        with through_python(not use_node):
             loss = smoothce.cross_entropy(x, t, label_smoothing=0.1)
-        finally:
-            _function._cpp_autograd = saved
         (grad,) = torch.autograd.grad(loss, x, create_graph=True)
         grad.square().sum().backward()
         results.append((grad.detach(), x.grad))
@@ -216,11 +221,8 @@ def test_logits_modified_in_place_before_backward():
     for use_python in (False, True):
         x = make_logits((4, 6)).requires_grad_(True)
         h = x * 1
-        _function._cpp_autograd, saved = (lambda: not use_python), _function._cpp_autograd
-        try:
+        with through_python(use_python):
             loss = smoothce.cross_entropy(h, make_index_target((4,), 6), reduction="none")
-        finally:
-            _function._cpp_autograd = saved
         with torch.no_grad():
             h.add_(1)
         with pytest.raises(RuntimeError, match="modified by an inplace operation"):
@@ -345,6 +347,7 @@ def test_the_gradient_becomes_grad_without_a_copy(use_node, reduction, monkeypat
     harness = load_harness()
     if not use_node:
         monkeypatch.setattr(_function, "_cpp_autograd", lambda: False)
+        monkeypatch.setattr(smoothce, "_common", lambda *args: None)
     x = make_logits((512, 1000)).requires_grad_(True)
     t = make_index_target((512,), 1000)
 
@@ -360,3 +363,129 @@ def test_the_gradient_becomes_grad_without_a_copy(use_node, reduction, monkeypat
     assert x.grad is not None
     gradient = x.numel() * x.element_size()
     assert gradient <= peak < 1.25 * gradient
+
+
+# smoothce.cross_entropy's (and CrossEntropyLoss's) common call goes to C++ whole
+# (_C.common_cross_entropy), skipping cross_entropy_impl's Python checks; every other call returns
+# None there and goes the Python way.
+COMMON_CALLS = {
+    "defaults": {},
+    "mean_eps": {"label_smoothing": 0.1},
+    "sum_int_eps": {"reduction": "sum", "label_smoothing": 1},
+    "none_weight_ignore": {"reduction": "none", "weight": True, "ignore_index": 2, "label_smoothing": 0.25},
+    "explicit_defaults": {"smoothing": "uniform", "target_values": None, "z_loss": 0, "inplace_backward": False},
+}
+
+
+def _common_args(x, t, weight=None, ignore_index=-100, reduction="mean", label_smoothing=0.0, smoothing="uniform",
+                 target_values=None, z_loss=0.0, inplace_backward=False):
+    return (_function._ops.name, x, t, weight, ignore_index, reduction, label_smoothing, smoothing, target_values,
+            z_loss, inplace_backward)
+
+
+@pytest.mark.parametrize("module", [False, True], ids=["function", "module"])
+@pytest.mark.parametrize("grad", [True, False], ids=["grad", "no_grad"])
+@pytest.mark.parametrize("case", sorted(COMMON_CALLS))
+@pytest.mark.parametrize("shape", [(6, 5), (2, 5, 3)], ids=["2d", "map"])
+def test_common_call_skips_the_python_checks(shape, case, grad, module, monkeypatch):
+    """The common call never reaches cross_entropy_impl, and gives the loss and gradient bits the
+    Python way gives (the same kernels and node after the checks)."""
+    kwargs = dict(COMMON_CALLS[case])
+    if kwargs.pop("weight", False):
+        kwargs["weight"] = make_weight(shape[1])
+    t = make_index_target(shape[:1] + shape[2:], shape[1], ignore_every=3, ignore_index=kwargs.get("ignore_index", -100))
+
+    def run():
+        x = make_logits(shape).requires_grad_(grad)
+        if module:
+            weight = kwargs.get("weight")
+            loss_fn = smoothce.CrossEntropyLoss(**{k: v for k, v in kwargs.items() if k != "weight"}, weight=weight)
+            loss = loss_fn(x, t)
+        else:
+            loss = smoothce.cross_entropy(x, t, **kwargs)
+        if grad:
+            loss.sum().backward()
+        return loss.detach(), x.grad, node_name(loss)
+
+    with monkeypatch.context() as patch:
+        patch.setattr(smoothce, "_common", lambda *args: None)
+        want_loss, want_grad, want_node = run()
+    with monkeypatch.context() as patch:
+        def refuse(*args, **kwargs):
+            raise AssertionError("the common call went the Python way")
+
+        patch.setattr(smoothce, "cross_entropy_impl", refuse)
+        loss, grad_, node = run()
+    assert torch.equal(loss, want_loss)
+    assert node == want_node and (node is not None) == grad
+    if grad:
+        assert torch.equal(grad_, want_grad)
+
+
+class _Logits(torch.Tensor):
+    pass
+
+
+def _other_calls():
+    """(name, the arguments of _C.common_cross_entropy) of calls that must go the Python way."""
+    x, t = make_logits((4, 5)), make_index_target((4,), 5)
+    np = pytest.importorskip("numpy")
+    return {
+        "z_loss": _common_args(x, t, z_loss=1e-4),
+        "z_loss_bool": _common_args(x, t, z_loss=False),
+        "z_loss_nan": _common_args(x, t, z_loss=float("nan")),
+        "others": _common_args(x, t, label_smoothing=0.1, smoothing="others"),
+        "target_values": _common_args(x, t, target_values=(0.9, 0.02)),
+        "inplace": _common_args(x * 1, t, inplace_backward=True),
+        "inplace_int": _common_args(x, t, inplace_backward=0),
+        "eps_numpy": _common_args(x, t, label_smoothing=np.float64(0.1)),
+        "eps_bool": _common_args(x, t, label_smoothing=True),
+        "eps_above_1": _common_args(x, t, label_smoothing=1.5),
+        "eps_negative": _common_args(x, t, label_smoothing=-0.0 - 1e-9),
+        "eps_nan": _common_args(x, t, label_smoothing=float("nan")),
+        "eps_huge_int": _common_args(x, t, label_smoothing=2 ** 80),
+        "ignore_bool": _common_args(x, t, ignore_index=True),
+        "ignore_float": _common_args(x, t, ignore_index=-100.0),
+        "ignore_huge": _common_args(x, t, ignore_index=2 ** 70),
+        "ignore_numpy": _common_args(x, t, ignore_index=np.int64(-100)),
+        "reduction_case": _common_args(x, t, reduction="MEAN"),
+        "reduction_none_object": _common_args(x, t, reduction=None),
+        "smoothing_case": _common_args(x, t, smoothing="Uniform"),
+        "subclass": _common_args(x.as_subclass(_Logits), t),
+        "list_input": _common_args(x.tolist(), t),
+        "no_target": _common_args(x, None),
+        "meta": _common_args(x.to("meta"), t.to("meta")),
+        "mixed_devices": _common_args(x, t.to("meta")),
+        "soft_target_grad": _common_args(x, torch.softmax(x, 1).requires_grad_(True)),
+    }
+
+
+@pytest.mark.parametrize("case", sorted(_other_calls()))
+def test_other_calls_go_the_python_way(case):
+    """_C.common_cross_entropy returns None for every call it does not take whole (the Python way then
+    converts, checks and raises): other numbers' types, values out of range, the variants, tensor
+    subclasses, devices without kernels or apart, a target that needs a gradient."""
+    assert smoothce._common(*_other_calls()[case]) is None
+
+
+def test_common_call_boundaries():
+    """Parameters are plain tensors to it (as to the Python way, which hands them to C++ too);
+    autocast and torch.func transforms go the Python way; a wrong number of arguments raises."""
+    x, t = make_logits((4, 5)), make_index_target((4,), 5)
+    want = smoothce.cross_entropy(x, t, make_weight(5))
+    assert torch.equal(smoothce._common(*_common_args(x, t, weight=make_weight(5))), want)
+    weight = torch.nn.Parameter(make_weight(5))
+    assert torch.equal(smoothce._common(*_common_args(torch.nn.Parameter(x.clone()), t, weight=weight)).detach(), want)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert smoothce._common(*_common_args(x, t)) is None
+        assert smoothce.cross_entropy(x.bfloat16(), t).dtype == torch.float32  # (the fp32 loss of autocast)
+    seen = []
+
+    def loss(row, target):
+        seen.append(smoothce._common(*_common_args(row[None], target[None])))
+        return smoothce.cross_entropy(row[None], target[None])
+
+    torch.func.vmap(loss)(x, t)
+    assert seen == [None]
+    with pytest.raises(TypeError, match="11 arguments"):
+        smoothce._common(*_common_args(x, t)[:10])
