@@ -19,7 +19,7 @@ __all__ = ["cross_entropy", "CrossEntropyLoss", "mixup_cross_entropy", "MixupTar
            "linear_mixup_cross_entropy", "LinearCrossEntropyLoss", "build_info", "empty_cache", "__version__"]
 
 # _C.common_cross_entropy runs the common call of cross_entropy and CrossEntropyLoss (plain tensors,
-# the variants' defaults, no autocast: csrc/autograd.cpp) whole, without cross_entropy_impl's Python
+# the variants' defaults: csrc/autograd.cpp) whole, without cross_entropy_impl's Python
 # checks, and returns None for any other call, which goes on to cross_entropy_impl. Under
 # torch.compile (is_compiling) every call goes there, which Dynamo traces.
 _common = _C.common_cross_entropy

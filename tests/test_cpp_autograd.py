@@ -470,15 +470,12 @@ def test_other_calls_go_the_python_way(case):
 
 def test_common_call_boundaries():
     """Parameters are plain tensors to it (as to the Python way, which hands them to C++ too);
-    autocast and torch.func transforms go the Python way; a wrong number of arguments raises."""
+    torch.func transforms go the Python way; a wrong number of arguments raises."""
     x, t = make_logits((4, 5)), make_index_target((4,), 5)
     want = smoothce.cross_entropy(x, t, make_weight(5))
     assert torch.equal(smoothce._common(*_common_args(x, t, weight=make_weight(5))), want)
     weight = torch.nn.Parameter(make_weight(5))
     assert torch.equal(smoothce._common(*_common_args(torch.nn.Parameter(x.clone()), t, weight=weight)).detach(), want)
-    with torch.autocast("cpu", dtype=torch.bfloat16):
-        assert smoothce._common(*_common_args(x, t)) is None
-        assert smoothce.cross_entropy(x.bfloat16(), t).dtype == torch.float32  # (the fp32 loss of autocast)
     seen = []
 
     def loss(row, target):
@@ -489,3 +486,33 @@ def test_common_call_boundaries():
     assert seen == [None]
     with pytest.raises(TypeError, match="11 arguments"):
         smoothce._common(*_common_args(x, t)[:10])
+
+
+@pytest.mark.parametrize("grad", [True, False], ids=["grad", "no_grad"])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32], ids=["bf16", "fp32"])
+def test_common_call_under_autocast(dtype, grad, monkeypatch):
+    """Under autocast the common call gives the fp32 loss, the same bits as the Python way; a
+    probability target of another dtype than the logits (which the Python way casts) goes there."""
+    def run(common):
+        x = make_logits((6, 5), dtype).requires_grad_(grad)
+        t = make_index_target((6,), 5)
+        with monkeypatch.context() as patch:
+            if not common:
+                patch.setattr(smoothce, "_common", lambda *args: None)
+            with torch.autocast("cpu", dtype=torch.bfloat16):
+                if common:
+                    assert smoothce._common(*_common_args(x, t, label_smoothing=0.1)) is not None
+                loss = smoothce.cross_entropy(x, t, label_smoothing=0.1)
+        if grad:
+            loss.backward()
+        return loss.detach(), x.grad
+
+    loss, grad_ = run(True)
+    want_loss, want_grad = run(False)
+    assert loss.dtype == torch.float32 and torch.equal(loss, want_loss)
+    assert (grad_ is None and want_grad is None) or torch.equal(grad_, want_grad)
+    x = make_logits((6, 5), dtype)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        other = torch.float32 if dtype == torch.bfloat16 else torch.bfloat16
+        assert smoothce._common(*_common_args(x, torch.softmax(make_logits((6, 5)), 1).to(other))) is None
+        assert smoothce._common(*_common_args(x, torch.softmax(make_logits((6, 5)), 1).to(dtype))) is not None
