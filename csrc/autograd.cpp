@@ -454,6 +454,7 @@ PyObject* common_cross_entropy(PyObject*, PyObject* const* args, Py_ssize_t narg
   o.ignore_index = ignore_index;
   o.reduction = reduction;
   o.label_smoothing = label_smoothing;
+  o.z_loss = z_loss;  // (0, or −0 as the Python way passes it)
   return run(o, input, target, weight, std::nullopt, std::nullopt, grad_mode && input.requires_grad());
   END_HANDLE_TH_ERRORS
 }

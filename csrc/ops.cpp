@@ -81,8 +81,8 @@ PyMethodDef module_methods[] = {
     {"common_cross_entropy", reinterpret_cast<PyCFunction>(reinterpret_cast<void (*)()>(smoothce::common_cross_entropy)),
      METH_FASTCALL,
      "common_cross_entropy(ns, input, target, weight, ignore_index, reduction, label_smoothing, smoothing, "
-     "target_values, z_loss, inplace_backward): the common call of smoothce.cross_entropy in one C++ call, or None "
-     "where the call is another (smoothce._function)."},
+     "target_values, z_loss, inplace_backward): the common call of smoothce.cross_entropy and CrossEntropyLoss in "
+     "one C++ call, or None where the call is another (smoothce/__init__.py)."},
     {"_tile_log1p", tile_log1p, METH_VARARGS,
      "_tile_log1p(x, out): the CPU tiles' vector log1p of a float32 buffer into another (tests)."},
     {"set_differentiable_grad", smoothce::set_differentiable_grad, METH_O,

@@ -374,6 +374,7 @@ COMMON_CALLS = {
     "sum_int_eps": {"reduction": "sum", "label_smoothing": 1},
     "none_weight_ignore": {"reduction": "none", "weight": True, "ignore_index": 2, "label_smoothing": 0.25},
     "explicit_defaults": {"smoothing": "uniform", "target_values": None, "z_loss": 0, "inplace_backward": False},
+    "negative_zeros": {"reduction": "sum", "label_smoothing": -0.0, "z_loss": -0.0},
 }
 
 
