@@ -141,13 +141,9 @@ class CrossEntropyLoss(torch.nn.Module):
         self.inplace_backward = inplace_backward
 
     def forward(self, input: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-        if not _is_compiling():  # as cross_entropy
-            loss = _common(_function._ops.name, input, target, self.weight, self.ignore_index, self.reduction,
-                           self.label_smoothing, self.smoothing, self.target_values, self.z_loss, self.inplace_backward)
-            if loss is not None:
-                return loss
-        return cross_entropy_impl(input, target, self.weight, self.ignore_index, self.reduction, self.label_smoothing,
-                                  self.smoothing, self.target_values, self.z_loss, self.inplace_backward)
+        return cross_entropy(input, target, self.weight, self.ignore_index, self.reduction, self.label_smoothing,
+                             smoothing=self.smoothing, target_values=self.target_values, z_loss=self.z_loss,
+                             inplace_backward=self.inplace_backward)
 
     def extra_repr(self) -> str:
         text = f"ignore_index={self.ignore_index}, reduction={self.reduction!r}, label_smoothing={self.label_smoothing}"
