@@ -893,7 +893,10 @@ void rows_kernel(const Params<scalar_t>& p, int64_t pos_begin, int64_t pos_end, 
   using acc_t = acc_type<scalar_t>;
   constexpr bool kSoft = kMass == Mass::kSoft;
   // The sum pass keeps its exps for the gradient pass: in the gradient itself for fp32/fp64, in a
-  // per-task fp32 row buffer for half types (which would lose the exp's precision).
+  // per-task fp32 row buffer for half types (which would lose the exp's precision). Gradients past
+  // the last-level cache written with non-temporal stores instead (no read for ownership; fp32's exps
+  // in the row buffer) measured slower: 4096×32000 fwd+bwd 5% more time in fp32 at 2 threads (14% at
+  // 1 thread), 12% in bf16 (Zen 4 VM, AVX-512, interleaved processes, 4 rounds).
   constexpr bool kExpsInGrad = std::is_same_v<scalar_t, acc_t>;
   // Probability targets whose gradient is written over their logits (inplace_backward,
   // across_rows_kernel's buffer) keep their exps apart too: sole_max_class reads the logits after the
@@ -1468,8 +1471,10 @@ void narrow(const acc_type<scalar_t>* src, scalar_t* dst, auto n) {
 // (medians 5.8 against 7.2 ms), fwd+bwd within noise (11.5 against 11.6 ms) before that prefetch.
 // Maps whose lines spread over the sets stay in place: widened, 8×21×250×262 took 21–51% more
 // time, 2×400×60×60 25%, and 16×19×97×101 and 4×150×56×56 (about 10 lines a set) 28–35% more
-// without the gradient prefetch, 4–16% less with it. fp64 widened was 42% slower (Zen 4), and
-// AVX-512 builds were not measured with fp32 widened: those stay in place (across_kernel).
+// without the gradient prefetch, 4–16% less with it. fp64 widened was 42% slower (Zen 4). fp32 in
+// AVX-512 builds stays in place (across_kernel): widened where lines crowd a set, fwd+bwd took 5–13%
+// more time at 8×21×128×128, 16×19×64×64 and 4×150×64×64 (1 thread) and was within the noise at
+// 8×21×256×256 (1 and 2 threads; Zen 4 VM, interleaved processes, 8 rounds).
 // Used where one tile's buffers fit kWideTileBytes (widens_tiles).
 constexpr int64_t kWideTileBytes = 64 * 1024;
 // kWidePrefetch, kWideReadLocality: across_wide_kernel's prefetches, and the cache level its reads'
