@@ -367,3 +367,26 @@ def test_small_rows_every_class_count(dtype, target_kind, rows):
         check_all(mine, theirs, truth, dtype)
         if rows == "sliced":
             assert (mine[1][:, C:] == 0).all(), f"C={C}: gradient written outside the slice"
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=dtype_id)
+@pytest.mark.parametrize("rows", ["contiguous", "sliced"])
+@pytest.mark.parametrize("C", [1, 2, 10, 17, 32])
+def test_small_rows_forward_reads_each_tile(dtype, rows, C):
+    """Rows of few classes without a gradient: each tile's rows are moved into lanes while the tile
+    before it finishes, into two buffers in turn. Each position must still get its own loss: after
+    tiles whose positions are all ignored (whose results skip the sums), in a partial last tile, and
+    across the threads' tasks (2101 rows of 32 classes: more tiles than one task takes), against the
+    float64 truth, per position (reduction 'none') and summed."""
+    N = 2101 if C == 32 else 16 * 6 + 5
+    width = C + 3 if rows == "sliced" else C
+    x = make_logits((N, width), dtype, seed=C)[:, :C]
+    t = make_index_target((N,), C, seed=C, ignore_every=7)
+    t[16:32] = -100  # whole tiles ignored (16 rows: one AVX-512 fp32 tile, two AVX2 ones)
+    t[48:56] = -100
+    for reduction in ("none", "sum"):
+        with torch.no_grad():
+            loss = smoothce.cross_entropy(x, t, reduction=reduction, label_smoothing=0.1)
+            theirs = F.cross_entropy(x, t, reduction=reduction, label_smoothing=0.1)
+        truth = F.cross_entropy(x.double(), t, reduction=reduction, label_smoothing=0.1)
+        assert_close_to_truth(loss, truth, theirs, dtype, f"loss ({reduction})")
