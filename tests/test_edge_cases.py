@@ -376,8 +376,8 @@ def test_small_rows_forward_reads_each_tile(dtype, rows, C):
     """Rows of few classes without a gradient: each tile's rows are moved into lanes while the tile
     before it finishes, into two buffers in turn. Each position must still get its own loss: after
     tiles whose positions are all ignored (whose results skip the sums), in a partial last tile, and
-    across the threads' tasks (2101 rows of 32 classes: more tiles than one task takes), against the
-    float64 truth, per position (reduction 'none') and summed."""
+    across the threads' tasks (2101 rows of 32 classes: more tiles than one task takes, where two
+    threads or more run), against the float64 truth, per position (reduction 'none') and summed."""
     N = 2101 if C == 32 else 16 * 6 + 5
     width = C + 3 if rows == "sliced" else C
     x = make_logits((N, width), dtype, seed=C)[:, :C]

@@ -1483,7 +1483,7 @@ void narrow(const acc_type<scalar_t>* src, scalar_t* dst, auto n) {
 // without the gradient prefetch, 4–16% less with it. fp64 widened was 42% slower (Zen 4). fp32 in
 // AVX-512 builds stays in place (across_kernel): widened where lines crowd a set, fwd+bwd took 5–13%
 // more time at 8×21×128×128, 16×19×64×64 and 4×150×64×64 (1 thread) and was within the noise at
-// 8×21×256×256 (1 and 2 threads; Zen 4 VM, interleaved processes, 8 rounds).
+// 8×21×256×256 (1 and 2 threads; Zen 4 VM, interleaved processes, 6–8 rounds).
 // Used where one tile's buffers fit kWideTileBytes (widens_tiles).
 constexpr int64_t kWideTileBytes = 64 * 1024;
 // kWidePrefetch, kWideReadLocality: across_wide_kernel's prefetches, and the cache level its reads'
