@@ -2173,12 +2173,16 @@ void small_rows_kernel(const Params<scalar_t>& p, int64_t tile_begin, int64_t ti
       transpose(src, V, dst, row_stride, C, count);
     }
   };
+  // Whether the tile of `n` rows from row `first` moves as pairs (whole, its reads within the input).
+  const auto reads_pairs = [&](int64_t first, int64_t n) {
+    return pair_rows && n == V && first * row_stride + pair_reach <= input_end;
+  };
   for (int64_t tile = tile_begin; tile < tile_end; ++tile) {
     const int64_t pos0 = tile * V, count = std::min(V, positions - pos0);
     acc_t* const x_buf = x_bufs[cur];
     if (target_stride >= 0) p.template plain_targets<V>(pos0 * target_stride, target_stride, count, targets.cls);
     if (row_stride >= 0) {
-      const bool read_pairs = pair_rows && count == V && pos0 * row_stride + pair_reach <= input_end;
+      const bool read_pairs = reads_pairs(pos0, count);
       if (!preloaded) load_tile(p.input + pos0 * row_stride, x_buf, count, read_pairs);
       if constexpr (kSoft) load_tile(p.soft_target + pos0 * row_stride, prob_buf, count, read_pairs);
     }
@@ -2207,8 +2211,7 @@ void small_rows_kernel(const Params<scalar_t>& p, int64_t tile_begin, int64_t ti
     const auto load_next = [&] {
       if (!preload) return;
       const int64_t next0 = pos0 + V, next_count = std::min(V, positions - next0);
-      const bool next_pairs = pair_rows && next_count == V && next0 * row_stride + pair_reach <= input_end;
-      load_tile(p.input + next0 * row_stride, x_bufs[cur ^ 1], next_count, next_pairs);
+      load_tile(p.input + next0 * row_stride, x_bufs[cur ^ 1], next_count, reads_pairs(next0, next_count));
     };
     const bool grad_finite = tile_kernel<scalar_t, kMass, acc_t>(p, x_buf, prob_buf, p.grad ? g_buf : nullptr, V, pos0,
                                                                  count, targets, exps, nullptr, nullptr, false, load_next);
