@@ -493,54 +493,15 @@ struct PositionCursor {
   }
 };
 
-// A lane-wise running max, NaN in a lane where any value was NaN (as at::vec::maximum). With AVX-512
-// floats, vmaxps(v, m) returns m when either is NaN, so a NaN once in m stays, and a NaN v is caught
-// by its own compare, ORed into a mask register: neither lengthens the max's dependency chain, where
-// at::vec::maximum's NaN test makes each step ~7 cycles long.
-template <typename acc_t>
-struct LaneMax {
-  using Vec = Vectorized<acc_t>;
-  Vec m;
-  explicit LaneMax(const Vec& v) : m(v) {}
-  void add(const Vec& v) { m = at::vec::maximum(m, v); }
-  Vec value() const { return m; }
-};
-#if defined(CPU_CAPABILITY_AVX512)
-template <>
-struct LaneMax<float> {
-  __m512 m;
-  __mmask16 nan;
-  explicit LaneMax(const Vectorized<float>& v) : m(v), nan(_mm512_cmp_ps_mask(v, v, _CMP_UNORD_Q)) {}
-  void add(const Vectorized<float>& v) {
-    nan |= _mm512_cmp_ps_mask(v, v, _CMP_UNORD_Q);
-    m = _mm512_max_ps(v, m);
-  }
-  Vectorized<float> value() const { return _mm512_mask_mov_ps(m, nan, _mm512_set1_ps(NAN)); }
-};
-#elif defined(CPU_CAPABILITY_AVX2)
-// AVX2 floats: the same with the NaN lanes in a vector, kept by one compare per step: `nan` is 0.0
-// until a NaN is seen, then all-ones bits, itself a NaN, so "v or nan unordered" stays true (two
-// operations per vector instead of at::vec::maximum's three).
-template <>
-struct LaneMax<float> {
-  __m256 m;
-  __m256 nan;
-  explicit LaneMax(const Vectorized<float>& v) : m(v), nan(_mm256_cmp_ps(v, v, _CMP_UNORD_Q)) {}
-  void add(const Vectorized<float>& v) {
-    nan = _mm256_cmp_ps(v, nan, _CMP_UNORD_Q);
-    m = _mm256_max_ps(v, m);
-  }
-  Vectorized<float> value() const { return _mm256_or_ps(m, nan); }
-};
-#endif
-
 // max(v, m) lane by lane, where a NaN v leaves m as it is (maxps returns its second operand when
-// either is NaN; a NaN m stays). For the tiles: a lane with a NaN logit gets a finite max, but the
-// exp-sum pass then sums that logit's exp(NaN − max) = NaN into Σexp, which makes the lane's loss,
-// lse and every gradient element NaN all the same (as a NaN max does, through every exp), and the
-// max pass saves LaneMax's NaN test: a compare and a mask OR per class, 3–4% of a 10- to 27-class
-// tile's forward (Zen 4 VM, AVX-512, 1 thread, interleaved in one process). fp64 and the build
-// without SIMD keep at::vec::maximum (NaN-propagating).
+// either is NaN; a NaN m stays). A row or lane with a NaN logit may so get a finite max, but the
+// exp-sum pass then sums that logit's exp(NaN − max) = NaN into Σexp, which makes its loss, lse and
+// every gradient element NaN all the same (as a NaN max does, through every exp; merge() keeps a
+// block's NaN Σexp), and the max pass saves a NaN test per vector (a compare and a mask OR, which
+// had kept the NaN lanes apart): 3–4% of a 10- to 27-class tile's forward (Zen 4 VM, AVX-512, 1
+// thread, interleaved in one process); rows (vec_max), interleaved processes on that VM: forward
+// 2.5–3% less time at 2048×1000 (fp32 and bf16, 1 thread), 4.5% at 4096×1000 fp32 (2 threads).
+// fp64 and the build without SIMD keep at::vec::maximum (NaN-propagating).
 template <typename acc_t>
 inline Vectorized<acc_t> max_or_first(const Vectorized<acc_t>& v, const Vectorized<acc_t>& m) {
 #if defined(CPU_CAPABILITY_AVX512)
@@ -551,13 +512,13 @@ inline Vectorized<acc_t> max_or_first(const Vectorized<acc_t>& v, const Vectoriz
   return at::vec::maximum(v, m);
 }
 
-// max of x[0..n), n > 0 a multiple of the vector size; NaN when any element is NaN. Four independent
-// chains: with one (and at::vec::maximum), the max loop took ~40% of a bf16 row's forward (perf,
-// 256×32000); now that forward is 20% faster, fp32's 11% (1 thread).
+// max of x[0..n), n > 0 a multiple of the vector size; a NaN element may be passed over
+// (max_or_first), whose exp then makes the row's Σexp NaN. Four independent chains: with one (and
+// at::vec::maximum), the max loop took ~40% of a bf16 row's forward (perf, 256×32000); then that
+// forward was 20% faster, fp32's 11% (1 thread).
 // Half types: x[0..n) is also stored into `wide` in fp32, so that the exp-sum pass reads it from L1
-// without converting each element a second time. kPrefetch (row_state: half types with
-// prefetch_ahead_for, fp32/fp64 without): each step prefetches the lines kMaxPassAheadBytes past its
-// own.
+// without converting each element a second time. kPrefetch (row_state, where prefetch_ahead_for is
+// false): each step prefetches the lines kMaxPassAheadBytes past its own.
 constexpr int64_t kMaxPassAheadBytes = 2048;
 
 template <typename scalar_t, bool kPrefetch = false>
@@ -571,23 +532,21 @@ acc_type<scalar_t> vec_max(const scalar_t* x, int64_t n, acc_type<scalar_t>* wid
     if constexpr (!std::is_same_v<scalar_t, acc_t>) v.store(wide + c);
     return v;
   };
-  LaneMax<acc_t> m0(load(0)), m1 = m0, m2 = m0, m3 = m0;
+  Vec m0 = load(0), m1 = m0, m2 = m0, m3 = m0;
   int64_t c = V;
   for (; c + 4 * V <= n; c += 4 * V) {
     if constexpr (kPrefetch) {
       for (int64_t a = 0; a < 4 * V; a += kLine)
         __builtin_prefetch(x + c + a + kMaxPassAheadBytes / int64_t(sizeof(scalar_t)), 0, 3);
     }
-    m0.add(load(c));
-    m1.add(load(c + V));
-    m2.add(load(c + 2 * V));
-    m3.add(load(c + 3 * V));
+    m0 = max_or_first(load(c), m0);
+    m1 = max_or_first(load(c + V), m1);
+    m2 = max_or_first(load(c + 2 * V), m2);
+    m3 = max_or_first(load(c + 3 * V), m3);
   }
-  for (; c < n; c += V) m0.add(load(c));
-  m0.add(m1.value());
-  m2.add(m3.value());
-  m0.add(m2.value());
-  return at::vec::vec_reduce_all<acc_t>([](Vec& a, Vec& b) { return at::vec::maximum(a, b); }, m0.value());
+  for (; c < n; c += V) m0 = max_or_first(load(c), m0);
+  const Vec m = at::vec::maximum(at::vec::maximum(m0, m1), at::vec::maximum(m2, m3));
+  return at::vec::vec_reduce_all<acc_t>([](Vec& a, Vec& b) { return at::vec::maximum(a, b); }, m);
 }
 
 // ---------------------------------------------------------------- rows: classes contiguous
@@ -603,10 +562,14 @@ constexpr int64_t kRowBlock = 2048;  // elements re-read from L1 between the max
 // 2–10% (256×1000 to 1024×1000, 16384×100, 16384×40), hence the size gate. Past it, rows of few
 // classes measured 2–5% slower at 131072×64 and 0–4% at 65536×100 (1 thread), and as much with the
 // prefetches turned off for rows under 512 classes: the per-row cost of this code or the VM's noise,
-// not the prefetches; 32768×300: 1% faster. Half-type rows measured 4–11% slower with them (their
-// max pass widens into an L1 buffer that the exp pass reads) and do without: with the prefetch test
-// in their exp loop (one prefetch per line), even a forward below the gate, 4096×1000 bf16, was 12%
-// slower, so their loop's code, not the prefetches, is what costs. The vocabulary-parallel
+// not the prefetches; 32768×300: 1% faster. Half-type rows past the gate prefetch alike, one line of
+// the next block a step of their exp loop (it reads the block widened into L1 by the max pass): Zen
+// 4 VM, AVX-512, interleaved processes, against no prefetch there: bf16 forward 17% less time at
+// 4096×32000 (2 threads) and 13% at 1024×128256 (1 thread), fwd+bwd 17% at 4096×32000; fp16 43%
+// and 27%. (Before the max pass's NaN test went (max_or_first), it had measured 4–11% slower on a
+// Zen 1 VM, 2026-12-04; without the prefetches the faster max pass made bf16's forward 37–47% slower
+// past the gate, waiting on DRAM.) Below the gate they cost half types 3–4% (forward, 2048×1000 and
+// 4096×1000) and 29% (4096×1000 bf16 fwd+bwd) against the max pass's below. The vocabulary-parallel
 // statistics pass (shard_stats_kernel) prefetches alike: 2–10% faster at 1024×32000 and 256×128256
 // fp32 (2 threads; 2–3% at 1 thread).
 // Half-type rows whose input is at most this many bytes prefetch in their max pass instead (vec_max:
@@ -614,11 +577,12 @@ constexpr int64_t kRowBlock = 2048;  // elements re-read from L1 between the max
 // pass 31% of bf16 4096×1000's fwd+bwd, fp32's 8% with its prefetches ahead). Zen 4 VM, AVX-512,
 // 1 thread, interleaved processes: fwd+bwd 9–21% less time at 4096×1000 (bf16, fp16), 7–18% at
 // 16384×512, forward 1–9%; 256×1000 within ±2%. Past the gate (from DRAM) the forward measured
-// bf16 10–20% slower with them (1024×32000, 1024×128256), fp16 15% faster: left out there. AVX2
-// builds prefetch there too: on a Zen 3 VM (AVX2, same build with and without, interleaved processes)
-// the forward took 7–9% less time with them at 1024×32000 and 256×128256 (bf16 and fp16, 1 thread),
-// 7% at 4096×32000 bf16 (2 threads), fwd+bwd 4–7%. (The statistics pass of a vocabulary shard takes
-// the same gate for half types: unmeasured there.)
+// bf16 10–20% slower with them (1024×32000, 1024×128256), fp16 15% faster, and the exp-sum pass
+// prefetches instead (above). AVX2 builds prefetch in the max pass past the gate too: on a Zen 3 VM
+// (AVX2, same build with and without, interleaved processes) the forward took 7–9% less time with
+// them at 1024×32000 and 256×128256 (bf16 and fp16, 1 thread), 7% at 4096×32000 bf16 (2 threads),
+// fwd+bwd 4–7% (the exp-sum pass's prefetches: unmeasured there). (The statistics pass of a
+// vocabulary shard takes the same gate for half types: unmeasured there.)
 // fp32/fp64 rows below the gate prefetch in their max pass as the half types do. Zen 3 VM (32 MiB
 // L3), AVX2, 1 thread, interleaved processes, against no prefetch there: forward 6% less time at
 // 2048×1000 and 4096×1000 fp32 (4096×1000 also with 2 threads), 1–3% at 256×1000 and 1024×1000,
@@ -628,8 +592,8 @@ constexpr int64_t kRowBlock = 2048;  // elements re-read from L1 between the max
 // it (4096×1000, 4096×32000, 1024×128256).
 constexpr int64_t kPrefetchAheadBytes = 16 << 20;
 
-// Whether row_state prefetches: fp32/fp64 ahead in the exp-sum pass past the gate (in the max pass
-// when false), half types in the max pass up to it (AVX2 builds: at every size).
+// Whether row_state prefetches the next block in its exp-sum pass (past the gate; AVX2 builds' half
+// types never: see kPrefetchAheadBytes) rather than ahead of its loads in the max pass.
 template <typename scalar_t>
 bool prefetch_ahead_for(const Params<scalar_t>& p, bool writes_grad) {
   const int64_t bytes = p.outer * p.inner * p.classes * int64_t(sizeof(scalar_t));
@@ -637,9 +601,9 @@ bool prefetch_ahead_for(const Params<scalar_t>& p, bool writes_grad) {
     return bytes * (writes_grad ? 2 : 1) >= kPrefetchAheadBytes;
   } else {
 #if defined(CPU_CAPABILITY_AVX2)
-    return true;  // (AVX2 builds: at every size, see kPrefetchAheadBytes)
+    return false;  // (AVX2 builds: the max pass's, at every size)
 #else
-    return bytes <= kPrefetchAheadBytes;
+    return bytes > kPrefetchAheadBytes;
 #endif
   }
 }
@@ -657,9 +621,9 @@ bool prefetch_ahead_for(const Params<scalar_t>& p, bool writes_grad) {
 // ownership overlaps this pass's arithmetic instead of stalling the gradient pass: bf16 4096×32000
 // and 1024×128256 fwd+bwd 16% faster at 2 threads. (fp32 stores its exps into the gradient in this pass
 // anyway; prefetching its gradient row there measured 7–15% slower.)
-// prefetch_ahead (prefetch_ahead_for): fp32/fp64 prefetch the logits ahead in the exp-sum pass
-// (kPrefetchAheadBytes), and in the max pass (vec_max) when it is false; half types in the max pass
-// when it is true. next_row: the row after this one, or null.
+// prefetch_ahead (prefetch_ahead_for): the next block's logits are prefetched in the exp-sum pass
+// (kPrefetchAheadBytes), else in the max pass (vec_max) ahead of its loads. next_row: the row after
+// this one, or null.
 template <typename scalar_t, Mass kMass>
 RowState<acc_type<scalar_t>> row_state(const Params<scalar_t>& p, const scalar_t* x, const scalar_t* prob,
                                        acc_type<scalar_t>* exps, acc_type<scalar_t>* block_maxes,
@@ -681,10 +645,8 @@ RowState<acc_type<scalar_t>> row_state(const Params<scalar_t>& p, const scalar_t
     // max of the block (NaN-propagating)
     acc_t block_max = -std::numeric_limits<acc_t>::infinity();
     if (vec_end > begin) {
-      // (the max pass prefetches: half types with prefetch_ahead, fp32/fp64 without, see kPrefetchAheadBytes)
-      const bool max_pass_prefetch = kWiden ? prefetch_ahead : !prefetch_ahead;
-      block_max = max_pass_prefetch ? vec_max<scalar_t, true>(x + begin, vec_end - begin, wide)
-                                    : vec_max(x + begin, vec_end - begin, wide);
+      block_max = prefetch_ahead ? vec_max(x + begin, vec_end - begin, wide)
+                                 : vec_max<scalar_t, true>(x + begin, vec_end - begin, wide);
     }
     for (int64_t c = vec_end; c < end; ++c) {
       const acc_t v = static_cast<acc_t>(x[c]);
@@ -692,7 +654,7 @@ RowState<acc_type<scalar_t>> row_state(const Params<scalar_t>& p, const scalar_t
     }
     const acc_t origin = shift_origin(block_max);
     if (exps) block_maxes[begin / kRowBlock] = block_max;
-    const scalar_t* ahead = !kWiden && prefetch_ahead ? (end < C ? x + end : next_row) : nullptr;
+    const scalar_t* ahead = prefetch_ahead ? (end < C ? x + end : next_row) : nullptr;
     const int64_t ahead_n = end < C ? std::min(C, end + kRowBlock) - end : std::min(C, kRowBlock);
     // Σ exp(x − origin), its part below the max (RowState::rest) and the mass sums; two independent
     // accumulator sets so that two exp polynomials (long dependency chains) are in flight at once.
@@ -744,6 +706,7 @@ RowState<acc_type<scalar_t>> row_state(const Params<scalar_t>& p, const scalar_t
         static_assert(kLine % (2 * V) == 0);
         for (; c + kLine <= vec_end; c += kLine) {
           if (grad_row) __builtin_prefetch(grad_row + c, 1, 3);
+          if (ahead && c - begin < ahead_n) __builtin_prefetch(ahead + (c - begin), 0, 3);
 #pragma GCC unroll 4
           for (int64_t j = 0; j < kLine; j += 2 * V) {
             accumulate(c + j, 0, whole, V, rest);
@@ -801,7 +764,7 @@ void row_grad(const Params<scalar_t>& p, const scalar_t* x, const scalar_t* prob
   const bool subtract = off_coef != acc_t(0);  // zero: no 0·w·q term (and no 0·inf)
   // bf16, index targets, no class weights: each element is coef·p − off_coef with p in [0, 1] and
   // the block's coef = softmax_coef·exp(≤ 0), so no element is NaN where row_max, log_sum and the
-  // coefficients are finite (a NaN logit makes row_max NaN, a +inf one makes it +inf): the rounding
+  // coefficients are finite (a NaN logit makes row_max or log_sum NaN, a +inf one makes row_max +inf): the rounding
   // skips its NaN test: bf16 fwd+bwd 3–8% faster at 4096×32000 and 1024×128256, 2–3% at 4096×1000
   // (Zen 1, 1 thread, interleaved A/B).
   const bool no_nan = std::is_same_v<scalar_t, at::BFloat16> && !kSoft && !p.weight && std::isfinite(row_max) &&
