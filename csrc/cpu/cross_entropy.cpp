@@ -2019,6 +2019,12 @@ void small_rows_kernel(const Params<scalar_t>& p, int64_t tile_begin, int64_t ti
   // slower at 65536×10 (and, in another build, 4% faster: within this code's layout noise), so it
   // preloads only without one. The maps' widened groups (across_wide_kernel) preloaded alike gained
   // nothing (bf16 forward 0.99–1.07× the time at 8×21×128×128, 4×150×64×64 and 8×21×256×256).
+  // Two tiles in flight (tile_kernel split after its exp-sum pass, the next tile's max and exp-sum
+  // passes run before this tile's results and gradient, their state kept in a struct) measured
+  // slower: forward 1.07× the time at 65536×10 (fp32 and bf16, against this preload), fwd+bwd
+  // 0.985–1.00× (1 thread, same VM, one build with a switch, 6 rounds): not kept. Without its results
+  // (an experiment that skipped them) the forward took 24% less time, but putting another tile's
+  // passes between them and their sums did not take that time away.
   int cur = 0;             // x_bufs[cur]: this tile's logits
   bool preloaded = false;  // (by the tile before)
   // (+ V: AVX2's lanes_to_rows spills up to 7 floats past a tile, bf16_lanes_to_rows 15 bf16)
