@@ -519,6 +519,9 @@ inline Vectorized<acc_t> max_or_first(const Vectorized<acc_t>& v, const Vectoriz
 // Half types: x[0..n) is also stored into `wide` in fp32, so that the exp-sum pass reads it from L1
 // without converting each element a second time. kPrefetch (row_state, where prefetch_ahead_for is
 // false): each step prefetches the lines kMaxPassAheadBytes past its own.
+// (bf16 loaded as pairs, 2V elements by one load, a shift and a mask, and stored into `wide` in that
+// order for a forward whose exp-sum pass only sums: 0–4% less time at 2048×1000, 256×1000,
+// 4096×1000 and 4096×32000 forward, Zen 4 VM, interleaved processes: not kept.)
 constexpr int64_t kMaxPassAheadBytes = 2048;
 
 template <typename scalar_t, bool kPrefetch = false>
