@@ -646,7 +646,7 @@ RowState<acc_type<scalar_t>> row_state(const Params<scalar_t>& p, const scalar_t
   for (int64_t begin = 0; begin < C; begin += kRowBlock) {
     const int64_t end = std::min(C, begin + kRowBlock);
     const int64_t vec_end = begin + (end - begin) / V * V;
-    // max of the block (NaN-propagating)
+    // max of the block (vec_max may pass over a NaN, which the sums then carry)
     acc_t block_max = -std::numeric_limits<acc_t>::infinity();
     if (vec_end > begin) {
       block_max = prefetch_ahead ? vec_max(x + begin, vec_end - begin, wide)
@@ -768,9 +768,9 @@ void row_grad(const Params<scalar_t>& p, const scalar_t* x, const scalar_t* prob
   const bool subtract = off_coef != acc_t(0);  // zero: no 0·w·q term (and no 0·inf)
   // bf16, index targets, no class weights: each element is coef·p − off_coef with p in [0, 1] and
   // the block's coef = softmax_coef·exp(≤ 0), so no element is NaN where row_max, log_sum and the
-  // coefficients are finite (a NaN logit makes row_max or log_sum NaN, a +inf one makes row_max +inf): the rounding
-  // skips its NaN test: bf16 fwd+bwd 3–8% faster at 4096×32000 and 1024×128256, 2–3% at 4096×1000
-  // (Zen 1, 1 thread, interleaved A/B).
+  // coefficients are finite (a NaN logit makes row_max or log_sum NaN, a +inf one makes row_max
+  // +inf): the rounding skips its NaN test: bf16 fwd+bwd 3–8% faster at 4096×32000 and 1024×128256,
+  // 2–3% at 4096×1000 (Zen 1, 1 thread, interleaved A/B).
   const bool no_nan = std::is_same_v<scalar_t, at::BFloat16> && !kSoft && !p.weight && std::isfinite(row_max) &&
                       std::isfinite(log_sum) && std::isfinite(softmax_coef) && std::isfinite(off_coef);
   for (int64_t begin = 0; begin < C; begin += kRowBlock) {
