@@ -500,8 +500,9 @@ struct PositionCursor {
 // block's NaN Σexp), and the max pass saves a NaN test per vector (a compare and a mask OR, which
 // had kept the NaN lanes apart): 3–4% of a 10- to 27-class tile's forward (Zen 4 VM, AVX-512, 1
 // thread, interleaved in one process); rows (vec_max), interleaved processes on that VM: forward
-// 2.5–3% less time at 2048×1000 (fp32 and bf16, 1 thread), 4.5% at 4096×1000 fp32 (2 threads).
-// fp64 and the build without SIMD keep at::vec::maximum (NaN-propagating).
+// 2.5–3% less time at 2048×1000 (fp32 and bf16, 1 thread), 4.5% at 4096×1000 fp32 (2 threads); the
+// AVX2 build there 3.5–4% at 2048×1000 (fp32, bf16) and 256×1000 (bf16). fp64 and the build without
+// SIMD keep at::vec::maximum (NaN-propagating).
 template <typename acc_t>
 inline Vectorized<acc_t> max_or_first(const Vectorized<acc_t>& v, const Vectorized<acc_t>& m) {
 #if defined(CPU_CAPABILITY_AVX512)
@@ -598,17 +599,18 @@ constexpr int64_t kPrefetchAheadBytes = 16 << 20;
 
 // Whether row_state prefetches the next block in its exp-sum pass (past the gate; AVX2 builds' half
 // types never: see kPrefetchAheadBytes) rather than ahead of its loads in the max pass.
+#if defined(CPU_CAPABILITY_AVX2)
+constexpr bool kHalfExpPassPrefetch = false;
+#else
+constexpr bool kHalfExpPassPrefetch = true;
+#endif
 template <typename scalar_t>
 bool prefetch_ahead_for(const Params<scalar_t>& p, bool writes_grad) {
   const int64_t bytes = p.outer * p.inner * p.classes * int64_t(sizeof(scalar_t));
   if constexpr (std::is_same_v<scalar_t, acc_type<scalar_t>>) {
     return bytes * (writes_grad ? 2 : 1) >= kPrefetchAheadBytes;
   } else {
-#if defined(CPU_CAPABILITY_AVX2)
-    return false;  // (AVX2 builds: the max pass's, at every size)
-#else
-    return bytes > kPrefetchAheadBytes;
-#endif
+    return kHalfExpPassPrefetch && bytes > kPrefetchAheadBytes;
   }
 }
 
@@ -658,7 +660,11 @@ RowState<acc_type<scalar_t>> row_state(const Params<scalar_t>& p, const scalar_t
     }
     const acc_t origin = shift_origin(block_max);
     if (exps) block_maxes[begin / kRowBlock] = block_max;
-    const scalar_t* ahead = prefetch_ahead ? (end < C ? x + end : next_row) : nullptr;
+    // (AVX2 builds' half types: null at compile time; a pointer known only at run time there made GCC
+    // leave row_state's sweeps out of line: bf16 and fp16 forward 4–10% slower at 256×1000,
+    // 2048×1000, 16384×512 and 1024×4000, AVX2 build on the Zen 4 VM, 1 thread)
+    const scalar_t* ahead =
+        (!kWiden || kHalfExpPassPrefetch) && prefetch_ahead ? (end < C ? x + end : next_row) : nullptr;
     const int64_t ahead_n = end < C ? std::min(C, end + kRowBlock) - end : std::min(C, kRowBlock);
     // Σ exp(x − origin), its part below the max (RowState::rest) and the mass sums; two independent
     // accumulator sets so that two exp polynomials (long dependency chains) are in flight at once.
