@@ -566,13 +566,13 @@ constexpr int64_t kRowBlock = 2048;  // elements re-read from L1 between the max
 // 2–10% (256×1000 to 1024×1000, 16384×100, 16384×40), hence the size gate. Past it, rows of few
 // classes measured 2–5% slower at 131072×64 and 0–4% at 65536×100 (1 thread), and as much with the
 // prefetches turned off for rows under 512 classes: the per-row cost of this code or the VM's noise,
-// not the prefetches; 32768×300: 1% faster. Half-type rows past the gate prefetch alike, one line of
-// the next block a step of their exp loop (it reads the block widened into L1 by the max pass): Zen
-// 4 VM, AVX-512, interleaved processes, against no prefetch there: bf16 forward 17% less time at
-// 4096×32000 (2 threads) and 13% at 1024×128256 (1 thread), fwd+bwd 17% at 4096×32000; fp16 43%
-// and 27%. (Before the max pass's NaN test went (max_or_first), it had measured 4–11% slower on a
-// Zen 1 VM, 2026-12-04; without the prefetches the faster max pass made bf16's forward 37–47% slower
-// past the gate, waiting on DRAM.) Below the gate they cost half types 3–4% (forward, 2048×1000 and
+// not the prefetches; 32768×300: 1% faster. Half-type rows past the gate prefetch alike in AVX-512
+// builds, one line of the next block a step of their exp loop (it reads the block widened into L1 by
+// the max pass): Zen 4 VM, interleaved processes, against no prefetch there: bf16 forward 17% less
+// time at 4096×32000 (2 threads) and 13% at 1024×128256 (1 thread), fwd+bwd 17% at 4096×32000; fp16
+// 43% and 27%. (On a Zen 1 VM, AVX2 build, with the max pass's NaN test, they had measured 4–11%
+// slower; on the Zen 4 VM, without the prefetches, the max pass without its NaN test (max_or_first)
+// made bf16's forward 37–47% slower past the gate, waiting on DRAM.) Below the gate they cost half types 3–4% (forward, 2048×1000 and
 // 4096×1000) and 29% (4096×1000 bf16 fwd+bwd) against the max pass's below. The vocabulary-parallel
 // statistics pass (shard_stats_kernel) prefetches alike: 2–10% faster at 1024×32000 and 256×128256
 // fp32 (2 threads; 2–3% at 1 thread).
