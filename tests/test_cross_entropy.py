@@ -65,6 +65,39 @@ def test_rows_beyond_the_caches(dtype, padded):
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=dtype_id)
+@pytest.mark.parametrize("C", [40, 1000, 2056, 2088, 4100], ids=str)
+@pytest.mark.parametrize("padded", [False, True], ids=["contiguous", "padded_rows"])
+@pytest.mark.parametrize("threads", [1, 2])
+def test_rows_take_their_max_from_the_row_before(dtype, C, padded, threads):
+    """The CPU rows kernel computes each next block's max (half types: and its fp32 copy) inside the
+    exp-sum loop of the block before it, across rows too: the next row's first block in this row's
+    last block. Consecutive rows here sit 100 apart (−100, 0, +100, −100, ...), so a max carried to
+    the wrong row, or a stale copy, overflows exp or underflows every exp to 0. The row max moves
+    between the first vector, a middle one, the last whole vector and the tail; ignored positions
+    (every third, and two in a row) break the chain; 2056 and 2088 classes leave a second block of 8
+    and 40 (shorter than, or not a multiple of, a vector), 4100 a third of 4; rows contiguous or a slice."""
+    N = 23
+    x = make_logits((N, C + 5 if padded else C), torch.float64, seed=11)
+    x += 100.0 * (torch.arange(N, dtype=torch.float64) % 3 - 1).unsqueeze(1)
+    for i in range(N):
+        x[i, [0, C // 2, (C // 16) * 16 - 1, C - 1][i % 4]] += 12.0
+    x = x.to(dtype)
+    t = make_index_target((N,), C, seed=3, ignore_every=3)
+    t[10:12] = -100
+    view = (lambda leaf: leaf[:, :C]) if padded else None
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        mine, theirs, truth = run_all(smoothce.cross_entropy, x, t, view=view, reduction="none", label_smoothing=0.1)
+        with torch.no_grad():  # forward only
+            loss = smoothce.cross_entropy(x[:, :C], t, reduction="none", label_smoothing=0.1)
+    finally:
+        torch.set_num_threads(before)
+    check_all(mine, theirs, truth, dtype)
+    assert_close_to_truth(loss, truth[0], theirs[0], dtype, "forward-only loss", magnitude=truth[3])
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=dtype_id)
 @pytest.mark.parametrize("reduction", ["mean", "sum"])
 def test_scaled_upstream(dtype, reduction):
     """(loss * 3.5).backward(): grad_output != 1 must scale the gradient."""

@@ -595,6 +595,11 @@ constexpr int64_t kRowBlock = 2048;  // elements re-read from L1 between the max
 // at 2048×1000, within the noise (±2%) at 4096×300, 8192×200 and 16384×100. Past the gate, the
 // max-pass prefetch cost fwd+bwd 3% on top of the exp-sum pass's (4096×1000) and 25–32% instead of
 // it (4096×1000, 4096×32000, 1024×128256).
+// Below the gate, AVX-512 builds run each next block's max pass inside the exp-sum loop of the block
+// before it (kFusedMaxPass, below): the max-pass prefetches there are that loop's, kFusedAheadBytes ahead of
+// its loads, and vec_max's only for the first row of each task. Past the gate the passes stay apart:
+// fused, with the fused loads' prefetches 4 or 8 KiB ahead, the forward took 13% and 21% more time at
+// 4096×32000 fp32, fwd+bwd 0–11% more (Zen 4 VM, 2 threads, interleaved processes, 4–6 rounds).
 constexpr int64_t kPrefetchAheadBytes = 16 << 20;
 
 // Whether row_state prefetches the next block in its exp-sum pass (past the gate; AVX2 builds' half
@@ -614,6 +619,42 @@ bool prefetch_ahead_for(const Params<scalar_t>& p, bool writes_grad) {
   }
 }
 
+// The max pass of the block that comes next (the row's next block, or the next row's first) runs in
+// the exp-sum loop of the block before it: its loads and maxps share the loop with the exp's
+// multiply-adds, which leave load and add ports free, and the next exp-sum loop starts on a max
+// already known instead of waiting on a separate pass's chain of maxima (at a row's start, the exp-sum
+// loop had waited on the max pass's chains and the horizontal max, and the max pass on the row before's
+// results). Zen 4 VM, AVX-512, 1 thread, interleaved processes, 6 rounds, against the passes apart:
+// forward 11–13% less time at 256×1000, 2048×1000 and 256×8000 fp32, 8–10% at 256×1000 and 2048×1000
+// bf16; fwd+bwd 6–9% less at those fp32 shapes, 7–10% in bf16 (512×6000 too); rows past the gate
+// (unfused) within ±2% (1024×32000 bf16 fwd+bwd, fp32 forward).
+// A RowPipe carries that max (and, for half types, the block widened into fp32) from one row_state
+// call to the next, for the row it was computed for.
+template <typename scalar_t>
+struct RowPipe {
+  using acc_t = acc_type<scalar_t>;
+  static constexpr bool kWiden = !std::is_same_v<scalar_t, acc_t>;
+  const scalar_t* row = nullptr;  // the row whose first block's max is `max` (null: none)
+  acc_t max = acc_t(0);
+  int wide_first = 0;  // half types: which half of `wide` holds that block, widened
+  // Half types: a block's max pass widens it into a half of `wide` (L1), which its exp-sum pass reads
+  // (bf16 1024×128256 forward 8%, 4096×1000 7% faster than converting again; Zen 1, 1 thread); the
+  // block after it goes into the other half meanwhile.
+  alignas(64) acc_t wide[kWiden ? 2 * kRowBlock : 1];
+};
+
+// How far ahead of its loads the fused max pass prefetches the next block's logits (across the block's
+// end, into the block after it where rows are contiguous).
+constexpr int64_t kFusedAheadBytes = 2048;
+// Whether row_state fuses the max passes so (AVX-512 builds). AVX2 builds do not: with their 16 vector
+// registers the fused loop measured bf16 forward 11–29% and fwd+bwd 7% slower at 256×1000 and
+// 2048×1000, fp32 fwd+bwd 9% (AVX2 build on the Zen 4 VM, 1 thread, interleaved processes).
+#if defined(CPU_CAPABILITY_AVX512)
+constexpr bool kFusedMaxPass = true;
+#else
+constexpr bool kFusedMaxPass = false;
+#endif
+
 // Online state of one contiguous row x[0..C) (soft targets: P with the same layout).
 // With `exps`, exp(x − origin of its block) is also stored there and each block's max in
 // `block_maxes`, so the gradient pass rescales instead of calling exp again.
@@ -627,30 +668,36 @@ bool prefetch_ahead_for(const Params<scalar_t>& p, bool writes_grad) {
 // ownership overlaps this pass's arithmetic instead of stalling the gradient pass: bf16 4096×32000
 // and 1024×128256 fwd+bwd 16% faster at 2 threads. (fp32 stores its exps into the gradient in this pass
 // anyway; prefetching its gradient row there measured 7–15% slower.)
-// prefetch_ahead (prefetch_ahead_for): the next block's logits are prefetched in the exp-sum pass
-// (kPrefetchAheadBytes), else in the max pass (vec_max) ahead of its loads. next_row: the row after
-// this one, or null.
+// next_row: the row row_state is called for next (null: none), whose first block's max this call
+// computes into `pipe` (RowPipe) in its last block's exp-sum loop, below the gate. prefetch_ahead
+// (prefetch_ahead_for): past the gate the next block's logits are prefetched in the exp-sum pass for
+// a max pass of their own instead, else in the first block's max pass (vec_max) ahead of its loads.
 template <typename scalar_t, Mass kMass>
 RowState<acc_type<scalar_t>> row_state(const Params<scalar_t>& p, const scalar_t* x, const scalar_t* prob,
                                        acc_type<scalar_t>* exps, acc_type<scalar_t>* block_maxes,
-                                       scalar_t* grad_row, bool prefetch_ahead = false,
-                                       const scalar_t* next_row = nullptr) {
+                                       scalar_t* grad_row, bool prefetch_ahead, const scalar_t* next_row,
+                                       RowPipe<scalar_t>& pipe) {
   using acc_t = acc_type<scalar_t>;
   using Vec = Vectorized<acc_t>;
   constexpr int64_t V = Vec::size();
   constexpr int64_t kLine = 64 / sizeof(scalar_t);  // elements per cache line
+  constexpr bool kWiden = RowPipe<scalar_t>::kWiden;
   const int64_t C = p.classes;
-  // Half types: each block's max pass widens it into `wide` (L1), which the exp-sum pass reads
-  // (bf16 1024×128256 forward 8%, 4096×1000 7% faster; Zen 1, 1 thread).
-  constexpr bool kWiden = !std::is_same_v<scalar_t, acc_t>;
-  alignas(64) acc_t wide[kWiden ? kRowBlock : 1];
+  // the max of this block and where it is widened, when the block before it computed them
+  bool have_max = kFusedMaxPass && pipe.row == x;
+  acc_t fused_max = pipe.max;
+  int half = pipe.wide_first;
+  pipe.row = nullptr;
   RowState<acc_t> state = RowState<acc_t>::empty();
   for (int64_t begin = 0; begin < C; begin += kRowBlock) {
     const int64_t end = std::min(C, begin + kRowBlock);
     const int64_t vec_end = begin + (end - begin) / V * V;
-    // max of the block (vec_max may pass over a NaN, which the sums then carry)
+    acc_t* wide = kWiden ? pipe.wide + half * kRowBlock : nullptr;
+    // max of the block (either pass may pass over a NaN, which the sums then carry)
     acc_t block_max = -std::numeric_limits<acc_t>::infinity();
-    if (vec_end > begin) {
+    if (have_max) {
+      block_max = fused_max;
+    } else if (vec_end > begin) {
       block_max = prefetch_ahead ? vec_max(x + begin, vec_end - begin, wide)
                                  : vec_max<scalar_t, true>(x + begin, vec_end - begin, wide);
     }
@@ -660,12 +707,34 @@ RowState<acc_type<scalar_t>> row_state(const Params<scalar_t>& p, const scalar_t
     }
     const acc_t origin = shift_origin(block_max);
     if (exps) block_maxes[begin / kRowBlock] = block_max;
-    // (AVX2 builds' half types: null at compile time; a pointer known only at run time there made GCC
-    // leave row_state's sweeps out of line: bf16 and fp16 forward 4–10% slower at 256×1000,
-    // 2048×1000, 16384×512 and 1024×4000, AVX2 build on the Zen 4 VM, 1 thread)
-    const scalar_t* ahead =
-        (!kWiden || kHalfExpPassPrefetch) && prefetch_ahead ? (end < C ? x + end : next_row) : nullptr;
-    const int64_t ahead_n = end < C ? std::min(C, end + kRowBlock) - end : std::min(C, kRowBlock);
+    // The block after this one: below the gate its max pass (its whole vectors) runs in this block's
+    // exp-sum loop, which prefetches kFusedAheadBytes ahead of those loads; past the gate
+    // (prefetch_ahead) the loop prefetches the block itself, for its own max pass.
+    const scalar_t* next = end < C ? x + end : next_row;
+    const int64_t next_len = next ? (end < C ? std::min(C, end + kRowBlock) - end : std::min(C, kRowBlock)) : 0;
+    const int64_t next_n = kFusedMaxPass && !prefetch_ahead ? next_len / V * V : 0;
+    // (AVX2 builds' half types past the gate: null at compile time; a pointer known only at run time
+    // there made GCC leave row_state's sweeps out of line: bf16 and fp16 forward 4–10% slower at
+    // 256×1000, 2048×1000, 16384×512 and 1024×4000, AVX2 build on the Zen 4 VM, 1 thread)
+    const scalar_t* ahead = nullptr;  // prefetched at ahead + o with the loop's element o, o < ahead_n
+    int64_t ahead_n = 0;
+    if (next_n > 0) {
+      ahead = next + kFusedAheadBytes / int64_t(sizeof(scalar_t));
+      ahead_n = next_n;
+    } else if ((!kWiden || kHalfExpPassPrefetch) && prefetch_ahead) {
+      ahead = next;
+      ahead_n = next_len;
+    }
+    acc_t* next_wide = kWiden ? pipe.wide + (half ^ 1) * kRowBlock : nullptr;
+    // (one chain of maxima: the exp-sum loop takes ~11 cycles a vector, a maxps 2)
+    Vec vnext(-std::numeric_limits<acc_t>::infinity());
+    auto next_max = [&](int64_t o) {  // the next block's V elements at o, if it has them
+      if (o < next_n) {
+        const Vec v = load_acc(next + o);
+        if constexpr (kWiden) v.store(next_wide + o);
+        vnext = max_or_first(v, vnext);
+      }
+    };
     // Σ exp(x − origin), its part below the max (RowState::rest) and the mass sums; two independent
     // accumulator sets so that two exp polynomials (long dependency chains) are in flight at once.
     const Vec vorigin(origin);
@@ -705,7 +774,11 @@ RowState<acc_type<scalar_t>> row_state(const Params<scalar_t>& p, const scalar_t
         if constexpr (kRest) vmass_rest[k] = add_below(vmass_rest[k], v, d);
       }
     };
-    auto sweep = [&](auto rest) {
+    // kFuse: the loop runs the next block's max pass (next_max); without it (a row's last block before
+    // none, past the gate, AVX2 builds) the loop holds none of its code (its tests cost bf16 rows past
+    // the gate 4–5%).
+    auto sweep = [&](auto rest, auto fuse) {
+      constexpr bool kFuse = decltype(fuse)::value;
       const std::false_type whole;
       int64_t c = begin;
       if constexpr (kWiden) {
@@ -721,6 +794,10 @@ RowState<acc_type<scalar_t>> row_state(const Params<scalar_t>& p, const scalar_t
           for (int64_t j = 0; j < kLine; j += 2 * V) {
             accumulate(c + j, 0, whole, V, rest);
             accumulate(c + j + V, 1, whole, V, rest);
+            if constexpr (kFuse) {
+              next_max(c + j - begin);
+              next_max(c + j + V - begin);
+            }
           }
         }
         if (grad_row && c < end) __builtin_prefetch(grad_row + c, 1, 3);
@@ -732,16 +809,32 @@ RowState<acc_type<scalar_t>> row_state(const Params<scalar_t>& p, const scalar_t
         }
         accumulate(c, 0, whole, V, rest);
         accumulate(c + V, 1, whole, V, rest);
+        if constexpr (kFuse) {
+          next_max(c - begin);
+          next_max(c + V - begin);
+        }
       }
-      if (c < vec_end) accumulate(c, 0, whole, V, rest);
+      if (c < vec_end) {
+        accumulate(c, 0, whole, V, rest);
+        if constexpr (kFuse) next_max(c - begin);
+      }
       if (vec_end < end) accumulate(vec_end, 1, std::true_type{}, end - vec_end, rest);
     };
     const bool below = block_max < state.max;  // false for the first block, and with a NaN
-    if (below) {
-      sweep(std::false_type{});
+    auto sweep_rest = [&](auto fuse) {
+      if (below) {
+        sweep(std::false_type{}, fuse);
+      } else {
+        sweep(std::true_type{}, fuse);
+      }
+    };
+    if (kFusedMaxPass && next_n > 0) {
+      sweep_rest(std::bool_constant<kFusedMaxPass>{});
     } else {
-      sweep(std::true_type{});
+      sweep_rest(std::false_type{});
     }
+    // the next block's vectors past this block's (a row's short last block before the next row's first)
+    for (int64_t o = vec_end - begin; o < next_n; o += V) next_max(o);
     auto hsum = [](const Vec* v) {
       return at::vec::vec_reduce_all<acc_t>([](Vec& a, Vec& b) { return a + b; }, v[0] + v[1]);
     };
@@ -752,6 +845,16 @@ RowState<acc_type<scalar_t>> row_state(const Params<scalar_t>& p, const scalar_t
     if constexpr (kMass == Mass::kWeighted || kMass == Mass::kSoft) block.mass = hsum(vmass);
     if constexpr (kMass == Mass::kSoft) block.mass_rest = below ? block.mass : hsum(vmass_rest);
     state = begin == 0 ? block : merge(state, block);
+    have_max = next_n > 0;
+    if (have_max) {  // (the next block in the other half of pipe.wide; unfused blocks keep one, as L1 does)
+      fused_max = at::vec::vec_reduce_all<acc_t>([](Vec& a, Vec& b) { return at::vec::maximum(a, b); }, vnext);
+      half ^= 1;
+    }
+  }
+  if (next_row && have_max) {  // the next row's first block
+    pipe.row = next_row;
+    pipe.max = fused_max;
+    pipe.wide_first = half;
   }
   return state;
 }
@@ -879,6 +982,7 @@ void rows_kernel(const Params<scalar_t>& p, int64_t pos_begin, int64_t pos_end, 
   std::vector<acc_t> exp_row(p.grad && (!kExpsInGrad || kSoft) ? p.classes : 0);
   acc_t* maxes = block_maxes.empty() ? nullptr : block_maxes.data();
   const bool prefetch_ahead = prefetch_ahead_for(p, p.grad != nullptr);
+  RowPipe<scalar_t> pipe;
   for (int64_t pos = pos_begin; pos < pos_end; ++pos) {
     const scalar_t* x = rows.x(pos);
     const scalar_t* prob = kSoft ? rows.prob(pos) : nullptr;
@@ -903,9 +1007,9 @@ void rows_kernel(const Params<scalar_t>& p, int64_t pos_begin, int64_t pos_end, 
         exps = exp_row.data();
       }
     }
-    const scalar_t* next = prefetch_ahead && pos + 1 < pos_end ? rows.x(pos + 1) : nullptr;
+    const scalar_t* next = pos + 1 < pos_end ? rows.x(pos + 1) : nullptr;
     const RowState<acc_t> state =
-        row_state<scalar_t, kMass>(p, x, prob, exps, maxes, kExpsInGrad ? nullptr : g, prefetch_ahead, next);
+        row_state<scalar_t, kMass>(p, x, prob, exps, maxes, kExpsInGrad ? nullptr : g, prefetch_ahead, next, pipe);
     const acc_t log_sum = row_log_sum(state);
     const PositionResult<acc_t> r =
         kSoft ? soft_target_position(state, log_sum, p.scale_at(pos), p.z_loss)
@@ -2664,6 +2768,7 @@ void shard_stats_kernel(const Params<scalar_t>& p, const Shard& shard, acc_type<
   constexpr bool kSoft = kMass == Mass::kSoft;
   const bool prefetch_ahead = prefetch_ahead_for(p, false);
   at::parallel_for(0, p.outer, shard_grain(p), [&](int64_t begin, int64_t end) {
+    RowPipe<scalar_t> pipe;
     for (int64_t pos = begin; pos < end; ++pos) {
       const scalar_t* x = p.input + pos * p.stride_outer;
       ShardStats<acc_t> s{RowState<acc_t>::empty(), {acc_t(0), acc_t(0), acc_t(0), acc_t(0)}};
@@ -2675,9 +2780,9 @@ void shard_stats_kernel(const Params<scalar_t>& p, const Shard& shard, acc_type<
         }
         s.target = p.target_logits(x, 1, local);
       }
-      const scalar_t* next = prefetch_ahead && pos + 1 < end ? x + p.stride_outer : nullptr;
+      const scalar_t* next = pos + 1 < end ? x + p.stride_outer : nullptr;
       s.state = row_state<scalar_t, kMass>(p, x, kSoft ? p.soft_target + pos * p.stride_outer : nullptr, nullptr,
-                                           nullptr, nullptr, prefetch_ahead, next);
+                                           nullptr, nullptr, prefetch_ahead, next, pipe);
       s.store(stats + pos * kShardStats);
     }
   });
