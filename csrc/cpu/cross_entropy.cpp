@@ -39,6 +39,12 @@ using FloatReg = __m512;  // the register of a Vectorized<float>
 #elif defined(CPU_CAPABILITY_AVX2)
 using FloatReg = __m256;
 #endif
+// Whether this is the AVX-512 build: for the choices measured there only (kFusedMaxPass, kCaptureTarget).
+#if defined(CPU_CAPABILITY_AVX512)
+constexpr bool kAvx512Build = true;
+#else
+constexpr bool kAvx512Build = false;
+#endif
 
 #if defined(SMOOTHCE_AVX512_BF16)
 // fp32 -> bf16 (round to nearest even) with AVX512-BF16's vcvtneps2bf16: one instruction for 16
@@ -647,13 +653,10 @@ struct RowPipe {
 // end, into the block after it where rows are contiguous).
 constexpr int64_t kFusedAheadBytes = 2048;
 // Whether row_state fuses the max passes so (AVX-512 builds). AVX2 builds do not: with their 16 vector
-// registers the fused loop measured bf16 forward 11–29% and fwd+bwd 7% slower at 256×1000 and
-// 2048×1000, fp32 fwd+bwd 9% (AVX2 build on the Zen 4 VM, 1 thread, interleaved processes).
-#if defined(CPU_CAPABILITY_AVX512)
-constexpr bool kFusedMaxPass = true;
-#else
-constexpr bool kFusedMaxPass = false;
-#endif
+// registers the fused loop took more time, bf16 forward 18% at 256×1000, fwd+bwd 7% at 2048×1000,
+// fp32 fwd+bwd 9% there (its forward 5% less; AVX2 build on the Zen 4 VM, 1 thread, interleaved
+// processes, 4 rounds).
+constexpr bool kFusedMaxPass = kAvx512Build;
 
 // Online state of one contiguous row x[0..C) (soft targets: P with the same layout).
 // With `exps`, exp(x − origin of its block) is also stored there and each block's max in
@@ -1209,11 +1212,7 @@ inline Vectorized<float> blend_class(const Vectorized<float>& out, const Vectori
 // vector (2 vector operations a class with AVX-512) rather than storing it lane by lane after.
 constexpr int64_t kBlendTargetClasses = 32;
 // tile_kernel's capture_target (AVX-512 builds only: measured there).
-#if defined(CPU_CAPABILITY_AVX512)
-constexpr bool kCaptureTarget = true;
-#else
-constexpr bool kCaptureTarget = false;
-#endif
+constexpr bool kCaptureTarget = kAvx512Build;
 
 // A tile is up to V positions pos0 .. pos0+count, lane l of class c at x[c*sc + l] (and P, g alike).
 // Strided layouts ((N, C, H, W), x.t()) are walked in place (tile_t = scalar_t); small-C rows are
