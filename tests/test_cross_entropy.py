@@ -74,7 +74,7 @@ def test_rows_take_their_max_from_the_row_before(dtype, C, padded, threads):
     last block. Consecutive rows here sit 100 apart (−100, 0, +100, −100, ...), so a max carried to
     the wrong row, or a stale copy, overflows exp or underflows every exp to 0. The row max moves
     between the first vector, a middle one, the last whole vector and the tail; ignored positions
-    (every third, and two in a row) break the chain; 2056 and 2088 classes leave a second block of 8
+    (every third, and rows 9 to 12 in a row) break the chain; 2056 and 2088 classes leave a second block of 8
     and 40 (shorter than, or not a multiple of, a vector), 4100 a third of 4; rows contiguous or a slice."""
     N = 23
     x = make_logits((N, C + 5 if padded else C), torch.float64, seed=11)
