@@ -519,6 +519,13 @@ inline Vectorized<acc_t> max_or_first(const Vectorized<acc_t>& v, const Vectoriz
   return at::vec::maximum(v, m);
 }
 
+// The largest of a vector's lanes (NaN if one is NaN: at::vec::maximum).
+template <typename acc_t>
+inline acc_t lanes_max(const Vectorized<acc_t>& v) {
+  using Vec = Vectorized<acc_t>;
+  return at::vec::vec_reduce_all<acc_t>([](Vec& a, Vec& b) { return at::vec::maximum(a, b); }, v);
+}
+
 // max of x[0..n), n > 0 a multiple of the vector size; a NaN element may be passed over
 // (max_or_first), whose exp then makes the row's Σexp NaN. Four independent chains: with one (and
 // at::vec::maximum), the max loop took ~40% of a bf16 row's forward (perf, 256×32000); then that
@@ -555,8 +562,7 @@ acc_type<scalar_t> vec_max(const scalar_t* x, int64_t n, acc_type<scalar_t>* wid
     m3 = max_or_first(load(c + 3 * V), m3);
   }
   for (; c < n; c += V) m0 = max_or_first(load(c), m0);
-  const Vec m = at::vec::maximum(at::vec::maximum(m0, m1), at::vec::maximum(m2, m3));
-  return at::vec::vec_reduce_all<acc_t>([](Vec& a, Vec& b) { return at::vec::maximum(a, b); }, m);
+  return lanes_max(at::vec::maximum(at::vec::maximum(m0, m1), at::vec::maximum(m2, m3)));
 }
 
 // ---------------------------------------------------------------- rows: classes contiguous
@@ -831,7 +837,7 @@ RowState<acc_type<scalar_t>> row_state(const Params<scalar_t>& p, const scalar_t
         sweep(std::true_type{}, fuse);
       }
     };
-    if (kFusedMaxPass && next_n > 0) {
+    if (kFusedMaxPass && next_n > 0) {  // (AVX2 builds instantiate no fused loop)
       sweep_rest(std::bool_constant<kFusedMaxPass>{});
     } else {
       sweep_rest(std::false_type{});
@@ -850,7 +856,7 @@ RowState<acc_type<scalar_t>> row_state(const Params<scalar_t>& p, const scalar_t
     state = begin == 0 ? block : merge(state, block);
     have_max = next_n > 0;
     if (have_max) {  // (the next block in the other half of pipe.wide; unfused blocks keep one, as L1 does)
-      fused_max = at::vec::vec_reduce_all<acc_t>([](Vec& a, Vec& b) { return at::vec::maximum(a, b); }, vnext);
+      fused_max = lanes_max(vnext);
       half ^= 1;
     }
   }
