@@ -97,6 +97,34 @@ def test_nonfinite_logit_gives_nan_row(dtype, bad, eps, column):
             assert smoothce.cross_entropy(x, t, reduction=reduction, label_smoothing=eps).isnan()
 
 
+@pytest.mark.parametrize("dtype", DTYPES, ids=dtype_id)
+@pytest.mark.parametrize("bad", [math.inf, math.nan, -math.inf, 1000.0], ids=["inf", "nan", "-inf", "1000"])
+@pytest.mark.parametrize("C", [40, 1000, 2056], ids=str)
+def test_nonfinite_logit_past_the_whole_vectors(dtype, bad, C):
+    """A non-finite or far larger logit among a row's last elements, past its (or its last block's)
+    whole vectors, which join the row's max as one masked vector on CPU, or the next row's max while
+    the row before sums its exps: in the first row, a middle one and the last, each at its last class.
+    +inf and NaN make that row NaN; −inf is an ordinary logit (exp 0), and so is 1000 (a max that
+    left it out would overflow exp); the other rows keep their values."""
+    N = 6
+    x = make_logits((N, C), dtype)
+    t = make_index_target((N,), C)
+    bad_rows = torch.tensor([0, 3, 5])
+    x[bad_rows, C - 1] = bad
+    t[bad_rows] = 1
+    mine, theirs, truth = run_all(smoothce.cross_entropy, x, t, reduction="none", label_smoothing=0.1)
+    loss, grad, _ = mine
+    with torch.no_grad():
+        forward_only = smoothce.cross_entropy(x, t, reduction="none", label_smoothing=0.1)
+    finite_rows = bad == -math.inf or math.isfinite(bad)
+    rows = torch.arange(N) if finite_rows else torch.tensor([1, 2, 4])
+    if not finite_rows:
+        assert loss[bad_rows].isnan().all() and forward_only[bad_rows].isnan().all(), loss
+    assert_close_to_truth(loss[rows], truth[0][rows], theirs[0][rows], dtype, "loss")
+    assert_close_to_truth(grad[rows], truth[1][rows], theirs[1][rows], dtype, "grad")
+    assert_close_to_truth(forward_only[rows], truth[0][rows], theirs[0][rows], dtype, "forward-only loss")
+
+
 def _nan_bits(bits):
     return torch.tensor([bits], dtype=torch.int32).view(torch.float32)[0]
 
