@@ -28,6 +28,7 @@ TORCH_LIBRARY(smoothce, m) {
 namespace smoothce::cpu {
 void empty_grad_cache();
 void tile_log1p(const float* in, float* out, int64_t n);
+void tile_exp(const float* in, float* out, int64_t n);
 }
 namespace smoothce {  // csrc/autograd.cpp
 PyObject* cross_entropy(PyObject*, PyObject* args);
@@ -49,9 +50,10 @@ PyObject* linear_chunk_rows(PyObject*, PyObject* args) {
   return PyLong_FromLongLong(smoothce::linear_chunk_rows(rows, features, classes, itemsize, chunk_size, fewest != 0));
 }
 
-// _tile_log1p(x, out): out = the CPU tiles' vector log1p of x, both C-contiguous buffers of float32 of one
-// size (numpy arrays): for the tests of its accuracy.
-PyObject* tile_log1p(PyObject*, PyObject* args) {
+// _tile_log1p(x, out), _tile_exp(x, out): out = the CPU kernels' vector log1p (the tiles') or exp of x,
+// both C-contiguous buffers of float32 of one size (numpy arrays): for the tests of their accuracy.
+template <void (*F)(const float*, float*, int64_t)>
+PyObject* map_floats(const char* error, PyObject* args) {
   PyObject *x = nullptr, *out = nullptr;
   if (!PyArg_ParseTuple(args, "OO", &x, &out)) return nullptr;
   Py_buffer in{}, res{};
@@ -59,15 +61,23 @@ PyObject* tile_log1p(PyObject*, PyObject* args) {
   const bool got_res = got_in && PyObject_GetBuffer(out, &res, PyBUF_FORMAT | PyBUF_C_CONTIGUOUS | PyBUF_WRITABLE) == 0;
   auto is_float = [](const Py_buffer& b) { return b.itemsize == 4 && b.format && std::string(b.format) == "f"; };
   const bool ok = got_res && is_float(in) && is_float(res) && in.len == res.len;
-  if (ok) smoothce::cpu::tile_log1p(static_cast<const float*>(in.buf), static_cast<float*>(res.buf), in.len / 4);
+  if (ok) F(static_cast<const float*>(in.buf), static_cast<float*>(res.buf), in.len / 4);
   if (got_res) PyBuffer_Release(&res);
   if (got_in) PyBuffer_Release(&in);
   if (!ok) {
     PyErr_Clear();
-    PyErr_SetString(PyExc_ValueError, "_tile_log1p(x, out): x and out must be float32 buffers of the same size");
+    PyErr_SetString(PyExc_ValueError, error);
     return nullptr;
   }
   Py_RETURN_NONE;
+}
+PyObject* tile_log1p(PyObject*, PyObject* args) {
+  return map_floats<smoothce::cpu::tile_log1p>("_tile_log1p(x, out): x and out must be float32 buffers of the same size",
+                                               args);
+}
+PyObject* tile_exp(PyObject*, PyObject* args) {
+  return map_floats<smoothce::cpu::tile_exp>("_tile_exp(x, out): x and out must be float32 buffers of the same size",
+                                             args);
 }
 
 PyMethodDef module_methods[] = {
@@ -85,6 +95,8 @@ PyMethodDef module_methods[] = {
      "one C++ call, or None where the call is another (smoothce/__init__.py)."},
     {"_tile_log1p", tile_log1p, METH_VARARGS,
      "_tile_log1p(x, out): the CPU tiles' vector log1p of a float32 buffer into another (tests)."},
+    {"_tile_exp", tile_exp, METH_VARARGS,
+     "_tile_exp(x, out): the CPU kernels' vector exp (arguments <= 0) of a float32 buffer into another (tests)."},
     {"set_differentiable_grad", smoothce::set_differentiable_grad, METH_O,
      "The Python function the backward of cross_entropy's node calls under create_graph=True."},
     {nullptr, nullptr, 0, nullptr}};

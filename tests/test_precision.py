@@ -27,7 +27,8 @@ error is u times the magnitudes of the terms it is made of, each with its own bu
 
   * K = 16 for every term: the final rounding, the products and sums of a few numbers, the fp32
     constants (ε/C, on/off, Σ_c w_c).
-  * exp_ulps = 2: the CPU kernels' exp (a polynomial, ≤ 1.4 ulp; the emulator's exact mode: libm's).
+  * exp_ulps = 2: the CPU kernels' exp (AVX2: a polynomial, ≤ 1.98 ulp; AVX-512: a table and a polynomial,
+    ≤ 1.06 ulp; the emulator's exact mode: libm's).
   * S = log2(C) (plus log2(positions) where the mean's denominator enters): sums over C classes (or
     over positions), accumulated in lanes, blocks and trees.
   * exp's argument: d = x − max is rounded once (relative error ≤ u·d in exp(−d)); the gradient's
@@ -767,7 +768,8 @@ def test_cpu_exp_accuracy(layout):
     """The CPU kernels' vector exp, seen through the loss of rows (0, −d, −200, …) with target 0 and ε = 0:
     the loss is log1p(exp(−d)), and every step but the exp is exact or one rounding (log1p: 1 ulp, the
     store: half an ulp). Over 4000 values of d in [0.01, 87.3] (exp(−d) down to 2^−126) the loss must
-    be within 3u (the exp's 1.5 ulp) + 3u of float64. exp_u20's one-constant reduction of d by n·ln 2
+    be within 3u for the exp (AVX-512's: at most 1.06 ulp; AVX2's polynomial reaches 1.98 ulp at its
+    worst arguments, none of these) + 3u of float64. exp_u20's one-constant reduction of d by n·ln 2
     lost up to 3.3 ulp near d = 87 and fails this. The layouts take the three CPU loop shapes: 16
     classes (tiles of gathered rows), 40 classes along rows, and 40 classes strided (tiles in place)."""
     d = torch.linspace(0.01, 87.3, 4000, dtype=torch.float32)
@@ -799,6 +801,49 @@ def test_cpu_exp_underflow(layout):
     assert (x.grad[:, 2:] == 0).all()
     if smoothce.build_info()["cpu_capability"] == "avx512":  # gradual underflow, not a flush
         assert (got[(want > 2.0 ** -140) & (want < 2.0 ** -127)] > 0).all()
+
+
+@pytest.mark.cpu_only
+def test_cpu_exp_every_binade():
+    """The kernels' vector exp itself (smoothce._C._tile_exp runs the function they inline, in this
+    build's instructions) at every 101st float from −0 to −106 (the kernels' arguments, x − max) and
+    special values: within 1.1 ulp of exp in double with AVX-512 (a table of 2^(j/16) and a degree-3
+    polynomial: 1.06 at worst at every float of [−106, 0] with a normal result), 2 with AVX2 (the
+    degree-5 polynomial: 1.98 at worst), 4 in builds without SIMD (at::vec's exp_u20) for normal
+    results; results below 2^−126 within 1.5·2^−149 (AVX-512: one rounding of a value already within
+    2^−149, vscalefps; 1.0006 at worst at every 7th float) or 0 (other builds flush them); exactly 1 at ±0, 0 at −inf and below −106, NaN at NaN; and a wrong size
+    or dtype is refused."""
+    import numpy as np
+
+    capability = smoothce.build_info()["cpu_capability"]
+    bound = {"avx512": 1.1, "avx2": 2.0}.get(capability, 4.0)
+    x = np.arange(0x80000000, 0xC2D40001, 101, dtype=np.uint32).view(np.float32)  # −0 .. −106
+    x = np.concatenate([x, np.array([-2.9371498, -58.765896, -87.33654, -87.33655, -103.97208, -0.0],
+                                    dtype=np.float32)])
+    out = np.empty_like(x)
+    smoothce._C._tile_exp(x, out)
+    want = np.exp(x.astype(np.float64))
+    normal = want >= np.finfo(np.float32).tiny
+    ulp = np.spacing(want.astype(np.float32)).astype(np.float64)
+    err = np.abs(out.astype(np.float64) - want) / ulp
+    worst = int(np.argmax(np.where(normal, err, 0)))
+    assert err[worst] < bound, f"exp({x[worst]!r}) = {out[worst]!r}, want {want[worst]!r}: {err[worst]:.3f} ulp"
+    tiny = ~normal
+    if capability == "avx512":
+        sub = np.abs(out[tiny].astype(np.float64) - want[tiny]) / 2.0 ** -149
+        assert sub.max() <= 1.5, f"denormal results off by {sub.max():.3f} of 2^-149"
+        assert (out[want > 2.0 ** -148] > 0).all()
+    else:
+        assert ((out[tiny] == 0) | (np.abs(out[tiny] - want[tiny]) <= 2.0 ** -148)).all()
+    assert (out[x == 0] == 1).all() and (x == 0).sum() == 2
+    special = np.array([-np.inf, np.nan, -106.5, -1e30, -3.4e38], dtype=np.float32)
+    got = np.empty_like(special)
+    smoothce._C._tile_exp(special, got)
+    assert np.isnan(got[1]) and (got[[0, 2, 3, 4]] == 0).all(), got
+    with pytest.raises(ValueError, match="float32 buffers of the same size"):
+        smoothce._C._tile_exp(special, np.empty(4, dtype=np.float32))
+    with pytest.raises(ValueError, match="float32 buffers of the same size"):
+        smoothce._C._tile_exp(special.astype(np.float64), np.empty(5, dtype=np.float64))
 
 
 @pytest.mark.cpu_only
