@@ -810,9 +810,11 @@ def test_cpu_exp_every_binade():
     special values: within 1.1 ulp of exp in double with AVX-512 (a table of 2^(j/16) and a degree-3
     polynomial: 1.06 at worst at every float of [−106, 0] with a normal result), 2 with AVX2 (the
     degree-5 polynomial: 1.98 at worst), 4 in builds without SIMD (at::vec's exp_u20) for normal
-    results; results below 2^−126 within 1.5·2^−149 (AVX-512: one rounding of a value already within
-    2^−149, vscalefps; 1.0006 at worst at every 7th float) or 0 (other builds flush them); exactly 1 at ±0, 0 at −inf and below −106, NaN at NaN; and a wrong size
-    or dtype is refused."""
+    results (the extra arguments: near the polynomial's worst, −2.937, the table's, −58.77, and the
+    edges of the normal and denormal results); results below 2^−126 within 1.5·2^−149 (AVX-512: one
+    rounding of a value already within 2^−149, vscalefps; 1.0006 at worst at every 7th float) or 0
+    (other builds flush them); exactly 1 at ±0, 0 at −inf and below −106, NaN at NaN; and a wrong
+    size or dtype is refused."""
     import numpy as np
 
     capability = smoothce.build_info()["cpu_capability"]
